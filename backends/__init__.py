@@ -1,0 +1,1 @@
+"""Broker backends for triows, one module per protocol, behind ``triows.backend.Backend``."""

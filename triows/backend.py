@@ -1,0 +1,111 @@
+"""The backend contract: what the server needs from a message broker.
+
+The server reaches a backend only through :func:`open_backend`, which looks the
+name up in the built-in registry or in the ``triows.backends`` entry-point
+group and imports it lazily, so a third party can ship a backend as its own
+package.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Protocol
+
+from anyio.abc import ObjectReceiveStream
+
+if TYPE_CHECKING:
+    from triows.settings import Settings
+
+
+class Outcome(enum.Enum):
+    """What the broker said about a published message."""
+
+    ROUTED = "routed"  # confirmed, and at least one instance holds the key
+    UNROUTED = "unrouted"  # confirmed, and nobody holds the key (recipient offline)
+    ACCEPTED = "accepted"  # confirmed; this backend cannot tell whether anyone holds it
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take the message now (not connected, or it failed to confirm)."""
+
+
+class UnknownBackend(Exception):
+    """``TRIOWS_BACKEND`` names no registered backend."""
+
+
+Delivery = tuple[str, bytes]
+"""A message handed over by the broker: ``(key, body)``."""
+
+
+class Backend(Protocol):
+    """One broker connection per instance, shared by every WebSocket of it.
+
+    ``subscribe`` and ``unsubscribe`` never raise :class:`BrokerUnavailable`:
+    the backend keeps the set of held keys and restores all of them after it
+    reconnects. While the broker is up they return once the broker has
+    confirmed the change, so a message sent after ``subscribe`` returns reaches
+    this instance. ``publish`` returns once the broker has taken responsibility
+    for the message and raises :class:`BrokerUnavailable` at once while the
+    broker is down.
+    """
+
+    @property
+    def ready(self) -> bool:
+        """Connected and consuming."""
+        ...
+
+    @property
+    def incoming(self) -> ObjectReceiveStream[Delivery]:
+        """Messages for the keys this instance holds, in broker order (bounded)."""
+        ...
+
+    async def publish(self, key: str, body: bytes) -> Outcome: ...
+
+    async def subscribe(self, key: str) -> None: ...
+
+    async def unsubscribe(self, key: str) -> None: ...
+
+
+BackendOpener = Callable[["Settings"], AbstractAsyncContextManager[Backend]]
+"""``open_<name>_backend(settings)``: an async context manager that owns the
+backend's background tasks and closes its broker connection on exit."""
+
+BUILTIN_BACKENDS: dict[str, str] = {
+    "memory": "backends.memory:open_memory_backend",
+    "amqp091": "backends.amqp091:open_amqp091_backend",
+    "amqp10": "backends.amqp10:open_amqp10_backend",
+    "stomp": "backends.stomp:open_stomp_backend",
+}
+ENTRY_POINT_GROUP = "triows.backends"
+
+
+def known_backends() -> list[str]:
+    """Every backend name: the built-in ones and those of installed packages."""
+    names = set(BUILTIN_BACKENDS)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def load_backend(name: str) -> BackendOpener:
+    """Import the opener of backend ``name``; raise :class:`UnknownBackend` if none."""
+    target = BUILTIN_BACKENDS.get(name)
+    if target is None:
+        for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+            opener: BackendOpener = ep.load()
+            return opener
+        raise UnknownBackend(
+            f"unknown backend {name!r}; known backends: {', '.join(known_backends())}"
+        )
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    opener = getattr(module, attribute)
+    return opener
+
+
+def open_backend(settings: Settings) -> AbstractAsyncContextManager[Backend]:
+    """Open the backend that ``settings.backend`` names."""
+    return load_backend(settings.backend)(settings)

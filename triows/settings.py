@@ -1,0 +1,153 @@
+"""One settings object for the whole server, read from ``TRIOWS_*`` and CLI flags.
+
+Every bound the server keeps is a named setting here with a documented default.
+Invalid values fail at start-up with one line that names the variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_BROKER_URLS = {
+    "amqp091": "amqp://guest:guest@127.0.0.1:5672/",
+    "amqp10": "amqp://guest:guest@127.0.0.1:5672",
+    "stomp": "stomp://guest:guest@127.0.0.1:61613",
+}
+
+
+class SettingsError(Exception):
+    """A setting has an invalid value; the message names it and says why."""
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings; ``env`` is the environment variable each one is read from."""
+
+    backend: str = field(default="memory", metadata={"env": "TRIOWS_BACKEND"})
+    broker_url: str = field(default="", metadata={"env": "TRIOWS_BROKER_URL"})
+    secret: str = field(default="", metadata={"env": "TRIOWS_SECRET"}, repr=False)
+    insecure: bool = field(default=False, metadata={"env": "TRIOWS_INSECURE"})
+    bind: tuple[str, ...] = field(default=("127.0.0.1:8000",), metadata={"env": "TRIOWS_BIND"})
+    workers: int = field(default=1, metadata={"env": "TRIOWS_WORKERS"})
+    instance_id: str = field(default="", metadata={"env": "TRIOWS_INSTANCE_ID"})
+    max_message_bytes: int = field(default=65536, metadata={"env": "TRIOWS_MAX_MESSAGE_BYTES"})
+    send_queue: int = field(default=256, metadata={"env": "TRIOWS_SEND_QUEUE"})
+    incoming_queue: int = field(default=1024, metadata={"env": "TRIOWS_INCOMING_QUEUE"})
+    drain_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_DRAIN_TIMEOUT"})
+    close_timeout: float = field(default=5.0, metadata={"env": "TRIOWS_CLOSE_TIMEOUT"})
+    publish_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_PUBLISH_TIMEOUT"})
+    reconnect_max_delay: float = field(default=15.0, metadata={"env": "TRIOWS_RECONNECT_MAX"})
+    retry_after: int = field(default=2, metadata={"env": "TRIOWS_RETRY_AFTER"})
+    exchange: str = field(default="triows", metadata={"env": "TRIOWS_EXCHANGE"})
+    prefetch: int = field(default=256, metadata={"env": "TRIOWS_PREFETCH"})
+    heartbeat: int = field(default=30, metadata={"env": "TRIOWS_HEARTBEAT"})
+    address_template: str = field(default="", metadata={"env": "TRIOWS_ADDRESS_TEMPLATE"})
+    log_level: str = field(default="INFO", metadata={"env": "TRIOWS_LOG_LEVEL"})
+
+    def __post_init__(self) -> None:
+        if not self.instance_id:
+            object.__setattr__(self, "instance_id", default_instance_id())
+        if not self.broker_url:
+            object.__setattr__(self, "broker_url", DEFAULT_BROKER_URLS.get(self.backend, ""))
+        for name in ("workers", "max_message_bytes", "send_queue", "incoming_queue", "prefetch"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("drain_timeout", "close_timeout", "publish_timeout", "reconnect_max_delay"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{_env(name)} must be positive, got {getattr(self, name)}")
+        if self.heartbeat < 0 or self.retry_after < 0:
+            raise SettingsError("TRIOWS_HEARTBEAT and TRIOWS_RETRY_AFTER must not be negative")
+        if not self.bind:
+            raise SettingsError("TRIOWS_BIND must name at least one address")
+        for address in self.bind:
+            _split_bind(address)
+        if "{key}" not in self.address_template and self.address_template:
+            raise SettingsError(
+                f"TRIOWS_ADDRESS_TEMPLATE must contain '{{key}}', got {self.address_template!r}"
+            )
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError(f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+
+    @property
+    def dev_mode(self) -> bool:
+        """No secret: users name themselves with ``?user=`` (loopback only, or insecure)."""
+        return not self.secret
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        return all(_is_loopback(_split_bind(address)[0]) for address in self.bind)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``TRIOWS_*`` from ``environ`` (default: the process environment).
+
+        ``overrides`` (from CLI flags) win over the environment; ``None`` values are ignored.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.metadata["env"], raw, _PARSERS[f.name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _env(name: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == name)
+
+
+def _parse(env: str, raw: str, parser: Callable[[str], T]) -> T:
+    try:
+        return parser(raw)
+    except ValueError as error:
+        raise SettingsError(f"{env}={raw!r} is invalid: {error}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _parse_binds(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    f.name: {"bool": _parse_bool, "int": int, "float": float, "tuple[str, ...]": _parse_binds}.get(
+        str(f.type), str
+    )
+    for f in fields(Settings)
+}
+
+
+def _split_bind(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SettingsError(f"bind address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
