@@ -1,0 +1,5 @@
+import sys
+
+from triows.cli import main
+
+sys.exit(main())

@@ -1,0 +1,178 @@
+"""The ``triows`` command: ``serve`` runs Hypercorn's trio worker, ``token`` mints a JWT.
+
+``serve`` drives Hypercorn itself (rather than ``hypercorn.run``) so that a
+SIGTERM first drains the instance — ``/readyz`` 503, sockets closed with 1012,
+subscriptions released — before Hypercorn stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+from multiprocessing.synchronize import Event as ProcessEvent
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from triows.app import HYPERCORN_FRAME_LIMIT_FACTOR, create_app
+from triows.auth import DEFAULT_TOKEN_TTL, mint_token
+from triows.backend import UnknownBackend, load_backend
+from triows.protocol import InvalidInput
+from triows.settings import Settings, SettingsError
+
+# How often a worker process checks whether its parent asked it to stop.
+SHUTDOWN_POLL_INTERVAL = 0.1
+
+
+class StartupError(Exception):
+    """The server must not start with these settings; the message says why and what to do."""
+
+
+def check_startup(settings: Settings) -> None:
+    """Refuse settings that would be unsafe or could not work, with one clear message."""
+    load_backend(settings.backend)
+    if settings.dev_mode and not settings.binds_loopback_only and not settings.insecure:
+        raise StartupError(
+            "refusing to start in dev mode (no TRIOWS_SECRET) on a non-loopback address "
+            f"({', '.join(settings.bind)}): anyone could claim any user name. Set "
+            "TRIOWS_SECRET, bind to 127.0.0.1, or set TRIOWS_INSECURE=1 if you really mean it"
+        )
+    if settings.backend == "memory" and settings.workers > 1:
+        raise StartupError(
+            f"--workers {settings.workers} cannot work with the memory backend: each worker is a "
+            "separate instance (process), and the memory backend cannot carry a message from one "
+            "process to another, so users on different workers could not reach each other. Use "
+            "--workers 1, or a broker backend (e.g. --backend amqp091 with RabbitMQ)"
+        )
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = list(settings.bind)
+    config.websocket_max_message_size = settings.max_message_bytes * HYPERCORN_FRAME_LIMIT_FACTOR
+    config.graceful_timeout = settings.close_timeout
+    config.accesslog = None
+    return config
+
+
+async def _serve_worker(
+    settings: Settings, config: Config, sockets: Sockets | None, stop: ProcessEvent | None
+) -> None:
+    app = create_app(settings)
+
+    async def drain_on_shutdown() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                if stop is not None:
+                    nursery.start_soon(_wait_for_process_event, stop, nursery.cancel_scope)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+        await app.drain()
+
+    await worker_serve(
+        wrap_app(app, config.wsgi_max_body_size, None),
+        config,
+        sockets=sockets,
+        shutdown_trigger=drain_on_shutdown,
+    )
+
+
+async def _wait_for_process_event(event: ProcessEvent, scope: trio.CancelScope) -> None:
+    while not event.is_set():
+        await trio.sleep(SHUTDOWN_POLL_INTERVAL)
+    scope.cancel()
+
+
+def _worker_process(
+    settings: Settings, config: Config, sockets: Sockets, stop: ProcessEvent
+) -> None:
+    # The parent decides when to stop; a Ctrl-C in the terminal reaches it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trio.run(_serve_worker, settings, config, sockets, stop)
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; with several workers, one process per worker."""
+    check_startup(settings)
+    config = hypercorn_config(settings)
+    if settings.workers == 1:
+        trio.run(_serve_worker, settings, config, None, None)
+        return 0
+    sockets = config.create_sockets()
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    processes = []
+    for number in range(settings.workers):
+        # Each worker is an instance of its own, with its own id and broker queue.
+        worker_settings = dataclasses.replace(
+            settings, instance_id=f"{settings.instance_id}-w{number}"
+        )
+        process = context.Process(
+            target=_worker_process, args=(worker_settings, config, sockets, stop)
+        )
+        process.start()
+        processes.append(process)
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    for process in processes:
+        process.join()
+    return max((process.exitcode or 0) for process in processes)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="triows", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the server (Hypercorn, trio worker)")
+    serve_parser.add_argument(
+        "--bind", action="append", help="HOST:PORT to listen on (repeatable; TRIOWS_BIND)"
+    )
+    serve_parser.add_argument("--workers", type=int, help="worker processes (TRIOWS_WORKERS)")
+    serve_parser.add_argument("--backend", help="broker backend (TRIOWS_BACKEND)")
+    serve_parser.add_argument("--broker-url", help="broker URL (TRIOWS_BROKER_URL)")
+    token_parser = commands.add_parser("token", help="mint a token from TRIOWS_SECRET")
+    token_parser.add_argument("user")
+    token_parser.add_argument(
+        "--ttl", type=float, default=DEFAULT_TOKEN_TTL, help="seconds until it expires"
+    )
+    commands.add_parser("demo", help="start a server on the memory backend and show Anne and Bob")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``triows`` console script and ``python -m triows``."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            bind = tuple(args.bind) if args.bind else None
+            settings = Settings.from_env(
+                bind=bind, workers=args.workers, backend=args.backend, broker_url=args.broker_url
+            )
+            return serve(settings)
+        if args.command == "token":
+            settings = Settings.from_env()
+            if not settings.secret:
+                raise StartupError("TRIOWS_SECRET is not set: there is no secret to sign with")
+            print(mint_token(settings.secret, args.user, args.ttl))
+            return 0
+        from triows.demo import run_demo
+
+        return trio.run(run_demo)
+    except (SettingsError, StartupError, UnknownBackend, InvalidInput) as error:
+        print(f"triows: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

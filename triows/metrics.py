@@ -1,0 +1,42 @@
+"""Prometheus metrics, one registry per app so several apps can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """The counters and gauges ``GET /metrics`` exposes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.connections_open = Gauge(
+            "triows_connections_open", "Open WebSocket connections", registry=self.registry
+        )
+        self.messages_published = Counter(
+            "triows_messages_published",
+            "Messages handed to the broker, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.messages_delivered = Counter(
+            "triows_messages_delivered",
+            "Message frames queued to a local WebSocket connection",
+            registry=self.registry,
+        )
+        self.messages_dropped = Counter(
+            "triows_messages_dropped",
+            "Messages not delivered to a local connection, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.send_seconds = Histogram(
+            "triows_send_seconds",
+            "Time from a send request to the broker's confirm",
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.broker_ready = Gauge(
+            "triows_broker_ready", "1 while the backend is connected and consuming",
+            registry=self.registry,
+        )

@@ -1,0 +1,99 @@
+"""Run ``triows serve`` as a child process on a free loopback port (demo, tests, bench)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import httpx
+import trio
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+POLL_INTERVAL = 0.05
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Instance:
+    """A running ``triows serve`` process."""
+
+    base_url: str
+    process: trio.Process
+
+    async def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Poll ``/readyz`` until it answers 200."""
+        await wait_for_status(f"{self.base_url}/readyz", 200, timeout)
+
+    def terminate(self) -> None:
+        """Ask the instance to drain and stop (SIGTERM)."""
+        self.process.send_signal(signal.SIGTERM)
+
+
+async def wait_for_status(url: str, status: int, timeout: float = START_TIMEOUT) -> None:
+    """Poll ``url`` until it answers ``status``; raise ``trio.TooSlowError`` after ``timeout``."""
+    async with httpx.AsyncClient() as http:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    if (await http.get(url)).status_code == status:
+                        return
+                except httpx.TransportError:
+                    pass
+                await trio.sleep(POLL_INTERVAL)
+
+
+@asynccontextmanager
+async def serve_instance(
+    backend: str = "memory",
+    *,
+    broker_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+    workers: int = 1,
+    args: Sequence[str] = (),
+    port: int | None = None,
+    stderr: int | None = None,
+) -> AsyncIterator[Instance]:
+    """Start ``triows serve`` and yield it once ``/healthz`` answers; kill it on exit."""
+    port = free_port() if port is None else port
+    command = [sys.executable, "-m", "triows", "serve", "--bind", f"127.0.0.1:{port}",
+               "--backend", backend, "--workers", str(workers), *args]
+    if broker_url is not None:
+        command += ["--broker-url", broker_url]
+    child_env = {**os.environ, "TRIOWS_LOG_LEVEL": "WARNING", **(env or {})}
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(trio.run_process, command, env=child_env, check=False, stderr=stderr)
+        )
+        instance = Instance(f"http://127.0.0.1:{port}", process)
+        try:
+            await wait_for_status(f"{instance.base_url}/healthz", 200)
+            yield instance
+        finally:
+            with trio.CancelScope(shield=True):
+                await stop_process(process)
+
+
+async def stop_process(process: trio.Process) -> None:
+    """SIGTERM, then SIGKILL if it has not exited in time."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(STOP_TIMEOUT):
+            await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
