@@ -1,0 +1,75 @@
+"""A loopback TCP proxy in front of a broker, to make it appear late or drop connections.
+
+Stopping the shared RabbitMQ disturbs every other test running at the same
+time; a proxy shows "the broker is not there yet" and "the network dropped the
+connection" to one backend only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+CHUNK = 65536
+
+
+@dataclass
+class TcpProxy:
+    """Forwards ``127.0.0.1:port`` to ``127.0.0.1:target_port``."""
+
+    port: int
+    target_port: int
+    _links: set[trio.CancelScope] = field(default_factory=set)
+
+    @property
+    def connections(self) -> int:
+        """How many client connections are being forwarded now."""
+        return len(self._links)
+
+    def cut(self) -> None:
+        """Drop every forwarded connection at once (both sides see the TCP close)."""
+        for link in list(self._links):
+            link.cancel()
+
+    async def _forward(self, client: trio.SocketStream) -> None:
+        async with client:
+            try:
+                server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+            except OSError:
+                return
+            async with server:
+                with trio.CancelScope() as link:
+                    self._links.add(link)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(_pump, client, server, link)
+                            nursery.start_soon(_pump, server, client, link)
+                    finally:
+                        self._links.discard(link)
+
+
+async def _pump(source: trio.SocketStream, sink: trio.SocketStream, link: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(CHUNK):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    # Either side closing ends the whole link, as a real connection would.
+    link.cancel()
+
+
+@asynccontextmanager
+async def open_tcp_proxy(target_port: int, *, port: int = 0) -> AsyncIterator[TcpProxy]:
+    """Listen on ``127.0.0.1:port`` (0: any free port) and forward to ``target_port``."""
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    bound_port = listeners[0].socket.getsockname()[1]
+    proxy = TcpProxy(bound_port, target_port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, proxy._forward, listeners)
+        try:
+            yield proxy
+        finally:
+            nursery.cancel_scope.cancel()

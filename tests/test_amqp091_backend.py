@@ -1,0 +1,248 @@
+"""The AMQP 0-9-1 backend against the real RabbitMQ on 127.0.0.1:5672.
+
+Each test uses its own exchange, so tests running at the same time (here or in
+other engineers' suites) never see each other's bindings.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from backends.amqp091 import Amqp091Backend, open_amqp091_backend
+from tests.processes import free_port
+from tests.tcp_proxy import open_tcp_proxy
+from triows.backend import BrokerUnavailable, Outcome
+from triows.settings import Settings
+
+pytestmark = pytest.mark.broker
+
+RABBITMQ_PORT = 5672
+# Hang guards only; no test asserts on how long something took.
+READY_TIMEOUT = 30
+OUTAGE_TIMEOUT = 120
+
+
+# TEMPORARY until tests/brokers.py lands: the same contract, written here.
+OUTAGE_LOCK = "/tmp/triows-rabbitmq-outage.lock"
+
+
+@asynccontextmanager
+async def broker_outage(name: str) -> AsyncIterator[None]:
+    import fcntl
+
+    assert name == "rabbitmq"
+    async with await trio.open_file(OUTAGE_LOCK, "w") as lock:
+        await trio.to_thread.run_sync(fcntl.flock, lock.fileno(), fcntl.LOCK_EX)
+        try:
+            await trio.run_process(["rabbitmqctl", "stop_app"], capture_stdout=True)
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.run_process(["rabbitmqctl", "start_app"], capture_stdout=True)
+                await trio.run_process(["rabbitmqctl", "await_startup"], capture_stdout=True)
+
+
+@pytest.fixture(autouse=True)
+async def rabbitmq() -> None:
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", RABBITMQ_PORT)
+    except OSError:
+        pytest.fail("RabbitMQ is not running: deploy/brokers.sh start rabbitmq")
+    await stream.aclose()
+
+
+@pytest.fixture
+def exchange() -> str:
+    return f"triows-test-{secrets.token_hex(4)}"
+
+
+def amqp_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: Any) -> Settings:
+    return Settings(
+        backend="amqp091",
+        broker_url=f"amqp://guest:guest@127.0.0.1:{port}/",
+        exchange=exchange,
+        instance_id=f"test-{secrets.token_hex(4)}",
+        **overrides,
+    )
+
+
+@asynccontextmanager
+async def open_ready(settings: Settings) -> AsyncIterator[Amqp091Backend]:
+    async with open_amqp091_backend(settings) as backend:
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+        yield backend
+
+
+@asynccontextmanager
+async def open_instances(exchange: str, count: int) -> AsyncIterator[list[Amqp091Backend]]:
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(open_ready(amqp_settings(exchange)))
+            for _ in range(count)
+        ]
+
+
+async def test_publish_to_a_key_held_elsewhere_is_routed_and_delivered_verbatim(
+    exchange: str,
+) -> None:
+    async with open_instances(exchange, 2) as (anne_side, bob_side):
+        await bob_side.subscribe("user.Bob")
+        body = b'{"type":"message","message":{"text":"hi \xc3\xa9"}}'
+
+        assert await anne_side.publish("user.Bob", body) == Outcome.ROUTED
+        with trio.fail_after(READY_TIMEOUT):
+            assert await bob_side.incoming.receive() == ("user.Bob", body)
+
+
+async def test_publish_to_a_key_nobody_holds_is_unrouted(exchange: str) -> None:
+    async with open_instances(exchange, 1) as (backend,):
+        assert await backend.publish("user.Carol", b"{}") == Outcome.UNROUTED
+
+
+async def test_bindings_follow_subscribe_and_unsubscribe(exchange: str) -> None:
+    async with open_instances(exchange, 2) as (sender, holder):
+        await holder.subscribe("user.Carol")
+        assert await sender.publish("user.Carol", b"1") == Outcome.ROUTED
+
+        await holder.unsubscribe("user.Carol")
+        assert await sender.publish("user.Carol", b"2") == Outcome.UNROUTED
+
+        with trio.fail_after(READY_TIMEOUT):
+            assert await holder.incoming.receive() == ("user.Carol", b"1")
+
+
+async def test_each_instance_holding_a_key_receives_each_message_once(exchange: str) -> None:
+    async with open_instances(exchange, 3) as (sender, first, second):
+        await first.subscribe("user.Bob")
+        await second.subscribe("user.Bob")
+
+        for n in range(3):
+            assert await sender.publish("user.Bob", b"%d" % n) == Outcome.ROUTED
+        await sender.subscribe("user.end")
+        await first.subscribe("user.end")
+        await second.subscribe("user.end")
+        # A marker after the messages: anything duplicated would arrive before it.
+        assert await sender.publish("user.end", b"end") == Outcome.ROUTED
+
+        with trio.fail_after(READY_TIMEOUT):
+            for holder in (first, second):
+                received = [await holder.incoming.receive() for _ in range(4)]
+                assert received == [
+                    ("user.Bob", b"0"),
+                    ("user.Bob", b"1"),
+                    ("user.Bob", b"2"),
+                    ("user.end", b"end"),
+                ]
+
+
+async def test_2000_messages_arrive_complete_in_order_through_small_buffers(
+    exchange: str,
+) -> None:
+    # Small prefetch and incoming bounds so that the consumer's backpressure
+    # (ack only after handing over) is exercised, not just the happy path.
+    count = 2000
+    async with (
+        open_ready(amqp_settings(exchange)) as sender,
+        open_ready(amqp_settings(exchange, prefetch=8, incoming_queue=4)) as receiver,
+    ):
+        await receiver.subscribe("user.Bob")
+        received: list[bytes] = []
+
+        async def receive_all() -> None:
+            while len(received) < count:
+                key, body = await receiver.incoming.receive()
+                assert key == "user.Bob"
+                received.append(body)
+
+        with trio.fail_after(OUTAGE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive_all)
+                for n in range(count):
+                    assert await sender.publish("user.Bob", b"%d" % n) == Outcome.ROUTED
+
+        assert received == [b"%d" % n for n in range(count)]
+
+
+async def test_broker_unreachable_at_open_then_ready_when_it_appears(exchange: str) -> None:
+    port = free_port()
+    async with open_amqp091_backend(
+        amqp_settings(exchange, port=port, reconnect_max_delay=0.5)
+    ) as backend:
+        assert not backend.ready
+        with pytest.raises(BrokerUnavailable):
+            await backend.publish("user.Bob", b"{}")
+        # Held while down, bound once connected.
+        await backend.subscribe("user.Bob")
+
+        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await backend.wait_ready()
+            assert await backend.publish("user.Bob", b"hello") == Outcome.ROUTED
+            with trio.fail_after(READY_TIMEOUT):
+                assert await backend.incoming.receive() == ("user.Bob", b"hello")
+
+
+async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange: str) -> None:
+    async with (
+        open_tcp_proxy(RABBITMQ_PORT) as proxy,
+        open_ready(amqp_settings(exchange)) as sender,
+        open_ready(amqp_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)) as holder,
+    ):
+        await holder.subscribe("user.Bob")
+        await holder.subscribe("user.Gone")
+
+        proxy.cut()
+        with trio.fail_after(READY_TIMEOUT):
+            await holder.wait_ready(False)
+        with pytest.raises(BrokerUnavailable):
+            await holder.publish("user.Bob", b"{}")
+        await holder.unsubscribe("user.Gone")
+        await holder.subscribe("user.New")
+
+        with trio.fail_after(READY_TIMEOUT):
+            await holder.wait_ready()
+        assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
+        assert await sender.publish("user.New", b"2") == Outcome.ROUTED
+        assert await sender.publish("user.Gone", b"3") == Outcome.UNROUTED
+        with trio.fail_after(READY_TIMEOUT):
+            assert await holder.incoming.receive() == ("user.Bob", b"1")
+            assert await holder.incoming.receive() == ("user.New", b"2")
+
+
+async def test_rabbitmq_restart_makes_backend_unavailable_then_restores_it(
+    exchange: str,
+) -> None:
+    async with open_instances(exchange, 2) as (sender, holder):
+        await holder.subscribe("user.Bob")
+
+        with trio.fail_after(OUTAGE_TIMEOUT):
+            async with broker_outage("rabbitmq"):
+                await holder.wait_ready(False)
+                await sender.wait_ready(False)
+                with pytest.raises(BrokerUnavailable):
+                    await sender.publish("user.Bob", b"{}")
+                await holder.subscribe("user.Dana")
+            await sender.wait_ready()
+            await holder.wait_ready()
+
+        assert await sender.publish("user.Bob", b"after") == Outcome.ROUTED
+        assert await sender.publish("user.Dana", b"too") == Outcome.ROUTED
+        with trio.fail_after(READY_TIMEOUT):
+            assert await holder.incoming.receive() == ("user.Bob", b"after")
+            assert await holder.incoming.receive() == ("user.Dana", b"too")
+
+
+async def test_closing_the_backend_deletes_its_queue(exchange: str) -> None:
+    async with open_instances(exchange, 1) as (sender,):
+        async with open_ready(amqp_settings(exchange)) as holder:
+            await holder.subscribe("user.Bob")
+            assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
+        # The exclusive queue and its bindings went with the connection.
+        assert await sender.publish("user.Bob", b"2") == Outcome.UNROUTED
