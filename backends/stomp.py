@@ -1,0 +1,578 @@
+"""STOMP 1.2 backend: ActiveMQ Classic, RabbitMQ's STOMP plugin, Artemis ...
+
+Broker mapping (DESIGN §5). One STOMP connection per instance over an anyio
+TCP (or TLS, ``stomp+ssl://``) stream, no threads; frames go through the
+sans-IO codec in :mod:`backends.stomp_frames`.
+
+- ``subscribe(key)`` sends ``SUBSCRIBE`` for the key's destination with a
+  ``receipt`` and returns once the ``RECEIPT`` arrives; the subscription id is
+  mapped back to the key for every ``MESSAGE``.
+- ``publish`` sends ``SEND`` with a ``receipt`` and returns on the
+  ``RECEIPT``. STOMP cannot tell whether anyone was subscribed, so the outcome
+  is always :attr:`Outcome.ACCEPTED` (``/send`` answers 202 ``accepted``).
+- The destination of a key comes from ``TRIOWS_ADDRESS_TEMPLATE`` (with a
+  ``{key}`` placeholder). When it is empty it is chosen from the ``server``
+  header of ``CONNECTED``: ActiveMQ ``/topic/<exchange>.{key}``, RabbitMQ
+  ``/exchange/<exchange>/{key}`` (``<exchange>`` is ``TRIOWS_EXCHANGE``,
+  default ``triows``), anything else ``/topic/<exchange>.{key}``.
+- Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
+  we send ours, and a broker silent for twice its interval counts as dead.
+- A lost connection (listed in :data:`CONNECTION_LOST`) is retried forever
+  with capped, jittered backoff; every held key is subscribed again before
+  the backend reports ready. While down, ``publish`` raises
+  :class:`~triows.backend.BrokerUnavailable` at once.
+
+Broker URL: ``stomp://login:passcode@host:port/vhost`` (port 61613 and vhost
+``/`` by default). The vhost goes in the ``host`` header, which RabbitMQ reads
+as the virtual host. For RabbitMQ's ``/exchange/...`` destinations the
+exchange must exist and STOMP cannot create it, so the backend declares it
+over AMQP 0-9-1 (:mod:`backends.rabbitmq_exchange`) on the same host, port
+5672 unless the URL says ``?amqp_port=N``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import anyio
+from anyio.abc import ByteStream, ObjectReceiveStream, ObjectSendStream, TaskGroup, TaskStatus
+
+from backends.rabbitmq_exchange import ExchangeDeclareError, declare_direct_exchange
+from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
+from triows.backend import BrokerUnavailable, Delivery, Outcome
+from triows.backoff import Backoff
+from triows.logs import log_event
+from triows.settings import Settings, SettingsError
+
+DEFAULT_PORT = 61613
+DEFAULT_AMQP_PORT = 5672
+READ_SIZE = 65536
+
+# Ack mode ``auto``. Subscriptions here are non-durable (an ActiveMQ topic
+# subscription, a RabbitMQ auto-delete exclusive queue): they vanish with the
+# connection, so an unacknowledged message is never redelivered and client
+# acks would buy no reliability, only one ACK frame per message. Flow control
+# still holds without them: the reader stops reading while the bounded
+# ``incoming`` stream is full, TCP pushes back, and RabbitMQ's credit flow or
+# ActiveMQ's producer flow control stop the broker from pushing further. A
+# ``client-individual`` window (RabbitMQ ``prefetch-count``, ActiveMQ
+# ``activemq.prefetchSize``) is per subscription, i.e. per user, so it would
+# not bound the instance's total anyway.
+ACK_MODE = "auto"
+
+
+class StompBrokerError(BrokerUnavailable):
+    """The broker answered with an ``ERROR`` frame (the connection is then closed)."""
+
+
+class HeartbeatTimeout(Exception):
+    """The broker sent nothing, not even a heart-beat, for longer than agreed."""
+
+
+class ConnectionClosedByUs(Exception):
+    """A write was interrupted half-way, so the connection had to be dropped."""
+
+
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, TLS errors, connect timeouts
+    anyio.BrokenResourceError,
+    anyio.EndOfStream,
+    anyio.ClosedResourceError,
+    StompProtocolError,
+    StompBrokerError,
+    HeartbeatTimeout,
+    ConnectionClosedByUs,
+    ExchangeDeclareError,
+)
+"""What a broker that went away looks like; anything else is a bug and propagates."""
+
+CLOSE_FAILURES: tuple[type[BaseException], ...] = (BrokerUnavailable, *CONNECTION_LOST)
+
+
+@dataclass(frozen=True)
+class StompUrl:
+    """The parts of ``stomp://login:passcode@host:port/vhost``."""
+
+    host: str
+    port: int
+    login: str
+    passcode: str
+    vhost: str
+    tls: bool
+    amqp_port: int
+
+
+def parse_stomp_url(url: str) -> StompUrl:
+    """Parse a broker URL; raise :class:`SettingsError` naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("stomp", "stomp+ssl"):
+        raise SettingsError(f"TRIOWS_BROKER_URL {url!r} must start with stomp:// or stomp+ssl://")
+    try:
+        port = parts.port or DEFAULT_PORT
+        amqp_port = int(parse_qs(parts.query).get("amqp_port", [DEFAULT_AMQP_PORT])[0])
+    except ValueError as error:
+        raise SettingsError(f"TRIOWS_BROKER_URL {url!r} has an invalid port: {error}") from None
+    path = unquote(parts.path)
+    return StompUrl(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        login=unquote(parts.username or ""),
+        passcode=unquote(parts.password or ""),
+        vhost=path[1:] if len(path) > 1 else "/",
+        tls=parts.scheme == "stomp+ssl",
+        amqp_port=amqp_port,
+    )
+
+
+def default_destination_template(server: str, exchange: str) -> str:
+    """The destination template for a broker that calls itself ``server``."""
+    if server.startswith("RabbitMQ"):
+        return f"/exchange/{exchange}/{{key}}"
+    # ActiveMQ Classic and Artemis read dots as topic hierarchy; user names
+    # cannot hold their wildcards ('*', '>', '#'), so the match is exact.
+    return f"/topic/{exchange}.{{key}}"
+
+
+@dataclass
+class _Pending:
+    """A frame waiting for its ``RECEIPT``."""
+
+    done: anyio.Event
+    error: BaseException | None = None
+
+
+class _StompConnection:
+    """One connected STOMP session: writes frames, reads them, matches receipts."""
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        parser: FrameParser,
+        server: str,
+        send_interval: float,
+        receive_interval: float,
+        task_group: TaskGroup,
+    ) -> None:
+        self.stream = stream
+        self.server = server
+        self.send_interval = send_interval
+        self.receive_interval = receive_interval
+        self.task_group = task_group
+        self.subscription_keys: dict[str, str] = {}  # subscription id -> key
+        self.subscription_ids: dict[str, str] = {}  # key -> subscription id
+        self.parser = parser
+        self._write_lock = anyio.Lock()
+        self._receipts: dict[str, _Pending] = {}
+        self._receipt_ids = itertools.count(1)
+        self._subscription_numbers = itertools.count(1)
+        self._broken = False
+
+    async def write(self, frame: Frame) -> None:
+        await self._write_bytes(encode_frame(frame))
+
+    async def _write_bytes(self, data: bytes) -> None:
+        async with self._write_lock:
+            if self._broken:
+                raise ConnectionClosedByUs("the STOMP connection was dropped")
+            completed = False
+            try:
+                await self.stream.send(data)
+                completed = True
+            finally:
+                if not completed:
+                    # A cancelled or failed send may leave half a frame on the
+                    # wire: nothing more can be written, so drop the connection.
+                    self._broken = True
+                    self.task_group.cancel_scope.cancel()
+
+    async def request(self, frame: Frame) -> None:
+        """Send ``frame`` with a ``receipt`` header and wait for its ``RECEIPT``.
+
+        The caller bounds the wait. On cancellation the receipt is forgotten.
+        """
+        receipt = str(next(self._receipt_ids))
+        pending = _Pending(anyio.Event())
+        self._receipts[receipt] = pending
+        try:
+            await self.write(
+                Frame(frame.command, {**frame.headers, "receipt": receipt}, frame.body)
+            )
+            await pending.done.wait()
+        finally:
+            self._receipts.pop(receipt, None)
+        if pending.error is not None:
+            raise pending.error
+
+    def fail_pending(self, error: BaseException) -> None:
+        """Wake every frame waiting for a receipt with ``error``."""
+        for pending in self._receipts.values():
+            pending.error = error
+            pending.done.set()
+        self._receipts.clear()
+
+    def new_subscription_id(self, key: str) -> str:
+        subscription_id = f"s{next(self._subscription_numbers)}"
+        self.subscription_keys[subscription_id] = key
+        self.subscription_ids[key] = subscription_id
+        return subscription_id
+
+    async def read_frames(self, incoming: ObjectSendStream[Delivery]) -> None:
+        """Read until the connection fails; raises one of :data:`CONNECTION_LOST`."""
+        # Twice the agreed interval: the broker's timer and ours are not in step.
+        timeout = 2 * self.receive_interval if self.receive_interval else math.inf
+        while True:
+            # Only the read is timed: waiting for room in ``incoming`` is our
+            # own back-pressure, not the broker's silence.
+            with anyio.move_on_after(timeout) as scope:
+                data = await self.stream.receive(READ_SIZE)
+            if scope.cancelled_caught:
+                raise HeartbeatTimeout(f"STOMP broker silent for {timeout:.1f} s")
+            for frame in self.parser.feed(data):
+                await self._handle(frame, incoming)
+
+    async def _handle(self, frame: Frame, incoming: ObjectSendStream[Delivery]) -> None:
+        if frame.command == "MESSAGE":
+            key = self.subscription_keys.get(frame.headers.get("subscription", ""))
+            # None: a message already in flight when we unsubscribed.
+            if key is not None:
+                await incoming.send((key, frame.body))
+        elif frame.command == "RECEIPT":
+            pending = self._receipts.pop(frame.headers.get("receipt-id", ""), None)
+            if pending is not None:
+                pending.done.set()
+        elif frame.command == "ERROR":
+            detail = frame.headers.get("message", "")
+            if frame.body:
+                detail = f"{detail}: {frame.body.decode('utf-8', 'replace').strip()}"
+            error = StompBrokerError(f"STOMP broker error: {detail}")
+            # The broker closes the connection after an ERROR (STOMP 1.2), and
+            # RabbitMQ's carry no receipt-id: fail everything waiting.
+            self.fail_pending(error)
+            raise error
+        else:
+            raise StompProtocolError(f"unexpected {frame.command} frame from the broker")
+
+    async def send_heartbeats(self) -> None:
+        if not self.send_interval:
+            return
+        while True:
+            # Twice per interval, so a late timer on either side cannot make
+            # the broker see a gap.
+            await anyio.sleep(self.send_interval / 2)
+            await self._write_bytes(b"\n")
+
+
+class StompBackend:
+    """The STOMP broker as seen by the router; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        send: ObjectSendStream[Delivery],
+        receive: ObjectReceiveStream[Delivery],
+    ) -> None:
+        self._settings = settings
+        self._url = parse_stomp_url(settings.broker_url)
+        self._send = send
+        self._receive = receive
+        self._keys: set[str] = set()
+        # Serialises subscription changes with the re-subscription after a
+        # reconnect, so the broker's set and ``_keys`` cannot drift apart.
+        self._subscription_lock = anyio.Lock()
+        self._connection: _StompConnection | None = None
+        self._template = settings.address_template
+        self._ready_changed = anyio.Event()
+        self._closing = False
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and every held key subscribed."""
+        return self._connection is not None
+
+    @property
+    def incoming(self) -> ObjectReceiveStream[Delivery]:
+        return self._receive
+
+    @property
+    def server(self) -> str:
+        """The ``server`` header of the current connection ('' while down)."""
+        return self._connection.server if self._connection is not None else ""
+
+    async def wait_ready(self) -> None:
+        """Return once the backend is connected and consuming."""
+        while not self.ready:
+            await self._ready_changed.wait()
+
+    def destination(self, key: str) -> str:
+        """The STOMP destination of ``key`` (template of the broker connected last)."""
+        return self._template.replace("{key}", key)
+
+    async def publish(self, key: str, body: bytes) -> Outcome:
+        """Send ``body`` for ``key``; return once the broker's ``RECEIPT`` arrives.
+
+        Raises :class:`BrokerUnavailable` at once while disconnected, when the
+        connection fails before the receipt, or when no receipt arrives within
+        ``TRIOWS_PUBLISH_TIMEOUT``; :class:`StompBrokerError` (a subclass) when
+        the broker answers with ``ERROR``.
+        """
+        connection = self._connection
+        if connection is None:
+            raise BrokerUnavailable("STOMP broker is not connected")
+        frame = Frame("SEND", {"destination": self.destination(key)}, body)
+        try:
+            with anyio.fail_after(self._settings.publish_timeout):
+                await connection.request(frame)
+        except BrokerUnavailable:
+            raise
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"STOMP broker sent no RECEIPT within {self._settings.publish_timeout} s"
+            ) from None
+        except CONNECTION_LOST as error:
+            raise BrokerUnavailable(f"STOMP connection lost: {error!r}") from None
+        return Outcome.ACCEPTED
+
+    async def subscribe(self, key: str) -> None:
+        """Hold ``key``; while connected, return once the broker confirmed it."""
+        async with self._subscription_lock:
+            if key in self._keys:
+                return
+            self._keys.add(key)
+            connection = self._connection
+            if connection is None:
+                return  # restored by the next connection
+            try:
+                with anyio.fail_after(self._settings.publish_timeout):
+                    await self._subscribe_on(connection, key)
+            except CONNECTION_LOST as error:
+                self._drop(connection, "subscribe", error)
+
+    async def unsubscribe(self, key: str) -> None:
+        """Release ``key``; while connected, return once the broker confirmed it."""
+        async with self._subscription_lock:
+            if key not in self._keys:
+                return
+            self._keys.discard(key)
+            connection = self._connection
+            if connection is None:
+                return
+            try:
+                with anyio.fail_after(self._settings.publish_timeout):
+                    await self._unsubscribe_on(connection, key)
+            except CONNECTION_LOST as error:
+                self._drop(connection, "unsubscribe", error)
+
+    def _drop(self, connection: _StompConnection, operation: str, error: BaseException) -> None:
+        # The key set is already updated; a connection that failed half-way
+        # through a change is dropped so that the next one restores the set.
+        log_event(f"stomp {operation} interrupted", logging.WARNING, error=repr(error))
+        connection.task_group.cancel_scope.cancel()
+
+    async def _subscribe_on(self, connection: _StompConnection, key: str) -> None:
+        subscription_id = connection.new_subscription_id(key)
+        headers = {"id": subscription_id, "destination": self.destination(key), "ack": ACK_MODE}
+        await connection.request(Frame("SUBSCRIBE", headers))
+
+    async def _unsubscribe_on(self, connection: _StompConnection, key: str) -> None:
+        subscription_id = connection.subscription_ids.pop(key, None)
+        if subscription_id is None:
+            return
+        # Keep the id -> key entry until the broker confirmed, so messages
+        # already in flight still find their key; drop it afterwards.
+        await connection.request(Frame("UNSUBSCRIBE", {"id": subscription_id}))
+        connection.subscription_keys.pop(subscription_id, None)
+
+    def _set_connection(self, connection: _StompConnection | None) -> None:
+        self._connection = connection
+        self._ready_changed.set()
+        self._ready_changed = anyio.Event()
+
+    async def maintain_connection(self, *, task_status: TaskStatus[None]) -> None:
+        """Connect, serve, and reconnect forever (the backend's background task).
+
+        Reports started after the first attempt, successful or not, so that a
+        broker that is up at start-up is ready as soon as the backend opens.
+        """
+        backoff = Backoff(self._settings.reconnect_max_delay)
+        started = False
+
+        def on_ready() -> None:
+            nonlocal started
+            backoff.reset()
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            error: BaseException
+            try:
+                await self._session(on_ready)
+                error = ConnectionClosedByUs("connection dropped after a failed operation")
+            except* CONNECTION_LOST as group:
+                error = group.exceptions[0]
+            if not started:
+                started = True
+                task_status.started()
+            delay = backoff.next_delay()
+            if not self._closing:
+                log_event(
+                    "stomp connection lost",
+                    logging.WARNING,
+                    error=repr(error),
+                    retry_in=round(delay, 3),
+                    broker=f"{self._url.host}:{self._url.port}",
+                )
+            await anyio.sleep(delay)
+
+    async def _session(self, on_ready: Callable[[], None]) -> None:
+        """One connection, from TCP connect until it fails or is dropped."""
+        url = self._url
+        settings = self._settings
+        stream: ByteStream
+        with anyio.fail_after(settings.publish_timeout):
+            if url.tls:
+                stream = await anyio.connect_tcp(
+                    url.host, url.port, ssl_context=ssl.create_default_context()
+                )
+            else:
+                stream = await anyio.connect_tcp(url.host, url.port)
+        async with stream:
+            parser = FrameParser()
+            heartbeat_ms = settings.heartbeat * 1000
+            with anyio.fail_after(settings.publish_timeout):
+                connected = await _handshake(stream, parser, url, heartbeat_ms)
+            server = connected.headers.get("server", "")
+            send_ms, receive_ms = _negotiate_heartbeats(
+                heartbeat_ms, connected.headers.get("heart-beat", "0,0")
+            )
+            await self._prepare_destinations(server)
+            async with anyio.create_task_group() as task_group:
+                connection = _StompConnection(
+                    stream, parser, server, send_ms / 1000, receive_ms / 1000, task_group
+                )
+                task_group.start_soon(self._read, connection)
+                task_group.start_soon(connection.send_heartbeats)
+                async with self._subscription_lock:
+                    for key in sorted(self._keys):
+                        with anyio.fail_after(settings.publish_timeout):
+                            await self._subscribe_on(connection, key)
+                    self._set_connection(connection)
+                log_event(
+                    "stomp connected",
+                    server=server,
+                    destination=self.destination("{key}"),
+                    keys=len(self._keys),
+                    heartbeat_ms=[send_ms, receive_ms],
+                )
+                on_ready()
+                # The reader and heart-beat tasks run until the connection fails.
+
+    async def _prepare_destinations(self, server: str) -> None:
+        settings = self._settings
+        if not settings.address_template:
+            template = default_destination_template(server, settings.exchange)
+            if template != self._template:
+                log_event("stomp destination chosen", server=server, template=template)
+            self._template = template
+        if server.startswith("RabbitMQ") and self._template.startswith(
+            f"/exchange/{settings.exchange}/"
+        ):
+            with anyio.fail_after(settings.publish_timeout):
+                await declare_direct_exchange(
+                    self._url.host,
+                    self._url.amqp_port,
+                    login=self._url.login,
+                    passcode=self._url.passcode,
+                    vhost=self._url.vhost,
+                    exchange=settings.exchange,
+                    tls=self._url.tls,
+                )
+
+    async def _read(self, connection: _StompConnection) -> None:
+        try:
+            await connection.read_frames(self._send)
+        finally:
+            if self._connection is connection:
+                self._set_connection(None)
+            connection.fail_pending(BrokerUnavailable("STOMP connection lost"))
+
+    async def aclose(self) -> None:
+        """Send ``DISCONNECT`` and wait (``TRIOWS_CLOSE_TIMEOUT``) for its receipt.
+
+        Safe to call twice; publishing fails with BrokerUnavailable from now on.
+        """
+        self._closing = True
+        connection = self._connection
+        if connection is None:
+            return
+        self._set_connection(None)
+        with anyio.move_on_after(self._settings.close_timeout):
+            try:
+                await connection.request(Frame("DISCONNECT"))
+            except CLOSE_FAILURES as error:
+                log_event("stomp disconnect failed", logging.WARNING, error=repr(error))
+
+
+async def _handshake(
+    stream: ByteStream, parser: FrameParser, url: StompUrl, heartbeat_ms: int
+) -> Frame:
+    """Send CONNECT and return the broker's CONNECTED frame."""
+    headers = {
+        "accept-version": "1.2",
+        "host": url.vhost,
+        "heart-beat": f"{heartbeat_ms},{heartbeat_ms}",
+    }
+    if url.login:
+        headers.update(login=url.login, passcode=url.passcode)
+    await stream.send(encode_frame(Frame("CONNECT", headers)))
+    while not (frames := parser.feed(await stream.receive(READ_SIZE))):
+        pass
+    frame = frames[0]
+    if frame.command == "ERROR":
+        detail = frame.headers.get("message", "") or frame.body.decode("utf-8", "replace")
+        raise StompBrokerError(f"STOMP broker refused CONNECT: {detail}")
+    if frame.command != "CONNECTED":
+        raise StompProtocolError(f"expected CONNECTED, got {frame.command}")
+    if frame.headers.get("version") != "1.2":
+        raise StompProtocolError(
+            f"broker speaks STOMP {frame.headers.get('version', '1.0')}, not 1.2"
+        )
+    return frame
+
+
+@asynccontextmanager
+async def open_stomp_backend(settings: Settings) -> AsyncIterator[StompBackend]:
+    """Open the STOMP backend; its connection task lives in its own task group.
+
+    Returns after the first connection attempt: ready if the broker is up,
+    otherwise not ready and retrying in the background. On exit it sends
+    ``DISCONNECT`` (bounded by ``TRIOWS_CLOSE_TIMEOUT``) and stops its tasks.
+    """
+    send, receive = anyio.create_memory_object_stream[Delivery](settings.incoming_queue)
+    async with send, receive, anyio.create_task_group() as task_group:
+        backend = StompBackend(settings, send, receive)
+        await task_group.start(backend.maintain_connection)
+        try:
+            yield backend
+        finally:
+            with anyio.CancelScope(shield=True):
+                await backend.aclose()
+            task_group.cancel_scope.cancel()
+
+
+def _negotiate_heartbeats(ours_ms: int, theirs: str) -> tuple[int, int]:
+    """Return (we send every, we expect every) in ms, per STOMP 1.2 §Heart-beating."""
+    try:
+        server_sends, server_wants = (int(part) for part in theirs.split(","))
+    except ValueError:
+        raise StompProtocolError(f"invalid heart-beat header {theirs!r}") from None
+    send = 0 if not ours_ms or not server_wants else max(ours_ms, server_wants)
+    receive = 0 if not ours_ms or not server_sends else max(ours_ms, server_sends)
+    return send, receive
