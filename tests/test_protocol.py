@@ -55,5 +55,9 @@ def test_encoded_message_frame_has_every_field() -> None:
     frame = json.loads(encode_message("id1", "Anne", SendRequest("Bob", {"x": [1, "é"]})))
     assert frame.pop("ts") > 0
     assert frame == {
-        "type": "message", "id": "id1", "from": "Anne", "to": "Bob", "message": {"x": [1, "é"]}
+        "type": "message",
+        "id": "id1",
+        "from": "Anne",
+        "to": "Bob",
+        "message": {"x": [1, "é"]},
     }

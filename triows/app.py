@@ -142,13 +142,16 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
         identity: Identity | None = None
         if not settings.dev_mode:
             try:
-                identity = identify(settings.secret, request.headers, request.args, dev_user=None)
+                identity = identify(
+                    settings.secret, dict(request.headers), request.args, dev_user=None
+                )
             except AuthError as error:
                 log_event("auth_failed", path="/send", reason=str(error))
                 return problem(
                     401, str(error), kind="unauthorized", headers={"WWW-Authenticate": "Bearer"}
                 )
-        raw = await request.get_data(cache=False)
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)  # as_text=False
         try:
             send_request, dev_sender = parse_send_body(raw, dev_mode=settings.dev_mode)
             sender = identity.user if identity is not None else dev_sender
@@ -172,7 +175,9 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     async def events() -> Response | None:
         try:
             identity = identify(
-                settings.secret, websocket.headers, websocket.args,
+                settings.secret,
+                dict(websocket.headers),
+                websocket.args,
                 dev_user=websocket.args.get("user"),
             )
         except InvalidInput as error:
@@ -200,9 +205,7 @@ async def serve_connection(app: TriowsApp, identity: Identity) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(connection.run_writer, websocket.send)
                 nursery.start_soon(read_frames, app, connection)
-                nursery.start_soon(
-                    run_expiry, connection, identity.expires_at, CLOSE_TOKEN_EXPIRED
-                )
+                nursery.start_soon(run_expiry, connection, identity.expires_at, CLOSE_TOKEN_EXPIRED)
                 await connection.closing.wait()
                 with trio.move_on_after(settings.close_timeout):
                     await connection.writer_done.wait()
@@ -235,7 +238,9 @@ async def read_frames(app: TriowsApp, connection: Connection) -> None:
         try:
             send_request = parse_client_frame(data)
         except ProtocolViolation as error:
-            log_event("invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error))
+            log_event(
+                "invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error)
+            )
             connection.close(CLOSE_INVALID_FRAME, str(error))
             return
         except InvalidSendFrame as error:

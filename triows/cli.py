@@ -13,7 +13,6 @@ import multiprocessing
 import signal
 import sys
 from collections.abc import Sequence
-from functools import partial
 from multiprocessing.synchronize import Event as ProcessEvent
 
 import trio
@@ -86,7 +85,8 @@ async def _serve_worker(
 
 
 async def _wait_for_process_event(event: ProcessEvent, scope: trio.CancelScope) -> None:
-    while not event.is_set():
+    # A multiprocessing event cannot be awaited; Hypercorn polls it the same way.
+    while not event.is_set():  # noqa: ASYNC110
         await trio.sleep(SHUTDOWN_POLL_INTERVAL)
     scope.cancel()
 

@@ -45,7 +45,8 @@ class EventsClient:
             while True:
                 await self.websocket.get_message()
         except ConnectionClosed as closed:
-            return closed.reason.code
+            code: int = closed.reason.code if closed.reason is not None else 1005
+            return code
 
 
 def events_url(base_url: str, *, user: str | None = None, token: str | None = None) -> str:

@@ -20,8 +20,9 @@ async def run_demo() -> int:
         print(f"triows serve is up at {instance.base_url} (memory backend, dev mode)")
         async with httpx.AsyncClient() as http, open_events(instance.base_url, user="Bob") as bob:
             _show("Bob", bob.hello)
-            response = await post_send(http, instance.base_url, "Bob", {"text": "hi Bob"},
-                                       sender="Anne")
+            response = await post_send(
+                http, instance.base_url, "Bob", {"text": "hi Bob"}, sender="Anne"
+            )
             print(f" Anne -> POST /send {{'to': 'Bob'}}: {response.status_code} {response.text}")
             first = await bob.receive()
             _show("Bob", first)

@@ -37,6 +37,7 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.broker_ready = Gauge(
-            "triows_broker_ready", "1 while the backend is connected and consuming",
+            "triows_broker_ready",
+            "1 while the backend is connected and consuming",
             registry=self.registry,
         )

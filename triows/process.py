@@ -69,8 +69,19 @@ async def serve_instance(
 ) -> AsyncIterator[Instance]:
     """Start ``triows serve`` and yield it once ``/healthz`` answers; kill it on exit."""
     port = free_port() if port is None else port
-    command = [sys.executable, "-m", "triows", "serve", "--bind", f"127.0.0.1:{port}",
-               "--backend", backend, "--workers", str(workers), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "triows",
+        "serve",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--backend",
+        backend,
+        "--workers",
+        str(workers),
+        *args,
+    ]
     if broker_url is not None:
         command += ["--broker-url", broker_url]
     child_env = {**os.environ, "TRIOWS_LOG_LEVEL": "WARNING", **(env or {})}
@@ -96,4 +107,3 @@ async def stop_process(process: trio.Process) -> None:
     if process.returncode is None:
         process.kill()
         await process.wait()
-

@@ -93,9 +93,9 @@ class Router:
                 if not user.connections and user.subscribed:
                     await self.backend.unsubscribe(user_key(connection.user))
                     user.subscribed = False
-        if not user.connections and not user.subscribed and not user.lock.locked():
-            if self._users.get(connection.user) is user:
-                del self._users[connection.user]
+        unused = not user.connections and not user.subscribed and not user.lock.locked()
+        if unused and self._users.get(connection.user) is user:
+            del self._users[connection.user]
         if not self._connections:
             self.idle.set()
 

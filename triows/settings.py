@@ -78,7 +78,9 @@ class Settings:
                 f"TRIOWS_ADDRESS_TEMPLATE must contain '{{key}}', got {self.address_template!r}"
             )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise SettingsError(f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+            raise SettingsError(
+                f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
+            )
 
     @property
     def dev_mode(self) -> bool:
@@ -106,7 +108,8 @@ class Settings:
 
 
 def _env(name: str) -> str:
-    return next(f.metadata["env"] for f in fields(Settings) if f.name == name)
+    env: str = next(f.metadata["env"] for f in fields(Settings) if f.name == name)
+    return env
 
 
 def _parse(env: str, raw: str, parser: Callable[[str], T]) -> T:
@@ -129,12 +132,13 @@ def _parse_binds(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
-_PARSERS: dict[str, Callable[[str], Any]] = {
-    f.name: {"bool": _parse_bool, "int": int, "float": float, "tuple[str, ...]": _parse_binds}.get(
-        str(f.type), str
-    )
-    for f in fields(Settings)
+_PARSERS_BY_TYPE: dict[str, Callable[[str], Any]] = {
+    "bool": _parse_bool,
+    "int": int,
+    "float": float,
+    "tuple[str, ...]": _parse_binds,
 }
+_PARSERS = {f.name: _PARSERS_BY_TYPE.get(str(f.type), str) for f in fields(Settings)}
 
 
 def _split_bind(address: str) -> tuple[str, int]:

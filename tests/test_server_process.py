@@ -1,0 +1,111 @@
+"""A real ``triows serve`` process on the memory backend, over real sockets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.processes import serve_instance
+from triows.client import open_events, post_send
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_core_scenario_on_one_instance_over_real_sockets() -> None:
+    async with serve_instance("memory") as server, httpx.AsyncClient() as http:
+        async with open_events(server.base_url, user="Bob") as bob:
+            assert bob.hello["user"] == "Bob"
+            response = await post_send(http, server.base_url, "Bob", {"text": "hi"}, sender="Anne")
+            assert response.status_code == 202
+            assert response.json()["status"] == "routed"
+            message = await bob.receive()
+            assert message["id"] == response.json()["id"]
+            assert (message["from"], message["to"], message["message"]) == (
+                "Anne",
+                "Bob",
+                {"text": "hi"},
+            )
+            async with open_events(server.base_url, user="Anne") as anne:
+                await anne.send("Bob", [1, 2, 3], ref="a1")
+                ack = await anne.receive()
+                assert (ack["type"], ack["ref"], ack["status"]) == ("ack", "a1", "routed")
+                assert (await bob.receive())["message"] == [1, 2, 3]
+
+
+async def test_sigterm_closes_sockets_with_1012_and_exits_0() -> None:
+    async with serve_instance("memory") as server:
+        async with open_events(server.base_url, user="Bob") as bob:
+            server.terminate()
+            with trio.fail_after(20):
+                assert await bob.wait_closed() == 1012
+        with trio.fail_after(20):
+            assert await server.process.wait() == 0
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "triows", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_memory_backend_with_two_workers_is_refused_with_an_explanation() -> None:
+    result = run_cli("serve", "--workers", "2", "--backend", "memory")
+    assert result.returncode != 0
+    assert "memory backend cannot carry a message from one process to another" in result.stderr
+
+
+def test_dev_mode_on_a_public_address_is_refused() -> None:
+    result = run_cli("serve", "--bind", "0.0.0.0:0")
+    assert result.returncode != 0
+    assert "TRIOWS_SECRET" in result.stderr and "TRIOWS_INSECURE" in result.stderr
+
+
+def test_invalid_setting_fails_with_one_line_naming_it() -> None:
+    result = run_cli("serve", env={**os.environ, "TRIOWS_SEND_QUEUE": "lots"})
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0
+    assert "TRIOWS_SEND_QUEUE" in result.stderr
+
+
+def test_unknown_backend_lists_the_known_ones() -> None:
+    result = run_cli("serve", "--backend", "zeromq")
+    assert result.returncode != 0
+    assert "amqp091" in result.stderr and "memory" in result.stderr
+
+
+def test_token_command_mints_a_token_the_server_accepts() -> None:
+    from triows.auth import verify_token
+
+    secret = "s" * 64
+    result = run_cli("token", "Bob", "--ttl", "60", env={**os.environ, "TRIOWS_SECRET": secret})
+    assert result.returncode == 0
+    assert verify_token(secret, result.stdout.strip()).user == "Bob"
+
+
+def test_demo_shows_bob_receiving_both_messages() -> None:
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    assert "demo OK" in result.stdout
+
+
+def test_built_wheel_contains_both_packages(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("triows-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "triows/app.py" in names
+    assert "backends/memory.py" in names
+    assert any(name.endswith("entry_points.txt") for name in names)
