@@ -1,0 +1,62 @@
+"""Sessions: tests, lint, typecheck, brokers, serve, demo (and bench, see bench/)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+BROKERS_SCRIPT = "deploy/brokers.sh"
+
+
+def install(session: nox.Session, *extras: str) -> None:
+    """Install triows (editable) with ``extras`` into the session's virtualenv."""
+    target = f".[{','.join(extras)}]" if extras else "."
+    session.install("-e", target)
+
+
+def brokers(session: nox.Session, *args: str) -> None:
+    session.run("bash", BROKERS_SCRIPT, *args, external=True)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite, against real brokers (started here if they are not running)."""
+    install(session, "test")
+    brokers(session, "start")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    install(session, "test")
+    session.install("mypy")
+    session.run("mypy")
+
+
+@nox.session(name="brokers")
+def brokers_session(session: nox.Session) -> None:
+    """``nox -s brokers -- start|stop|status [NAME...]`` (default: start all)."""
+    brokers(session, *(session.posargs or ["start"]))
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Run ``triows serve`` with the flags after ``--`` (memory backend by default)."""
+    install(session)
+    session.run("triows", "serve", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Start a server on the memory backend and show Anne messaging Bob."""
+    install(session)
+    session.run("triows", "demo")
