@@ -269,3 +269,9 @@ async def test_drain_turns_readyz_503_closes_sockets_with_1012_and_refuses_new_o
             with pytest.raises(WebsocketResponseError) as refused:
                 await carol.receive()
             assert refused.value.response.status_code == 503
+
+
+async def test_chat_page_is_served_at_the_root(client: QuartClient) -> None:
+    response = await client.get("/")
+    assert response.status_code == 200
+    assert "/events?" in await response.get_data(as_text=True)

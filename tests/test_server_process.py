@@ -108,4 +108,5 @@ def test_built_wheel_contains_both_packages(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "triows/app.py" in names
     assert "backends/memory.py" in names
+    assert "triows/static/chat.html" in names
     assert any(name.endswith("entry_points.txt") for name in names)

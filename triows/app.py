@@ -9,11 +9,12 @@ nursery of its own.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, request, websocket
+from quart import Response, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -42,6 +43,7 @@ from triows.protocol import (
 from triows.router import Router
 from triows.settings import Settings
 
+STATIC_DIR = Path(__file__).parent / "static"
 # Hypercorn's own hard frame limit, above ours so our check answers first with a log line.
 HYPERCORN_FRAME_LIMIT_FACTOR = 2
 
@@ -118,6 +120,10 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
         return problem(status, error.description or "")
+
+    @app.get("/")
+    async def chat_page() -> Response:
+        return await send_from_directory(STATIC_DIR, "chat.html")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

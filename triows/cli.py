@@ -96,6 +96,10 @@ def _worker_process(
 ) -> None:
     # The parent decides when to stop; a Ctrl-C in the terminal reaches it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent only binds the shared sockets; each worker listens on them,
+    # as Hypercorn's own trio_worker does (trio.SocketListener insists).
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        sock.listen(config.backlog)
     trio.run(_serve_worker, settings, config, sockets, stop)
 
 
