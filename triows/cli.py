@@ -23,6 +23,7 @@ from hypercorn.utils import wrap_app
 from triows.app import HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
 from triows.backend import UnknownBackend, load_backend
+from triows.logs import logger
 from triows.protocol import InvalidInput
 from triows.settings import Settings, SettingsError
 
@@ -58,6 +59,8 @@ def hypercorn_config(settings: Settings) -> Config:
     config.websocket_max_message_size = settings.max_message_bytes * HYPERCORN_FRAME_LIMIT_FACTOR
     config.graceful_timeout = settings.close_timeout
     config.accesslog = None
+    # Hypercorn's own lines ("Running on ...", errors) become JSON lines too.
+    config.errorlog = logger.getChild("hypercorn")
     return config
 
 
