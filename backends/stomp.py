@@ -310,6 +310,10 @@ class StompBackend:
         while not self.ready:
             await self._ready_changed.wait()
 
+    async def wait_ready_change(self) -> None:
+        """Return at the next change of :attr:`ready` (for tests and probes)."""
+        await self._ready_changed.wait()
+
     def destination(self, key: str) -> str:
         """The STOMP destination of ``key`` (template of the broker connected last)."""
         return self._template.replace("{key}", key)
