@@ -109,9 +109,13 @@ class ProtonPump:
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._read, stream)
-                # The reader ends when proton closes the tail: after the peer's
-                # close frame, at the stream's EOF, or on a transport error.
                 await self._write(stream)
+                # Everything is written. After our close the reader still waits
+                # for the peer's close frame (or EOF), which closes the tail; a
+                # transport that gave up (idle timeout, framing error) already
+                # closed its tail, and the reader may be blocked on a silent peer.
+                if self.transport.capacity() < 0:
+                    tasks.cancel_scope.cancel()
         except* STREAM_ERRORS as group:
             self._abort()
             raise ConnectionLost(f"connection lost: {group.exceptions[0]!r}") from None

@@ -262,3 +262,38 @@ async def test_pump_run_returns_after_a_local_close_the_peer_answers() -> None:
         # Both runs returned without ConnectionLost: the close was clean on each side.
         assert client_connection.state & Endpoint.REMOTE_CLOSED
         assert server_connection.state & Endpoint.LOCAL_CLOSED
+
+
+async def test_pump_gives_up_on_a_peer_that_falls_silent_past_the_idle_timeout() -> None:
+    client_stream, server_stream = memory_byte_stream_pair()
+    client_connection = Connection()
+    client_transport = Transport()
+    client_transport.sasl().allowed_mechs("ANONYMOUS")
+    client_transport.idle_timeout = 0.2  # seconds; the peer must send something within it
+    client = ProtonPump(client_connection, client_transport, Recorder())
+
+    # The peer answers the handshake, then keeps its socket open and says nothing.
+    server_connection = Connection()
+    server_transport = Transport(Transport.SERVER)
+    server_transport.sasl().allowed_mechs("ANONYMOUS")
+    server_transport.bind(server_connection)
+
+    async def answer_then_fall_silent() -> None:
+        while not server_connection.state & Endpoint.REMOTE_ACTIVE:
+            server_transport.push(await server_stream.receive(server_transport.capacity()))
+            if server_connection.state & Endpoint.REMOTE_ACTIVE:
+                server_connection.open()
+            while (pending := server_transport.pending()) > 0:
+                data = server_transport.peek(pending)
+                assert data is not None
+                await server_stream.send(data)
+                server_transport.pop(len(data))
+        await anyio.sleep_forever()
+
+    client_connection.open()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(answer_then_fall_silent)
+            with pytest.raises(ConnectionLost, match="idle-timeout"):
+                await client.run(client_stream)
+            tasks.cancel_scope.cancel()
