@@ -70,9 +70,11 @@ async def run_backend(backend: str, messages: int, concurrency: int) -> Result:
                     number = next_number
                     next_number += 1
                     sent_at[number] = time.perf_counter()
-                    response = await post_send(http, a.base_url, "Bob", {"n": number}, sender="Anne")
+                    message = {"n": number}
+                    response = await post_send(http, a.base_url, "Bob", message, sender="Anne")
                     if response.status_code != 202:
-                        raise RuntimeError(f"/send answered {response.status_code}: {response.text}")
+                        status, text = response.status_code, response.text
+                        raise RuntimeError(f"/send answered {status}: {text}")
 
             async def read_bob() -> None:
                 while len(latencies) < messages:
