@@ -10,6 +10,12 @@ the figures are comparable.
 
     python bench/core_scenario.py --backends amqp091 amqp10 --messages 5000
 
+A backend may name its broker as ``NAME=BROKER_URL``, so one backend can be
+compared on two brokers in the same run, e.g. STOMP on ActiveMQ and RabbitMQ:
+
+    python bench/core_scenario.py --backends stomp=stomp://guest:guest@127.0.0.1:61614 \
+        stomp=stomp://guest:guest@127.0.0.1:61613
+
 The brokers must be running (``deploy/brokers.sh start rabbitmq rabbitmq-amqp10``).
 """
 
@@ -20,6 +26,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -43,13 +50,17 @@ class Result:
 
     def row(self) -> str:
         return (
-            f"{self.backend:<8} {self.messages:>8} {self.messages / self.seconds:>10.0f} "
+            f"{self.backend:<16} {self.messages:>8} {self.messages / self.seconds:>10.0f} "
             f"{self.percentile(0.50) * 1000:>8.2f} {self.percentile(0.99) * 1000:>8.2f}"
         )
 
 
-async def run_backend(backend: str, messages: int, concurrency: int) -> Result:
+async def run_backend(spec: str, messages: int, concurrency: int) -> Result:
+    backend, _, broker_url = spec.partition("=")
+    label = f"{backend}:{urlsplit(broker_url).port}" if broker_url else backend
     env = {"TRIOWS_EXCHANGE": f"triows-bench-{secrets.token_hex(4)}"}
+    if broker_url:
+        env["TRIOWS_BROKER_URL"] = broker_url
     # Bob's outbound queue must hold a burst: overflowing it is not what is measured.
     bob_env = {**env, "TRIOWS_SEND_QUEUE": str(messages)}
     async with (
@@ -87,20 +98,22 @@ async def run_backend(backend: str, messages: int, concurrency: int) -> Result:
                     nursery.start_soon(read_bob)
                     for _ in range(concurrency):
                         nursery.start_soon(post_worker)
-            return Result(backend, messages, time.perf_counter() - started, latencies)
+            return Result(label, messages, time.perf_counter() - started, latencies)
 
 
 async def main(backends: list[str], messages: int, concurrency: int) -> None:
     results = [await run_backend(backend, messages, concurrency) for backend in backends]
     print(f"core scenario: {messages} messages, {concurrency} concurrent POSTs, 2 instances")
-    print(f"{'backend':<8} {'messages':>8} {'msg/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'backend':<16} {'messages':>8} {'msg/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     for result in results:
         print(result.row())
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", nargs="+", default=["amqp091", "amqp10"])
+    parser.add_argument(
+        "--backends", nargs="+", default=["amqp091", "amqp10"], metavar="NAME[=BROKER_URL]"
+    )
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=16)
     options = parser.parse_args()
