@@ -54,7 +54,9 @@ readonly RABBITMQ_START_TIMEOUT=90
 readonly ACTIVEMQ_START_TIMEOUT=60
 readonly GARAGEMQ_START_TIMEOUT=20
 readonly STOP_TIMEOUT=15
+# start/stop wait this long for an outage test to end, check a little less.
 readonly LOCK_TIMEOUT=300
+readonly CHECK_LOCK_TIMEOUT=120
 
 readonly ACTIVEMQ_HOME=/usr/share/activemq
 readonly ACTIVEMQ_DIR="$RUN_DIR/activemq"
@@ -158,48 +160,45 @@ ensure_packages() {
     ((status == 0)) || die "apt-get install ${missing[*]} failed ($status)"
 }
 
-# with_lock MODE NAME COMMAND...: run COMMAND holding the outage lock of NAME's
-# broker family (MODE: -x exclusive, -s shared).  LOCK_FD is its descriptor.
-LOCK_FD=
+# with_lock MODE TIMEOUT NAME COMMAND...: run COMMAND holding the outage lock
+# of NAME's broker family (MODE: -x exclusive, -s shared), waiting for it at
+# most TIMEOUT seconds.
 with_lock() {
-    local mode=$1 name=$2
-    shift 2
-    local family=${name%%-*}
-    local lockfile="/tmp/triows-$family-outage.lock"
-    local fd
+    local mode=$1 timeout=$2 name=$3
+    shift 3
+    local lockfile="/tmp/triows-${name%%-*}-outage.lock" fd
     exec {fd}>>"$lockfile"
-    if ! flock "$mode" -w "$LOCK_TIMEOUT" "$fd"; then
-        die "$name: $lockfile still held after ${LOCK_TIMEOUT}s (a broker-outage test is running?)"
+    if ! flock "$mode" -w "$timeout" "$fd"; then
+        die "$name: $lockfile still held after ${timeout}s (a broker-outage test is running?)"
     fi
-    LOCK_FD=$fd
     # Called plainly (not in `||`), so that errexit stays in force inside it;
     # a failure exits the script, which releases the lock with the descriptor.
     "$@"
     exec {fd}>&-
-    LOCK_FD=
 }
 
-# unlocked COMMAND...: run COMMAND without the lock's descriptor.  Anything
-# that outlives this script (a broker) must be started so: an inherited copy
-# would hold the lock for as long as the broker runs.
-unlocked() {
-    (
-        if [[ -n $LOCK_FD ]]; then exec {LOCK_FD}>&-; fi
-        exec "$@"
-    )
+# close_inherited_fds: close every descriptor above stderr in this (sub)shell.
+# A broker must not inherit the outage lock's descriptor, ours or a caller's
+# (`flock LOCKFILE brokers.sh ...`): it would hold the lock while it runs.
+close_inherited_fds() {
+    local fd
+    for fd in /proc/"$BASHPID"/fd/*; do
+        fd=${fd##*/}
+        if ((fd > 2)); then eval "exec $fd>&-"; fi
+    done
 }
 
 # spawn DIR LOGFILE PIDFILE COMMAND...: start COMMAND in the background from
-# DIR, in a session of its own (so that it outlives this script and never gets
-# signals meant for the caller), output to LOGFILE, its pid in PIDFILE.
+# DIR, output to LOGFILE, its pid in PIDFILE, in a session of its own (so that
+# it outlives this script and never gets signals meant for the caller).
 spawn() {
     local dir=$1 logfile=$2 pidfile=$3
     shift 3
     (
-        if [[ -n $LOCK_FD ]]; then exec {LOCK_FD}>&-; fi
+        close_inherited_fds
         cd "$dir"
         # Not a process-group leader, so setsid runs COMMAND in this very
-        # process and $! below is COMMAND's pid.
+        # process, and $! below is COMMAND's pid.
         exec setsid "$@" </dev/null >"$logfile" 2>&1
     ) &
     echo $! >"$pidfile"
@@ -255,7 +254,7 @@ start_rabbitmq() {
         fi
     else
         log "rabbitmq: starting the node (rabbitmq-server -detached)"
-        unlocked rabbitmq-server -detached
+        (close_inherited_fds && exec rabbitmq-server -detached)
     fi
     wait_for "$RABBITMQ_START_TIMEOUT" "RabbitMQ AMQP 0-9-1 on :$RABBITMQ_PORT" check_rabbitmq
 }
@@ -435,7 +434,7 @@ valid_name() {
 cmd_start() {
     local name
     for name in "$@"; do
-        with_lock -x "$name" "start_${name//-/_}"
+        with_lock -x "$LOCK_TIMEOUT" "$name" "start_${name//-/_}"
     done
 }
 
@@ -444,7 +443,7 @@ cmd_stop() {
     for name in "$@"; do
         case $name in
             rabbitmq*) refuse_stop_rabbitmq "$name" || status=$? ;;
-            *) with_lock -x "$name" "stop_${name//-/_}" ;;
+            *) with_lock -x "$LOCK_TIMEOUT" "$name" "stop_${name//-/_}" ;;
         esac
     done
     return "$status"
@@ -461,7 +460,7 @@ cmd_check() {
     local name=$1 complaint
     # Shared lock: wait for an outage test to bring the broker back rather
     # than report it missing.
-    if ! complaint=$(with_lock -s "$name" "check_${name//-/_}" 2>&1); then
+    if ! complaint=$(with_lock -s "$CHECK_LOCK_TIMEOUT" "$name" "check_${name//-/_}" 2>&1); then
         echo "$name is not answering: $complaint; $(start_hint "$name")" >&2
         return 1
     fi
