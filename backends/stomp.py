@@ -424,15 +424,17 @@ class StompBackend:
             if not started:
                 started = True
                 task_status.started()
+            if self._closing:
+                # Closing: the DISCONNECT ended the connection on purpose.
+                await anyio.sleep_forever()
             delay = backoff.next_delay()
-            if not self._closing:
-                log_event(
-                    "stomp connection lost",
-                    logging.WARNING,
-                    error=repr(error),
-                    retry_in=round(delay, 3),
-                    broker=f"{self._url.host}:{self._url.port}",
-                )
+            log_event(
+                "stomp connection lost",
+                logging.WARNING,
+                error=repr(error),
+                retry_in=round(delay, 3),
+                broker=f"{self._url.host}:{self._url.port}",
+            )
             await anyio.sleep(delay)
 
     async def _session(self, on_ready: Callable[[], None]) -> None:
@@ -488,15 +490,27 @@ class StompBackend:
         if server.startswith("RabbitMQ") and self._template.startswith(
             f"/exchange/{settings.exchange}/"
         ):
-            with anyio.fail_after(settings.publish_timeout):
-                await declare_direct_exchange(
-                    self._url.host,
-                    self._url.amqp_port,
-                    login=self._url.login,
-                    passcode=self._url.passcode,
-                    vhost=self._url.vhost,
+            try:
+                with anyio.fail_after(settings.publish_timeout):
+                    await declare_direct_exchange(
+                        self._url.host,
+                        self._url.amqp_port,
+                        login=self._url.login,
+                        passcode=self._url.passcode,
+                        vhost=self._url.vhost,
+                        exchange=settings.exchange,
+                        tls=self._url.tls,
+                    )
+            except CONNECTION_LOST as error:
+                # Not fatal: the exchange may exist already (declared by an
+                # operator or by the amqp091 backend). If it does not,
+                # RabbitMQ's ERROR on SUBSCRIBE/SEND says so in the log.
+                log_event(
+                    "stomp could not declare the RabbitMQ exchange; it must exist",
+                    logging.WARNING,
                     exchange=settings.exchange,
-                    tls=self._url.tls,
+                    amqp=f"{self._url.host}:{self._url.amqp_port}",
+                    error=repr(error),
                 )
 
     async def _read(self, connection: _StompConnection) -> None:

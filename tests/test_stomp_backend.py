@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -292,3 +293,28 @@ async def test_connection_drop_is_survived_and_subscriptions_restored(
             ("user.anne", b"after"),
             ("user.bob", b"after"),
         ]
+
+
+@pytest.mark.broker
+async def test_refused_login_leaves_the_backend_not_ready(exchange: str) -> None:
+    # RabbitMQ checks credentials; the test ActiveMQ has no authentication plugin.
+    port = STOMP_PORTS["rabbitmq-stomp"]
+    settings = replace(
+        stomp_settings(port, exchange),
+        broker_url=f"stomp://guest:wrong-{secrets.token_hex(2)}@127.0.0.1:{port}",
+    )
+    async with open_stomp_backend(settings) as backend:
+        assert not backend.ready
+        with pytest.raises(BrokerUnavailable):
+            await backend.publish("user.bob", b"{}")
+
+
+@pytest.mark.broker
+async def test_exchange_missing_on_rabbitmq_is_declared_by_the_backend(exchange: str) -> None:
+    # A fresh exchange name: RabbitMQ's STOMP plugin would answer not_found
+    # had the backend not declared it over AMQP 0-9-1.
+    async with open_ready(stomp_settings(STOMP_PORTS["rabbitmq-stomp"], exchange)) as backend:
+        await backend.subscribe("user.bob")
+        await backend.publish("user.bob", b"declared")
+
+        assert await receive(backend) == ("user.bob", b"declared")
