@@ -1,0 +1,100 @@
+"""The tests' way to the real brokers: all through ``deploy/brokers.sh``.
+
+Tests never start, stop or probe a broker themselves; they ask the one broker
+script, so the commands live in one place. Broker names are the script's:
+``rabbitmq``, ``rabbitmq-amqp10``, ``rabbitmq-stomp``, ``activemq``,
+``garagemq``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+BROKERS_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "brokers.sh"
+BROKER_NAMES = ("rabbitmq", "rabbitmq-amqp10", "rabbitmq-stomp", "activemq", "garagemq")
+# Brokers a test may take down with broker_outage, and the broker family each
+# belongs to (the family names the lock file, as in brokers.sh).
+OUTAGE_NAMES = ("rabbitmq", "activemq")
+# A hang guard for bringing a broker back; the script bounds its own waits.
+OUTAGE_END_TIMEOUT = 180
+
+
+def outage_lock_path(name: str) -> Path:
+    """The lock that every outage of ``name``'s broker family is taken under.
+
+    RabbitMQ's is ``/tmp/triows-rabbitmq-outage.lock``, shared by everything
+    on the machine that stops RabbitMQ's app.
+    """
+    family = name.split("-", 1)[0]
+    return Path(f"/tmp/triows-{family}-outage.lock")
+
+
+async def run_brokers_script(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``deploy/brokers.sh ARGS...`` and return its result (never raises on exit status)."""
+    return await trio.run_process(
+        [str(BROKERS_SCRIPT), *args], capture_stdout=True, capture_stderr=True, check=False
+    )
+
+
+def _script_message(result: subprocess.CompletedProcess[bytes]) -> str:
+    text = (result.stderr or result.stdout).decode(errors="replace").strip()
+    return text or f"deploy/brokers.sh exited with {result.returncode}"
+
+
+async def require_broker(name: str) -> None:
+    """Fail the test (never skip it) unless broker ``name`` answers its protocol.
+
+    The failure says how to start the broker. While another test holds the
+    broker's outage lock this waits (up to the script's bound) for the outage
+    to end rather than failing.
+    """
+    result = await run_brokers_script("check", name)
+    if result.returncode != 0:
+        message = _script_message(result)
+        hint = f"start it with: deploy/brokers.sh start {name}"
+        if hint not in message:
+            message = f"{message}; {hint}"
+        pytest.fail(message, pytrace=False)
+
+
+@asynccontextmanager
+async def broker_outage(name: str) -> AsyncIterator[None]:
+    """Take broker ``name`` down for the block, then bring it back and wait until it answers.
+
+    ``name`` is ``rabbitmq`` (its app is stopped; the AMQP 1.0 and STOMP
+    plugins go down with it) or ``activemq`` (the process is stopped). The
+    broker family's outage lock is held from before the broker goes down until
+    it answers again, so concurrent test runs never overlap their outages and
+    ``deploy/brokers.sh start``/``check`` wait for the outage to end. The broker
+    is brought back even when the block raises or is cancelled.
+    """
+    if name not in OUTAGE_NAMES:
+        raise ValueError(f"broker_outage supports {OUTAGE_NAMES}, not {name!r}")
+    # O_CLOEXEC (Python's default): the brokers the script starts must not
+    # inherit the lock.
+    lock_fd = os.open(outage_lock_path(name), os.O_WRONLY | os.O_CREAT, 0o666)
+    try:
+        # flock blocks, so it waits in a thread; on cancellation the thread is
+        # abandoned, and closing the descriptor below drops the lock it may
+        # still take.
+        await trio.to_thread.run_sync(fcntl.flock, lock_fd, fcntl.LOCK_EX, abandon_on_cancel=True)
+        try:
+            begun = await run_brokers_script("outage-begin", name)
+            if begun.returncode != 0:
+                pytest.fail(f"outage-begin {name} failed: {_script_message(begun)}", pytrace=False)
+            yield
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_END_TIMEOUT):
+                ended = await run_brokers_script("outage-end", name)
+            if ended.returncode != 0:
+                pytest.fail(f"outage-end {name} failed: {_script_message(ended)}", pytrace=False)
+    finally:
+        os.close(lock_fd)
