@@ -38,7 +38,8 @@
 set -euo pipefail
 shopt -s inherit_errexit
 
-readonly DEPLOY_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEPLOY_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly DEPLOY_DIR
 readonly RUN_DIR="${TRIOWS_BROKERS_RUN_DIR:-/var/tmp/triows-brokers}"
 readonly ALL_BROKERS=(rabbitmq rabbitmq-amqp10 rabbitmq-stomp activemq garagemq)
 # What `stop` with no names stops: only the brokers this script runs itself.
@@ -134,6 +135,9 @@ wait_for() {
 # Services are kept from starting at install time (policy-rc.d), so that a
 # packaged GarageMQ or ActiveMQ never grabs a port before we configure it.
 APT_UPDATED=false
+# Two brokers may be installed at once by concurrent runs (each holds only its
+# own broker's lock): wait for dpkg's lock instead of failing on it.
+readonly APT_OPTIONS=(-o DPkg::Lock::Timeout=300)
 ensure_packages() {
     local missing=() pkg
     for pkg in "$@"; do
@@ -144,7 +148,7 @@ ensure_packages() {
     ((EUID == 0)) || die "need root to install ${missing[*]}"
     log "installing ${missing[*]}"
     if [[ $APT_UPDATED == false ]]; then
-        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTIONS[@]}" update -qq
         APT_UPDATED=true
     fi
     local own_policy=false
@@ -154,7 +158,7 @@ ensure_packages() {
         own_policy=true
     fi
     local status=0
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTIONS[@]}" install -y -qq --no-install-recommends \
         "${missing[@]}" >/dev/null || status=$?
     if [[ $own_policy == true ]]; then rm -f /usr/sbin/policy-rc.d; fi
     ((status == 0)) || die "apt-get install ${missing[*]} failed ($status)"
@@ -168,6 +172,9 @@ with_lock() {
     shift 3
     local lockfile="/tmp/triows-${name%%-*}-outage.lock" fd
     exec {fd}>>"$lockfile"
+    if ! flock "$mode" -n "$fd"; then
+        log "$name: waiting for $lockfile (a broker-outage test is running)"
+    fi
     if ! flock "$mode" -w "$timeout" "$fd"; then
         die "$name: $lockfile still held after ${timeout}s (a broker-outage test is running?)"
     fi
