@@ -178,10 +178,13 @@ with_lock() {
     if ! flock "$mode" -w "$timeout" "$fd"; then
         die "$name: $lockfile still held after ${timeout}s (a broker-outage test is running?)"
     fi
-    # Called plainly (not in `||`), so that errexit stays in force inside it;
-    # a failure exits the script, which releases the lock with the descriptor.
+    # Called plainly (not in `||`), so that errexit stays in force inside it
+    # where the caller has it (a failure exits the script, which releases the
+    # lock); `check` calls with_lock in an `if`, and gets COMMAND's status.
     "$@"
+    local status=$?
     exec {fd}>&-
+    return "$status"
 }
 
 # close_inherited_fds: close every descriptor above stderr in this (sub)shell.
@@ -349,21 +352,13 @@ check_activemq_alive() {
     return 1
 }
 
-# Likewise for GarageMQ.
-check_garagemq_alive() {
-    check_garagemq && return 0
-    pid_of "$GARAGEMQ_DIR/garagemq.pid" "$GARAGEMQ_PATTERN" >/dev/null || {
-        echo "the GarageMQ process exited"
-        return 2
-    }
-    return 1
-}
-
 prepare_activemq_conf() {
     local packaged
     mkdir -p "$ACTIVEMQ_DIR/conf" "$ACTIVEMQ_DIR/data" "$ACTIVEMQ_DIR/tmp"
-    # The packaged conf folder brings what activemq.xml may refer to
-    # (credentials, jetty, jmx files); ours override the two files we keep.
+    # Start from whatever the package ships as an instance's conf folder
+    # (Debian 12: activemq.xml and log4j2.properties; upstream builds add
+    # credentials, jetty and jmx files an activemq.xml may refer to), then
+    # put our two files over it.
     for packaged in /etc/activemq/instances-available/main /usr/share/activemq/conf; do
         if [[ -d $packaged ]]; then
             cp -rL "$packaged/." "$ACTIVEMQ_DIR/conf/"
@@ -409,6 +404,16 @@ start_garagemq() {
         tail -n 40 "$GARAGEMQ_DIR/garagemq.log" >&2 || true
         return 1
     fi
+}
+
+# Like check_garagemq, but tells wait_for to give up (2) once GarageMQ has died.
+check_garagemq_alive() {
+    check_garagemq && return 0
+    pid_of "$GARAGEMQ_DIR/garagemq.pid" "$GARAGEMQ_PATTERN" >/dev/null || {
+        echo "the GarageMQ process exited"
+        return 2
+    }
+    return 1
 }
 
 stop_garagemq() {

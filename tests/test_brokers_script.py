@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+from pathlib import Path
+
 import pytest
 import trio
 
+import tests.brokers
 from tests.brokers import (
     BROKER_NAMES,
+    BROKERS_SCRIPT,
     OUTAGE_NAMES,
     broker_outage,
     require_broker,
@@ -51,6 +57,33 @@ async def test_check_of_unknown_broker_fails_with_the_known_names() -> None:
     result = await run_brokers_script("check", "no-such-broker")
     assert result.returncode != 0
     assert b"rabbitmq" in result.stderr
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_require_broker_fails_with_how_to_start_it_when_nothing_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copy of the script that looks for GarageMQ on a port where nothing
+    # listens: the real brokers are left alone.
+    deploy = tmp_path / "deploy"
+    shutil.copytree(BROKERS_SCRIPT.parent, deploy)
+    script = deploy / BROKERS_SCRIPT.name
+    text = script.read_text()
+    assert "readonly GARAGEMQ_PORT=5673\n" in text
+    script.write_text(text.replace("GARAGEMQ_PORT=5673", f"GARAGEMQ_PORT={unused_port()}"))
+    monkeypatch.setattr(tests.brokers, "BROKERS_SCRIPT", script)
+
+    with pytest.raises(pytest.fail.Exception) as failure:
+        await require_broker("garagemq")
+    message = str(failure.value)
+    assert "garagemq is not answering" in message
+    assert "start it with: deploy/brokers.sh start garagemq" in message
 
 
 @pytest.mark.parametrize("name", OUTAGE_NAMES)
