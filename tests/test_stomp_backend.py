@@ -24,6 +24,7 @@ from backends.stomp import (
     parse_stomp_url,
 )
 from backends.stomp_frames import Frame, FrameParser, encode_frame
+from tests.brokers import require_broker
 from tests.processes import free_port
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
@@ -40,11 +41,7 @@ STOMP_PORTS = {"rabbitmq-stomp": 61613, "activemq": 61614}
 async def broker(request: pytest.FixtureRequest) -> str:
     """The name of a STOMP broker; the test fails if it is not running."""
     name: str = request.param
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", STOMP_PORTS[name])
-    except OSError:
-        pytest.fail(f"{name} is not running: deploy/brokers.sh start {name}")
-    await stream.aclose()
+    await require_broker(name)
     return name
 
 
@@ -259,6 +256,7 @@ async def test_2000_messages_arrive_in_order(broker: str, exchange: str) -> None
 
 @pytest.mark.broker
 async def test_error_frame_becomes_a_clear_exception(exchange: str) -> None:
+    await require_broker("rabbitmq-stomp")
     # RabbitMQ refuses a SEND to an exchange that does not exist.
     settings = stomp_settings(
         STOMP_PORTS["rabbitmq-stomp"], exchange, address_template="/exchange/no-such-{key}/x"
@@ -297,6 +295,7 @@ async def test_connection_drop_is_survived_and_subscriptions_restored(
 
 @pytest.mark.broker
 async def test_refused_login_leaves_the_backend_not_ready(exchange: str) -> None:
+    await require_broker("rabbitmq-stomp")
     # RabbitMQ checks credentials; the test ActiveMQ has no authentication plugin.
     port = STOMP_PORTS["rabbitmq-stomp"]
     settings = replace(
@@ -311,6 +310,7 @@ async def test_refused_login_leaves_the_backend_not_ready(exchange: str) -> None
 
 @pytest.mark.broker
 async def test_exchange_missing_on_rabbitmq_is_declared_by_the_backend(exchange: str) -> None:
+    await require_broker("rabbitmq-stomp")
     # A fresh exchange name: RabbitMQ's STOMP plugin would answer not_found
     # had the backend not declared it over AMQP 0-9-1.
     async with open_ready(stomp_settings(STOMP_PORTS["rabbitmq-stomp"], exchange)) as backend:
