@@ -74,7 +74,9 @@ async def broker_outage(name: str) -> AsyncIterator[None]:
     broker family's outage lock is held from before the broker goes down until
     it answers again, so concurrent test runs never overlap their outages and
     ``deploy/brokers.sh start``/``check`` wait for the outage to end. The broker
-    is brought back even when the block raises or is cancelled.
+    is brought back even when the block raises or is cancelled. Inside the
+    block, do not call :func:`require_broker` for the same broker family: it
+    waits for the lock this holds. ``deploy/brokers.sh status NAME`` does not.
     """
     if name not in OUTAGE_NAMES:
         raise ValueError(f"broker_outage supports {OUTAGE_NAMES}, not {name!r}")
