@@ -1,0 +1,185 @@
+"""``python -m bench``: run scenarios on targets and write JSON, Markdown and PNG results.
+
+    python -m bench direct --backend amqp091-rabbitmq      one scenario, one target
+    python -m bench direct latency --backend stomp         a backend name means all its brokers
+    python -m bench --matrix [--quick]                     every scenario on every target
+
+Exit status 1 if any row is an error or any message was lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.machine import machine_facts
+from bench.report import write
+from bench.scenarios import SCENARIOS, TRAFFIC_SCENARIOS, Options, run_target
+from bench.targets import TARGETS, Target
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Quick runs prove the bench works; their figures are not results.
+QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
+
+
+def _targets(names: list[str] | None) -> list[Target]:
+    if not names:
+        return list(TARGETS.values())
+    chosen: list[Target] = []
+    for name in names:
+        matches = [t for t in TARGETS.values() if name in (t.name, t.backend)]
+        if not matches:
+            known = ", ".join([*TARGETS, *sorted({t.backend for t in TARGETS.values()})])
+            raise SystemExit(f"bench: unknown target or backend {name!r}; known: {known}")
+        chosen += [target for target in matches if target not in chosen]
+    return chosen
+
+
+def _raise_file_limit() -> None:
+    """Idle connections need a descriptor each, here and in the instance (which inherits it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _failed(rows: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for row in rows:
+        where = f"{row['target']}/{row['scenario']}"
+        if row.get("status") != "ok":
+            problems.append(f"{where}: {row.get('error')}")
+        elif row["scenario"] in (*TRAFFIC_SCENARIOS, "ceiling") and (
+            row["lost"] or row["duplicated"] or row["out_of_order"]
+        ):
+            problems.append(
+                f"{where}: lost {row['lost']}, duplicated {row['duplicated']}, "
+                f"out of order {row['out_of_order']}"
+            )
+    return problems
+
+
+async def run(
+    scenarios: list[str], targets: list[Target], options: Options, rate: float | None
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for target in targets:
+        print(f"bench: {target.name}: {', '.join(scenarios)}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        target_rows = await run_target(
+            target,
+            scenarios,
+            options,
+            rates={target.name: rate / options.latency_share} if rate else None,
+        )
+        for row in target_rows:
+            print(f"bench:   {_one_line(row)}", file=sys.stderr, flush=True)
+        print(
+            f"bench: {target.name} took {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        rows += target_rows
+    return rows
+
+
+def _one_line(row: dict[str, Any]) -> str:
+    if row.get("status") != "ok":
+        return f"{row['scenario']}: ERROR {row['error']}"
+    if row["scenario"] == "idle":
+        return (
+            f"idle: {row['connections']} connections, "
+            f"{row['rss_kib_per_connection']} KiB each, {row['idle_cpu_percent']} % CPU"
+        )
+    latency = row["latency_ms"]
+    return (
+        f"{row['scenario']}: {row['msg_per_s']} msg/s, delivered {row['delivered']}, "
+        f"lost {row['lost']}, dup {row['duplicated']}, ooo {row['out_of_order']}, "
+        f"p50 {latency.get('p50')} p99 {latency.get('p99')} ms, "
+        f"load generator {100 * row['loadgen_cpu_share']:.0f} % of a core"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        choices=[*SCENARIOS, []],
+        metavar="SCENARIO",
+        help=f"one or more of: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument("--matrix", action="store_true", help="every scenario on every target")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        metavar="TARGET",
+        help=f"a target ({', '.join(TARGETS)}) or a backend name; repeatable; default: all",
+    )
+    parser.add_argument("--quick", action="store_true", help="brief runs that prove it works")
+    parser.add_argument("--duration", type=float, help="seconds of measured traffic per scenario")
+    parser.add_argument("--concurrency", type=int, help="sends in flight (streams)")
+    parser.add_argument("--receivers", type=int, help="receiving users on instance B")
+    parser.add_argument("--connections", type=int, help="idle: WebSocket connections")
+    parser.add_argument("--rate", type=float, help="latency: msg/s (default: 20%% of direct)")
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
+    args = parser.parse_args(argv)
+    scenarios = list(SCENARIOS) if args.matrix else args.scenarios
+    if not scenarios:
+        parser.error("name at least one scenario, or --matrix")
+    unknown = [name for name in scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
+    options = Options.quick_options() if args.quick else Options()
+    overrides = {
+        "duration": args.duration,
+        "concurrency": args.concurrency,
+        "receivers": args.receivers,
+        "idle_connections": args.connections,
+    }
+    options = dataclasses.replace(options, **{k: v for k, v in overrides.items() if v})
+    targets = _targets(args.backend)
+    _raise_file_limit()
+
+    started = datetime.now(UTC)
+    clock = time.perf_counter()
+    machine = machine_facts()
+    rows = trio.run(run, scenarios, targets, options, args.rate)
+    result = {
+        "suite": "triows-bench",
+        "format": 1,
+        "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "run_seconds": round(time.perf_counter() - clock, 1),
+        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "quick": options.quick,
+        "scenarios": scenarios,
+        "targets": [dataclasses.asdict(target) for target in targets],
+        "options": dataclasses.asdict(options),
+        "machine": machine,
+        "rows": rows,
+    }
+    directory = args.out or (QUICK_RESULTS_DIR if options.quick else RESULTS_DIR)
+    if args.matrix:
+        stem = "quick-matrix" if options.quick else "matrix"
+    else:
+        stem = "-".join(scenarios) + "-" + started.strftime("%Y%m%d-%H%M%S")
+    paths = write(result, directory, stem)
+    print(paths[1].read_text(encoding="utf-8"))
+    print("bench: wrote " + ", ".join(str(path) for path in paths), file=sys.stderr)
+    print(f"bench: run took {result['run_seconds']:.0f} s", file=sys.stderr)
+    problems = _failed(rows)
+    for problem in problems:
+        print(f"bench: FAILED {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

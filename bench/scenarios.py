@@ -1,0 +1,432 @@
+"""The scenarios, each selectable by name: direct, direct-ws, latency, idle, ceiling.
+
+One target (backend on broker) at a time: ``direct``, ``direct-ws`` and
+``latency`` share one pair of instances A and B (fresh users each); ``idle``
+gets a fresh instance of its own so that its memory figure starts clean;
+``ceiling`` opens two backends inside the load generator, with no HTTP or
+WebSocket layer at all. Any failure becomes an error row, never a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from typing import Any
+
+import httpx
+import psutil
+import trio
+
+from bench.cpu import CpuMeter, CpuWindow
+from bench.tally import Tally
+from bench.targets import BrokerNotRunning, Target, broker_processes, ensure_broker
+from bench.traffic import Recorder, Schedule, post_stream, receive_into, websocket_stream
+from triows.backend import Backend, Outcome, open_backend
+from triows.client import EventsClient, open_events
+from triows.process import Instance, serve_instance
+from triows.settings import Settings
+
+SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling")
+TRAFFIC_SCENARIOS = ("direct", "direct-ws", "latency")
+
+# Hang guards, not measurements.
+SCENARIO_TIMEOUT = 180.0
+READY_TIMEOUT = 30.0
+READY_POLL = 0.05
+# The drain after the last send: a message still missing this long after the
+# last arrival is lost.
+DRAIN_IDLE_TIMEOUT = 5.0
+# Instance B's per-connection outbound queue: a backlog in the load generator's
+# receivers must not turn into slow-consumer closes, which are not what is measured.
+RECEIVER_SEND_QUEUE = 1_000_000
+# Concurrent WebSocket handshakes while opening the idle connections.
+IDLE_CONNECT_CONCURRENCY = 64
+
+
+@dataclass(frozen=True)
+class Options:
+    """How long and how hard each scenario runs (``--quick``: briefly, to prove it works)."""
+
+    quick: bool = False
+    duration: float = 10.0
+    warmup: float = 1.0
+    concurrency: int = 16
+    receivers: int = 8
+    ws_window: int = 1
+    latency_share: float = 0.20
+    latency_rate: float = 100.0  # msg/s when no direct figure of the same target exists
+    idle_connections: int = 5000
+    idle_window: float = 5.0
+
+    @classmethod
+    def quick_options(cls) -> Options:
+        return cls(quick=True, duration=1.5, warmup=0.3, idle_connections=200, idle_window=1.0)
+
+
+def _row(target: Target, scenario: str, **figures: Any) -> dict[str, Any]:
+    return {
+        "target": target.name,
+        "backend": target.backend,
+        "broker": target.broker,
+        "scenario": scenario,
+        **figures,
+    }
+
+
+def error_row(target: Target, scenario: str, error: str) -> dict[str, Any]:
+    return _row(target, scenario, status="error", error=error)
+
+
+def _cpu_figures(window: CpuWindow, delivered: int) -> dict[str, Any]:
+    return {
+        "cpu_seconds": {role: _round(spent) for role, spent in window.seconds.items()},
+        "cpu_per_1000": {
+            role: _round(spent) for role, spent in window.per_thousand(delivered).items()
+        },
+        "loadgen_cpu_share": round(window.loadgen_share, 3),
+        "loadgen_saturated": window.loadgen_saturated,
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _instance_env(exchange: str, **extra: str) -> dict[str, str]:
+    return {"TRIOWS_EXCHANGE": exchange, **extra}
+
+
+@asynccontextmanager
+async def _instances(
+    target: Target, exchange: str, count: int, **env: str
+) -> AsyncIterator[list[Instance]]:
+    """Start ``count`` ready instances of ``target`` (one after the other if it must)."""
+    async with AsyncExitStack() as stack:
+        instances: list[Instance] = []
+        for _ in range(count):
+            instance = await stack.enter_async_context(
+                serve_instance(
+                    target.backend,
+                    broker_url=target.broker_url or None,
+                    env=_instance_env(exchange, **env),
+                )
+            )
+            if target.serial_start:
+                await instance.wait_ready(READY_TIMEOUT)
+            instances.append(instance)
+        for instance in instances:
+            await instance.wait_ready(READY_TIMEOUT)
+        yield instances
+
+
+class Pair:
+    """Instances A (senders) and B (receivers); the memory backend has one for both."""
+
+    def __init__(self, target: Target, a: Instance, b: Instance) -> None:
+        self.target = target
+        self.a = a
+        self.b = b
+
+    def meter(self) -> CpuMeter:
+        roles: dict[str, list[psutil.Process]] = {
+            "instance_a": [psutil.Process(self.a.process.pid)],
+            "instance_b": [] if self.a is self.b else [psutil.Process(self.b.process.pid)],
+            "broker": broker_processes(self.target),
+        }
+        return CpuMeter(roles)
+
+
+@asynccontextmanager
+async def open_pair(target: Target, exchange: str) -> AsyncIterator[Pair]:
+    count = 1 if target.single_instance else 2
+    # Only B's queue is raised: A holds no receivers.
+    async with _instances(target, exchange, count, TRIOWS_SEND_QUEUE=str(RECEIVER_SEND_QUEUE)) as (
+        instances
+    ):
+        yield Pair(target, instances[0], instances[-1])
+
+
+async def run_traffic(
+    pair: Pair, scenario: str, options: Options, rate: float | None
+) -> dict[str, Any]:
+    """``direct``, ``direct-ws`` or (with ``rate``) ``latency`` on a running pair."""
+    tag = secrets.token_hex(3)
+    receivers = [f"r{index}-{tag}" for index in range(options.receivers)]
+    recorder = Recorder()
+    limits = httpx.Limits(
+        max_connections=options.concurrency, max_keepalive_connections=options.concurrency
+    )
+    async with (
+        trio.open_nursery() as receiving,
+        httpx.AsyncClient(limits=limits) as http,
+        AsyncExitStack() as senders,
+    ):
+        for index, user in enumerate(receivers):
+            await receiving.start(receive_into, pair.b.base_url, index, user, recorder)
+        clients: list[EventsClient] = []
+        if scenario == "direct-ws":
+            for stream in range(options.concurrency):
+                user = f"sender{stream}-{tag}"
+                clients.append(
+                    await senders.enter_async_context(open_events(pair.a.base_url, user=user))
+                )
+
+        async def phase(duration: float, phase_rate: float | None) -> Tally:
+            recorder.tally = tally = Tally()
+            schedule = Schedule(duration, phase_rate)
+            async with trio.open_nursery() as sending:
+                for stream in range(options.concurrency):
+                    if scenario == "direct-ws":
+                        sending.start_soon(
+                            websocket_stream,
+                            clients[stream],
+                            stream,
+                            receivers,
+                            tally,
+                            schedule,
+                            options.ws_window,
+                        )
+                    else:
+                        sending.start_soon(
+                            post_stream, http, pair.a.base_url, stream, receivers, tally, schedule
+                        )
+            await tally.drain(DRAIN_IDLE_TIMEOUT)
+            return tally
+
+        # Warm-up: connections pooled, code paths hot; its figures are dropped.
+        await phase(options.warmup, rate)
+        meter = pair.meter()
+        meter.start()
+        tally = await phase(options.duration, rate)
+        window = meter.stop()
+        receiving.cancel_scope.cancel()
+    summary = tally.summary()
+    figures: dict[str, Any] = {
+        "status": "ok",
+        **summary,
+        **_cpu_figures(window, summary["delivered"]),
+        "params": {
+            "duration": options.duration,
+            "concurrency": options.concurrency,
+            "receivers": options.receivers,
+            "instances": 1 if pair.a is pair.b else 2,
+        },
+    }
+    if rate is not None:
+        figures["params"]["rate"] = round(rate, 1)
+    if scenario == "direct-ws":
+        figures["params"]["ws_window"] = options.ws_window
+    return _row(pair.target, scenario, **figures)
+
+
+async def run_idle(target: Target, exchange: str, options: Options) -> dict[str, Any]:
+    """N idle WebSockets (distinct users) on one fresh instance: RSS per connection, idle CPU."""
+    count = options.idle_connections
+    tag = secrets.token_hex(3)
+    # A short drain: thousands of sockets are closed by the bench itself.
+    async with _instances(target, exchange, 1, TRIOWS_DRAIN_TIMEOUT="2") as (instance,):
+        server = psutil.Process(instance.process.pid)
+        rss_before = server.memory_info().rss
+        connected = 0
+        all_connected = trio.Event()
+        handshakes = trio.Semaphore(IDLE_CONNECT_CONCURRENCY)
+
+        async def hold(index: int) -> None:
+            nonlocal connected
+            await handshakes.acquire()
+            released = False
+            try:
+                async with open_events(instance.base_url, user=f"idle{index}-{tag}"):
+                    handshakes.release()
+                    released = True
+                    connected += 1
+                    if connected == count:
+                        all_connected.set()
+                    await trio.sleep_forever()
+            finally:
+                if not released:
+                    handshakes.release()
+
+        async with trio.open_nursery() as nursery:
+            started = trio.current_time()
+            for index in range(count):
+                nursery.start_soon(hold, index)
+            await all_connected.wait()
+            connect_seconds = trio.current_time() - started
+            meter = CpuMeter({"instance_a": [server], "broker": broker_processes(target)})
+            meter.start()
+            await trio.sleep(options.idle_window)
+            window = meter.stop()
+            rss_after = server.memory_info().rss
+            nursery.cancel_scope.cancel()
+    instance_cpu = window.seconds["instance_a"] or 0.0
+    broker_cpu = window.seconds.get("broker")
+    return _row(
+        target,
+        "idle",
+        status="ok",
+        connections=count,
+        connect_per_s=round(count / connect_seconds, 1),
+        rss_before_mib=round(rss_before / 2**20, 1),
+        rss_after_mib=round(rss_after / 2**20, 1),
+        rss_kib_per_connection=round((rss_after - rss_before) / 1024 / count, 2),
+        idle_cpu_percent=round(100 * instance_cpu / window.wall, 2),
+        broker_idle_cpu_percent=(
+            None
+            if broker_cpu is None or not target.script_name
+            else round(100 * broker_cpu / window.wall, 2)
+        ),
+        params={"connections": count, "idle_window": options.idle_window},
+    )
+
+
+async def _wait_ready(backend: Backend) -> None:
+    # The backend contract has no readiness event; readiness is a property.
+    with trio.fail_after(READY_TIMEOUT):
+        while not backend.ready:  # noqa: ASYNC110
+            await trio.sleep(READY_POLL)
+
+
+async def run_ceiling(target: Target, exchange: str, options: Options) -> dict[str, Any]:
+    """The broker round trip through the backend alone: publish on one connection, consume on
+    another, inside the load generator, with no HTTP or WebSocket layer."""
+    tag = secrets.token_hex(3)
+    settings = Settings(
+        backend=target.backend,
+        broker_url=target.broker_url,
+        exchange=exchange,
+        instance_id=f"bench-ceiling-pub-{tag}",
+        log_level="WARNING",
+    )
+    keys = [f"user.c{index}-{tag}" for index in range(options.receivers)]
+    async with AsyncExitStack() as stack:
+        publisher = await stack.enter_async_context(open_backend(settings))
+        await _wait_ready(publisher)
+        if target.single_instance:
+            consumer = publisher
+        else:
+            consumer_settings = replace(settings, instance_id=f"bench-ceiling-sub-{tag}")
+            consumer = await stack.enter_async_context(open_backend(consumer_settings))
+            await _wait_ready(consumer)
+        for key in keys:
+            await consumer.subscribe(key)
+        recorder = Recorder()
+
+        async def consume() -> None:
+            receiver_of = {key: index for index, key in enumerate(keys)}
+            async for key, body in consumer.incoming:
+                recorder.tally.arrive(receiver_of[key], json.loads(body))
+
+        async def publish_stream(stream: int, tally: Tally, schedule: Schedule) -> None:
+            number = 0
+            while await schedule.next_send():
+                body = json.dumps({"s": stream, "n": number, "t": tally.sending()}).encode()
+                outcome = await publisher.publish(keys[(stream + number) % len(keys)], body)
+                if outcome is Outcome.UNROUTED:
+                    tally.fail("unrouted")
+                else:
+                    tally.confirm(stream, number)
+                number += 1
+
+        async def phase(duration: float) -> Tally:
+            recorder.tally = tally = Tally()
+            schedule = Schedule(duration)
+            async with trio.open_nursery() as publishing:
+                for stream in range(options.concurrency):
+                    publishing.start_soon(publish_stream, stream, tally, schedule)
+            await tally.drain(DRAIN_IDLE_TIMEOUT)
+            return tally
+
+        async with trio.open_nursery() as consuming:
+            consuming.start_soon(consume)
+            await phase(options.warmup)
+            meter = CpuMeter({"broker": broker_processes(target)})
+            meter.start()
+            tally = await phase(options.duration)
+            window = meter.stop()
+            consuming.cancel_scope.cancel()
+    summary = tally.summary()
+    return _row(
+        target,
+        "ceiling",
+        status="ok",
+        **summary,
+        **_cpu_figures(window, summary["delivered"]),
+        params={"duration": options.duration, "concurrency": options.concurrency},
+    )
+
+
+async def _guarded(
+    target: Target, scenario: str, run: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Run one scenario under a hang guard; any failure becomes its error row."""
+    try:
+        with trio.fail_after(SCENARIO_TIMEOUT):
+            return await run()
+    # A benchmark reports every failure as a row instead of stopping the matrix;
+    # the traceback goes to stderr so the cause can be found.
+    except Exception as error:
+        traceback.print_exc()
+        return error_row(target, scenario, _describe(error))
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(sorted({_describe(inner) for inner in error.exceptions}))
+    if isinstance(error, trio.TooSlowError):
+        return f"did not finish within {SCENARIO_TIMEOUT:.0f} s"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+async def run_target(
+    target: Target,
+    scenarios: list[str],
+    options: Options,
+    *,
+    rates: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Every selected scenario on one target, in a fixed order; one row per scenario."""
+    try:
+        await trio.to_thread.run_sync(ensure_broker, target)
+    except BrokerNotRunning as error:
+        return [error_row(target, scenario, str(error)) for scenario in scenarios]
+    exchange = f"triows-bench-{secrets.token_hex(4)}"
+    rows: list[dict[str, Any]] = []
+    traffic = [scenario for scenario in TRAFFIC_SCENARIOS if scenario in scenarios]
+    if traffic:
+        direct_rate: float | None = (rates or {}).get(target.name)
+        try:
+            async with open_pair(target, exchange) as pair:
+                for scenario in traffic:
+                    rate = None
+                    if scenario == "latency":
+                        rate = (direct_rate or 0.0) * options.latency_share or options.latency_rate
+                    run = partial(run_traffic, pair, scenario, options, rate)
+                    row = await _guarded(target, scenario, run)
+                    if scenario == "direct" and row["status"] == "ok":
+                        direct_rate = row["msg_per_s"]
+                    rows.append(row)
+        # Instances that cannot start (or stop cleanly) turn the rest into error rows.
+        except Exception as error:
+            traceback.print_exc()
+            done = {row["scenario"] for row in rows}
+            rows += [
+                error_row(target, scenario, f"instances failed: {_describe(error)}")
+                for scenario in traffic
+                if scenario not in done
+            ]
+    if "idle" in scenarios:
+        rows.append(await _guarded(target, "idle", partial(run_idle, target, exchange, options)))
+    if "ceiling" in scenarios:
+        run_ceiling_here = partial(run_ceiling, target, exchange, options)
+        rows.append(await _guarded(target, "ceiling", run_ceiling_here))
+    return rows
+
+
+def options_dict(options: Options) -> dict[str, Any]:
+    return asdict(options)

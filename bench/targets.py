@@ -1,0 +1,131 @@
+"""The brokers a benchmark runs on: one *target* per backend and broker pair.
+
+Each target names the backend, its broker URL, the name ``deploy/brokers.sh``
+knows the broker by (so the bench starts it with the project's one script),
+and how to find the broker's OS processes for CPU accounting.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+BROKERS_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "brokers.sh"
+# deploy/brokers.sh waits up to 90 s for RabbitMQ itself; this only guards a hang.
+BROKER_START_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One backend on one broker."""
+
+    name: str
+    backend: str
+    broker: str  # a short label for tables: rabbitmq, garagemq, activemq, or "-"
+    broker_url: str = ""
+    script_name: str = ""  # deploy/brokers.sh NAME; empty for the embedded memory backend
+    # Instances of this broker must connect one after the other (see GarageMQ below).
+    serial_start: bool = False
+
+    @property
+    def single_instance(self) -> bool:
+        """The memory backend cannot cross processes: A and B are the same instance."""
+        return self.backend == "memory"
+
+
+TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target("memory", "memory", "-"),
+        Target(
+            "amqp091-rabbitmq",
+            "amqp091",
+            "rabbitmq",
+            "amqp://guest:guest@127.0.0.1:5672/",
+            "rabbitmq",
+        ),
+        # GarageMQ (Debian's build) hangs for good when two connections declare
+        # the same exchange and their queues at the same moment.
+        Target(
+            "amqp091-garagemq",
+            "amqp091",
+            "garagemq",
+            "amqp://guest:guest@127.0.0.1:5673/",
+            "garagemq",
+            serial_start=True,
+        ),
+        Target(
+            "amqp10-rabbitmq",
+            "amqp10",
+            "rabbitmq",
+            "amqp://guest:guest@127.0.0.1:5672",
+            "rabbitmq-amqp10",
+        ),
+        Target(
+            "stomp-rabbitmq",
+            "stomp",
+            "rabbitmq",
+            "stomp://guest:guest@127.0.0.1:61613",
+            "rabbitmq-stomp",
+        ),
+        Target(
+            "stomp-activemq",
+            "stomp",
+            "activemq",
+            "stomp://guest:guest@127.0.0.1:61614",
+            "activemq",
+        ),
+    )
+}
+
+
+class BrokerNotRunning(Exception):
+    """The broker script could not start (or reach) a target's broker; the message says why."""
+
+
+def ensure_broker(target: Target) -> None:
+    """Start the target's broker with ``deploy/brokers.sh start`` (idempotent)."""
+    if not target.script_name:
+        return
+    try:
+        result = subprocess.run(
+            ["bash", str(BROKERS_SCRIPT), "start", target.script_name],
+            capture_output=True,
+            text=True,
+            timeout=BROKER_START_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BrokerNotRunning(
+            f"deploy/brokers.sh start {target.script_name} did not finish in "
+            f"{BROKER_START_TIMEOUT:.0f} s"
+        ) from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {result.returncode}"
+        raise BrokerNotRunning(f"deploy/brokers.sh start {target.script_name} failed: {reason}")
+
+
+def _is_broker_process(broker: str, process: psutil.Process) -> bool:
+    name = process.info["name"] or ""
+    cmdline = " ".join(process.info["cmdline"] or [])
+    if broker == "rabbitmq":
+        # The Erlang VM does the work; epmd and the port helpers are idle.
+        return name == "beam.smp" and "rabbit" in cmdline
+    if broker == "activemq":
+        return name == "java" and "activemq" in cmdline
+    if broker == "garagemq":
+        return name == "garagemq"
+    return False
+
+
+def broker_processes(target: Target) -> list[psutil.Process]:
+    """The OS processes of the target's broker (empty for the memory backend)."""
+    return [
+        process
+        for process in psutil.process_iter(["name", "cmdline"])
+        if _is_broker_process(target.broker, process)
+    ]

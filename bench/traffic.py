@@ -1,0 +1,129 @@
+"""The load generator's senders and receivers, built on ``triows.client``.
+
+Receivers are WebSockets of distinct users on instance B. Senders are
+*streams*: each is sequential (an HTTP worker waiting for its 202, or a
+WebSocket waiting for its ``ack``), so ``concurrency`` streams keep that many
+sends in flight, and each stream's messages to one receiver must arrive in
+order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import trio
+from trio_websocket import ConnectionClosed
+
+from bench.tally import Tally
+from triows.client import EventsClient, open_events, post_send
+
+
+class Recorder:
+    """Where receivers record arrivals; the tally is swapped between warm-up and measurement."""
+
+    def __init__(self) -> None:
+        self.tally = Tally()
+
+
+class Schedule:
+    """When streams may send: as fast as they can, or at a fixed total ``rate`` (msg/s)."""
+
+    def __init__(self, duration: float, rate: float | None = None) -> None:
+        self._start = trio.current_time()
+        self._end = self._start + duration
+        self._rate = rate
+        self._slot = 0
+
+    async def next_send(self) -> bool:
+        """Wait for this stream's next turn; False once the duration is over."""
+        if self._rate is None:
+            return trio.current_time() < self._end
+        at = self._start + self._slot / self._rate
+        self._slot += 1
+        if at >= self._end:
+            return False
+        await trio.sleep_until(at)
+        return True
+
+
+def _message(tally: Tally, stream: int, number: int) -> dict[str, Any]:
+    return {"s": stream, "n": number, "t": tally.sending()}
+
+
+async def receive_into(
+    base_url: str,
+    index: int,
+    user: str,
+    recorder: Recorder,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hold ``user``'s WebSocket open and record every message frame until cancelled."""
+    async with open_events(base_url, user=user) as client:
+        task_status.started()
+        try:
+            while True:
+                frame = await client.receive()
+                if frame["type"] == "message":
+                    recorder.tally.arrive(index, frame["message"])
+        except ConnectionClosed:
+            # Counted, so that a slow-consumer close (4001) explains any loss it causes.
+            recorder.tally.fail(f"receiver closed {client.close_code}")
+
+
+async def post_stream(
+    http: httpx.AsyncClient,
+    base_url: str,
+    stream: int,
+    receivers: Sequence[str],
+    tally: Tally,
+    schedule: Schedule,
+) -> None:
+    """One HTTP stream: ``POST /send`` to the receivers in turn, one request at a time."""
+    number = 0
+    while await schedule.next_send():
+        to = receivers[(stream + number) % len(receivers)]
+        message = _message(tally, stream, number)
+        response = await post_send(http, base_url, to, message, sender=f"sender{stream}")
+        if response.status_code == 202:
+            tally.confirm(stream, number)
+        else:
+            tally.fail(f"HTTP {response.status_code}")
+        number += 1
+
+
+async def websocket_stream(
+    client: EventsClient,
+    stream: int,
+    receivers: Sequence[str],
+    tally: Tally,
+    schedule: Schedule,
+    window: int = 1,
+) -> None:
+    """One WebSocket stream: ``send`` frames with up to ``window`` acks outstanding."""
+    in_flight = trio.Semaphore(window)
+
+    async def read_acks() -> None:
+        while True:
+            frame = await client.receive()
+            if frame["type"] == "ack":
+                tally.confirm(stream, int(frame["ref"]))
+            elif frame["type"] == "error":
+                tally.fail(f"error frame {frame['code']}")
+            else:
+                continue
+            in_flight.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_acks)
+        number = 0
+        while await schedule.next_send():
+            await in_flight.acquire()
+            to = receivers[(stream + number) % len(receivers)]
+            await client.send(to, _message(tally, stream, number), ref=str(number))
+            number += 1
+        for _ in range(window):
+            await in_flight.acquire()
+        nursery.cancel_scope.cancel()
