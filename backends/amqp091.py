@@ -288,13 +288,19 @@ class Amqp091Backend:
 
     async def _run_session(self, backoff: Backoff) -> None:
         settings = self._settings
-        with trio.fail_after(settings.publish_timeout):
-            connection = await _call_aio(
-                self._loop,
-                aiormq.connect,
-                self._url,
-                client_properties={"connection_name": f"triows {settings.instance_id}"},
-            )
+        try:
+            with trio.fail_after(settings.publish_timeout):
+                connection = await _call_aio(
+                    self._loop,
+                    aiormq.connect,
+                    self._url,
+                    client_properties={"connection_name": f"triows {settings.instance_id}"},
+                )
+        except StopAsyncIteration as error:
+            # aiormq's frame reader ends this way when the broker closes the
+            # socket in the middle of the handshake (seen while RabbitMQ shuts
+            # down): the same loss as a refused connection.
+            raise ConnectionLost("the broker closed the connection during the handshake") from error
         try:
             buffer_send, buffer_receive = trio.open_memory_channel[aiormq.abc.DeliveredMessage](
                 settings.prefetch

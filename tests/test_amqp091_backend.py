@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -187,6 +188,36 @@ async def test_broker_unreachable_at_open_then_ready_when_it_appears(exchange: s
             assert await backend.publish("user.Bob", b"hello") == Outcome.ROUTED
             with trio.fail_after(READY_TIMEOUT):
                 assert await backend.incoming.receive() == ("user.Bob", b"hello")
+
+
+async def test_a_broker_closing_the_socket_during_the_handshake_is_retried(
+    exchange: str,
+) -> None:
+    # Like a broker that is shutting down: it accepts the TCP connection and
+    # closes it at once. aiormq then fails the handshake in more than one way
+    # (AMQPConnectionError, or StopAsyncIteration when the close is already
+    # read), each of which must be retried, not crash the backend.
+    attempts = 0
+    enough_attempts = trio.Event()
+
+    async def close_at_once(stream: trio.SocketStream) -> None:
+        nonlocal attempts
+        await stream.aclose()
+        attempts += 1
+        if attempts == 20:
+            enough_attempts.set()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, close_at_once, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        settings = amqp_settings(exchange, port=port, reconnect_max_delay=0.05)
+        async with open_amqp091_backend(settings) as backend:
+            with trio.fail_after(READY_TIMEOUT):
+                await enough_attempts.wait()
+            assert not backend.ready
+            with pytest.raises(BrokerUnavailable):
+                await backend.publish("user.Bob", b"{}")
+        nursery.cancel_scope.cancel()
 
 
 async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange: str) -> None:
