@@ -1,6 +1,8 @@
-"""Sessions: tests, lint, typecheck, brokers, serve, demo (and bench, see bench/)."""
+"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import nox
 
@@ -16,8 +18,8 @@ def install(session: nox.Session, *extras: str) -> None:
     session.install("-e", target)
 
 
-def brokers(session: nox.Session, *args: str) -> None:
-    session.run("bash", BROKERS_SCRIPT, *args, external=True)
+def brokers(session: nox.Session, *args: str, **kwargs: Any) -> None:
+    session.run("bash", BROKERS_SCRIPT, *args, external=True, **kwargs)
 
 
 @nox.session
@@ -60,3 +62,20 @@ def demo(session: nox.Session) -> None:
     """Start a server on the memory backend and show Anne messaging Bob."""
     install(session)
     session.run("triows", "demo")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """``nox -s bench -- SCENARIO... [--backend TARGET] [--quick]``; see bench/README.md."""
+    install(session, "bench")
+    # A broker that cannot start becomes an error row of the bench, not a failed session.
+    brokers(session, "start", success_codes=[0, 1])
+    session.run("python", "-m", "bench", *session.posargs)
+
+
+@nox.session
+def bench_matrix(session: nox.Session) -> None:
+    """Every scenario on every broker (``-- --quick`` for the brief run CI does)."""
+    install(session, "bench")
+    brokers(session, "start", success_codes=[0, 1])
+    session.run("python", "-m", "bench", "--matrix", *session.posargs)

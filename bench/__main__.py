@@ -113,7 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "scenarios",
         nargs="*",
-        choices=[*SCENARIOS, []],
         metavar="SCENARIO",
         help=f"one or more of: {', '.join(SCENARIOS)}",
     )
@@ -135,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = list(SCENARIOS) if args.matrix else args.scenarios
     if not scenarios:
         parser.error("name at least one scenario, or --matrix")
+    unknown = [name for name in scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
     unknown = [name for name in scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
