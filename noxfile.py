@@ -25,7 +25,8 @@ def brokers(session: nox.Session, *args: str, **kwargs: Any) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole suite, against real brokers (started here if they are not running)."""
-    install(session, "test")
+    # "bench": tests/test_bench_quick.py runs the bench's quick matrix once.
+    install(session, "test", "bench")
     brokers(session, "start")
     session.run("pytest", *session.posargs)
 
