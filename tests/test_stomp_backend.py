@@ -7,10 +7,11 @@ in other suites, never see each other's messages.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -116,20 +117,32 @@ async def test_publish_while_broker_is_down_raises_at_once() -> None:
             await backend.publish("user.bob", b"{}")
 
 
-@asynccontextmanager
-async def silent_broker(
-    heart_beat: str,
-) -> AsyncIterator[tuple[int, trio.MemoryReceiveChannel[int]]]:
-    """A STOMP server on loopback that answers CONNECT, then never sends again.
+@dataclass
+class MuteBroker:
+    """A STOMP server on loopback that answers CONNECT and DISCONNECT, nothing else.
 
-    Yields its port and a channel that reports each accepted connection's number.
+    It sends no heart-beats and no receipts for other frames: a broker that
+    hangs while the TCP connection stays open.
     """
+
+    port: int
+    accepted: trio.MemoryReceiveChannel[int]  # each accepted connection's number
+    frames: trio.MemoryReceiveChannel[Frame]  # every frame after CONNECT
+
+
+@asynccontextmanager
+async def mute_broker(heart_beat: str = "0,0") -> AsyncIterator[MuteBroker]:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
     accepted_send, accepted = trio.open_memory_channel[int](10)
+    frames_send, frames = trio.open_memory_channel[Frame](100)
     count = 0
 
     async def handle(stream: trio.SocketStream) -> None:
+        # The backend drops the connection of a hung broker: a reset, expected.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await serve(stream)
+
+    async def serve(stream: trio.SocketStream) -> None:
         nonlocal count
         count += 1
         await accepted_send.send(count)
@@ -138,26 +151,51 @@ async def silent_broker(
             pass
         connected = Frame("CONNECTED", {"version": "1.2", "heart-beat": heart_beat})
         await stream.send_all(encode_frame(connected))
-        await trio.sleep_forever()  # a hung broker: reads nothing, sends nothing
+        while data := await stream.receive_some():
+            for frame in parser.feed(data):
+                await frames_send.send(frame)
+                if frame.command == "DISCONNECT":
+                    receipt = Frame("RECEIPT", {"receipt-id": frame.headers["receipt"]})
+                    await stream.send_all(encode_frame(receipt))
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)
-        yield port, accepted
+        yield MuteBroker(listeners[0].socket.getsockname()[1], accepted, frames)
         nursery.cancel_scope.cancel()
 
 
 async def test_silent_broker_is_detected_by_heart_beats_and_reconnected() -> None:
-    async with silent_broker("1000,1000") as (port, accepted):
-        settings = stomp_settings(port, "unused", heartbeat=1, reconnect_max_delay=0.5)
+    async with mute_broker(heart_beat="1000,1000") as broker:
+        settings = stomp_settings(broker.port, "unused", heartbeat=1, reconnect_max_delay=0.5)
         async with open_stomp_backend(settings) as backend:
-            assert await accepted.receive() == 1
+            assert await broker.accepted.receive() == 1
             with trio.fail_after(READY_TIMEOUT):
                 await backend.wait_ready()
                 # Ready drops when the silence exceeds twice the heart-beat...
                 await backend.wait_ready_change()
                 assert not backend.ready
                 # ...and the backend connects again on its own.
-                assert await accepted.receive() == 2
+                assert await broker.accepted.receive() == 2
+
+
+async def test_publish_without_receipt_raises_broker_unavailable() -> None:
+    async with mute_broker() as broker:
+        settings = stomp_settings(broker.port, "unused", publish_timeout=0.5)
+        async with open_stomp_backend(settings) as backend:
+            assert backend.ready
+            with pytest.raises(BrokerUnavailable, match="no RECEIPT"):
+                await backend.publish("user.bob", b"{}")
+            assert (await broker.frames.receive()).command == "SEND"
+
+
+async def test_close_sends_disconnect_and_waits_for_its_receipt() -> None:
+    async with mute_broker() as broker:
+        async with open_stomp_backend(stomp_settings(broker.port, "unused")) as backend:
+            assert backend.ready
+        frame = await broker.frames.receive()
+
+        assert (frame.command, list(frame.headers)) == ("DISCONNECT", ["receipt"])
+        assert not backend.ready
 
 
 # --- against the real brokers ----------------------------------------------
