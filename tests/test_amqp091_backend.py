@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from backends.amqp091 import Amqp091Backend, open_amqp091_backend
+from tests.brokers import broker_outage, require_broker
 from tests.processes import free_port
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
@@ -26,36 +27,12 @@ pytestmark = pytest.mark.broker
 RABBITMQ_PORT = 5672
 # Hang guards only; no test asserts on how long something took.
 READY_TIMEOUT = 30
-OUTAGE_TIMEOUT = 120
-
-
-# TEMPORARY until tests/brokers.py lands: the same contract, written here.
-OUTAGE_LOCK = "/tmp/triows-rabbitmq-outage.lock"
-
-
-@asynccontextmanager
-async def broker_outage(name: str) -> AsyncIterator[None]:
-    import fcntl
-
-    assert name == "rabbitmq"
-    async with await trio.open_file(OUTAGE_LOCK, "w") as lock:
-        await trio.to_thread.run_sync(fcntl.flock, lock.fileno(), fcntl.LOCK_EX)
-        try:
-            await trio.run_process(["rabbitmqctl", "stop_app"], capture_stdout=True)
-            yield
-        finally:
-            with trio.CancelScope(shield=True):
-                await trio.run_process(["rabbitmqctl", "start_app"], capture_stdout=True)
-                await trio.run_process(["rabbitmqctl", "await_startup"], capture_stdout=True)
+OUTAGE_TIMEOUT = 300
 
 
 @pytest.fixture(autouse=True)
 async def rabbitmq() -> None:
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", RABBITMQ_PORT)
-    except OSError:
-        pytest.fail("RabbitMQ is not running: deploy/brokers.sh start rabbitmq")
-    await stream.aclose()
+    await require_broker("rabbitmq")
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import trio
 
+from tests.brokers import broker_outage, require_broker
 from tests.processes import Instance, free_port, serve_instance, wait_for_status
 from tests.tcp_proxy import open_tcp_proxy
-from tests.test_amqp091_backend import broker_outage
 from triows.client import EventsClient, open_events, post_send
 
 pytestmark = pytest.mark.broker
@@ -27,17 +27,13 @@ pytestmark = pytest.mark.broker
 RABBITMQ_PORT = 5672
 # Hang guards only; no test asserts on how long something took.
 STEP_TIMEOUT = 30
-OUTAGE_TIMEOUT = 180
+OUTAGE_TIMEOUT = 300
 POLL_INTERVAL = 0.05
 
 
 @pytest.fixture(autouse=True)
 async def rabbitmq() -> None:
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", RABBITMQ_PORT)
-    except OSError:
-        pytest.fail("RabbitMQ is not running: deploy/brokers.sh start rabbitmq")
-    await stream.aclose()
+    await require_broker("rabbitmq")
 
 
 @pytest.fixture
