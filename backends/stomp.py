@@ -54,6 +54,7 @@ from triows.settings import Settings, SettingsError
 DEFAULT_PORT = 61613
 DEFAULT_AMQP_PORT = 5672
 READ_SIZE = 65536
+MIN_BODY_BOUND = 65536
 
 # Ack mode ``auto``. Subscriptions here are non-durable (an ActiveMQ topic
 # subscription, a RabbitMQ auto-delete exclusive queue): they vanish with the
@@ -450,7 +451,9 @@ class StompBackend:
             else:
                 stream = await anyio.connect_tcp(url.host, url.port)
         async with stream:
-            parser = FrameParser()
+            # Bodies triows publishes are at most TRIOWS_MAX_MESSAGE_BYTES; the
+            # floor leaves room for a broker's ERROR text.
+            parser = FrameParser(max_body_bytes=max(settings.max_message_bytes, MIN_BODY_BOUND))
             heartbeat_ms = settings.heartbeat * 1000
             with anyio.fail_after(settings.publish_timeout):
                 connected = await _handshake(stream, parser, url, heartbeat_ms)
