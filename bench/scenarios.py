@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any
 
-import httpx
 import psutil
 import trio
 
@@ -27,7 +26,7 @@ from bench.tally import Tally
 from bench.targets import BrokerNotRunning, Target, broker_processes, ensure_broker
 from bench.traffic import Recorder, Schedule, post_stream, receive_into, websocket_stream
 from triows.backend import Backend, Outcome, open_backend
-from triows.client import EventsClient, open_events
+from triows.client import EventsClient, SendConnection, open_events, open_send_connection
 from triows.process import Instance, serve_instance
 from triows.settings import Settings
 
@@ -158,23 +157,19 @@ async def run_traffic(
     tag = secrets.token_hex(3)
     receivers = [f"r{index}-{tag}" for index in range(options.receivers)]
     recorder = Recorder()
-    limits = httpx.Limits(
-        max_connections=options.concurrency, max_keepalive_connections=options.concurrency
-    )
-    async with (
-        trio.open_nursery() as receiving,
-        httpx.AsyncClient(limits=limits) as http,
-        AsyncExitStack() as senders,
-    ):
+    async with trio.open_nursery() as receiving, AsyncExitStack() as senders:
         for index, user in enumerate(receivers):
             await receiving.start(receive_into, pair.b.base_url, index, user, recorder)
         clients: list[EventsClient] = []
-        if scenario == "direct-ws":
-            for stream in range(options.concurrency):
+        connections: list[SendConnection] = []
+        for stream in range(options.concurrency):
+            if scenario == "direct-ws":
                 user = f"sender{stream}-{tag}"
-                clients.append(
-                    await senders.enter_async_context(open_events(pair.a.base_url, user=user))
-                )
+                opening = open_events(pair.a.base_url, user=user)
+                clients.append(await senders.enter_async_context(opening))
+            else:
+                opened = open_send_connection(pair.a.base_url)
+                connections.append(await senders.enter_async_context(opened))
 
         async def phase(duration: float, phase_rate: float | None) -> Tally:
             recorder.tally = tally = Tally()
@@ -193,7 +188,7 @@ async def run_traffic(
                         )
                     else:
                         sending.start_soon(
-                            post_stream, http, pair.a.base_url, stream, receivers, tally, schedule
+                            post_stream, connections[stream], stream, receivers, tally, schedule
                         )
             await tally.drain(DRAIN_IDLE_TIMEOUT)
             return tally

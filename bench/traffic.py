@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
 import trio
 from trio_websocket import ConnectionClosed
 
 from bench.tally import Tally
-from triows.client import EventsClient, open_events, post_send
+from triows.client import EventsClient, SendConnection, open_events
 
 
 class Recorder:
@@ -74,8 +73,7 @@ async def receive_into(
 
 
 async def post_stream(
-    http: httpx.AsyncClient,
-    base_url: str,
+    connection: SendConnection,
     stream: int,
     receivers: Sequence[str],
     tally: Tally,
@@ -83,14 +81,14 @@ async def post_stream(
 ) -> None:
     """One HTTP stream: ``POST /send`` to the receivers in turn, one request at a time."""
     number = 0
+    sender = f"sender{stream}"
     while await schedule.next_send():
         to = receivers[(stream + number) % len(receivers)]
-        message = _message(tally, stream, number)
-        response = await post_send(http, base_url, to, message, sender=f"sender{stream}")
-        if response.status_code == 202:
+        status, _ = await connection.send(to, _message(tally, stream, number), sender=sender)
+        if status == 202:
             tally.confirm(stream, number)
         else:
-            tally.fail(f"HTTP {response.status_code}")
+            tally.fail(f"HTTP {status}")
         number += 1
 
 
