@@ -45,7 +45,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, NoReturn
 
 import aiormq
 import aiormq.abc
@@ -64,9 +64,8 @@ from yarl import URL
 
 from triows.backend import BrokerUnavailable, Delivery, Outcome
 from triows.backoff import Backoff
+from triows.logs import log_event
 from triows.settings import Settings
-
-logger = logging.getLogger("triows.backends.amqp091")
 
 
 class ConnectionLost(ConnectionError):
@@ -255,9 +254,12 @@ class Amqp091Backend:
             # bindings equal to ``_keys`` again. A broker that does not answer
             # at all is treated as lost, so that the reconnect restores a
             # known state instead of guessing whether this change happened.
-            logger.warning(
-                "binding change deferred to reconnect",
-                extra={"fields": {"operation": method, "key": key, "error": repr(error)}},
+            log_event(
+                "broker_binding_deferred",
+                logging.WARNING,
+                operation=method,
+                key=key,
+                error=repr(error),
             )
             await _close_connection(self._loop, session.connection, self._settings.close_timeout)
 
@@ -272,21 +274,17 @@ class Amqp091Backend:
                 await self._run_session(backoff)
             except BROKER_LOST as error:
                 delay = backoff.next_delay()
-                logger.warning(
-                    "broker unavailable; reconnecting",
-                    extra={
-                        "fields": {
-                            "broker": _safe_url(self._url),
-                            "error": repr(error),
-                            "retry_in": round(delay, 3),
-                        }
-                    },
+                log_event(
+                    "broker_unavailable",
+                    logging.WARNING,
+                    broker=_safe_url(self._url),
+                    error=repr(error),
+                    retry_in=round(delay, 3),
                 )
-            else:
-                delay = backoff.next_delay()
-            await trio.sleep(delay)
+                await trio.sleep(delay)
 
-    async def _run_session(self, backoff: Backoff) -> None:
+    async def _run_session(self, backoff: Backoff) -> NoReturn:
+        """Connect, set up, consume until the connection is lost; raise what lost it."""
         settings = self._settings
         try:
             with trio.fail_after(settings.publish_timeout):
@@ -307,10 +305,7 @@ class Amqp091Backend:
             )
             session = await self._set_up(connection, buffer_send)
             backoff.reset()
-            logger.info(
-                "broker connected",
-                extra={"fields": {"broker": _safe_url(self._url), "queue": self._queue}},
-            )
+            log_event("broker_connected", broker=_safe_url(self._url), queue=self._queue)
             lost: BaseException
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, session, buffer_receive)
@@ -401,7 +396,7 @@ class Amqp091Backend:
             self._session = session
             return
         self._session = session
-        logger.info("backend ready" if session else "backend not ready")
+        log_event("broker_ready" if session else "broker_not_ready")
         self._ready_changed.set()
         self._ready_changed = trio.Event()
 
