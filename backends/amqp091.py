@@ -36,7 +36,11 @@ then raises :class:`BrokerUnavailable` at once. The backend reconnects forever
 with capped, jittered exponential backoff (``settings.reconnect_max_delay``),
 declares the exchange and queue again, re-binds every key it holds, consumes,
 and only then is ``ready`` again. Every broker operation waits at most
-``settings.publish_timeout``.
+``settings.publish_timeout``. A session also ends, and is rebuilt the same way,
+when the broker closes our channel (e.g. NOT_FOUND after an operator deleted
+the exchange) or cancels our consumer (our queue was deleted). Limitation: an
+instance learns that the exchange was deleted only when it publishes, so until
+then the bindings it held are gone and sends to its users answer 404.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import anyio
 import trio
 import trio_asyncio
 from aiormq.exceptions import (
+    AMQPChannelError,
     AMQPConnectionError,
     ChannelInvalidStateError,
     ChannelLockedResource,
@@ -93,6 +98,11 @@ BROKER_LOST: tuple[type[BaseException], ...] = (
     trio.TooSlowError,
 )
 """What a lost or unreachable broker raises; anything else propagates."""
+
+SESSION_BROKEN: tuple[type[BaseException], ...] = (*BROKER_LOST, AMQPChannelError)
+"""What ends one session but not the backend: a lost broker, or the broker
+closing our channel (e.g. NOT_FOUND when an operator deleted the exchange).
+Either way the reconnect declares and binds everything again."""
 
 
 def queue_name(instance_id: str) -> str:
@@ -220,7 +230,7 @@ class Amqp091Backend:
             raise BrokerUnavailable(
                 f"no confirm from the broker within {self._settings.publish_timeout}s"
             ) from None
-        except BROKER_LOST as error:
+        except SESSION_BROKEN as error:
             raise BrokerUnavailable(f"lost the AMQP broker: {error!r}") from None
         return Outcome.ROUTED
 
@@ -249,7 +259,7 @@ class Amqp091Backend:
                     self._settings.exchange,
                     routing_key=key,
                 )
-        except BROKER_LOST as error:
+        except SESSION_BROKEN as error:
             # The session is gone or going; the reconnect makes the broker's
             # bindings equal to ``_keys`` again. A broker that does not answer
             # at all is treated as lost, so that the reconnect restores a
@@ -303,19 +313,15 @@ class Amqp091Backend:
             buffer_send, buffer_receive = trio.open_memory_channel[aiormq.abc.DeliveredMessage](
                 settings.prefetch
             )
-            session = await self._set_up(connection, buffer_send)
+            consumer_cancelled = trio.Event()
+            session = await self._set_up(connection, buffer_send, consumer_cancelled)
             backoff.reset()
             log_event("broker_connected", broker=_safe_url(self._url), queue=self._queue)
             lost: BaseException
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, session, buffer_receive)
                 try:
-                    await _call_aio(self._loop, _wait_closed, connection)
-                    # Resolved without an error only by a close we asked for
-                    # (a binding change that timed out): a loss all the same.
-                    lost = ConnectionLost("the broker connection was closed")
-                except BROKER_LOST as error:
-                    lost = error
+                    lost = await self._wait_broken(session, consumer_cancelled)
                 finally:
                     self._set_session(None)
                     # No more deliveries can come. The forwarder hands over
@@ -327,10 +333,51 @@ class Amqp091Backend:
             self._set_session(None)
             await _close_connection(self._loop, connection, settings.close_timeout)
 
+    async def _wait_broken(
+        self, session: _Session, consumer_cancelled: trio.Event
+    ) -> BaseException:
+        """Wait until the session cannot carry messages any more; return why.
+
+        That is: the connection closed, the broker closed our channel (after
+        which aiormq keeps the connection open, and publishing would fail
+        forever), or the broker cancelled our consumer (our queue was deleted).
+        """
+        reason: BaseException | None = None
+
+        async def watch_closing(
+            closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel, what: str
+        ) -> None:
+            nonlocal reason
+            try:
+                # Resolved without an error only by a close we asked for (a
+                # binding change that timed out): a loss all the same.
+                await session.call(_closed, closable)
+                reason = ConnectionLost(f"the {what} was closed")
+            except SESSION_BROKEN as error:
+                # Reported as a loss even when it was the broker's verdict on
+                # our channel: the remedy is the same reconnect.
+                reason = ConnectionLost(f"the {what} was closed: {error!r}")
+                reason.__cause__ = error
+            nursery.cancel_scope.cancel()
+
+        async def watch_consumer() -> None:
+            nonlocal reason
+            await consumer_cancelled.wait()
+            reason = ConnectionLost("the broker cancelled the consumer (queue deleted?)")
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_closing, session.connection, "broker connection")
+            nursery.start_soon(watch_closing, session.channel, "channel")
+            nursery.start_soon(watch_consumer)
+        assert reason is not None  # the nursery ends only after a watcher set it
+        return reason
+
     async def _set_up(
         self,
         connection: aiormq.abc.AbstractConnection,
         deliveries: trio.MemorySendChannel[aiormq.abc.DeliveredMessage],
+        consumer_cancelled: trio.Event,
     ) -> _Session:
         settings = self._settings
         with trio.fail_after(settings.publish_timeout):
@@ -356,6 +403,10 @@ class Amqp091Backend:
                 # never blocks (see the module docstring on backpressure).
                 deliveries.send_nowait(message)
 
+            def on_consumer_cancel(frame: object) -> None:
+                consumer_cancelled.set()
+
+            channel.on_consumer_cancel_callbacks.add(on_consumer_cancel)
             await session.call(channel.basic_consume, self._queue, on_delivery, no_ack=False)
         async with self._bindings_lock:
             with trio.fail_after(settings.publish_timeout):
@@ -401,10 +452,11 @@ class Amqp091Backend:
         self._ready_changed = trio.Event()
 
 
-async def _wait_closed(connection: aiormq.abc.AbstractConnection) -> None:
-    # ``closing`` is a future that aiormq resolves (with the reason as its
-    # exception, for a loss) when the connection is closed.
-    await connection.closing
+async def _closed(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:
+    # ``closing`` is a fresh observer future that aiormq resolves (with the
+    # reason as its exception, for a loss) when the connection or channel
+    # closes; cancelling the observer does not close anything.
+    await closable.closing
 
 
 async def _close_connection(

@@ -12,8 +12,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
+import aiormq
 import pytest
 import trio
+import trio_asyncio
 
 from backends.amqp091 import Amqp091Backend, open_amqp091_backend
 from tests.brokers import broker_outage, require_broker
@@ -25,6 +27,8 @@ from triows.settings import Settings
 pytestmark = pytest.mark.broker
 
 RABBITMQ_PORT = 5672
+RABBITMQ_URL = f"amqp://guest:guest@127.0.0.1:{RABBITMQ_PORT}/"
+POLL_INTERVAL = 0.05
 # Hang guards only; no test asserts on how long something took.
 READY_TIMEOUT = 30
 OUTAGE_TIMEOUT = 300
@@ -222,6 +226,48 @@ async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange
         with trio.fail_after(READY_TIMEOUT):
             assert await holder.incoming.receive() == ("user.Bob", b"1")
             assert await holder.incoming.receive() == ("user.New", b"2")
+
+
+async def publish_until_routed(backend: Amqp091Backend, key: str, body: bytes) -> None:
+    """Publish until the broker routes it (after a repair that takes some reconnects)."""
+    with trio.fail_after(READY_TIMEOUT):
+        while True:
+            try:
+                if await backend.publish(key, body) == Outcome.ROUTED:
+                    return
+            except BrokerUnavailable:
+                pass
+            await trio.sleep(POLL_INTERVAL)
+
+
+async def test_publishing_into_a_deleted_exchange_repairs_the_backend(exchange: str) -> None:
+    async with open_instances(exchange, 1) as (backend,):
+        await backend.subscribe("user.Bob")
+        async with trio_asyncio.open_loop():
+            operator = await trio_asyncio.aio_as_trio(aiormq.connect)(RABBITMQ_URL)
+            channel = await trio_asyncio.aio_as_trio(operator.channel)()
+            await trio_asyncio.aio_as_trio(channel.exchange_delete)(exchange)
+            await trio_asyncio.aio_as_trio(operator.close)()
+
+        # The broker closes the channel of a publish into a missing exchange
+        # (NOT_FOUND): that publish is BrokerUnavailable, not a crash, and the
+        # backend reconnects, declares the exchange and binds its keys again.
+        with pytest.raises(BrokerUnavailable):
+            await backend.publish("user.Bob", b"lost")
+        await publish_until_routed(backend, "user.Bob", b"again")
+        with trio.fail_after(READY_TIMEOUT):
+            assert await backend.incoming.receive() == ("user.Bob", b"again")
+
+
+async def test_a_deleted_queue_is_declared_again_with_every_binding(exchange: str) -> None:
+    async with open_instances(exchange, 2) as (sender, holder):
+        await holder.subscribe("user.Bob")
+        await trio.run_process(["rabbitmqctl", "delete_queue", holder.queue], capture_stdout=True)
+
+        # The broker cancels the holder's consumer; the holder reconnects.
+        await publish_until_routed(sender, "user.Bob", b"again")
+        with trio.fail_after(READY_TIMEOUT):
+            assert await holder.incoming.receive() == ("user.Bob", b"again")
 
 
 async def test_rabbitmq_restart_makes_backend_unavailable_then_restores_it(
