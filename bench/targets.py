@@ -7,15 +7,22 @@ and how to find the broker's OS processes for CPU accounting.
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import trio
 
 BROKERS_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "brokers.sh"
 # deploy/brokers.sh waits up to 90 s for RabbitMQ itself; this only guards a hang.
 BROKER_START_TIMEOUT = 300.0
+# As long as deploy/brokers.sh waits for an outage test to end.
+OUTAGE_LOCK_TIMEOUT = 300.0
+OUTAGE_LOCK_POLL = 0.2
 
 
 @dataclass(frozen=True)
@@ -27,8 +34,9 @@ class Target:
     broker: str  # a short label for tables: rabbitmq, garagemq, activemq, or "-"
     broker_url: str = ""
     script_name: str = ""  # deploy/brokers.sh NAME; empty for the embedded memory backend
-    # Instances of this broker must connect one after the other (see GarageMQ below).
-    serial_start: bool = False
+    # GarageMQ quirks (see its entry below): instances connect one after the
+    # other, and are stopped gracefully rather than killed.
+    fragile: bool = False
 
     @property
     def single_instance(self) -> bool:
@@ -48,14 +56,16 @@ TARGETS: dict[str, Target] = {
             "rabbitmq",
         ),
         # GarageMQ (Debian's build) hangs for good when two connections declare
-        # the same exchange and their queues at the same moment.
+        # the same exchange and their queues at the same moment, and when a
+        # connection closes while it consumes from an exclusive queue without
+        # cancelling its consumer first (then every later queue.declare hangs).
         Target(
             "amqp091-garagemq",
             "amqp091",
             "garagemq",
             "amqp://guest:guest@127.0.0.1:5673/",
             "garagemq",
-            serial_start=True,
+            fragile=True,
         ),
         Target(
             "amqp10-rabbitmq",
@@ -107,6 +117,37 @@ def ensure_broker(target: Target) -> None:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {result.returncode}"
         raise BrokerNotRunning(f"deploy/brokers.sh start {target.script_name} failed: {reason}")
+
+
+def outage_lock_path(target: Target) -> Path:
+    """The lock outage tests hold (exclusively) while the target's broker family is down."""
+    return Path(f"/tmp/triows-{target.script_name.split('-')[0]}-outage.lock")
+
+
+@asynccontextmanager
+async def holding_broker(target: Target) -> AsyncIterator[None]:
+    """Hold the broker family's outage lock (shared) while the target is measured.
+
+    RabbitMQ and ActiveMQ are shared with concurrently running tests, some of
+    which take the broker down (under this lock, exclusively). Messages in
+    flight during an outage are lost by design; holding the lock shared makes
+    an outage test wait until the bench is done instead of spoiling its figures.
+    """
+    if not target.script_name:
+        yield
+        return
+    with open(outage_lock_path(target), "a") as lock:  # noqa: ASYNC230 -- a lock file
+        with trio.fail_after(OUTAGE_LOCK_TIMEOUT):
+            while True:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await trio.sleep(OUTAGE_LOCK_POLL)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def _is_broker_process(broker: str, process: psutil.Process) -> bool:
