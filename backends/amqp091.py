@@ -74,11 +74,12 @@ from triows.settings import Settings
 
 
 class ConnectionLost(ConnectionError):
-    """aiormq cancelled an operation because its connection or channel closed.
+    """The session's connection or channel is gone, or the broker dropped our consumer.
 
-    aiormq rejects the pending operations of a closing connection with
-    ``asyncio.CancelledError``; trio-asyncio passes that through unchanged when
-    no Trio scope was cancelled, so it means "the broker went away" here.
+    Also what an aiormq operation's ``asyncio.CancelledError`` becomes: aiormq
+    rejects the pending operations of a closing connection that way, and
+    trio-asyncio passes it through unchanged when no Trio scope was cancelled,
+    so there it means "the broker went away".
     """
 
 
@@ -103,6 +104,10 @@ SESSION_BROKEN: tuple[type[BaseException], ...] = (*BROKER_LOST, AMQPChannelErro
 """What ends one session but not the backend: a lost broker, or the broker
 closing our channel (e.g. NOT_FOUND when an operator deleted the exchange).
 Either way the reconnect declares and binds everything again."""
+
+
+REBIND_BATCH = 1000
+"""Bindings restored per round trip (and per ``publish_timeout``) after a reconnect."""
 
 
 def queue_name(instance_id: str) -> str:
@@ -409,10 +414,15 @@ class Amqp091Backend:
             channel.on_consumer_cancel_callbacks.add(on_consumer_cancel)
             await session.call(channel.basic_consume, self._queue, on_delivery, no_ack=False)
         async with self._bindings_lock:
-            with trio.fail_after(settings.publish_timeout):
-                for key in sorted(self._keys):
+            keys = sorted(self._keys)
+            for start in range(0, len(keys), REBIND_BATCH):
+                with trio.fail_after(settings.publish_timeout):
                     await session.call(
-                        channel.queue_bind, self._queue, settings.exchange, routing_key=key
+                        _bind_pipelined,
+                        channel,
+                        self._queue,
+                        settings.exchange,
+                        keys[start : start + REBIND_BATCH],
                     )
             # Published while the lock is held, so no subscribe or unsubscribe
             # can slip between the re-binding and ``ready``.
@@ -450,6 +460,21 @@ class Amqp091Backend:
         log_event("broker_ready" if session else "broker_not_ready")
         self._ready_changed.set()
         self._ready_changed = trio.Event()
+
+
+async def _bind_pipelined(
+    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, keys: list[str]
+) -> None:
+    # Runs on the asyncio side, so a batch costs one Trio-asyncio crossing.
+    # Every bind but the last goes out with ``nowait``; the last waits for its
+    # reply. The broker handles a channel's methods in order, so that reply
+    # means the whole batch is in place (a failed bind closes the channel,
+    # and the last call raises).
+    if not keys:
+        return
+    for key in keys[:-1]:
+        await channel.queue_bind(queue, exchange, routing_key=key, nowait=True)
+    await channel.queue_bind(queue, exchange, routing_key=keys[-1])
 
 
 async def _closed(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:
