@@ -19,6 +19,12 @@ SATURATED_SHARE = 0.90
 ROLES = ("instance_a", "instance_b", "broker", "loadgen")
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot (every process on the machine)."""
+    times = psutil.cpu_times()
+    return float(sum(times)) - times.idle - getattr(times, "iowait", 0.0)
+
+
 def _cpu_seconds(processes: Sequence[psutil.Process]) -> float | None:
     total = 0.0
     try:
@@ -36,6 +42,8 @@ class CpuWindow:
 
     wall: float
     seconds: dict[str, float | None]
+    # Everything else the machine ran meanwhile (other users' tests, system): noise.
+    other: float = 0.0
 
     def per_thousand(self, delivered: int) -> dict[str, float | None]:
         """CPU seconds per 1,000 delivered messages, per role (None: not measured)."""
@@ -63,9 +71,11 @@ class CpuMeter:
         self._roles["loadgen"] = [psutil.Process()]
         self._started = 0.0
         self._before: dict[str, float | None] = {}
+        self._busy_before = 0.0
 
     def start(self) -> None:
         self._started = time.perf_counter()
+        self._busy_before = _machine_busy_seconds()
         self._before = {role: _cpu_seconds(group) for role, group in self._roles.items()}
 
     def stop(self) -> CpuWindow:
@@ -74,4 +84,6 @@ class CpuMeter:
         for role, group in self._roles.items():
             before, after = self._before.get(role), _cpu_seconds(group)
             seconds[role] = None if before is None or after is None or not group else after - before
-        return CpuWindow(wall, seconds)
+        busy = _machine_busy_seconds() - self._busy_before
+        ours = sum(spent for spent in seconds.values() if spent is not None)
+        return CpuWindow(wall, seconds, other=max(0.0, busy - ours))

@@ -113,13 +113,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "
-        "the bottleneck.",
+        "the bottleneck. *other processes*: CPU that everything outside this run used "
+        f"meanwhile (of {result['machine']['logical_cores']} cores), i.e. how noisy the "
+        "machine was.",
         "",
         "CPU seconds per 1,000 delivered messages (from the OS, user + system):",
         "",
         "| target | scenario | instance A | instance B | broker | load generator "
-        "| load generator CPU |",
-        "|---|---|--:|--:|--:|--:|--:|",
+        "| load generator CPU | other processes |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
         if not _ok(row) or "cpu_per_1000" not in row:
@@ -129,7 +131,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {row['target']} | {row['scenario']} | "
             + " | ".join(_number(per.get(role), 3) for role in ROLES)
             + f" | {100 * row['loadgen_cpu_share']:.0f} % of a core"
-            + (" ⚠ |" if row["loadgen_saturated"] else " |")
+            + (" ⚠" if row["loadgen_saturated"] else "")
+            + f" | {_number(row.get('other_cpu_cores'), 2)} cores |"
         )
     errors = [row for row in rows if not _ok(row)]
     if errors:

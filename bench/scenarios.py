@@ -94,6 +94,8 @@ def _cpu_figures(window: CpuWindow, delivered: int) -> dict[str, Any]:
             role: _round(spent) for role, spent in window.per_thousand(delivered).items()
         },
         "loadgen_cpu_share": round(window.loadgen_share, 3),
+        # Cores' worth of CPU that processes outside this run used meanwhile.
+        "other_cpu_cores": round(window.other / window.wall, 2) if window.wall else None,
         "loadgen_saturated": window.loadgen_saturated,
     }
 
