@@ -16,7 +16,8 @@ the library the user chose.
 Broker mapping (DESIGN §5). One connection per instance; a non-durable
 *direct* exchange ``settings.exchange``, declared idempotently; one exclusive,
 auto-delete queue per instance named ``triows.<instance_id>`` by the client
-(GarageMQ refuses server-named queues); ``subscribe``/``unsubscribe`` are
+(GarageMQ refuses server-named queues; and on GarageMQ the queue is not
+exclusive, see :data:`BROKERS_WITHOUT_EXCLUSIVE_QUEUES`); ``subscribe``/``unsubscribe`` are
 ``queue.bind``/``queue.unbind`` of the key. ``publish`` uses ``mandatory`` on a
 channel in publisher-confirm mode: aiormq turns a ``basic.return`` into
 ``PublishError`` (-> ``UNROUTED``), an ack into a result (-> ``ROUTED``) and a
@@ -110,8 +111,20 @@ REBIND_BATCH = 1000
 """Bindings restored per round trip (and per ``publish_timeout``) after a reconnect."""
 
 
+BROKERS_WITHOUT_EXCLUSIVE_QUEUES = frozenset({"garagemq"})
+"""Brokers (by the ``product`` they announce) whose exclusive queues we avoid.
+
+GarageMQ 0.1 (Debian's build) stops answering every later ``queue.declare``,
+from any client, once a connection that consumed from an exclusive queue
+closes, cleanly or not. On these brokers the queue is declared non-exclusive
+and auto-delete (deleted when our consumer goes, as an exclusive one would be)
+and gets a new name per connection, so that a new connection never shares a
+queue with the consumer of a dead one that the broker has not noticed yet.
+"""
+
+
 def queue_name(instance_id: str) -> str:
-    """The exclusive queue of one instance, named by the client (not the broker)."""
+    """The queue of one instance, named by the client (not the broker)."""
     return f"triows.{instance_id}"
 
 
@@ -131,10 +144,12 @@ class _Session:
         loop: Any,
         connection: aiormq.abc.AbstractConnection,
         channel: aiormq.abc.AbstractChannel,
+        queue: str,
     ) -> None:
         self.loop = loop
         self.connection = connection
         self.channel = channel
+        self.queue = queue
 
     async def call(
         self, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
@@ -172,6 +187,7 @@ class Amqp091Backend:
         self._incoming_send = incoming_send
         self._incoming_receive = incoming_receive
         self._queue = queue_name(settings.instance_id)
+        self._connections_made = 0
         self._url = connection_url(settings)
         self._keys: set[str] = set()
         # Serialises every bind/unbind with the re-binding after a reconnect,
@@ -193,8 +209,9 @@ class Amqp091Backend:
 
     @property
     def queue(self) -> str:
-        """The name of this instance's exclusive queue."""
-        return self._queue
+        """The name of this instance's queue (of its current connection, if any)."""
+        session = self._session
+        return self._queue if session is None else session.queue
 
     async def wait_ready(self, ready: bool = True) -> None:
         """Return once :attr:`ready` equals ``ready`` (for start-up probes and tests)."""
@@ -260,7 +277,7 @@ class Amqp091Backend:
             with trio.fail_after(self._settings.publish_timeout):
                 await session.call(
                     getattr(session.channel, method),
-                    self._queue,
+                    session.queue,
                     self._settings.exchange,
                     routing_key=key,
                 )
@@ -321,7 +338,7 @@ class Amqp091Backend:
             consumer_cancelled = trio.Event()
             session = await self._set_up(connection, buffer_send, consumer_cancelled)
             backoff.reset()
-            log_event("broker_connected", broker=_safe_url(self._url), queue=self._queue)
+            log_event("broker_connected", broker=_safe_url(self._url), queue=session.queue)
             lost: BaseException
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, session, buffer_receive)
@@ -385,9 +402,13 @@ class Amqp091Backend:
         consumer_cancelled: trio.Event,
     ) -> _Session:
         settings = self._settings
+        self._connections_made += 1
+        product = str(connection.server_properties.get("product", "")).lower()
+        exclusive = product not in BROKERS_WITHOUT_EXCLUSIVE_QUEUES
+        queue = self._queue if exclusive else f"{self._queue}.{self._connections_made}"
         with trio.fail_after(settings.publish_timeout):
             channel = await _call_aio(self._loop, connection.channel, publisher_confirms=True)
-            session = _Session(self._loop, connection, channel)
+            session = _Session(self._loop, connection, channel, queue)
             await session.call(
                 channel.exchange_declare,
                 exchange=settings.exchange,
@@ -396,8 +417,8 @@ class Amqp091Backend:
             )
             await session.call(
                 channel.queue_declare,
-                self._queue,
-                exclusive=True,
+                queue,
+                exclusive=exclusive,
                 auto_delete=True,
                 durable=False,
             )
@@ -412,7 +433,7 @@ class Amqp091Backend:
                 consumer_cancelled.set()
 
             channel.on_consumer_cancel_callbacks.add(on_consumer_cancel)
-            await session.call(channel.basic_consume, self._queue, on_delivery, no_ack=False)
+            await session.call(channel.basic_consume, queue, on_delivery, no_ack=False)
         async with self._bindings_lock:
             keys = sorted(self._keys)
             for start in range(0, len(keys), REBIND_BATCH):
@@ -420,7 +441,7 @@ class Amqp091Backend:
                     await session.call(
                         _bind_pipelined,
                         channel,
-                        self._queue,
+                        queue,
                         settings.exchange,
                         keys[start : start + REBIND_BATCH],
                     )
