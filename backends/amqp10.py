@@ -13,12 +13,17 @@ A key's *address* comes from ``settings.address_template`` (``{key}`` and
 
 - RabbitMQ: ``/exchange/{exchange}/{key}`` (address format v1; RabbitMQ 4.x
   still accepts it while the ``amqp_address_v1`` deprecated feature is
-  permitted, its default). As a *source*, RabbitMQ declares a private queue,
-  binds it to the direct exchange with the key, and consumes from it; closing
-  the link deletes it. RabbitMQ never creates the exchange (a link to a missing
-  one ends the whole session with ``amqp:not-found``) and AMQP 1.0 cannot
-  declare one on 3.x, so the backend declares it over AMQP 0-9-1 on the same
-  port (:mod:`backends.rabbitmq_exchange`), as the ``amqp091`` backend does.
+  permitted, its default). As a *source*, RabbitMQ declares a server-named
+  queue, binds it to the direct exchange with the key, and consumes from it.
+  Closing the link only cancels that consumer: RabbitMQ 3.x (3.10.8 measured)
+  keeps the queue, still bound, until the broker restarts (rabbitmq-server
+  issue 2588), so each subscribe leaves one queue behind, and messages to the
+  key pile up in it once nobody holds the key. A queue policy with
+  ``expires`` for the ``amq.gen-`` queues bounds that. RabbitMQ never creates
+  the exchange (a link to a missing one ends the whole session with
+  ``amqp:not-found``) and AMQP 1.0 cannot declare one on 3.x, so the backend
+  declares it over AMQP 0-9-1 on the same port
+  (:mod:`backends.rabbitmq_exchange`), as the ``amqp091`` backend does.
 - ActiveMQ Classic / Artemis: ``topic://triows.{key}`` (ActiveMQ's AMQP
   documentation: prefix an address with ``topic://`` for a topic; Artemis
   honours the prefix when its acceptor sets ``multicastPrefix=topic://``).
@@ -56,6 +61,16 @@ attaches a receiver link for every held key, and only then is ``ready``
 again. Heartbeats: the connection's idle timeout is ``settings.heartbeat``
 seconds (0 disables it); the broker sends empty frames at half that, and a
 broker silent for longer is treated as lost.
+
+Link changes. ``subscribe`` and ``unsubscribe`` of different keys run
+concurrently, up to :data:`LINK_CHANGES_IN_FLIGHT` waiting for the broker at
+once; no backend-wide lock is held across the broker's answer (which on
+RabbitMQ includes declaring or deleting the link's queue). One synchronous step
+of the set-up reads the held keys and marks the connection as following them
+(``_Live.follows_keys``): a change made before that step only edits the held
+keys, which the set-up then attaches; a change made after it opens or closes
+its own link on that connection. Nothing awaits between reading that state and
+acting on it, so it needs no lock. The router serialises the changes of one key.
 """
 
 from __future__ import annotations
@@ -99,6 +114,14 @@ DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 RABBITMQ_TEMPLATE = "/exchange/{exchange}/{key}"
 ACTIVEMQ_TEMPLATE = "topic://triows.{key}"
 GENERIC_TEMPLATE = "{key}"
+LINK_CHANGES_IN_FLIGHT = 16
+"""The most subscribes and unsubscribes waiting for the broker's answer at once.
+
+RabbitMQ 3.x handles one session's attaches and detaches one after another
+(each declares or deletes a queue, about 2.5 ms), so more in flight would not
+finish sooner; they would only queue at the broker, where the wait for an
+answer (bounded by ``settings.publish_timeout``) would count time spent behind
+thousands of others, and a busy broker would be taken for a lost one."""
 
 
 class LinkRefused(Exception):
@@ -215,6 +238,9 @@ class _Subscription:
     key: str
     link: Receiver
     outstanding: int = 0  # received deliveries not yet handed to ``incoming``
+    # Kicked when the broker attaches or detaches this link, or the connection
+    # ends: waiting for one answer among thousands in flight wakes one task.
+    changed: Wakeup = field(default_factory=Wakeup)
 
 
 @dataclass
@@ -238,8 +264,13 @@ class _Live:
         self.session = connection.session()
         self.addressing: Addressing | None = None
         self.sender: Sender | None = None
+        # The open receiver link of each key (attached, or waiting for the
+        # broker's attach); a link being closed is in ``by_link`` only.
         self.subscriptions: dict[str, _Subscription] = {}  # by key
         self.by_link: dict[str, _Subscription] = {}  # by link name
+        # Set by the set-up in the same step that reads the held keys: from
+        # then on each subscribe/unsubscribe opens or closes its own link here.
+        self.follows_keys = False
         self.pending: dict[str, _PendingPublish] = {}  # by delivery tag
         # Names of links the broker detached or closed. A detach without
         # ``closed`` (RabbitMQ's answer to our close) leaves proton's remote
@@ -250,15 +281,22 @@ class _Live:
         self.next_tag = 0
         self.next_link = 0
 
-    async def wait_for(self, condition: Callable[[], bool]) -> None:
-        """Wait until ``condition()`` holds, re-checking after each engine event."""
+    async def wait_for(self, condition: Callable[[], bool], changed: Wakeup | None = None) -> None:
+        """Wait until ``condition()`` holds, re-checking after each kick of ``changed``
+        (by default: after each engine event)."""
         while not condition():
             if self.ended:
                 raise ConnectionLost("the broker connection ended")
+            await (changed or self.changed).wait()
+
+    async def wait_ended(self) -> None:
+        """Wait until the connection has ended (never raises :class:`ConnectionLost`)."""
+        while not self.ended:
             await self.changed.wait()
 
     def open_receiver(self, key: str, prefetch: int) -> _Subscription:
-        """Attach a receiver link for ``key`` with ``prefetch`` credit; the broker answers later."""
+        """Attach a receiver link for ``key`` with ``prefetch`` credit and make it the key's
+        subscription; the broker answers later (see :meth:`wait_attached`)."""
         assert self.addressing is not None
         self.next_link += 1
         link = self.session.receiver(f"triows:{key}:{self.next_link}")
@@ -268,19 +306,26 @@ class _Live:
         link.rcv_settle_mode = Link.RCV_FIRST
         subscription = _Subscription(key, link)
         self.by_link[link.name] = subscription
+        self.subscriptions[key] = subscription
         link.open()
         link.flow(prefetch)
         self.pump.wake()
         return subscription
 
-    async def wait_attached(self, link: Link) -> None:
-        """Wait for the broker's attach of ``link``; raise :class:`LinkRefused` if it refuses."""
+    async def wait_attached(self, subscription: _Subscription) -> None:
+        """Wait for the broker's attach of the subscription's link; raise :class:`LinkRefused`
+        if it refuses. Returns at once if the link was closed meanwhile (unsubscribed)."""
+        link = subscription.link
         await self.wait_for(
             lambda: (
                 bool(link.state & (Endpoint.REMOTE_ACTIVE | Endpoint.REMOTE_CLOSED))
+                or bool(link.state & Endpoint.LOCAL_CLOSED)
                 or bool(self.session.state & Endpoint.REMOTE_CLOSED)
-            )
+            ),
+            subscription.changed,
         )
+        if link.state & Endpoint.LOCAL_CLOSED:
+            return  # the unsubscribe that closed it waits for the broker's answer
         # A refusing broker attaches and at once detaches with a condition; for
         # a missing exchange RabbitMQ ends the whole session instead. Both
         # frames come in one read, so the detach is seen here already.
@@ -288,17 +333,29 @@ class _Live:
         if refusal or link.name in self.detached or not link.state & Endpoint.REMOTE_ACTIVE:
             raise LinkRefused(f"the broker refused link {link.name!r}: {refusal or 'detached'}")
 
-    async def wait_detached(self, link: Link) -> None:
-        """Wait for the broker's answer to our close of ``link``."""
-        await self.wait_for(lambda: link.name in self.detached)
+    async def wait_detached(self, subscription: _Subscription) -> None:
+        """Wait for the broker's answer to our close of the subscription's link."""
+        name = subscription.link.name
+        await self.wait_for(lambda: name in self.detached, subscription.changed)
+
+    def kick_links(self) -> None:
+        """Wake every task waiting for a link's answer (the session or connection changed)."""
+        for subscription in self.by_link.values():
+            subscription.changed.kick()
 
     def fail_pending(self) -> None:
-        """Wake every publish still waiting: its outcome will never come."""
+        """Wake every publish and link change still waiting: no answer will come."""
         self.ended = True
         for pending in self.pending.values():
             pending.done.set()
         self.pending.clear()
         self.changed.kick()
+        self.kick_links()
+
+
+# The events a task waiting for one link's attach or detach must see.
+_LINK_ANSWERS = (Event.LINK_REMOTE_OPEN, Event.LINK_REMOTE_CLOSE, Event.LINK_REMOTE_DETACH)
+_SESSION_ENDS = (Event.SESSION_REMOTE_CLOSE, Event.CONNECTION_REMOTE_CLOSE)
 
 
 def _condition(endpoint: Link | Session | Connection) -> str:
@@ -324,10 +381,9 @@ class Amqp10Backend:
         self._target = BrokerTarget.from_url(settings.broker_url)
         self._incoming_send = incoming_send
         self._incoming_receive = incoming_receive
+        # The held keys; after each reconnect the set-up attaches a link for each.
         self._keys: set[str] = set()
-        # Serialises attach/detach with the re-attaching after a reconnect, so
-        # the broker's receiver links end up equal to ``_keys``.
-        self._links_lock = anyio.Lock()
+        self._link_changes = anyio.Semaphore(LINK_CHANGES_IN_FLIGHT)
         self._live: _Live | None = None
         self._ready = False
         self._ready_changed = anyio.Event()
@@ -337,7 +393,8 @@ class Amqp10Backend:
 
     @property
     def ready(self) -> bool:
-        """Connected, a receiver link attached for every held key, and consuming."""
+        """Connected and consuming: a receiver link attached for every key held when the
+        connection was set up; keys subscribed since are attached by their own call."""
         return self._ready
 
     @property
@@ -390,24 +447,42 @@ class Amqp10Backend:
         return _outcome(pending, addressing)
 
     async def subscribe(self, key: str) -> None:
-        """Attach a receiver link for ``key``; held across reconnects. Never raises
-        :class:`BrokerUnavailable`: while disconnected the link is attached on reconnect."""
-        async with self._links_lock:
+        """Attach a receiver link for ``key``; held across reconnects.
+
+        While connected, returns once the broker attached the link. Never
+        raises :class:`BrokerUnavailable`: while disconnected the key is only
+        recorded, and the next connection attaches it. A broker that does not
+        answer within ``settings.publish_timeout`` is treated as lost. Cancelled
+        before its turn (see :data:`LINK_CHANGES_IN_FLIGHT`) it changes nothing;
+        cancelled later, the key stays held and its link may still be attaching.
+        """
+        async with self._link_changes:
+            # Read after the wait for a turn, so a reconnect meanwhile is seen.
             self._keys.add(key)
             live = self._live
-            if live is None or not self._ready or key in live.subscriptions:
-                return
+            if live is None or not live.follows_keys:
+                return  # the set-up of the current or next connection attaches it
+            # A link already open for the key (the set-up's, or that of a
+            # cancelled subscribe) is waited for, never doubled: two links
+            # would deliver every message twice.
+            subscription = live.subscriptions.get(key) or live.open_receiver(
+                key, self._settings.prefetch
+            )
             try:
                 with anyio.fail_after(self._settings.publish_timeout):
-                    subscription = live.open_receiver(key, self._settings.prefetch)
-                    await live.wait_attached(subscription.link)
-                    live.subscriptions[key] = subscription
+                    await live.wait_attached(subscription)
             except BROKER_LOST as error:
                 self._give_up(live, "subscribe", key, error)
 
     async def unsubscribe(self, key: str) -> None:
-        """Detach (close) the receiver link of ``key``; RabbitMQ then deletes its queue."""
-        async with self._links_lock:
+        """Detach (close) the receiver link of ``key``; RabbitMQ then deletes its queue.
+
+        While connected, returns once the broker answered the detach; a broker
+        that does not answer within ``settings.publish_timeout`` is treated as
+        lost. Cancelled before its turn it changes nothing; cancelled later, the
+        key is released all the same.
+        """
+        async with self._link_changes:
             self._keys.discard(key)
             live = self._live
             subscription = live.subscriptions.pop(key, None) if live else None
@@ -418,22 +493,25 @@ class Amqp10Backend:
             live.pump.wake()
             try:
                 with anyio.fail_after(self._settings.publish_timeout):
-                    await live.wait_detached(link)
+                    await live.wait_detached(subscription)
             except BROKER_LOST as error:
                 self._give_up(live, "unsubscribe", key, error)
             finally:
                 live.by_link.pop(link.name, None)
 
     def _give_up(self, live: _Live, operation: str, key: str, error: BaseException) -> None:
+        if live.ended or live.pump.connection.state & Endpoint.LOCAL_CLOSED:
+            # Lost already: the loss is logged once by maintain_connection, not
+            # once per link change that was in flight.
+            return
         # A broker that does not answer is treated as lost: the reconnect
         # restores a known state instead of guessing whether the change happened.
         logger.warning(
             "link change deferred to reconnect",
             extra={"fields": {"operation": operation, "key": key, "error": repr(error)}},
         )
-        if not live.ended:
-            live.pump.connection.close()
-            live.pump.wake()
+        live.pump.connection.close()
+        live.pump.wake()
 
     async def maintain_connection(self, *, task_status: TaskStatus[None]) -> None:
         """Connect, and reconnect after every loss, until cancelled.
@@ -499,8 +577,7 @@ class Amqp10Backend:
             live.pump.wake()
             tasks.start_soon(run_pump)
             try:
-                with anyio.fail_after(settings.publish_timeout):
-                    await self._set_up(live)
+                await self._set_up(live)
                 backoff.reset()
                 assert live.addressing is not None
                 logger.info(
@@ -522,8 +599,10 @@ class Amqp10Backend:
                     live.pump.connection.close()
                     live.pump.wake()
                     # Give the close frame a moment to leave; the pump ends then.
+                    # (Not ``wait_for``: its ConnectionLost, raised here, would
+                    # leave the task group wrapped in a group and end the backend.)
                     with anyio.move_on_after(settings.close_timeout):
-                        await live.wait_for(lambda: False)
+                        await live.wait_ended()
                     tasks.cancel_scope.cancel()
         if self._closing:
             return
@@ -551,6 +630,25 @@ class Amqp10Backend:
         return _Live(connection, transport, self._on_event)
 
     async def _set_up(self, live: _Live) -> None:
+        """Open the connection's sender, attach a receiver per held key, then be ready.
+
+        Each broker answer is bounded by ``settings.publish_timeout`` on its
+        own, not the whole set-up: an instance holding many keys must not fail
+        its reconnect just by holding many.
+        """
+        with anyio.fail_after(self._settings.publish_timeout):
+            await self._open_sender(live)
+        # One synchronous step: read the held keys and hand later changes to
+        # subscribe/unsubscribe, so that no change falls between the two.
+        live.follows_keys = True
+        # Attach them all at once, then wait: one round trip, not one per key.
+        opened = [live.open_receiver(key, self._settings.prefetch) for key in sorted(self._keys)]
+        for subscription in opened:
+            with anyio.fail_after(self._settings.publish_timeout):
+                await live.wait_attached(subscription)
+        self._set_ready(True)
+
+    async def _open_sender(self, live: _Live) -> None:
         connection = live.pump.connection
         await live.wait_for(lambda: bool(connection.state & Endpoint.REMOTE_ACTIVE))
         addressing = choose_addressing(
@@ -585,17 +683,6 @@ class Amqp10Backend:
         if refusal or not sender.state & Endpoint.REMOTE_ACTIVE:
             raise LinkRefused(f"the broker refused the sender link: {refusal or 'detached'}")
         live.sender = sender
-        async with self._links_lock:
-            # Attach them all at once, then wait: one round trip, not one per key.
-            opened = [
-                live.open_receiver(key, self._settings.prefetch) for key in sorted(self._keys)
-            ]
-            for subscription in opened:
-                await live.wait_attached(subscription.link)
-                live.subscriptions[subscription.key] = subscription
-            # Set while the lock is held, so no subscribe or unsubscribe can slip
-            # between the re-attaching and ``ready``.
-            self._set_ready(True)
 
     def _connection_ended(self, live: _Live) -> None:
         if self._live is live:
@@ -639,6 +726,12 @@ class Amqp10Backend:
             )
             connection.close()
         live.changed.kick()
+        if kind in _LINK_ANSWERS and link is not None:
+            subscription = live.by_link.get(link.name)
+            if subscription is not None:
+                subscription.changed.kick()
+        elif kind in _SESSION_ENDS:
+            live.kick_links()
 
     def _on_outcome(self, live: _Live, delivery: Delivery) -> None:
         if delivery.remote_state == 0 and not delivery.settled:
@@ -708,8 +801,7 @@ class Amqp10Backend:
         live.pump.connection.close()
         live.pump.wake()
         with anyio.move_on_after(self._settings.close_timeout):
-            while not live.ended:
-                await live.changed.wait()
+            await live.wait_ended()
 
 
 async def _connect(target: BrokerTarget) -> ByteStream:

@@ -21,8 +21,8 @@ import httpx
 import pytest
 import trio
 
+from tests.brokers import broker_outage, require_broker
 from tests.processes import Instance, serve_instance, wait_for_status
-from tests.test_amqp091_backend import broker_outage
 from triows.client import EventsClient, open_events, post_send
 
 pytestmark = pytest.mark.broker
@@ -36,11 +36,7 @@ POLL_INTERVAL = 0.05
 
 @pytest.fixture(autouse=True)
 async def rabbitmq_amqp10() -> None:
-    try:
-        stream = await trio.open_tcp_stream("127.0.0.1", RABBITMQ_PORT)
-    except OSError:
-        pytest.fail("RabbitMQ is not running: deploy/brokers.sh start rabbitmq-amqp10")
-    await stream.aclose()
+    await require_broker("rabbitmq-amqp10")
 
 
 @pytest.fixture

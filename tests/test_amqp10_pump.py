@@ -120,7 +120,7 @@ def open_remote_endpoints(peer: Peer) -> None:
     session = connection.session_head(Endpoint.LOCAL_UNINIT | Endpoint.REMOTE_ACTIVE)
     while session is not None:
         session.open()
-        session = session.next(Endpoint.LOCAL_UNINIT | Endpoint.REMOTE_ACTIVE)
+        session = session.next(Endpoint.LOCAL_UNINIT | Endpoint.REMOTE_ACTIVE)  # type: ignore[no-untyped-call]
     link = connection.link_head(Endpoint.LOCAL_UNINIT | Endpoint.REMOTE_ACTIVE)
     while link is not None:
         link.source.copy(link.remote_source)
@@ -155,7 +155,7 @@ async def test_pump_transfers_a_message_on_an_attached_link_and_carries_its_outc
             receiver = server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE)
             assert receiver is not None and receiver.is_receiver
             assert receiver.remote_target.address == "queue-a"
-            receiver.flow(1)  # type: ignore[union-attr]
+            receiver.flow(1)
             server.pump.wake()
 
             await client.recorder.wait_for(lambda: sender.credit > 0)
@@ -196,7 +196,7 @@ async def test_pump_never_pushes_more_than_the_transport_capacity() -> None:
             open_remote_endpoints(server)
             receiver = server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE)
             assert receiver is not None
-            receiver.flow(1)  # type: ignore[union-attr]
+            receiver.flow(1)
             server.pump.wake()
             await client.recorder.wait_for(lambda: sender.credit > 0)
 
