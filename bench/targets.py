@@ -56,9 +56,9 @@ TARGETS: dict[str, Target] = {
             "rabbitmq",
         ),
         # GarageMQ (Debian's build) hangs for good when two connections declare
-        # the same exchange and their queues at the same moment, and when a
-        # connection closes while it consumes from an exclusive queue without
-        # cancelling its consumer first (then every later queue.declare hangs).
+        # the same exchange and their queues at the same moment, and (before the
+        # amqp091 backend stopped using exclusive queues there) when a consumer
+        # of an exclusive queue disconnected: stopped gracefully all the same.
         Target(
             "amqp091-garagemq",
             "amqp091",
