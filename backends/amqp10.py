@@ -65,7 +65,7 @@ broker silent for longer is treated as lost.
 Link changes. ``subscribe`` and ``unsubscribe`` of different keys run
 concurrently, up to :data:`LINK_CHANGES_IN_FLIGHT` waiting for the broker at
 once; no backend-wide lock is held across the broker's answer (which on
-RabbitMQ includes declaring or deleting the link's queue). One synchronous step
+RabbitMQ includes declaring and binding the link's queue). One synchronous step
 of the set-up reads the held keys and marks the connection as following them
 (``_Live.follows_keys``): a change made before that step only edits the held
 keys, which the set-up then attaches; a change made after it opens or closes
@@ -118,8 +118,8 @@ LINK_CHANGES_IN_FLIGHT = 16
 """The most subscribes and unsubscribes waiting for the broker's answer at once.
 
 RabbitMQ 3.x handles one session's attaches and detaches one after another
-(each declares or deletes a queue, about 2.5 ms), so more in flight would not
-finish sooner; they would only queue at the broker, where the wait for an
+(an attach declares and binds a queue: about 2.5 ms), so more in flight would
+not finish sooner; they would only queue at the broker, where the wait for an
 answer (bounded by ``settings.publish_timeout``) would count time spent behind
 thousands of others, and a busy broker would be taken for a lost one."""
 
