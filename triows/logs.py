@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 logger = logging.getLogger("triows")
+LIBRARY_LOGGERS = ("aiormq", "trio_asyncio", "proton")
 
 
 class _JsonLines(logging.Formatter):
@@ -36,6 +37,14 @@ def configure_logging(instance_id: str, level: str = "INFO") -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    # Broker client libraries log tracebacks on every outage; as JSON lines
+    # (the traceback in "exception") they stay one line per event. Our own
+    # broker_unavailable events already say what happened, so only warnings.
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(max(logging.WARNING, logger.level))
+        library.propagate = False
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:

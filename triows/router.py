@@ -91,8 +91,11 @@ class Router:
         with trio.move_on_after(UNSUBSCRIBE_TIMEOUT):
             async with user.lock:
                 if not user.connections and user.subscribed:
-                    await self.backend.unsubscribe(user_key(connection.user))
+                    # Cleared first: backends forget a key before they ask the
+                    # broker, so even an unsubscribe cut short by the timeout
+                    # leaves the next connection of this user to subscribe again.
                     user.subscribed = False
+                    await self.backend.unsubscribe(user_key(connection.user))
         unused = not user.connections and not user.subscribed and not user.lock.locked()
         if unused and self._users.get(connection.user) is user:
             del self._users[connection.user]
