@@ -299,7 +299,13 @@ enable_rabbitmq_plugin() {
 }
 
 check_rabbitmq_amqp10() { probe amqp10 "$RABBITMQ_PORT"; }
-start_rabbitmq_amqp10() { enable_rabbitmq_plugin rabbitmq_amqp1_0 rabbitmq-amqp10; }
+start_rabbitmq_amqp10() {
+    enable_rabbitmq_plugin rabbitmq_amqp1_0 rabbitmq-amqp10
+    # RabbitMQ 3.x keeps a receiver link's amq.gen-* queue after the link
+    # detaches (rabbitmq-server#2588): let such queues expire once unused.
+    rabbitmqctl -q set_policy --apply-to queues triows-amqp10-orphans \
+        '^amq\.gen-' '{"expires":60000}' >/dev/null
+}
 status_rabbitmq_amqp10() { describe rabbitmq-amqp10 "AMQP 1.0   127.0.0.1:$RABBITMQ_PORT"; }
 
 check_rabbitmq_stomp() { probe stomp "$RABBITMQ_STOMP_PORT"; }
