@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
 import signal
 import sys
 from collections.abc import Sequence
@@ -133,9 +134,15 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    for process in processes:
-        process.join()
-    return max((process.exitcode or 0) for process in processes)
+    running = {process.sentinel: process for process in processes}
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            assert isinstance(sentinel, int)  # process sentinels are file descriptors
+            if running.pop(sentinel).exitcode != 0:
+                # A worker died: stop the others too, so the orchestrator sees
+                # the failure and restarts the whole instance set.
+                stop.set()
+    return max(abs(process.exitcode or 0) for process in processes)
 
 
 def _parser() -> argparse.ArgumentParser:
