@@ -275,3 +275,14 @@ async def test_chat_page_is_served_at_the_root(client: QuartClient) -> None:
     response = await client.get("/")
     assert response.status_code == 200
     assert "/events?" in await response.get_data(as_text=True)
+
+
+async def test_connections_over_the_instance_limit_are_refused_with_503() -> None:
+    async with serving(max_connections=1) as client:
+        async with client.websocket("/events?user=Bob") as bob:
+            await bob.receive()
+            async with client.websocket("/events?user=Anne") as anne:
+                with pytest.raises(WebsocketResponseError) as refused:
+                    await anne.receive()
+                assert refused.value.response.status_code == 503
+                assert refused.value.response.headers["Retry-After"]

@@ -193,6 +193,14 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
             return problem(401, str(error), kind="unauthorized")
         if app.draining:
             return problem(503, "this instance is draining", kind="draining")
+        if len(app.router.connections) >= settings.max_connections:
+            log_event("connection_refused", level=logging.WARNING, reason="max_connections")
+            return problem(
+                503,
+                f"this instance holds its maximum of {settings.max_connections} connections",
+                kind="too-many-connections",
+                headers={"Retry-After": str(settings.retry_after)},
+            )
         await websocket.accept()
         await serve_connection(app, identity)
         return None

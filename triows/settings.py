@@ -44,6 +44,7 @@ class Settings:
     instance_id: str = field(default="", metadata={"env": "TRIOWS_INSTANCE_ID"})
     max_message_bytes: int = field(default=65536, metadata={"env": "TRIOWS_MAX_MESSAGE_BYTES"})
     send_queue: int = field(default=256, metadata={"env": "TRIOWS_SEND_QUEUE"})
+    max_connections: int = field(default=20000, metadata={"env": "TRIOWS_MAX_CONNECTIONS"})
     incoming_queue: int = field(default=1024, metadata={"env": "TRIOWS_INCOMING_QUEUE"})
     drain_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_DRAIN_TIMEOUT"})
     close_timeout: float = field(default=5.0, metadata={"env": "TRIOWS_CLOSE_TIMEOUT"})
@@ -61,7 +62,14 @@ class Settings:
             object.__setattr__(self, "instance_id", default_instance_id())
         if not self.broker_url:
             object.__setattr__(self, "broker_url", DEFAULT_BROKER_URLS.get(self.backend, ""))
-        for name in ("workers", "max_message_bytes", "send_queue", "incoming_queue", "prefetch"):
+        for name in (
+            "workers",
+            "max_message_bytes",
+            "send_queue",
+            "max_connections",
+            "incoming_queue",
+            "prefetch",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("drain_timeout", "close_timeout", "publish_timeout", "reconnect_max_delay"):
