@@ -16,8 +16,8 @@ the library the user chose.
 Broker mapping (DESIGN §5). One connection per instance; a non-durable
 *direct* exchange ``settings.exchange``, declared idempotently; one exclusive,
 auto-delete queue per instance named ``triows.<instance_id>`` by the client
-(GarageMQ refuses server-named queues; and on GarageMQ the queue is not
-exclusive, see :data:`BROKERS_WITHOUT_EXCLUSIVE_QUEUES`); ``subscribe``/``unsubscribe`` are
+(GarageMQ refuses server-named queues; for its other quirks see
+:data:`BROKER_QUIRKS`); ``subscribe``/``unsubscribe`` are
 ``queue.bind``/``queue.unbind`` of the key. ``publish`` uses ``mandatory`` on a
 channel in publisher-confirm mode: aiormq turns a ``basic.return`` into
 ``PublishError`` (-> ``UNROUTED``), an ack into a result (-> ``ROUTED``) and a
@@ -50,6 +50,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import aiormq
@@ -111,16 +112,29 @@ REBIND_BATCH = 1000
 """Bindings restored per round trip (and per ``publish_timeout``) after a reconnect."""
 
 
-BROKERS_WITHOUT_EXCLUSIVE_QUEUES = frozenset({"garagemq"})
-"""Brokers (by the ``product`` they announce) whose exclusive queues we avoid.
+@dataclass(frozen=True)
+class BrokerQuirks:
+    """Where the broker mapping bends for one broker, known by its ``product``."""
 
-GarageMQ 0.1 (Debian's build) stops answering every later ``queue.declare``,
-from any client, once a connection that consumed from an exclusive queue
-closes, cleanly or not. On these brokers the queue is declared non-exclusive
-and auto-delete (deleted when our consumer goes, as an exclusive one would be)
-and gets a new name per connection, so that a new connection never shares a
-queue with the consumer of a dead one that the broker has not noticed yet.
-"""
+    exclusive_queue: bool = True
+    exchange_type: str = "direct"
+
+
+BROKER_QUIRKS: dict[str, BrokerQuirks] = {
+    # GarageMQ 0.1 (Debian's build):
+    # - it stops answering every later ``queue.declare``, from any client, once
+    #   a connection that consumed from an exclusive queue closes, cleanly or
+    #   not. So the queue is non-exclusive and auto-delete (deleted when our
+    #   consumer goes, as an exclusive one would be), with a new name per
+    #   connection so that it is never shared with the consumer of a dead
+    #   connection the broker has not noticed yet;
+    # - its direct exchange hands a message to only one of several queues bound
+    #   with the same key, which would break "every connection of a user gets
+    #   every message". Its topic exchange fans out; keys never contain ``*`` or
+    #   ``#`` (user names forbid them), so topic matching stays exact.
+    "garagemq": BrokerQuirks(exclusive_queue=False, exchange_type="topic"),
+}
+"""Brokers whose quirks the backend works around, by lower-cased ``product``."""
 
 
 def queue_name(instance_id: str) -> str:
@@ -404,7 +418,8 @@ class Amqp091Backend:
         settings = self._settings
         self._connections_made += 1
         product = str(connection.server_properties.get("product", "")).lower()
-        exclusive = product not in BROKERS_WITHOUT_EXCLUSIVE_QUEUES
+        quirks = BROKER_QUIRKS.get(product, BrokerQuirks())
+        exclusive = quirks.exclusive_queue
         queue = self._queue if exclusive else f"{self._queue}.{self._connections_made}"
         with trio.fail_after(settings.publish_timeout):
             channel = await _call_aio(self._loop, connection.channel, publisher_confirms=True)
@@ -412,7 +427,7 @@ class Amqp091Backend:
             await session.call(
                 channel.exchange_declare,
                 exchange=settings.exchange,
-                exchange_type="direct",
+                exchange_type=quirks.exchange_type,
                 durable=False,
             )
             await session.call(

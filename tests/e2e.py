@@ -44,11 +44,6 @@ class BrokerTarget:
     # backend whether anyone was subscribed (an offline recipient is then 404),
     # "accepted" where it cannot (an offline recipient is then 202 accepted too).
     confirmed_as: Literal["routed", "accepted"]
-    # Whether the broker hands a message to every instance subscribed to its
-    # key. GarageMQ's direct exchange hands it to one of the queues bound with
-    # the key only (RabbitMQ's to all, as AMQP 0-9-1 says), so there a user
-    # connected to two instances gets each message on one of them.
-    fans_out: bool = True
 
     @property
     def offline_is_404(self) -> bool:
@@ -75,7 +70,6 @@ TARGETS = (
         broker="garagemq",
         outage=None,
         confirmed_as="routed",
-        fans_out=False,
     ),
     # RabbitMQ 3.x's AMQP 1.0 plugin settles a message "accepted" whether or
     # not a queue took it.

@@ -37,10 +37,6 @@ from triows.client import open_events, post_send
 pytestmark = pytest.mark.broker
 
 every_target = pytest.mark.parametrize("target", TARGETS, ids=lambda target: target.name)
-# GarageMQ is left out (see BrokerTarget.fans_out).
-targets_that_fan_out = pytest.mark.parametrize(
-    "target", [target for target in TARGETS if target.fans_out], ids=lambda target: target.name
-)
 # GarageMQ is left out: the broker script has no outage for it.
 targets_with_an_outage = pytest.mark.parametrize(
     "target", [target for target in TARGETS if target.outage], ids=lambda target: target.name
@@ -75,7 +71,7 @@ async def test_core_scenario_bob_on_b_gets_annes_send_to_a_once(target: BrokerTa
         await assert_next_message(bob, second, "marker")
 
 
-@targets_that_fan_out
+@every_target
 async def test_bob_on_a_and_b_gets_each_message_once_on_each_connection(
     target: BrokerTarget,
 ) -> None:
