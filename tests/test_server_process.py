@@ -110,3 +110,35 @@ def test_built_wheel_contains_both_packages(tmp_path: Path) -> None:
     assert "backends/memory.py" in names
     assert "triows/static/chat.html" in names
     assert any(name.endswith("entry_points.txt") for name in names)
+
+
+def test_every_library_the_packages_import_is_a_declared_dependency() -> None:
+    import ast
+    import re
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def canonical(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    declared = {canonical(Requirement(dep).name) for dep in project["dependencies"]}
+    distributions = packages_distributions()
+    imported = set()
+    for path in [*ROOT.glob("triows/*.py"), *ROOT.glob("backends/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"triows", "backends", "__future__"}
+    undeclared = {
+        module: distributions.get(module)
+        for module in third_party
+        if not {canonical(name) for name in distributions.get(module, [module])} & declared
+    }
+    assert not undeclared
