@@ -14,6 +14,10 @@ def _show(who: str, frame: object) -> None:
     print(f"{who:>5} <- {json.dumps(frame)}")
 
 
+def _show_response(to: str, response: httpx.Response) -> None:
+    print(f" Anne -> POST /send {{'to': '{to}'}}: {response.status_code} {response.text.strip()}")
+
+
 async def run_demo() -> int:
     """Run the core scenario on one machine and print every frame; 0 if Bob got both."""
     async with serve_instance("memory") as instance:
@@ -23,7 +27,7 @@ async def run_demo() -> int:
             response = await post_send(
                 http, instance.base_url, "Bob", {"text": "hi Bob"}, sender="Anne"
             )
-            print(f" Anne -> POST /send {{'to': 'Bob'}}: {response.status_code} {response.text}")
+            _show_response("Bob", response)
             first = await bob.receive()
             _show("Bob", first)
             async with open_events(instance.base_url, user="Anne") as anne:
@@ -33,7 +37,7 @@ async def run_demo() -> int:
                 second = await bob.receive()
                 _show("Bob", second)
             offline = await post_send(http, instance.base_url, "Carol", "hello?", sender="Anne")
-            print(f" Anne -> POST /send {{'to': 'Carol'}}: {offline.status_code} {offline.text}")
+            _show_response("Carol", offline)
     delivered = first["from"] == "Anne" and second["message"] == {"text": "over the WebSocket"}
     print("demo OK: Bob received both messages" if delivered else "demo FAILED")
     return 0 if delivered else 1
