@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,12 @@ async def serving(**settings: Any) -> AsyncIterator[QuartClient]:
     app = create_app(Settings(**settings))
     async with app.test_app() as test_app:
         yield test_app.test_client()
+
+
+@pytest.fixture
+def exchange() -> str:
+    """A fresh exchange name, so that tests sharing a broker never see each other's messages."""
+    return f"triows-test-{secrets.token_hex(4)}"
 
 
 @pytest.fixture

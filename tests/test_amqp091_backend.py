@@ -20,6 +20,7 @@ import trio_asyncio
 from backends.amqp091 import Amqp091Backend, open_amqp091_backend
 from tests.brokers import broker_outage, require_broker
 from tests.processes import free_port
+from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
 from triows.settings import Settings
@@ -39,11 +40,6 @@ async def rabbitmq() -> None:
     await require_broker("rabbitmq")
 
 
-@pytest.fixture
-def exchange() -> str:
-    return f"triows-test-{secrets.token_hex(4)}"
-
-
 def amqp_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: Any) -> Settings:
     return Settings(
         backend="amqp091",
@@ -55,18 +51,10 @@ def amqp_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: Any)
 
 
 @asynccontextmanager
-async def open_ready(settings: Settings) -> AsyncIterator[Amqp091Backend]:
-    async with open_amqp091_backend(settings) as backend:
-        with trio.fail_after(READY_TIMEOUT):
-            await backend.wait_ready()
-        yield backend
-
-
-@asynccontextmanager
 async def open_instances(exchange: str, count: int) -> AsyncIterator[list[Amqp091Backend]]:
     async with AsyncExitStack() as stack:
         yield [
-            await stack.enter_async_context(open_ready(amqp_settings(exchange)))
+            await stack.enter_async_context(open_ready_backend(amqp_settings(exchange)))
             for _ in range(count)
         ]
 
@@ -131,8 +119,8 @@ async def test_2000_messages_arrive_complete_in_order_through_small_buffers(
     # (ack only after handing over) is exercised, not just the happy path.
     count = 2000
     async with (
-        open_ready(amqp_settings(exchange)) as sender,
-        open_ready(amqp_settings(exchange, prefetch=8, incoming_queue=4)) as receiver,
+        open_ready_backend(amqp_settings(exchange)) as sender,
+        open_ready_backend(amqp_settings(exchange, prefetch=8, incoming_queue=4)) as receiver,
     ):
         await receiver.subscribe("user.Bob")
         received: list[bytes] = []
@@ -204,8 +192,10 @@ async def test_a_broker_closing_the_socket_during_the_handshake_is_retried(
 async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange: str) -> None:
     async with (
         open_tcp_proxy(RABBITMQ_PORT) as proxy,
-        open_ready(amqp_settings(exchange)) as sender,
-        open_ready(amqp_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)) as holder,
+        open_ready_backend(amqp_settings(exchange)) as sender,
+        open_ready_backend(
+            amqp_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)
+        ) as holder,
     ):
         await holder.subscribe("user.Bob")
         await holder.subscribe("user.Gone")
@@ -295,7 +285,7 @@ async def test_rabbitmq_restart_makes_backend_unavailable_then_restores_it(
 
 async def test_closing_the_backend_deletes_its_queue(exchange: str) -> None:
     async with open_instances(exchange, 1) as (sender,):
-        async with open_ready(amqp_settings(exchange)) as holder:
+        async with open_ready_backend(amqp_settings(exchange)) as holder:
             await holder.subscribe("user.Bob")
             assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
         # The exclusive queue and its bindings went with the connection.

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -23,6 +22,7 @@ import pytest
 from backends.amqp10 import Amqp10Backend, open_amqp10_backend
 from tests.brokers import require_broker
 from tests.processes import free_port
+from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
 from triows.settings import Settings
@@ -39,11 +39,6 @@ async def rabbitmq_amqp10() -> None:
     await require_broker("rabbitmq-amqp10")
 
 
-@pytest.fixture
-def exchange() -> str:
-    return f"triows-test-{secrets.token_hex(4)}"
-
-
 def amqp10_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: Any) -> Settings:
     return Settings(
         backend="amqp10",
@@ -52,14 +47,6 @@ def amqp10_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: An
         instance_id=f"test-{secrets.token_hex(4)}",
         **overrides,
     )
-
-
-@asynccontextmanager
-async def open_ready(settings: Settings) -> AsyncIterator[Amqp10Backend]:
-    async with open_amqp10_backend(settings) as backend:
-        with anyio.fail_after(READY_TIMEOUT):
-            await backend.wait_ready()
-        yield backend
 
 
 async def call_each(method: Callable[[str], Awaitable[object]], keys: list[str]) -> None:
@@ -93,7 +80,7 @@ async def assert_receives_exactly(holder: Amqp10Backend, keys: list[str]) -> Non
 
 
 async def test_rabbitmq_is_recognised_from_its_open_frame(exchange: str) -> None:
-    async with open_ready(amqp10_settings(exchange)) as backend:
+    async with open_ready_backend(amqp10_settings(exchange)) as backend:
         addressing = backend.addressing
         assert addressing is not None
         assert addressing.family == "rabbitmq"
@@ -106,8 +93,8 @@ async def test_publish_to_a_key_held_elsewhere_is_accepted_and_delivered_verbati
     exchange: str,
 ) -> None:
     async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_ready(amqp10_settings(exchange)) as holder,
+        open_ready_backend(amqp10_settings(exchange)) as sender,
+        open_ready_backend(amqp10_settings(exchange)) as holder,
     ):
         await holder.subscribe("user.bob")
         body = b'{"type":"message","message":"hi \\u00e9"}'
@@ -118,13 +105,13 @@ async def test_publish_to_a_key_held_elsewhere_is_accepted_and_delivered_verbati
 
 
 async def test_publish_to_a_key_nobody_holds_is_accepted_by_rabbitmq_3(exchange: str) -> None:
-    async with open_ready(amqp10_settings(exchange)) as backend:
+    async with open_ready_backend(amqp10_settings(exchange)) as backend:
         with anyio.fail_after(READY_TIMEOUT):
             assert await backend.publish("user.nobody", b"{}") is Outcome.ACCEPTED
 
 
 async def test_unsubscribe_stops_delivery_of_that_key_only(exchange: str) -> None:
-    async with open_ready(amqp10_settings(exchange)) as backend:
+    async with open_ready_backend(amqp10_settings(exchange)) as backend:
         with anyio.fail_after(READY_TIMEOUT):
             await backend.subscribe("user.anne")
             await backend.subscribe("user.bob")
@@ -138,9 +125,9 @@ async def test_unsubscribe_stops_delivery_of_that_key_only(exchange: str) -> Non
 
 async def test_each_instance_holding_a_key_receives_each_message_once(exchange: str) -> None:
     async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_ready(amqp10_settings(exchange)) as first,
-        open_ready(amqp10_settings(exchange)) as second,
+        open_ready_backend(amqp10_settings(exchange)) as sender,
+        open_ready_backend(amqp10_settings(exchange)) as first,
+        open_ready_backend(amqp10_settings(exchange)) as second,
     ):
         await first.subscribe("user.bob")
         await second.subscribe("user.bob")
@@ -162,8 +149,8 @@ async def test_2000_messages_arrive_complete_in_order_through_small_credit(
     count = 2000
     settings = amqp10_settings(exchange, prefetch=8, incoming_queue=4)
     async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_ready(settings) as holder,
+        open_ready_backend(amqp10_settings(exchange)) as sender,
+        open_ready_backend(settings) as holder,
     ):
         await holder.subscribe("user.bob")
         received: list[bytes] = []
@@ -183,7 +170,7 @@ async def test_2000_messages_arrive_complete_in_order_through_small_credit(
 
 
 async def test_concurrent_publishes_each_get_their_outcome(exchange: str) -> None:
-    async with open_ready(amqp10_settings(exchange)) as backend:
+    async with open_ready_backend(amqp10_settings(exchange)) as backend:
         await backend.subscribe("user.bob")
         outcomes: list[Outcome] = []
 
@@ -217,8 +204,10 @@ async def test_broker_unreachable_at_open_then_ready_when_it_appears(exchange: s
 async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange: str) -> None:
     async with (
         open_tcp_proxy(RABBITMQ_PORT) as proxy,
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_ready(amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)) as holder,
+        open_ready_backend(amqp10_settings(exchange)) as sender,
+        open_ready_backend(
+            amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)
+        ) as holder,
     ):
         await holder.subscribe("user.bob")
         await holder.subscribe("user.anne")
@@ -236,8 +225,8 @@ async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange
 
 
 async def test_closing_the_backend_detaches_its_links(exchange: str) -> None:
-    async with open_ready(amqp10_settings(exchange)) as first:
-        async with open_ready(amqp10_settings(exchange)) as second:
+    async with open_ready_backend(amqp10_settings(exchange)) as first:
+        async with open_ready_backend(amqp10_settings(exchange)) as second:
             await second.subscribe("user.bob")
         # The closed instance's queue is gone with its link: a later subscriber
         # of the same key gets the next message, and only that one.
@@ -252,8 +241,8 @@ async def test_300_keys_subscribed_at_once_each_receive_then_none_once_unsubscri
 ) -> None:
     keys = [f"user.crowd{number}" for number in range(300)]
     async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_ready(amqp10_settings(exchange)) as holder,
+        open_ready_backend(amqp10_settings(exchange)) as sender,
+        open_ready_backend(amqp10_settings(exchange)) as holder,
     ):
         with anyio.fail_after(120):
             await call_each(holder.subscribe, keys)
@@ -299,8 +288,8 @@ async def test_a_key_refused_while_reattaching_makes_the_backend_reconnect_again
     # the one way to make a reconnect's re-attaching fail on a live connection.
     refused = "user.not/valid"
     async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_ready(amqp10_settings(exchange, reconnect_max_delay=0.5)) as holder,
+        open_ready_backend(amqp10_settings(exchange)) as sender,
+        open_ready_backend(amqp10_settings(exchange, reconnect_max_delay=0.5)) as holder,
     ):
         await holder.subscribe("user.bob")
         await holder.subscribe(refused)  # refused: the connection starts over, holding it
@@ -324,8 +313,10 @@ async def test_link_changes_racing_a_reconnect_leave_exactly_the_held_keys_deliv
     held: set[str] = set()
     async with (
         open_tcp_proxy(RABBITMQ_PORT) as proxy,
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_ready(amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)) as holder,
+        open_ready_backend(amqp10_settings(exchange)) as sender,
+        open_ready_backend(
+            amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)
+        ) as holder,
     ):
         with anyio.fail_after(120):
             await call_each(holder.subscribe, settled)

@@ -27,6 +27,7 @@ from backends.stomp import (
 from backends.stomp_frames import Frame, FrameParser, encode_frame
 from tests.brokers import require_broker
 from tests.processes import free_port
+from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
 from triows.settings import Settings, SettingsError
@@ -46,11 +47,6 @@ async def broker(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture
-def exchange() -> str:
-    return f"triows-test-{secrets.token_hex(4)}"
-
-
 def stomp_settings(port: int, exchange: str, **overrides: Any) -> Settings:
     return Settings(
         backend="stomp",
@@ -59,14 +55,6 @@ def stomp_settings(port: int, exchange: str, **overrides: Any) -> Settings:
         instance_id=f"test-{secrets.token_hex(4)}",
         **overrides,
     )
-
-
-@asynccontextmanager
-async def open_ready(settings: Settings) -> AsyncIterator[StompBackend]:
-    async with open_stomp_backend(settings) as backend:
-        with trio.fail_after(READY_TIMEOUT):
-            await backend.wait_ready()
-        yield backend
 
 
 async def receive(backend: StompBackend) -> tuple[str, bytes]:
@@ -203,7 +191,7 @@ async def test_close_sends_disconnect_and_waits_for_its_receipt() -> None:
 
 @pytest.mark.broker
 async def test_published_message_reaches_the_subscriber(broker: str, exchange: str) -> None:
-    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+    async with open_ready_backend(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
         await backend.subscribe("user.bob")
 
         assert await backend.publish("user.bob", b'{"hello":"bob"}') == Outcome.ACCEPTED
@@ -213,7 +201,7 @@ async def test_published_message_reaches_the_subscriber(broker: str, exchange: s
 @pytest.mark.broker
 async def test_body_bytes_arrive_unchanged(broker: str, exchange: str) -> None:
     body = '{"m":"\\u0000 ü\\n:"}\n'.encode() + bytes(range(256))
-    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+    async with open_ready_backend(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
         await backend.subscribe("user.bob")
         await backend.publish("user.bob", body)
 
@@ -222,7 +210,7 @@ async def test_body_bytes_arrive_unchanged(broker: str, exchange: str) -> None:
 
 @pytest.mark.broker
 async def test_destination_matches_the_broker_family(broker: str, exchange: str) -> None:
-    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+    async with open_ready_backend(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
         expected = {
             "rabbitmq-stomp": f"/exchange/{exchange}/user.bob",
             "activemq": f"/topic/{exchange}.user.bob",
@@ -234,7 +222,7 @@ async def test_destination_matches_the_broker_family(broker: str, exchange: str)
 @pytest.mark.broker
 async def test_every_subscribed_instance_receives(broker: str, exchange: str) -> None:
     settings = stomp_settings(STOMP_PORTS[broker], exchange)
-    async with open_ready(settings) as first, open_ready(settings) as second:
+    async with open_ready_backend(settings) as first, open_ready_backend(settings) as second:
         await first.subscribe("user.bob")
         await second.subscribe("user.bob")
 
@@ -247,7 +235,7 @@ async def test_every_subscribed_instance_receives(broker: str, exchange: str) ->
 @pytest.mark.broker
 async def test_message_goes_only_to_the_key_subscribed(broker: str, exchange: str) -> None:
     settings = stomp_settings(STOMP_PORTS[broker], exchange)
-    async with open_ready(settings) as anne, open_ready(settings) as bob:
+    async with open_ready_backend(settings) as anne, open_ready_backend(settings) as bob:
         await anne.subscribe("user.anne")
         await bob.subscribe("user.bob")
 
@@ -260,7 +248,7 @@ async def test_message_goes_only_to_the_key_subscribed(broker: str, exchange: st
 
 @pytest.mark.broker
 async def test_unsubscribed_key_gets_no_message(broker: str, exchange: str) -> None:
-    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+    async with open_ready_backend(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
         await backend.subscribe("user.bob")
         await backend.unsubscribe("user.bob")
         # Confirmed while nobody held the key: the broker drops it.
@@ -276,7 +264,7 @@ async def test_unsubscribed_key_gets_no_message(broker: str, exchange: str) -> N
 async def test_2000_messages_arrive_in_order(broker: str, exchange: str) -> None:
     count = 2000
     settings = stomp_settings(STOMP_PORTS[broker], exchange)
-    async with open_ready(settings) as sender, open_ready(settings) as receiver:
+    async with open_ready_backend(settings) as sender, open_ready_backend(settings) as receiver:
         await receiver.subscribe("user.bob")
 
         async def send_all() -> None:
@@ -299,7 +287,7 @@ async def test_error_frame_becomes_a_clear_exception(exchange: str) -> None:
     settings = stomp_settings(
         STOMP_PORTS["rabbitmq-stomp"], exchange, address_template="/exchange/no-such-{key}/x"
     )
-    async with open_ready(settings) as backend:
+    async with open_ready_backend(settings) as backend:
         with pytest.raises(StompBrokerError, match=r"no exchange 'no-such-user\.bob'"):
             await backend.publish("user.bob", b"{}")
 
@@ -311,7 +299,7 @@ async def test_connection_drop_is_survived_and_subscriptions_restored(
     async with AsyncExitStack() as stack:
         proxy = await stack.enter_async_context(open_tcp_proxy(STOMP_PORTS[broker]))
         settings = stomp_settings(proxy.port, exchange, reconnect_max_delay=0.5)
-        backend = await stack.enter_async_context(open_ready(settings))
+        backend = await stack.enter_async_context(open_ready_backend(settings))
         await backend.subscribe("user.bob")
         await backend.subscribe("user.anne")
 
@@ -351,7 +339,9 @@ async def test_exchange_missing_on_rabbitmq_is_declared_by_the_backend(exchange:
     await require_broker("rabbitmq-stomp")
     # A fresh exchange name: RabbitMQ's STOMP plugin would answer not_found
     # had the backend not declared it over AMQP 0-9-1.
-    async with open_ready(stomp_settings(STOMP_PORTS["rabbitmq-stomp"], exchange)) as backend:
+    async with open_ready_backend(
+        stomp_settings(STOMP_PORTS["rabbitmq-stomp"], exchange)
+    ) as backend:
         await backend.subscribe("user.bob")
         await backend.publish("user.bob", b"declared")
 
