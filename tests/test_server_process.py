@@ -142,3 +142,9 @@ def test_every_library_the_packages_import_is_a_declared_dependency() -> None:
         if not {canonical(name) for name in distributions.get(module, [module])} & declared
     }
     assert not undeclared
+
+
+def test_a_short_secret_is_refused_at_start_up() -> None:
+    result = run_cli("serve", env={**os.environ, "TRIOWS_SECRET": "hunter2"})
+    assert result.returncode != 0
+    assert "TRIOWS_SECRET must be at least 32 bytes" in result.stderr

@@ -23,6 +23,9 @@ DEFAULT_BROKER_URLS = {
 }
 
 
+MIN_SECRET_BYTES = 32
+
+
 class SettingsError(Exception):
     """A setting has an invalid value; the message names it and says why."""
 
@@ -77,6 +80,13 @@ class Settings:
                 raise SettingsError(f"{_env(name)} must be positive, got {getattr(self, name)}")
         if self.heartbeat < 0 or self.retry_after < 0:
             raise SettingsError("TRIOWS_HEARTBEAT and TRIOWS_RETRY_AFTER must not be negative")
+        if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
+            # RFC 7518 §3.2: an HS256 key shorter than the hash is guessable.
+            raise SettingsError(
+                f"TRIOWS_SECRET must be at least {MIN_SECRET_BYTES} bytes for HS256 "
+                f"(got {len(self.secret.encode())}); e.g. python3 -c "
+                "'import secrets; print(secrets.token_urlsafe(48))'"
+            )
         if not self.bind:
             raise SettingsError("TRIOWS_BIND must name at least one address")
         for address in self.bind:
