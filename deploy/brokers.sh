@@ -130,6 +130,28 @@ wait_for() {
     done
 }
 
+# wait_for_spawned TIMEOUT WHAT CHECK RUNFILES PATTERN: wait until CHECK
+# passes for a broker this script spawned (RUNFILES.pid, RUNFILES.log); give
+# up at once if its process has died, and show the tail of its log on failure.
+wait_for_spawned() {
+    local timeout=$1 what=$2 check=$3 runfiles=$4 pattern=$5
+    if ! wait_for "$timeout" "$what" spawned_alive "$check" "$runfiles.pid" "$pattern"; then
+        tail -n 40 "$runfiles.log" >&2 || true
+        return 1
+    fi
+}
+
+# spawned_alive CHECK PIDFILE PATTERN: CHECK, but status 2 (wait_for gives
+# up) once the process has exited.
+spawned_alive() {
+    "$1" && return 0
+    pid_of "$2" "$3" >/dev/null || {
+        echo "the process exited"
+        return 2
+    }
+    return 1
+}
+
 # ensure_packages PACKAGE...: install the missing ones from Debian.  The
 # package lists are refreshed once, and only when something is missing.
 # Services are kept from starting at install time (policy-rc.d), so that a
@@ -341,21 +363,8 @@ start_activemq() {
             -jar "$ACTIVEMQ_HOME/bin/activemq.jar" \
             start "xbean:file:$ACTIVEMQ_DIR/conf/activemq.xml"
     fi
-    if ! wait_for "$ACTIVEMQ_START_TIMEOUT" "ActiveMQ STOMP on :$ACTIVEMQ_STOMP_PORT" \
-        check_activemq_alive; then
-        tail -n 40 "$ACTIVEMQ_DIR/activemq.log" >&2 || true
-        return 1
-    fi
-}
-
-# Like check_activemq, but tells wait_for to give up (2) once the JVM has died.
-check_activemq_alive() {
-    check_activemq && return 0
-    pid_of "$ACTIVEMQ_DIR/activemq.pid" "$ACTIVEMQ_PATTERN" >/dev/null || {
-        echo "the ActiveMQ JVM exited"
-        return 2
-    }
-    return 1
+    wait_for_spawned "$ACTIVEMQ_START_TIMEOUT" "ActiveMQ STOMP on :$ACTIVEMQ_STOMP_PORT" \
+        check_activemq "$ACTIVEMQ_DIR/activemq" "$ACTIVEMQ_PATTERN"
 }
 
 prepare_activemq_conf() {
@@ -405,21 +414,8 @@ start_garagemq() {
         spawn "$GARAGEMQ_DIR" "$GARAGEMQ_DIR/garagemq.log" "$GARAGEMQ_DIR/garagemq.pid" \
             garagemq --config "$DEPLOY_DIR/garagemq/config.yaml"
     fi
-    if ! wait_for "$GARAGEMQ_START_TIMEOUT" "GarageMQ AMQP 0-9-1 on :$GARAGEMQ_PORT" \
-        check_garagemq_alive; then
-        tail -n 40 "$GARAGEMQ_DIR/garagemq.log" >&2 || true
-        return 1
-    fi
-}
-
-# Like check_garagemq, but tells wait_for to give up (2) once GarageMQ has died.
-check_garagemq_alive() {
-    check_garagemq && return 0
-    pid_of "$GARAGEMQ_DIR/garagemq.pid" "$GARAGEMQ_PATTERN" >/dev/null || {
-        echo "the GarageMQ process exited"
-        return 2
-    }
-    return 1
+    wait_for_spawned "$GARAGEMQ_START_TIMEOUT" "GarageMQ AMQP 0-9-1 on :$GARAGEMQ_PORT" \
+        check_garagemq "$GARAGEMQ_DIR/garagemq" "$GARAGEMQ_PATTERN"
 }
 
 stop_garagemq() {
