@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import anyio
 import pytest
 from anyio.abc import ByteStream, ObjectReceiveStream, ObjectSendStream
-from proton import Connection, Delivery, Endpoint, Event, Message, Transport
+from proton import Connection, Delivery, Endpoint, Event, Message, Receiver, Sender, Transport
 
 from backends.amqp10_pump import ConnectionLost, ProtonPump
 
@@ -130,6 +130,42 @@ def open_remote_endpoints(peer: Peer) -> None:
     peer.pump.wake()
 
 
+async def attach_link_with_credit(
+    client: Peer, server: Peer, name: str, address: str
+) -> tuple[Sender, Receiver]:
+    """Attach a sender on ``client`` to a receiver on ``server`` and give it one credit."""
+    session = client.pump.connection.session()
+    session.open()
+    sender = session.sender(name)
+    sender.target.address = address
+    sender.open()
+    client.pump.wake()
+    await server.recorder.wait_for(
+        lambda: server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE) is not None
+    )
+    open_remote_endpoints(server)
+    receiver = server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE)
+    assert isinstance(receiver, Receiver)
+    receiver.flow(1)
+    server.pump.wake()
+    await client.recorder.wait_for(lambda: sender.credit > 0)
+    return sender, receiver
+
+
+async def receive_message(server: Peer, receiver: Receiver) -> tuple[Message, Delivery]:
+    """Wait until ``receiver`` holds a complete delivery; decode it."""
+
+    def complete_delivery() -> bool:
+        current = receiver.current
+        return current is not None and current.readable and not current.partial
+
+    await server.recorder.wait_for(complete_delivery)
+    received = Message()
+    incoming = received.recv(receiver)  # type: ignore[call-overload]  # proton types recv() for senders only
+    assert incoming is not None
+    return received, incoming
+
+
 async def test_pump_opens_a_connection_through_sasl_both_ways() -> None:
     with anyio.fail_after(10):
         async with connected_peers() as (client, server):
@@ -141,37 +177,13 @@ async def test_pump_opens_a_connection_through_sasl_both_ways() -> None:
 async def test_pump_transfers_a_message_on_an_attached_link_and_carries_its_outcome() -> None:
     with anyio.fail_after(10):
         async with connected_peers() as (client, server):
-            session = client.pump.connection.session()
-            session.open()
-            sender = session.sender("to-server")
-            sender.target.address = "queue-a"
-            sender.open()
-            client.pump.wake()
-
-            await server.recorder.wait_for(
-                lambda: server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE) is not None
-            )
-            open_remote_endpoints(server)
-            receiver = server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE)
-            assert receiver is not None and receiver.is_receiver
+            sender, receiver = await attach_link_with_credit(client, server, "to-server", "queue-a")
             assert receiver.remote_target.address == "queue-a"
-            receiver.flow(1)
-            server.pump.wake()
-
-            await client.recorder.wait_for(lambda: sender.credit > 0)
             delivery = sender.send(Message(body=b"hello"))
             assert isinstance(delivery, Delivery)
             client.pump.wake()
-
-            def complete_delivery() -> bool:
-                current = receiver.current
-                return current is not None and current.readable and not current.partial
-
-            await server.recorder.wait_for(complete_delivery)
-            received = Message()
-            incoming = received.recv(receiver)  # type: ignore[arg-type]
+            received, incoming = await receive_message(server, receiver)
             assert received.body == b"hello"
-            assert incoming is not None
             incoming.update(Delivery.ACCEPTED)
             incoming.settle()
             server.pump.wake()
@@ -184,33 +196,12 @@ async def test_pump_transfers_a_message_on_an_attached_link_and_carries_its_outc
 async def test_pump_never_pushes_more_than_the_transport_capacity() -> None:
     with anyio.fail_after(10):
         async with connected_peers() as (client, server):
-            session = client.pump.connection.session()
-            session.open()
-            sender = session.sender("big")
-            sender.target.address = "queue-big"
-            sender.open()
-            client.pump.wake()
-            await server.recorder.wait_for(
-                lambda: server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE) is not None
-            )
-            open_remote_endpoints(server)
-            receiver = server.pump.connection.link_head(Endpoint.REMOTE_ACTIVE)
-            assert receiver is not None
-            receiver.flow(1)
-            server.pump.wake()
-            await client.recorder.wait_for(lambda: sender.credit > 0)
+            sender, receiver = await attach_link_with_credit(client, server, "big", "queue-big")
 
             body = bytes(range(256)) * 4096  # 1 MiB: many frames, many reads
             sender.send(Message(body=body))
             client.pump.wake()
-
-            def complete_delivery() -> bool:
-                current = receiver.current
-                return current is not None and current.readable and not current.partial
-
-            await server.recorder.wait_for(complete_delivery)
-            received = Message()
-            received.recv(receiver)  # type: ignore[arg-type]
+            received, _ = await receive_message(server, receiver)
             assert received.body == body
 
 
