@@ -191,7 +191,12 @@ async def test_websocket_send_to_offline_user_is_an_error_frame(
 
 @pytest.mark.parametrize(
     ("frame", "code"),
-    [("not json", 1008), (json.dumps({"type": "subscribe"}), 1008), ("x" * 2000, 1009)],
+    [
+        ("not json", 1008),
+        (json.dumps({"type": "subscribe"}), 1008),
+        ("x" * 2000, 1009),
+        ("é" * 600, 1009),
+    ],
 )
 async def test_bad_frames_close_the_socket(frame: str, code: int) -> None:
     async with serving(max_message_bytes=1024) as client:

@@ -245,7 +245,8 @@ async def read_frames(app: TriowsApp, connection: Connection) -> None:
         if isinstance(data, bytes):
             connection.close(CLOSE_INVALID_FRAME, "binary frames are not part of the protocol")
             return
-        if len(data) > limit or len(data.encode()) > limit:
+        # A character is at most 4 bytes in UTF-8: encode only a frame that could be over.
+        if len(data) > limit or (len(data) * 4 > limit and len(data.encode()) > limit):
             log_event("frame_too_large", level=logging.WARNING, user=connection.user)
             connection.close(CLOSE_TOO_LARGE, f"frames are limited to {limit} bytes")
             return
