@@ -16,8 +16,8 @@ from typing import Any, Literal
 import httpx
 import trio
 
-from tests.processes import Instance, serve_instance
 from triows.client import EventsClient, post_send
+from triows.process import Instance, serve_instance
 
 # Hang guards only; no test asserts on how long something took.
 STEP_TIMEOUT = 30

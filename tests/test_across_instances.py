@@ -31,8 +31,8 @@ from tests.e2e import (
     send_confirmed,
     wait_until_offline,
 )
-from tests.processes import wait_for_status
 from triows.client import open_events, post_send
+from triows.process import wait_for_status
 
 pytestmark = pytest.mark.broker
 

@@ -19,10 +19,10 @@ import trio_asyncio
 
 from backends.amqp091 import Amqp091Backend, open_amqp091_backend
 from tests.brokers import broker_outage, require_broker
-from tests.processes import free_port
 from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
+from triows.process import free_port
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker

@@ -22,9 +22,9 @@ from tests.e2e import (
     serve_target,
     unique_exchange,
 )
-from tests.processes import free_port, wait_for_status
 from tests.tcp_proxy import open_tcp_proxy
 from triows.client import EventsClient, open_events, post_send
+from triows.process import free_port, wait_for_status
 
 pytestmark = pytest.mark.broker
 

@@ -21,10 +21,10 @@ import pytest
 
 from backends.amqp10 import Amqp10Backend, open_amqp10_backend
 from tests.brokers import require_broker
-from tests.processes import free_port
 from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
+from triows.process import free_port
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tests.processes import serve_instance
 from triows.client import open_events, open_send_connection
+from triows.process import serve_instance
 
 
 async def test_one_connection_carries_many_sends_and_each_reaches_bob() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.processes import serve_instance
 from triows.client import open_events, post_send
+from triows.process import serve_instance
 
 ROOT = Path(__file__).resolve().parent.parent
 

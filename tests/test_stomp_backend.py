@@ -26,10 +26,10 @@ from backends.stomp import (
 )
 from backends.stomp_frames import Frame, FrameParser, encode_frame
 from tests.brokers import require_broker
-from tests.processes import free_port
 from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import BrokerUnavailable, Outcome
+from triows.process import free_port
 from triows.settings import Settings, SettingsError
 
 # Hang guards only; no test asserts on how long something took.

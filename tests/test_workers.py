@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from tests.brokers import require_broker
-from tests.processes import serve_instance
+from triows.process import serve_instance
 
 pytestmark = pytest.mark.broker
 
