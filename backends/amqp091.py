@@ -319,15 +319,7 @@ class Amqp091Backend:
             try:
                 await self._run_session(backoff)
             except BROKER_LOST as error:
-                delay = backoff.next_delay()
-                log_event(
-                    "broker_unavailable",
-                    logging.WARNING,
-                    broker=_safe_url(self._url),
-                    error=repr(error),
-                    retry_in=round(delay, 3),
-                )
-                await trio.sleep(delay)
+                await backoff.wait_after_loss(_safe_url(self._url), error)
 
     async def _run_session(self, backoff: Backoff) -> NoReturn:
         """Connect, set up, consume until the connection is lost; raise what lost it."""

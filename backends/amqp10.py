@@ -534,21 +534,10 @@ class Amqp10Backend:
             except BROKER_LOST as error:
                 if self._closing:
                     return
-                delay = backoff.next_delay()
-                logger.warning(
-                    "broker unavailable; reconnecting",
-                    extra={
-                        "fields": {
-                            "broker": str(self._target),
-                            "error": str(error) or repr(error),
-                            "retry_in": round(delay, 3),
-                        }
-                    },
-                )
+                report_started()
+                await backoff.wait_after_loss(str(self._target), error)
             else:
                 return  # closed by :meth:`close`
-            report_started()
-            await anyio.sleep(delay)
 
     async def _run_connection(self, backoff: Backoff, report_started: Callable[[], None]) -> None:
         """One connection, from connect to loss; returns only after :meth:`close`."""

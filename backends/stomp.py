@@ -428,15 +428,7 @@ class StompBackend:
             if self._closing:
                 # Closing: the DISCONNECT ended the connection on purpose.
                 await anyio.sleep_forever()
-            delay = backoff.next_delay()
-            log_event(
-                "stomp connection lost",
-                logging.WARNING,
-                error=repr(error),
-                retry_in=round(delay, 3),
-                broker=f"{self._url.host}:{self._url.port}",
-            )
-            await anyio.sleep(delay)
+            await backoff.wait_after_loss(f"{self._url.host}:{self._url.port}", error)
 
     async def _session(self, on_ready: Callable[[], None]) -> None:
         """One connection, from TCP connect until it fails or is dropped."""

@@ -264,7 +264,7 @@ class ReconnectFailures(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = getattr(record, "fields", {})
-        if record.getMessage() == "broker unavailable; reconnecting" and self.text in str(
+        if record.getMessage() == "broker_unavailable" and self.text in str(
             fields.get("error", "")
         ):
             self.seen.set()
@@ -273,7 +273,7 @@ class ReconnectFailures(logging.Handler):
 @pytest.fixture
 def refused_link_failures() -> Iterator[ReconnectFailures]:
     handler = ReconnectFailures("refused link")
-    logger = logging.getLogger("triows.backends.amqp10")
+    logger = logging.getLogger("triows")
     logger.addHandler(handler)
     try:
         yield handler

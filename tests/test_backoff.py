@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -39,3 +40,27 @@ def test_a_very_long_outage_does_not_overflow() -> None:
 def test_non_positive_delays_are_refused(initial: float, max_delay: float) -> None:
     with pytest.raises(ValueError):
         Backoff(max_delay=max_delay, initial=initial)
+
+
+async def test_waiting_after_a_loss_logs_one_broker_unavailable_event_and_sleeps_the_delay(
+    autojump_clock: object,
+) -> None:
+    import trio
+
+    backoff = Backoff(max_delay=8.0, initial=8.0, rng=random.Random(7))
+    expected = Backoff(max_delay=8.0, initial=8.0, rng=random.Random(7)).next_delay()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("triows")
+    logger.addHandler(handler)
+    try:
+        started = trio.current_time()
+        await backoff.wait_after_loss("broker:5672", ConnectionRefusedError("refused"))
+    finally:
+        logger.removeHandler(handler)
+    assert trio.current_time() - started == pytest.approx(expected)
+    (record,) = records
+    assert record.getMessage() == "broker_unavailable"
+    fields = record.fields  # type: ignore[attr-defined]
+    assert (fields["broker"], fields["error"]) == ("broker:5672", "refused")

@@ -8,8 +8,13 @@ the same moment from reconnecting in lock-step when it returns.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
+
+import anyio
+
+from triows.logs import log_event
 
 DEFAULT_INITIAL_DELAY = 0.1
 """Seconds; the upper bound of the first delay."""
@@ -44,3 +49,19 @@ class Backoff:
     def reset(self) -> None:
         """Start again from the smallest delay (call after a successful connect)."""
         self._attempt = 0
+
+    async def wait_after_loss(self, broker: str, error: BaseException) -> None:
+        """Log the lost broker as one ``broker_unavailable`` event, then wait the next delay.
+
+        Every backend reports a lost or unreachable broker with this same
+        event, so an operator can alert on one name whatever the protocol.
+        """
+        delay = self.next_delay()
+        log_event(
+            "broker_unavailable",
+            logging.WARNING,
+            broker=broker,
+            error=str(error) or repr(error),
+            retry_in=round(delay, 3),
+        )
+        await anyio.sleep(delay)
