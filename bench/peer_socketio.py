@@ -27,6 +27,7 @@ import socketio  # type: ignore[import-untyped]
 import uvicorn
 
 ACCEPTED = b'{"status":"accepted"}'
+KEEP_ALIVE_TIMEOUT = 300
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
         lifespan="on",
         log_level="warning",
         access_log=False,
+        # The load generator's keep-alive connections may wait out a drain
+        # between phases; uvicorn's default (5 s) would close them meanwhile.
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT,
     )
 
 
