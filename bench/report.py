@@ -351,6 +351,7 @@ def scaleout_chart(result: dict[str, Any], path: Path) -> None:
     throughput.set_title("delivered msg/s (senders on 1 instance, receivers on 1)")
     cpu.set_title("server CPU ms per delivered message, all instances")
     for axes in (throughput, cpu):
+        axes.set_xticks(sorted({row["instances"] for row in rows}))
         axes.set_xlabel("instances")
         axes.set_ylim(bottom=0)
         axes.grid(alpha=0.3)
