@@ -37,6 +37,8 @@ class Target:
     # GarageMQ quirks (see its entry below): instances connect one after the
     # other, and are stopped gracefully rather than killed.
     fragile: bool = False
+    # "triows", or "peer": bench/peer_socketio.py, the python-socketio alternative.
+    server: str = "triows"
 
     @property
     def single_instance(self) -> bool:
@@ -90,6 +92,24 @@ TARGETS: dict[str, Target] = {
         ),
     )
 }
+
+
+# Not triows: the alternative it is measured against, on the same broker in the same run.
+PEER_TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target(
+            "peer-socketio",
+            "socketio",
+            "rabbitmq",
+            "amqp://guest:guest@127.0.0.1:5672/",
+            "rabbitmq",
+            server="peer",
+        ),
+    )
+}
+# The scenarios the peer takes part in (direct-ws and ceiling are triows' own).
+PEER_SCENARIOS = ("direct", "latency", "idle", "batch", "scaleout")
 
 
 class BrokerNotRunning(Exception):
