@@ -57,7 +57,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -152,13 +152,11 @@ class Broker:
     @property
     def url(self) -> str:
         """The broker URL a triows backend of this protocol connects with."""
-        return self.url_format.format(
-            login=LOGIN, passcode=PASSCODE, host=HOST, port=self.port
-        )
+        return self.url_format.format(login=LOGIN, passcode=PASSCODE, host=HOST, port=self.port)
 
     @property
     def backend(self) -> str:
-        """The triows backend that speaks this broker's protocol (backend names are protocol names)."""
+        """The triows backend that speaks its protocol (backends are named after protocols)."""
         return self.protocol
 
     @property
@@ -190,7 +188,9 @@ OPENERS: dict[Protocol, bytes] = {
     "amqp091": b"AMQP\x00\x00\x09\x01",
     # AMQP 1.0 SASL protocol header; a 1.0 server echoes it back.
     "amqp10": b"AMQP\x03\x01\x00\x00",
-    "stomp": f"CONNECT\naccept-version:1.2\nhost:/\nlogin:{LOGIN}\npasscode:{PASSCODE}\n\n\x00".encode(),
+    "stomp": (
+        f"CONNECT\naccept-version:1.2\nhost:/\nlogin:{LOGIN}\npasscode:{PASSCODE}\n\n\x00"
+    ).encode(),
 }
 
 
@@ -384,18 +384,14 @@ def stop_pid(pidfile: Path, pattern: str, signum: signal.Signals) -> None:
     """Send ``signum``, wait for the exit, SIGKILL after STOP_TIMEOUT; remove the pid file."""
     pid = pid_of(pidfile, pattern)
     if pid is not None:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
         try:
             wait_for(STOP_TIMEOUT, f"pid {pid} to exit", lambda: process_gone(pid))
         except Failure as failure:
             log(f"{failure}; sending SIGKILL to {pid}")
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             wait_for(KILL_TIMEOUT, f"pid {pid} to exit after SIGKILL", lambda: process_gone(pid))
     pidfile.unlink(missing_ok=True)
 
@@ -537,7 +533,7 @@ def start_activemq(broker: Broker) -> None:
 
 
 def prepare_activemq_conf(broker: Broker) -> None:
-    """The packaged conf folder, with our activemq.xml (STOMP on the table's port) and log4j over it."""
+    """The packaged conf folder with ours over it: activemq.xml (STOMP on our port), log4j."""
     conf = ACTIVEMQ_DIR / "conf"
     data = ACTIVEMQ_DIR / "data"
     for folder in (conf, data, ACTIVEMQ_DIR / "tmp"):
@@ -592,9 +588,7 @@ def start_garagemq(broker: Broker) -> None:
         (GARAGEMQ_DIR / "config.yaml").write_text(config)
         log(f"garagemq: starting (log: {GARAGEMQ_DIR / 'garagemq.log'})")
         # Run from the runtime folder: the config's db path is relative to it.
-        spawn(
-            GARAGEMQ_DIR, "garagemq", ["garagemq", "--config", str(GARAGEMQ_DIR / "config.yaml")]
-        )
+        spawn(GARAGEMQ_DIR, "garagemq", ["garagemq", "--config", str(GARAGEMQ_DIR / "config.yaml")])
     wait_for_spawned(broker, GARAGEMQ_START_TIMEOUT, GARAGEMQ_DIR, GARAGEMQ_PATTERN)
 
 
@@ -733,7 +727,8 @@ def cmd_check(brokers: Sequence[Broker]) -> int:
         complaint = str(failure)
     if complaint is None:
         return 0
-    print(f"{broker.name} is not answering: {complaint}; {start_hint(broker.name)}", file=sys.stderr)
+    hint = start_hint(broker.name)
+    print(f"{broker.name} is not answering: {complaint}; {hint}", file=sys.stderr)
     return 1
 
 
