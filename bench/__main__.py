@@ -137,9 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
-    unknown = [name for name in scenarios if name not in SCENARIOS]
-    if unknown:
-        parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
     options = Options.quick_options() if args.quick else Options()
     overrides = {
         "duration": args.duration,
