@@ -26,6 +26,7 @@ protocol, default port, and the variable that overrides the port:
   activemq          STOMP       127.0.0.1:61614  TRIOWS_BROKERS_ACTIVEMQ_PORT
                     (OpenWire   127.0.0.1:61616, fixed)
   garagemq          AMQP 0-9-1  127.0.0.1:5673   TRIOWS_BROKERS_GARAGEMQ_PORT
+                    (admin HTTP 127.0.0.1:15673, the port + 10000)
 
 A port variable moves where the script, the tests and the bench look for the
 broker. ActiveMQ and GarageMQ, which this script runs itself, are also
@@ -367,6 +368,9 @@ def pid_of(pidfile: Path, pattern: str) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
+    if not cmdline:
+        # A zombie, or a process in the middle of its exec (just spawned).
+        return None if process_gone(pid) is None else pid
     return pid if pattern in cmdline.replace(b"\0", b" ").decode(errors="replace") else None
 
 
@@ -567,8 +571,28 @@ def stop_activemq(broker: Broker) -> None:
 
 GARAGEMQ_DIR = RUN_DIR / "garagemq"
 GARAGEMQ_PATTERN = "garagemq"
-# The tcp listener in deploy/garagemq/config.yaml; its port is the table's.
-GARAGEMQ_TCP_PORT = re.compile(r"(?m)^(tcp:\n(?:[ \t]+.*\n)*?[ \t]+port:[ \t]*)\d+")
+# The listeners in deploy/garagemq/config.yaml: AMQP on the table's port, the
+# admin HTTP server (which it cannot run without) 10000 above it, as by
+# default (5673, 15673), so that two GarageMQs on two ports do not clash.
+GARAGEMQ_ADMIN_OFFSET = 10000
+
+
+def garagemq_listener(section: str) -> re.Pattern[str]:
+    """The port of ``section`` (``tcp``, ``admin``) in GarageMQ's config."""
+    return re.compile(rf"(?m)^({section}:\n(?:[ \t]+.*\n)*?[ \t]+port:[ \t]*)\d+")
+
+
+def garagemq_config(port: int) -> str:
+    """deploy/garagemq/config.yaml with AMQP on ``port`` and the admin server 10000 above."""
+    admin_port = port + GARAGEMQ_ADMIN_OFFSET
+    if admin_port > 65535:
+        raise Failure(f"garagemq: port {port} leaves no room for its admin port (port + 10000)")
+    config = (DEPLOY_DIR / "garagemq" / "config.yaml").read_text()
+    for section, value in (("tcp", port), ("admin", admin_port)):
+        config, count = garagemq_listener(section).subn(rf"\g<1>{value}", config)
+        if count != 1:
+            raise Failure(f"deploy/garagemq/config.yaml: expected one {section}: port")
+    return config
 
 
 def start_garagemq(broker: Broker) -> None:
@@ -580,12 +604,7 @@ def start_garagemq(broker: Broker) -> None:
     else:
         GARAGEMQ_DIR.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(GARAGEMQ_DIR / "db", ignore_errors=True)
-        config, count = GARAGEMQ_TCP_PORT.subn(
-            rf"\g<1>{broker.port}", (DEPLOY_DIR / "garagemq" / "config.yaml").read_text()
-        )
-        if count != 1:
-            raise Failure("deploy/garagemq/config.yaml: expected one tcp: port")
-        (GARAGEMQ_DIR / "config.yaml").write_text(config)
+        (GARAGEMQ_DIR / "config.yaml").write_text(garagemq_config(broker.port))
         log(f"garagemq: starting (log: {GARAGEMQ_DIR / 'garagemq.log'})")
         # Run from the runtime folder: the config's db path is relative to it.
         spawn(GARAGEMQ_DIR, "garagemq", ["garagemq", "--config", str(GARAGEMQ_DIR / "config.yaml")])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import socket
 import sys
 from pathlib import Path
 
@@ -95,6 +97,48 @@ async def test_require_broker_fails_with_how_to_start_it_when_nothing_answers(
     message = str(failure.value)
     assert f"garagemq is not answering: 127.0.0.1:{port}" in message
     assert "start it with: deploy/brokers.py start garagemq" in message
+
+
+def free_port_pair(offset: int) -> int:
+    """A port P such that neither P nor P + ``offset`` is taken on 127.0.0.1 right now."""
+    for _ in range(100):
+        port = random.randrange(20000, 65535 - offset)
+        try:
+            with socket.socket() as first, socket.socket() as second:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free pair of ports")
+
+
+async def test_a_port_variable_starts_a_broker_of_the_script_there_and_stop_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second GarageMQ, in a runtime folder of its own: the shared one is left alone.
+    port = free_port_pair(table.GARAGEMQ_ADMIN_OFFSET)
+    monkeypatch.setenv("TRIOWS_BROKERS_RUN_DIR", str(tmp_path))
+    monkeypatch.setenv(BROKERS["garagemq"].port_variable, str(port))
+    try:
+        with trio.fail_after(START_TIMEOUT):
+            started = await run_brokers_script("start", "garagemq")
+        assert started.returncode == 0, started.stderr.decode()
+        status = await run_brokers_script("status", "garagemq")
+        assert status.stdout.decode().split() == [
+            "garagemq",
+            "up",
+            "AMQP",
+            "0-9-1",
+            f"127.0.0.1:{port}",
+        ]
+    finally:
+        stopped = await run_brokers_script("stop", "garagemq")
+    assert stopped.returncode == 0, stopped.stderr.decode()
+    after = await run_brokers_script("status", "garagemq")
+    assert b"DOWN" in after.stdout
+    monkeypatch.delenv(BROKERS["garagemq"].port_variable)
+    await require_broker("garagemq")  # the shared one, on the default port, still answers
 
 
 def test_a_spawned_broker_that_exits_is_given_up_at_once_with_its_log_tail(
