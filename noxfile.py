@@ -9,7 +9,7 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-BROKERS_SCRIPT = "deploy/brokers.sh"
+BROKERS_SCRIPT = "deploy/brokers.py"
 
 
 def install(session: nox.Session, *extras: str) -> None:
@@ -19,7 +19,7 @@ def install(session: nox.Session, *extras: str) -> None:
 
 
 def brokers(session: nox.Session, *args: str, **kwargs: Any) -> None:
-    session.run("bash", BROKERS_SCRIPT, *args, external=True, **kwargs)
+    session.run("python3", BROKERS_SCRIPT, *args, external=True, **kwargs)
 
 
 @nox.session

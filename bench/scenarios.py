@@ -18,7 +18,7 @@ import secrets
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -104,7 +104,7 @@ def _row(target: Target, scenario: str, **figures: Any) -> dict[str, Any]:
     return {
         "target": target.name,
         "backend": target.backend,
-        "broker": target.broker,
+        "broker": target.family,
         "scenario": scenario,
         **figures,
     }
@@ -377,7 +377,7 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
         idle_cpu_percent=round(100 * instance_cpu / window.wall, 2),
         broker_idle_cpu_percent=(
             None
-            if broker_cpu is None or not target.script_name
+            if broker_cpu is None or not target.broker
             else round(100 * broker_cpu / window.wall, 2)
         ),
         params={"connections": count, "idle_window": options.idle_window},
@@ -565,7 +565,3 @@ async def run_scaleout(target: Target, exchange: str, options: Options) -> list[
         row["instances"] = count
         rows.append(row)
     return rows
-
-
-def options_dict(options: Options) -> dict[str, Any]:
-    return asdict(options)

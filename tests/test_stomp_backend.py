@@ -25,6 +25,7 @@ from backends.stomp import (
     parse_stomp_url,
 )
 from backends.stomp_frames import Frame, FrameParser, encode_frame
+from deploy.brokers import BROKERS
 from tests.brokers import require_broker
 from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
@@ -36,7 +37,8 @@ from triows.settings import Settings, SettingsError
 READY_TIMEOUT = 30
 DELIVERY_TIMEOUT = 60
 
-STOMP_PORTS = {"rabbitmq-stomp": 61613, "activemq": 61614}
+# The broker table's STOMP brokers and their ports.
+STOMP_PORTS = {name: BROKERS[name].port for name in ("rabbitmq-stomp", "activemq")}
 
 
 @pytest.fixture(params=sorted(STOMP_PORTS))

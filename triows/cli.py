@@ -11,15 +11,17 @@ import argparse
 import dataclasses
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from multiprocessing.synchronize import Event as ProcessEvent
 
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from triows.app import HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
@@ -65,8 +67,29 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
+def write_url_file(path: str, urls: Sequence[str]) -> None:
+    """Write the URLs served on, one a line, all at once (a reader never sees half a file)."""
+    partial_path = f"{path}.partial"
+    with open(partial_path, "w", encoding="utf-8") as file:
+        file.write("".join(f"{url}\n" for url in urls))
+    os.replace(partial_path, path)
+
+
+def _socket_urls(sockets: Sockets) -> list[str]:
+    """The URLs of bound sockets, as Hypercorn reports them (port 0 resolved)."""
+    return [
+        f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
+        for scheme, group in (("https", sockets.secure_sockets), ("http", sockets.insecure_sockets))
+        for sock in group
+    ]
+
+
 async def _serve_worker(
-    settings: Settings, config: Config, sockets: Sockets | None, stop: ProcessEvent | None
+    settings: Settings,
+    config: Config,
+    sockets: Sockets | None,
+    stop: ProcessEvent | None,
+    url_file: str | None = None,
 ) -> None:
     app = create_app(settings)
 
@@ -80,12 +103,18 @@ async def _serve_worker(
                     break
         await app.drain()
 
-    await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, None),
-        config,
-        sockets=sockets,
-        shutdown_trigger=drain_on_shutdown,
-    )
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(
+            partial(
+                worker_serve,
+                wrap_app(app, config.wsgi_max_body_size, None),
+                config,
+                sockets=sockets,
+                shutdown_trigger=drain_on_shutdown,
+            )
+        )
+        if url_file is not None:
+            write_url_file(url_file, urls)
 
 
 async def _wait_for_process_event(event: ProcessEvent, scope: trio.CancelScope) -> None:
@@ -107,14 +136,20 @@ def _worker_process(
     trio.run(_serve_worker, settings, config, sockets, stop)
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; with several workers, one process per worker."""
+def serve(settings: Settings, url_file: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; with several workers, one process per worker.
+
+    ``url_file``: once listening, write there the URL of each address served
+    on (with port 0 in a bind, the port the kernel chose).
+    """
     check_startup(settings)
     config = hypercorn_config(settings)
     if settings.workers == 1:
-        trio.run(_serve_worker, settings, config, None, None)
+        trio.run(_serve_worker, settings, config, None, None, url_file)
         return 0
     sockets = config.create_sockets()
+    if url_file is not None:
+        write_url_file(url_file, _socket_urls(sockets))
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     processes = []
@@ -155,6 +190,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--workers", type=int, help="worker processes (TRIOWS_WORKERS)")
     serve_parser.add_argument("--backend", help="broker backend (TRIOWS_BACKEND)")
     serve_parser.add_argument("--broker-url", help="broker URL (TRIOWS_BROKER_URL)")
+    serve_parser.add_argument(
+        "--url-file", help="once listening, write the URL of each bound address to this file"
+    )
     token_parser = commands.add_parser("token", help="mint a token from TRIOWS_SECRET")
     token_parser.add_argument("user")
     token_parser.add_argument(
@@ -173,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.from_env(
                 bind=bind, workers=args.workers, backend=args.backend, broker_url=args.broker_url
             )
-            return serve(settings)
+            return serve(settings, args.url_file)
         if args.command == "token":
             settings = Settings.from_env()
             if not settings.secret:

@@ -84,11 +84,12 @@ async def post_send(
     token: str | None = None,
 ) -> httpx.Response:
     """``POST /send``; ``sender`` is the dev-mode ``from``, ``token`` a bearer token."""
-    body: dict[str, Any] = {"to": to, "message": message}
-    if sender is not None:
-        body["from"] = sender
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return await http.post(f"{base_url}/send", json=body, headers=headers)
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return await http.post(
+        f"{base_url}/send", content=_send_body(to, message, sender), headers=headers
+    )
 
 
 def _send_body(to: str, message: Any, sender: str | None) -> bytes:

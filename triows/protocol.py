@@ -155,7 +155,9 @@ def encode_message(message_id: str, sender: str | None, request: SendRequest) ->
 
 
 def hello_frame(user: str, instance: str) -> str:
-    return _dumps({"type": "hello", "user": user, "instance": instance, "protocol": 1})
+    return _dumps(
+        {"type": "hello", "user": user, "instance": instance, "protocol": PROTOCOL_VERSION}
+    )
 
 
 def ack_frame(ref: str | None, message_id: str, status: str) -> str:
