@@ -26,6 +26,8 @@ from urllib.parse import parse_qs
 import socketio  # type: ignore[import-untyped]
 import uvicorn
 
+from deploy.brokers import BROKERS
+
 ACCEPTED = b'{"status":"accepted"}'
 KEEP_ALIVE_TIMEOUT = 300
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.peer_socketio")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--broker-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("--broker-url", default=BROKERS["rabbitmq"].url)
     parser.add_argument("--channel", default="socketio", help="the fanout exchange's name")
     args = parser.parse_args(argv)
     uvicorn.run(

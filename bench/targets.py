@@ -88,9 +88,9 @@ PEER_TARGETS: dict[str, Target] = {
         Target(
             "peer-socketio",
             "socketio",
-            "rabbitmq",
-            "amqp://guest:guest@127.0.0.1:5672/",
-            "rabbitmq",
+            broker="rabbitmq",
+            family=BROKERS["rabbitmq"].family,
+            broker_url=BROKERS["rabbitmq"].url,
             server="peer",
         ),
     )
