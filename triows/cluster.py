@@ -52,19 +52,30 @@ class Cluster:
     haproxy: trio.Process
 
 
-def haproxy_path() -> str:
-    """The ``haproxy`` executable, installed from Debian's package if it is missing."""
-    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+def debian_executable(name: str, package: str | None = None) -> str:
+    """The path of executable ``name``, installed from Debian's ``package`` if it is missing."""
+    search_path = f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/local/sbin:/sbin"
+    found = shutil.which(name, path=search_path)
     if found:
         return found
+    package = package or name
     if shutil.which("apt-get") is None:
-        raise ClusterError("haproxy is not installed and there is no apt-get to install it")
-    print("cluster: installing haproxy (apt-get install -y haproxy)", file=sys.stderr)
-    subprocess.run(["apt-get", "install", "-y", "-q", "haproxy"], check=True)
-    found = shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin:/usr/bin")
+        raise ClusterError(f"{name} is not installed and there is no apt-get to install it")
+    print(f"cluster: installing {package} (apt-get install -y {package})", file=sys.stderr)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", package],
+        check=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+    found = shutil.which(name, path=search_path)
     if not found:
-        raise ClusterError("apt-get installed haproxy, but no haproxy executable was found")
+        raise ClusterError(f"apt-get installed {package}, but no {name} executable was found")
     return found
+
+
+def haproxy_path() -> str:
+    """The ``haproxy`` executable, installed from Debian's package if it is missing."""
+    return debian_executable("haproxy")
 
 
 def haproxy_environment(front_port: int, instance_ports: Sequence[int]) -> dict[str, str]:
