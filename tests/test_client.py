@@ -211,3 +211,11 @@ async def test_a_drained_instance_sends_the_client_to_the_other_and_messages_kee
             with trio.fail_after(STEP_TIMEOUT):
                 await first.process.wait()
         del http
+
+
+async def test_a_request_after_the_client_was_closed_raises_client_closed() -> None:
+    async with serve_instance("memory") as server:
+        async with open_client(server.base_url, user="Anne") as anne:
+            pass
+        with pytest.raises(ClientClosed):
+            await anne.send(to="Anne", message="too late")

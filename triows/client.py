@@ -289,6 +289,7 @@ class TriowsClient:
         self._refs = itertools.count(1)
         self._rooms: set[str] = set()
         self._closed: ClientClosed | None = None
+        self._stopped = False
         self.hello: dict[str, Any] = {}
         self.url: str = self._urls[0]
         self.reconnects = 0
@@ -340,6 +341,8 @@ class TriowsClient:
             while True:
                 if self._closed is not None:
                     raise self._closed
+                if self._stopped:
+                    raise ClientClosed(1000, "the client was closed")
                 if self._websocket is not None:
                     break
                 await self._connected.wait()
@@ -430,6 +433,9 @@ class TriowsClient:
             if not self.hello:
                 raise
         finally:
+            self._stopped = True
+            # Wake requests waiting for a connection: none will come.
+            self._connected.set()
             self._fail_pending(ConnectionLost("the client stopped"))
             self._incoming_send.close()
 
@@ -492,6 +498,9 @@ class TriowsClient:
             except RequestRefused as refused:
                 self._rooms.discard(room)
                 failed[room] = refused.code
+            except (ConnectionLost, trio.TooSlowError):
+                # This connection is going away; the next one joins every room again.
+                return
         self.reconnects += 1
         event = {
             "type": "reconnected",
