@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from tests.brokers import require_broker
@@ -78,7 +79,8 @@ async def _hello_of(base_url: str) -> str:
         return probe.instance
 
 
-async def test_the_cluster_command_stops_everything_it_started_on_ctrl_c() -> None:
+@pytest.mark.parametrize("moment", ["once_ready", "during_start_up"])
+async def test_the_cluster_command_stops_everything_it_started_on_ctrl_c(moment: str) -> None:
     await require_broker("rabbitmq")
     front, ports = free_ports()
     command = [
@@ -100,7 +102,11 @@ async def test_the_cluster_command_stops_everything_it_started_on_ctrl_c() -> No
                 check=False,
             )
         )
-        await wait_for_status(f"http://127.0.0.1:{front}/readyz", 200, timeout=120)
+        if moment == "once_ready":
+            await wait_for_status(f"http://127.0.0.1:{front}/readyz", 200, timeout=120)
+        else:
+            # The first instance serves; the others and HAProxy are not up yet.
+            await wait_for_status(f"http://127.0.0.1:{ports[0]}/healthz", 200, timeout=120)
         process.send_signal(signal.SIGINT)
         with trio.fail_after(120):
             assert await process.wait() == 0

@@ -193,25 +193,34 @@ async def _run(args: argparse.Namespace) -> None:
     ports = [int(port) for port in args.instance_ports.split(",")]
     # Instances log at INFO here (connects, drains), unless the caller chose.
     env = {"TRIOWS_LOG_LEVEL": os.environ.get("TRIOWS_LOG_LEVEL", "INFO")}
-    async with open_cluster(
-        args.backend,
-        broker_url=args.broker_url,
-        broker=args.broker,
-        front_port=args.port,
-        instance_ports=ports,
-        env=env,
-    ) as cluster:
-        print(
-            f"cluster: HAProxy on {cluster.url} (chat page: {cluster.url}/), instances "
-            + ", ".join(instance.base_url for instance in cluster.instances)
-            + f", backend {args.backend}. Ctrl-C stops everything.",
-            file=sys.stderr,
-            flush=True,
-        )
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
+    # Ctrl-C (or SIGTERM) at any moment, start-up included, cancels the
+    # cluster's block, and open_cluster stops everything it started.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
+            async with open_cluster(
+                args.backend,
+                broker_url=args.broker_url,
+                broker=args.broker,
+                front_port=args.port,
+                instance_ports=ports,
+                env=env,
+            ) as cluster:
+                print(
+                    f"cluster: HAProxy on {cluster.url} (chat page: {cluster.url}/), instances "
+                    + ", ".join(instance.base_url for instance in cluster.instances)
+                    + f", backend {args.backend}. Ctrl-C stops everything.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                await trio.sleep_forever()
+
+
+async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for _ in signals:
         print("cluster: stopping (instances drain first)", file=sys.stderr, flush=True)
+        scope.cancel()
+        return
 
 
 def main(argv: Sequence[str] | None = None) -> int:
