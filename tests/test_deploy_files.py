@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import re
 import subprocess
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trio
 import yaml
 
+from tests.brokers import require_broker
 from tests.conftest import serving
+from tests.e2e import STEP_TIMEOUT, TARGETS_BY_NAME, ready_instances
+from triows.client import open_client, post_send
 from triows.cluster import (
     DEFAULT_FRONT_PORT,
     DEFAULT_INSTANCE_PORTS,
     HAPROXY_CONFIG,
     debian_executable,
 )
+from triows.process import free_port, stop_process, wait_for_status
 from triows.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -285,3 +292,43 @@ def test_nginx_accepts_its_config() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+async def test_nginx_with_this_config_carries_websockets_and_sends_to_real_instances(
+    tmp_path: Path,
+) -> None:
+    target = TARGETS_BY_NAME["amqp091-rabbitmq"]
+    await require_broker(target.broker)
+    front = free_port()
+    async with ready_instances(target, len(DEFAULT_INSTANCE_PORTS)) as instances:
+        # The file as it stands, with only its addresses and pid path moved to free ones.
+        config = (DEPLOY / "nginx.conf").read_text()
+        config = config.replace(
+            f"listen 127.0.0.1:{DEFAULT_FRONT_PORT};", f"listen 127.0.0.1:{front};"
+        )
+        for port, instance in zip(DEFAULT_INSTANCE_PORTS, instances, strict=True):
+            config = config.replace(f"server 127.0.0.1:{port} ", f"server {instance.base_url[7:]} ")
+        config = config.replace("pid /tmp/triows-nginx.pid;", f"pid {tmp_path / 'nginx.pid'};")
+        (tmp_path / "nginx.conf").write_text(config)
+        command = [debian_executable("nginx", "nginx-light"), "-c", str(tmp_path / "nginx.conf")]
+        async with trio.open_nursery() as nursery:
+            nginx: trio.Process = await nursery.start(
+                partial(trio.run_process, [*command, "-g", "daemon off;"], check=False)
+            )
+            try:
+                url = f"http://127.0.0.1:{front}"
+                await wait_for_status(f"{url}/readyz", 200)
+                # A hang guard over the whole exchange, connecting included.
+                with trio.fail_after(STEP_TIMEOUT):
+                    async with open_client(url, user="Bob") as bob, httpx.AsyncClient() as http:
+                        response = await post_send(http, url, "Bob", "via nginx", sender="Anne")
+                        assert response.status_code == 202, response.text
+                        async for frame in bob:
+                            if frame["type"] == "message":
+                                break
+                        assert frame["message"] == "via nginx"
+                        ack = await bob.send(to="Bob", message="over the socket")
+                        assert ack["status"] == "routed"
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stop_process(nginx)
