@@ -5,6 +5,7 @@ Rooms are not exercised here: the server does not support ``join`` yet.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import signal
 from typing import Any
@@ -21,6 +22,7 @@ from triows.client import (
     ConnectionLost,
     RequestRefused,
     TriowsClient,
+    client_logger,
     open_client,
     open_events,
     post_send,
@@ -219,3 +221,41 @@ async def test_a_request_after_the_client_was_closed_raises_client_closed() -> N
             pass
         with pytest.raises(ClientClosed):
             await anne.send(to="Anne", message="too late")
+
+
+class RefusalSeen(logging.Handler):
+    """Sets ``seen`` when the client logs a refused handshake."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__()
+        self.seen = trio.Event()
+        self._text = f"handshake {status}"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._text in record.getMessage():
+            self.seen.set()
+
+
+async def test_a_full_instance_refusing_the_handshake_is_retried_until_it_has_room() -> None:
+    refusal = RefusalSeen(503)
+    client_logger.addHandler(refusal)
+    try:
+        async with serve_instance("memory", env={"TRIOWS_MAX_CONNECTIONS": "1"}) as server:
+            connected = trio.Event()
+
+            async def anne() -> None:
+                async with open_client(server.base_url, user="Anne", reconnect_max=0.2) as client:
+                    assert client.hello["user"] == "Anne"
+                    connected.set()
+
+            async with trio.open_nursery() as nursery:
+                async with open_events(server.base_url, user="Bob"):
+                    nursery.start_soon(anne)
+                    with trio.fail_after(STEP_TIMEOUT):
+                        await refusal.seen.wait()
+                    assert not connected.is_set()
+                # Bob's socket is closed: the instance has room, and Anne gets in.
+                with trio.fail_after(STEP_TIMEOUT):
+                    await connected.wait()
+    finally:
+        client_logger.removeHandler(refusal)
