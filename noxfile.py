@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix."""
+"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix, cluster."""
 
 from __future__ import annotations
 
@@ -80,3 +80,13 @@ def bench_matrix(session: nox.Session) -> None:
     install(session, "bench")
     brokers(session, "start", success_codes=[0, 1])
     session.run("python", "-m", "bench", "--matrix", *session.posargs)
+
+
+@nox.session
+def cluster(session: nox.Session) -> None:
+    """Brokers, 3 instances on 8001-8003 and HAProxy on 8000 (``-- --backend stomp``...).
+
+    Runs ``python -m triows.cluster`` (see its ``--help``); Ctrl-C stops everything it started.
+    """
+    install(session)
+    session.run("python", "-m", "triows.cluster", *session.posargs)
