@@ -9,6 +9,7 @@ nursery of its own.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from triows.settings import Settings
 STATIC_DIR = Path(__file__).parent / "static"
 # Hypercorn's own hard frame limit, above ours so our check answers first with a log line.
 HYPERCORN_FRAME_LIMIT_FACTOR = 2
+# The exit status of an instance whose backend or router died (EX_SOFTWARE).
+FATAL_EXIT_CODE = 70
 
 
 class TriowsApp(QuartTrio):
@@ -59,6 +62,12 @@ class TriowsApp(QuartTrio):
         self._router: Router | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
+        # Set when the backend or the router's pump died (see fail()).
+        self.failed = trio.Event()
+        self.fatal_error = ""
+        # True when the server serving this app stops on ``failed`` and exits
+        # non-zero itself (``triows serve``); else fail() ends the process.
+        self.exits_on_failure = False
 
     @property
     def router(self) -> Router:
@@ -68,34 +77,85 @@ class TriowsApp(QuartTrio):
 
     @property
     def ready(self) -> bool:
-        return self._router is not None and self._router.backend.ready and not self.draining
+        return (
+            self._router is not None
+            and self._router.backend.ready
+            and not self.draining
+            and not self.failed.is_set()
+        )
 
     async def run_backend(self, *, task_status: trio.TaskStatus[Router]) -> None:
-        """Own the backend and the router's pump until the app stops."""
+        """Own the backend and the router's pump until the app stops.
+
+        If the backend's tasks or the router's pump die (or the pump ends)
+        before the app stops, the instance cannot route any more: that is
+        :meth:`fail`, which ends the process with a non-zero exit.
+        """
+        started = False
         try:
             async with open_backend(self.settings) as backend:
                 router = Router(backend, self.metrics, self.settings)
                 self.metrics.broker_ready.set_function(lambda: float(backend.ready))
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(router.run)
+                    nursery.start_soon(_pump, router)
                     task_status.started(router)
+                    started = True
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
+        except BaseException as error:
+            if not started or self._stop.is_set() or _is_cancellation(error):
+                raise
+            self.fail(error)
         finally:
             self._stopped.set()
 
+    def fail(self, error: BaseException) -> None:
+        """The instance cannot route any more: log ``fatal`` and end the process, non-zero.
+
+        Under ``triows serve`` the server waits on :attr:`failed` and stops
+        (closing every socket) and the process exits with
+        :data:`FATAL_EXIT_CODE`. Under a server that does not (plain
+        Hypercorn), the process exits at once with that code rather than live
+        on unable to route: the orchestrator restarts it.
+        """
+        self.fatal_error = f"{error.__class__.__name__}: {error}"
+        log_event("fatal", level=logging.CRITICAL, error=self.fatal_error)
+        self.failed.set()
+        if not self.exits_on_failure:
+            os._exit(FATAL_EXIT_CODE)
+
     async def drain(self) -> None:
-        """Stop being ready, close every socket with 1012 and wait (bounded) until they are gone."""
+        """Drain in the order DESIGN §6.4 gives, each step bounded by ``TRIOWS_DRAIN_TIMEOUT``.
+
+        ``/readyz`` turns 503; every held key is unsubscribed (the broker
+        stops routing here: a user connected only here is offline, 404); what
+        the broker had already delivered is flushed to the sockets; then the
+        sockets close with 1012. The broker connection closes after, when
+        the app stops.
+        """
         if self.draining:
             return
         self.draining = True
         router = self.router
         log_event("drain_start", connections=len(router.connections))
+        with trio.move_on_after(self.settings.drain_timeout):
+            await router.release_all(self.settings.drain_timeout)
         for connection in router.connections:
             connection.close(CLOSE_DRAINING, "instance draining, reconnect")
         with trio.move_on_after(self.settings.drain_timeout):
             await router.idle.wait()
         log_event("drain_done", connections_left=len(router.connections))
+
+
+async def _pump(router: Router) -> None:
+    await router.run()
+    raise RuntimeError("the backend's stream of incoming messages ended")
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled | KeyboardInterrupt | SystemExit)
 
 
 def create_app(settings: Settings | None = None) -> TriowsApp:

@@ -21,7 +21,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from triows.app import HYPERCORN_FRAME_LIMIT_FACTOR, create_app
+from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
 from triows.backend import UnknownBackend, load_backend
 from triows.logs import logger
@@ -67,18 +67,22 @@ def hypercorn_config(settings: Settings) -> Config:
 
 async def _serve_worker(
     settings: Settings, config: Config, sockets: Sockets | None, stop: ProcessEvent | None
-) -> None:
+) -> int:
     app = create_app(settings)
+    # A dead backend or router stops the server here, and the exit status says so.
+    app.exits_on_failure = True
 
     async def drain_on_shutdown() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 if stop is not None:
                     nursery.start_soon(_wait_for_process_event, stop, nursery.cancel_scope)
+                nursery.start_soon(_cancel_when, app.failed, nursery.cancel_scope)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
-        await app.drain()
+        if not app.failed.is_set():
+            await app.drain()
 
     await worker_serve(
         wrap_app(app, config.wsgi_max_body_size, None),
@@ -86,6 +90,12 @@ async def _serve_worker(
         sockets=sockets,
         shutdown_trigger=drain_on_shutdown,
     )
+    return FATAL_EXIT_CODE if app.failed.is_set() else 0
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _wait_for_process_event(event: ProcessEvent, scope: trio.CancelScope) -> None:
@@ -104,7 +114,7 @@ def _worker_process(
     # as Hypercorn's own trio_worker does (trio.SocketListener insists).
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(config.backlog)
-    trio.run(_serve_worker, settings, config, sockets, stop)
+    sys.exit(trio.run(_serve_worker, settings, config, sockets, stop))
 
 
 def serve(settings: Settings) -> int:
@@ -112,8 +122,7 @@ def serve(settings: Settings) -> int:
     check_startup(settings)
     config = hypercorn_config(settings)
     if settings.workers == 1:
-        trio.run(_serve_worker, settings, config, None, None)
-        return 0
+        return trio.run(_serve_worker, settings, config, None, None)
     sockets = config.create_sockets()
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
