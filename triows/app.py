@@ -8,14 +8,19 @@ nursery of its own.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import trio
+from hypercorn.typing import Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request, send_from_directory, websocket
+from quart.typing import ASGIReceiveCallable, ASGISendCallable
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -68,6 +73,24 @@ class TriowsApp(QuartTrio):
         # True when the server serving this app stops on ``failed`` and exits
         # non-zero itself (``triows serve``); else fail() ends the process.
         self.exits_on_failure = False
+        self.guards_dev_mode = settings.dev_mode and not settings.insecure
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve one ASGI connection; in dev mode only those that came in on loopback.
+
+        The bind addresses are known to ``triows serve`` but not to the app
+        under another server (``hypercorn 'triows.app:create_app()'``), so
+        dev mode is enforced here, per connection, on the local address the
+        server reports: a request that arrived on a non-loopback address or a
+        unix socket is refused with 403 (a WebSocket handshake too), unless
+        ``TRIOWS_INSECURE=1``.
+        """
+        if self.guards_dev_mode and scope["type"] != "lifespan" and not _on_loopback(scope):
+            await _refuse_dev_mode(scope, send)
+            return
+        await super().__call__(scope, receive, send)
 
     @property
     def router(self) -> Router:
@@ -145,6 +168,56 @@ class TriowsApp(QuartTrio):
         with trio.move_on_after(self.settings.drain_timeout):
             await router.idle.wait()
         log_event("drain_done", connections_left=len(router.connections))
+
+
+DEV_MODE_REFUSED = (
+    "dev mode (no TRIOWS_SECRET) serves loopback only: this connection came in on "
+    "another address. Set TRIOWS_SECRET, or TRIOWS_INSECURE=1 if you really mean it"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _on_loopback(scope: Scope) -> bool:
+    """Whether the connection came in on a loopback address, as far as the server says.
+
+    Hypercorn (and uvicorn) always report ``server``; it is None for a unix
+    socket, which anyone who can open the file could use: refused. No
+    ``server`` key at all means no network is involved (an in-process caller
+    such as Quart's test client).
+    """
+    if "server" not in scope:
+        return True
+    server = scope["server"]
+    if not server or server[1] is None:
+        return False
+    return _is_loopback_ip(str(server[0]))
+
+
+async def _refuse_dev_mode(scope: Scope, send: ASGISendCallable) -> None:
+    log_event("dev_mode_refused", level=logging.WARNING, server=str(scope.get("server")))
+    body = json.dumps({"title": "Forbidden", "status": 403, "detail": DEV_MODE_REFUSED}).encode()
+    if scope["type"] == "websocket":
+        # Closing before accepting is answered with HTTP 403 by the server.
+        await send({"type": "websocket.close", "code": 1008, "reason": ""})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _pump(router: Router) -> None:

@@ -174,9 +174,18 @@ def _split_bind(address: str) -> tuple[str, int]:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+    """Whether ``host`` is a loopback address, or a name that resolves only to such.
+
+    A name such as ``localhost`` is resolved rather than trusted: an
+    ``/etc/hosts`` may map it to a routable address.
+    """
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    try:
+        resolved = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
         return False
+    addresses = {str(info[4][0]).split("%")[0] for info in resolved}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
