@@ -9,6 +9,7 @@ bytes verbatim.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -21,11 +22,9 @@ USER_KEY_PREFIX: Final = "user."
 # Deepest nesting of arrays and objects a client's JSON may have: deeper
 # values would recurse in the decoder or encoder (a 500, not a 400).
 MAX_JSON_DEPTH: Final = 64
-# What may hide a value that cannot be re-encoded as strict JSON: a
-# surrogate escape (``"\ud800"`` decodes to a lone surrogate, which UTF-8
-# cannot encode) or an exponent / digit run long enough to overflow a float
-# to infinity. Only bodies that match are checked in full.
-_SUSPECT: Final = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]|[eE][+]?[0-9]{3}|[0-9]{300}")
+# A JSON escape that decodes to a surrogate (``\\ud800``-``\\udfff``); only a
+# text with one is checked for lone surrogates, which UTF-8 cannot encode.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
 
 # WebSocket close codes (DESIGN §4).
 CLOSE_INVALID_FRAME: Final = 1008
@@ -94,6 +93,13 @@ def _reject_constant(name: str) -> NoReturn:
     raise RefusedJson(f"{name} is not allowed: numbers must be finite")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise RefusedJson("numbers must be finite")
+    return value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     value = dict(pairs)
     if len(value) != len(pairs):
@@ -116,20 +122,21 @@ def _depth(value: Any) -> int:
 def check_json(raw: str, value: Any) -> None:
     """Raise :class:`RefusedJson` unless ``value`` (decoded from ``raw``) re-encodes as strict JSON.
 
-    Cheap for ordinary bodies: the full checks run only when ``raw`` holds
-    more brackets than :data:`MAX_JSON_DEPTH` or something that could decode
-    to a lone surrogate or an infinite float.
+    What the decoder let through: nesting deeper than :data:`MAX_JSON_DEPTH`
+    (checked in full only when ``raw`` holds more brackets than that) and
+    lone surrogates (checked only when ``raw`` has a surrogate escape or
+    non-ASCII text). Non-finite numbers and repeated keys were refused while
+    decoding.
     """
-    brackets = raw.count("[") + raw.count("{")
-    if brackets > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
+    if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
         raise RefusedJson(f"JSON may nest at most {MAX_JSON_DEPTH} levels deep")
-    if _SUSPECT.search(raw) is not None:
-        try:
-            json.dumps(value, ensure_ascii=False, allow_nan=False).encode()
-        except UnicodeEncodeError:
-            raise RefusedJson("strings must not hold lone surrogates (\\ud800-\\udfff)") from None
-        except ValueError:
-            raise RefusedJson("numbers must be finite") from None
+    try:
+        if not raw.isascii():
+            raw.encode()  # a literal surrogate (not from a strict UTF-8 decoder)
+        if "\\u" in raw and _SURROGATE_ESCAPE.search(raw):
+            json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise RefusedJson("strings must not hold lone surrogates (\\ud800-\\udfff)") from None
 
 
 def _load_object(raw: str) -> dict[str, Any]:
@@ -139,7 +146,12 @@ def _load_object(raw: str) -> dict[str, Any]:
     fields (a frame's ``ref``) before refusing them.
     """
     try:
-        value = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        value = json.loads(
+            raw,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
     except RefusedJson:
         raise
     except RecursionError:
