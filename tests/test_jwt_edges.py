@@ -68,3 +68,14 @@ def test_jwt_leeway_setting_is_read_and_bounded() -> None:
         Settings(jwt_leeway=-1)
     with pytest.raises(SettingsError, match="TRIOWS_JWT_LEEWAY"):
         Settings(jwt_leeway=3600)
+
+
+async def test_the_leeway_setting_reaches_the_endpoints() -> None:
+    token = signed(exp=int(time.time()) - 2)
+    headers = {"Authorization": f"Bearer {token}"}
+    body = {"to": "Bob", "message": "hi"}
+    async with serving(secret=SECRET) as client:
+        # Within the default leeway: authenticated (Bob is offline: 404).
+        assert (await client.post("/send", json=body, headers=headers)).status_code == 404
+    async with serving(secret=SECRET, jwt_leeway=0) as client:
+        assert (await client.post("/send", json=body, headers=headers)).status_code == 401

@@ -24,7 +24,8 @@ from quart.typing import ASGIReceiveCallable, ASGISendCallable
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from triows.auth import AuthError, Identity, identify
+from triows import auth
+from triows.auth import AuthError, Identity
 from triows.backend import BrokerUnavailable, Outcome, open_backend
 from triows.connection import Connection, run_expiry
 from triows.logs import configure_logging, log_event
@@ -237,6 +238,8 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     configure_logging(settings.instance_id, settings.log_level)
     app = TriowsApp(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
+    # The handlers below authenticate with this instance's clock-skew leeway.
+    identify = functools.partial(auth.identify, leeway=settings.jwt_leeway)
 
     @app.before_serving
     async def start_backend() -> None:
