@@ -13,14 +13,14 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import trio
-from hypercorn.typing import Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request, send_from_directory, websocket
-from quart.typing import ASGIReceiveCallable, ASGISendCallable
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -185,7 +185,7 @@ def _is_loopback_ip(host: str) -> bool:
         return False
 
 
-def _on_loopback(scope: Scope) -> bool:
+def _on_loopback(scope: Mapping[str, Any]) -> bool:
     """Whether the connection came in on a loopback address, as far as the server says.
 
     Hypercorn (and uvicorn) always report ``server``; it is None for a unix
@@ -196,7 +196,7 @@ def _on_loopback(scope: Scope) -> bool:
     if "server" not in scope:
         return True
     server = scope["server"]
-    if not server or server[1] is None:
+    if not isinstance(server, tuple | list) or len(server) != 2 or server[1] is None:
         return False
     return _is_loopback_ip(str(server[0]))
 
@@ -216,9 +216,10 @@ async def _refuse_dev_mode(scope: Scope, send: ASGISendCallable) -> None:
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),
             ],
+            "trailers": False,
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _pump(router: Router) -> None:
