@@ -105,9 +105,10 @@ FORGED = {
 async def test_a_forged_delivery_is_dropped_and_counted(body: bytes | dict[str, object]) -> None:
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
     async with router_with_bob() as (router, _, bob, metrics):
+        good = genuine()
         router.deliver("user.Bob", raw)
-        router.deliver("user.Bob", genuine())
-        assert queued(bob) == [genuine().decode()]
+        router.deliver("user.Bob", good)
+        assert queued(bob) == [good.decode()]
         reason = "too_large" if len(raw) > LIMIT else "invalid"
         assert dropped(metrics, reason) == 1
 
@@ -186,3 +187,59 @@ async def test_a_new_connection_settles_a_cut_short_unsubscribe(
         assert router.unsettled == set()
         assert "user.Bob" in backend.keys
     assert "user.Bob" not in backend.keys
+
+
+async def test_release_all_unsubscribes_first_then_flushes_what_was_delivered() -> None:
+    backend = RecordingBackend()
+    metrics = Metrics()
+    router = Router(backend, metrics, Settings())
+    bob = Connection("Bob", 64)
+    async with trio.open_nursery() as nursery, router.attached(bob):
+        # Queued at the broker side for this instance, not yet pumped.
+        for n in range(5):
+            await backend.publish("user.Bob", genuine(message=n))
+        nursery.start_soon(router.run)
+        await router.release_all(timeout=5)
+        # The broker routes nothing more here: Bob is offline ...
+        assert "user.Bob" not in backend.keys
+        assert await backend.publish("user.Bob", genuine(message=99)) is Outcome.UNROUTED
+        # ... and everything already delivered is in Bob's queue, his socket still open.
+        assert bob.close_code is None
+        assert [json.loads(frame)["message"] for frame in queued(bob)] == [0, 1, 2, 3, 4]
+        assert dropped(metrics, "no_connection") == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_attached_after_release_all_is_closed_with_1012() -> None:
+    backend = RecordingBackend()
+    router = Router(backend, Metrics(), Settings())
+    await router.release_all(timeout=1)
+    late = Connection("Carol", 4)
+    async with router.attached(late):
+        assert late.close_code == 1012
+        assert "user.Carol" not in backend.keys
+
+
+async def test_the_pump_survives_a_delivery_that_raises_outside_any_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with router_with_bob() as (router, backend, bob, metrics):
+        deliver = router.deliver
+        calls = 0
+
+        def flaky(key: str, body: bytes) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise KeyError("a bug in the router")
+            deliver(key, body)
+
+        monkeypatch.setattr(router, "deliver", flaky)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(router.run)
+            await backend.publish("user.Bob", genuine(message=1))
+            await backend.publish("user.Bob", genuine(message=2))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert dropped(metrics, "error") == 1
+        assert [json.loads(f)["message"] for f in queued(bob)] == [2]

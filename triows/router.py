@@ -288,7 +288,12 @@ class Router:
             self._drop("invalid", key, len(body), str(error))
             return
         for connection in tuple(user.connections):
-            if connection.offer(frame):
+            try:
+                offered = connection.offer(frame)
+            except Exception as error:  # a bug: counted and logged, the others still get it
+                self._drop("error", key, len(body), repr(error))
+                continue
+            if offered:
                 self._metrics.messages_delivered.inc()
             else:
                 self._metrics.messages_dropped.labels("slow_consumer").inc()
