@@ -243,3 +243,8 @@ async def test_the_pump_survives_a_delivery_that_raises_outside_any_connection(
             nursery.cancel_scope.cancel()
         assert dropped(metrics, "error") == 1
         assert [json.loads(f)["message"] for f in queued(bob)] == [2]
+
+
+async def test_len_counts_connections_without_copying() -> None:
+    async with router_with_bob() as (router, *_):
+        assert len(router) == len(router.connections) == 1

@@ -114,6 +114,10 @@ class Router:
     def connections(self) -> frozenset[Connection]:
         return frozenset(self._connections)
 
+    def __len__(self) -> int:
+        """Local connections attached, counted without copying them (unlike ``connections``)."""
+        return len(self._connections)
+
     @asynccontextmanager
     async def attached(self, connection: Connection) -> AsyncIterator[None]:
         """Route the user's messages to ``connection`` while the block runs.
