@@ -8,17 +8,24 @@ nursery of its own.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import json
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request, send_from_directory, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from triows.auth import AuthError, Identity, identify
+from triows import auth
+from triows.auth import AuthError, Identity
 from triows.backend import BrokerUnavailable, Outcome, open_backend
 from triows.connection import Connection, run_expiry
 from triows.logs import configure_logging, log_event
@@ -46,6 +53,8 @@ from triows.settings import Settings
 STATIC_DIR = Path(__file__).parent / "static"
 # Hypercorn's own hard frame limit, above ours so our check answers first with a log line.
 HYPERCORN_FRAME_LIMIT_FACTOR = 2
+# The exit status of an instance whose backend or router died (EX_SOFTWARE).
+FATAL_EXIT_CODE = 70
 
 
 class TriowsApp(QuartTrio):
@@ -59,6 +68,30 @@ class TriowsApp(QuartTrio):
         self._router: Router | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
+        # Set when the backend or the router's pump died (see fail()).
+        self.failed = trio.Event()
+        self.fatal_error = ""
+        # True when the server serving this app stops on ``failed`` and exits
+        # non-zero itself (``triows serve``); else fail() ends the process.
+        self.exits_on_failure = False
+        self.guards_dev_mode = settings.dev_mode and not settings.insecure
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve one ASGI connection; in dev mode only those that came in on loopback.
+
+        The bind addresses are known to ``triows serve`` but not to the app
+        under another server (``hypercorn 'triows.app:create_app()'``), so
+        dev mode is enforced here, per connection, on the local address the
+        server reports: a request that arrived on a non-loopback address or a
+        unix socket is refused with 403 (a WebSocket handshake too), unless
+        ``TRIOWS_INSECURE=1``.
+        """
+        if self.guards_dev_mode and scope["type"] != "lifespan" and not _on_loopback(scope):
+            await _refuse_dev_mode(scope, send)
+            return
+        await super().__call__(scope, receive, send)
 
     @property
     def router(self) -> Router:
@@ -68,34 +101,138 @@ class TriowsApp(QuartTrio):
 
     @property
     def ready(self) -> bool:
-        return self._router is not None and self._router.backend.ready and not self.draining
+        return (
+            self._router is not None
+            and self._router.backend.ready
+            and not self.draining
+            and not self.failed.is_set()
+        )
 
     async def run_backend(self, *, task_status: trio.TaskStatus[Router]) -> None:
-        """Own the backend and the router's pump until the app stops."""
+        """Own the backend and the router's pump until the app stops.
+
+        If the backend's tasks or the router's pump die (or the pump ends)
+        before the app stops, the instance cannot route any more: that is
+        :meth:`fail`, which ends the process with a non-zero exit.
+        """
+        started = False
         try:
             async with open_backend(self.settings) as backend:
                 router = Router(backend, self.metrics, self.settings)
                 self.metrics.broker_ready.set_function(lambda: float(backend.ready))
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(router.run)
+                    nursery.start_soon(_pump, router)
                     task_status.started(router)
+                    started = True
                     await self._stop.wait()
                     nursery.cancel_scope.cancel()
+        except BaseException as error:
+            if not started or self._stop.is_set() or _is_cancellation(error):
+                raise
+            self.fail(error)
         finally:
             self._stopped.set()
 
+    def fail(self, error: BaseException) -> None:
+        """The instance cannot route any more: log ``fatal`` and end the process, non-zero.
+
+        Under ``triows serve`` the server waits on :attr:`failed` and stops
+        (closing every socket) and the process exits with
+        :data:`FATAL_EXIT_CODE`. Under a server that does not (plain
+        Hypercorn), the process exits at once with that code rather than live
+        on unable to route: the orchestrator restarts it.
+        """
+        self.fatal_error = f"{error.__class__.__name__}: {error}"
+        log_event("fatal", level=logging.CRITICAL, error=self.fatal_error)
+        self.failed.set()
+        if not self.exits_on_failure:
+            os._exit(FATAL_EXIT_CODE)
+
     async def drain(self) -> None:
-        """Stop being ready, close every socket with 1012 and wait (bounded) until they are gone."""
+        """Drain in the order DESIGN §6.4 gives, all of it within ``TRIOWS_DRAIN_TIMEOUT``.
+
+        ``/readyz`` turns 503; every held key is unsubscribed (the broker
+        stops routing here: a user connected only here is offline, 404); what
+        the broker had already delivered is flushed to the sockets; then the
+        sockets close with 1012. The broker connection closes after, when
+        the app stops.
+        """
         if self.draining:
             return
         self.draining = True
         router = self.router
         log_event("drain_start", connections=len(router.connections))
+        # One deadline for the whole drain, whatever the broker and the clients do.
+        deadline = trio.current_time() + self.settings.drain_timeout
+        with trio.move_on_at(deadline):
+            await router.release_all(self.settings.drain_timeout)
         for connection in router.connections:
             connection.close(CLOSE_DRAINING, "instance draining, reconnect")
-        with trio.move_on_after(self.settings.drain_timeout):
+        with trio.move_on_at(deadline):
             await router.idle.wait()
         log_event("drain_done", connections_left=len(router.connections))
+
+
+DEV_MODE_REFUSED = (
+    "dev mode (no TRIOWS_SECRET) serves loopback only: this connection came in on "
+    "another address. Set TRIOWS_SECRET, or TRIOWS_INSECURE=1 if you really mean it"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _on_loopback(scope: Mapping[str, Any]) -> bool:
+    """Whether the connection came in on a loopback address, as far as the server says.
+
+    Hypercorn (and uvicorn) always report ``server``; it is None for a unix
+    socket, which anyone who can open the file could use: refused. No
+    ``server`` key at all means no network is involved (an in-process caller
+    such as Quart's test client).
+    """
+    if "server" not in scope:
+        return True
+    server = scope["server"]
+    if not isinstance(server, tuple | list) or len(server) != 2 or server[1] is None:
+        return False
+    return _is_loopback_ip(str(server[0]))
+
+
+async def _refuse_dev_mode(scope: Scope, send: ASGISendCallable) -> None:
+    log_event("dev_mode_refused", level=logging.WARNING, server=str(scope.get("server")))
+    body = json.dumps({"title": "Forbidden", "status": 403, "detail": DEV_MODE_REFUSED}).encode()
+    if scope["type"] == "websocket":
+        # Closing before accepting is answered with HTTP 403 by the server.
+        await send({"type": "websocket.close", "code": 1008, "reason": ""})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            "trailers": False,
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _pump(router: Router) -> None:
+    await router.run()
+    raise RuntimeError("the backend's stream of incoming messages ended")
+
+
+def _is_cancellation(error: BaseException) -> bool:
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(trio.Cancelled)[1] is None
+    return isinstance(error, trio.Cancelled | KeyboardInterrupt | SystemExit)
 
 
 def create_app(settings: Settings | None = None) -> TriowsApp:
@@ -104,6 +241,8 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     configure_logging(settings.instance_id, settings.log_level)
     app = TriowsApp(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
+    # The handlers below authenticate with this instance's clock-skew leeway.
+    identify = functools.partial(auth.identify, leeway=settings.jwt_leeway)
 
     @app.before_serving
     async def start_backend() -> None:

@@ -23,7 +23,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from triows.app import HYPERCORN_FRAME_LIMIT_FACTOR, create_app
+from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
 from triows.backend import UnknownBackend, load_backend
 from triows.logs import logger
@@ -90,18 +90,22 @@ async def _serve_worker(
     sockets: Sockets | None,
     stop: ProcessEvent | None,
     url_file: str | None = None,
-) -> None:
+) -> int:
     app = create_app(settings)
+    # A dead backend or router stops the server here, and the exit status says so.
+    app.exits_on_failure = True
 
     async def drain_on_shutdown() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 if stop is not None:
                     nursery.start_soon(_wait_for_process_event, stop, nursery.cancel_scope)
+                nursery.start_soon(_cancel_when, app.failed, nursery.cancel_scope)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
-        await app.drain()
+        if not app.failed.is_set():
+            await app.drain()
 
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(
@@ -115,6 +119,12 @@ async def _serve_worker(
         )
         if url_file is not None:
             write_url_file(url_file, urls)
+    return FATAL_EXIT_CODE if app.failed.is_set() else 0
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _wait_for_process_event(event: ProcessEvent, scope: trio.CancelScope) -> None:
@@ -133,7 +143,7 @@ def _worker_process(
     # as Hypercorn's own trio_worker does (trio.SocketListener insists).
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(config.backlog)
-    trio.run(_serve_worker, settings, config, sockets, stop)
+    sys.exit(trio.run(_serve_worker, settings, config, sockets, stop))
 
 
 def serve(settings: Settings, url_file: str | None = None) -> int:
@@ -145,8 +155,7 @@ def serve(settings: Settings, url_file: str | None = None) -> int:
     check_startup(settings)
     config = hypercorn_config(settings)
     if settings.workers == 1:
-        trio.run(_serve_worker, settings, config, None, None, url_file)
-        return 0
+        return trio.run(_serve_worker, settings, config, None, None, url_file)
     sockets = config.create_sockets()
     if url_file is not None:
         write_url_file(url_file, _socket_urls(sockets))

@@ -24,6 +24,8 @@ DEFAULT_BROKER_URLS = {
 
 
 MIN_SECRET_BYTES = 32
+# Clock skew is seconds; a leeway of minutes would extend every token's life.
+MAX_JWT_LEEWAY = 300
 
 
 class SettingsError(Exception):
@@ -59,6 +61,7 @@ class Settings:
     heartbeat: int = field(default=30, metadata={"env": "TRIOWS_HEARTBEAT"})
     address_template: str = field(default="", metadata={"env": "TRIOWS_ADDRESS_TEMPLATE"})
     log_level: str = field(default="INFO", metadata={"env": "TRIOWS_LOG_LEVEL"})
+    jwt_leeway: float = field(default=5.0, metadata={"env": "TRIOWS_JWT_LEEWAY"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -78,6 +81,10 @@ class Settings:
         for name in ("drain_timeout", "close_timeout", "publish_timeout", "reconnect_max_delay"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.jwt_leeway <= MAX_JWT_LEEWAY:
+            raise SettingsError(
+                f"TRIOWS_JWT_LEEWAY must be 0-{MAX_JWT_LEEWAY} seconds, got {self.jwt_leeway}"
+            )
         if self.heartbeat < 0 or self.retry_after < 0:
             raise SettingsError("TRIOWS_HEARTBEAT and TRIOWS_RETRY_AFTER must not be negative")
         if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
@@ -167,9 +174,18 @@ def _split_bind(address: str) -> tuple[str, int]:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+    """Whether ``host`` is a loopback address, or a name that resolves only to such.
+
+    A name such as ``localhost`` is resolved rather than trusted: an
+    ``/etc/hosts`` may map it to a routable address.
+    """
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    try:
+        resolved = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
         return False
+    addresses = {str(info[4][0]).split("%")[0] for info in resolved}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
