@@ -1,0 +1,281 @@
+"""The backend contract (triows.backend.Backend), written once, run on every backend/broker pair.
+
+memory; amqp091 on RabbitMQ and GarageMQ; amqp10 on RabbitMQ; stomp on
+RabbitMQ and ActiveMQ. Each test uses its own exchange, so runs sharing a
+broker never see each other's messages. "Broker down" is shown to one backend
+only, by closing the TCP proxy it connects through (tests/tcp_proxy.py) and
+opening it again on the same port: the shared broker itself keeps running.
+Per-backend files hold only what is specific to one protocol.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+
+from tests.brokers import require_broker
+from tests.tcp_proxy import open_tcp_proxy
+from triows.backend import Backend, BrokerUnavailable, Outcome, open_backend
+from triows.process import free_port
+from triows.settings import Settings
+
+# Hang guards only; no test asserts on how long something took.
+READY_TIMEOUT = 30
+DELIVERY_TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class Case:
+    """One backend on one broker."""
+
+    backend: str
+    broker: str | None = None  # tests/brokers.py's name; None: no broker (memory)
+    port: int = 0
+    url: str = ""  # with a {port} placeholder
+    routes: bool = True  # publish tells ROUTED/UNROUTED (else always ACCEPTED)
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.broker}" if self.broker else self.backend
+
+    def settings(self, exchange: str, *, port: int | None = None, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "backend": self.backend,
+            "exchange": exchange,
+            "instance_id": f"test-{secrets.token_hex(4)}",
+            "reconnect_max_delay": 0.5,
+        }
+        if self.broker is not None:
+            values["broker_url"] = self.url.format(port=self.port if port is None else port)
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    def outcome(self, held: bool) -> Outcome:
+        if not self.routes:
+            return Outcome.ACCEPTED
+        return Outcome.ROUTED if held else Outcome.UNROUTED
+
+
+AMQP091_URL = "amqp://guest:guest@127.0.0.1:{port}/"
+CASES = [
+    Case("memory"),
+    Case("amqp091", "rabbitmq", 5672, AMQP091_URL),
+    Case("amqp091", "garagemq", 5673, AMQP091_URL),
+    # RabbitMQ 3.x settles an unroutable AMQP 1.0 message "accepted".
+    Case("amqp10", "rabbitmq-amqp10", 5672, "amqp://guest:guest@127.0.0.1:{port}", routes=False),
+    # STOMP cannot tell whether anyone holds a key.
+    Case("stomp", "rabbitmq-stomp", 61613, "stomp://guest:guest@127.0.0.1:{port}", routes=False),
+    Case("stomp", "activemq", 61614, "stomp://guest:guest@127.0.0.1:{port}", routes=False),
+]
+BROKER_CASES = [case for case in CASES if case.broker is not None]
+
+
+@asynccontextmanager
+async def open_ready(settings: Settings) -> AsyncIterator[Backend]:
+    """Open the backend ``settings`` names and wait until it is ready."""
+    async with open_backend(settings) as backend:
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+        yield backend
+
+
+@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+async def case(request: pytest.FixtureRequest) -> Case:
+    chosen: Case = request.param
+    if chosen.broker is not None:
+        await require_broker(chosen.broker)
+    return chosen
+
+
+@pytest.fixture(params=BROKER_CASES, ids=[case.id for case in BROKER_CASES])
+async def broker_case(request: pytest.FixtureRequest) -> Case:
+    chosen: Case = request.param
+    assert chosen.broker is not None
+    await require_broker(chosen.broker)
+    return chosen
+
+
+@asynccontextmanager
+async def sender_and_holder(
+    case: Case, exchange: str, **overrides: object
+) -> AsyncIterator[tuple[Backend, Backend]]:
+    """Two instances on one exchange (one and the same for memory, which has no broker)."""
+    async with AsyncExitStack() as stack:
+        holder = await stack.enter_async_context(open_ready(case.settings(exchange, **overrides)))
+        if case.broker is None:
+            yield holder, holder
+            return
+        sender = await stack.enter_async_context(open_ready(case.settings(exchange)))
+        yield sender, holder
+
+
+async def receive(backend: Backend) -> tuple[str, bytes]:
+    with trio.fail_after(DELIVERY_TIMEOUT):
+        return await backend.incoming.receive()
+
+
+async def wait_not_ready(backend: Backend) -> None:
+    with trio.fail_after(READY_TIMEOUT):
+        while backend.ready:  # noqa: ASYNC110 - the contract has no "not ready" event
+            await trio.sleep(0.01)
+
+
+# --- every backend -----------------------------------------------------------
+
+
+async def test_a_subscribed_key_gets_each_published_body_verbatim(
+    case: Case, exchange: str
+) -> None:
+    body = bytes(range(256)) + '{"é": "☃"}'.encode()
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        await holder.subscribe("user.Bob")
+        assert await sender.publish("user.Bob", body) == case.outcome(held=True)
+        assert await receive(holder) == ("user.Bob", body)
+
+
+async def test_a_key_nobody_holds_gets_nothing(case: Case, exchange: str) -> None:
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        await holder.subscribe("user.Bob")
+        assert await sender.publish("user.Nobody", b"lost") == case.outcome(held=False)
+        await sender.publish("user.Bob", b"kept")
+        assert await receive(holder) == ("user.Bob", b"kept")
+
+
+async def test_many_keys_each_get_only_their_own_messages(case: Case, exchange: str) -> None:
+    keys = [f"user.U{n}" for n in range(40)]
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        for key in keys:
+            await holder.subscribe(key)
+        for key in keys:
+            await sender.publish("user.Other", b"not held")
+            assert await sender.publish(key, key.encode()) == case.outcome(held=True)
+        received = [await receive(holder) for _ in keys]
+        assert sorted(received) == sorted((key, key.encode()) for key in keys)
+
+
+async def test_unsubscribe_stops_delivery_of_that_key_only(case: Case, exchange: str) -> None:
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        await holder.subscribe("user.Anne")
+        await holder.subscribe("user.Bob")
+        await holder.unsubscribe("user.Anne")
+        assert await sender.publish("user.Anne", b"gone") == case.outcome(held=False)
+        await sender.publish("user.Bob", b"here")
+        assert await receive(holder) == ("user.Bob", b"here")
+        # Subscribing again after an unsubscribe works like the first time.
+        await holder.subscribe("user.Anne")
+        await sender.publish("user.Anne", b"back")
+        assert await receive(holder) == ("user.Anne", b"back")
+
+
+async def test_messages_of_one_sender_arrive_in_order_through_small_buffers(
+    case: Case, exchange: str
+) -> None:
+    count = 1000
+    async with sender_and_holder(case, exchange, prefetch=8, incoming_queue=4) as (sender, holder):
+        await holder.subscribe("user.Bob")
+        received: list[bytes] = []
+
+        async def receive_all() -> None:
+            while len(received) < count:
+                received.append((await receive(holder))[1])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_all)
+            for n in range(count):
+                await sender.publish("user.Bob", b"%d" % n)
+        assert received == [b"%d" % n for n in range(count)]
+
+
+async def test_wait_ready_returns_once_ready_and_aclose_may_be_called_twice(
+    case: Case, exchange: str
+) -> None:
+    async with open_backend(case.settings(exchange)) as backend:
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+        assert backend.ready
+        await backend.subscribe("user.Bob")
+        await backend.aclose()
+        await backend.aclose()
+        assert not backend.ready
+        with pytest.raises(BrokerUnavailable):
+            await backend.publish("user.Bob", b"after close")
+    # ... and the context's own close on exit, a third one, is fine too.
+
+
+# --- every broker backend -----------------------------------------------------
+
+
+async def test_every_instance_holding_a_key_receives_each_message_once(
+    broker_case: Case, exchange: str
+) -> None:
+    async with (
+        open_ready(broker_case.settings(exchange)) as sender,
+        open_ready(broker_case.settings(exchange)) as first,
+        open_ready(broker_case.settings(exchange)) as second,
+    ):
+        await first.subscribe("user.Bob")
+        await second.subscribe("user.Bob")
+        await sender.publish("user.Bob", b"1")
+        await sender.publish("user.Bob", b"2")
+        for holder in (first, second):
+            assert [await receive(holder), await receive(holder)] == [
+                ("user.Bob", b"1"),
+                ("user.Bob", b"2"),
+            ]
+        # Nothing more: a third message is the next each one gets.
+        await sender.publish("user.Bob", b"3")
+        assert await receive(first) == ("user.Bob", b"3")
+        assert await receive(second) == ("user.Bob", b"3")
+
+
+async def test_unavailable_while_the_broker_is_unreachable_then_ready_when_it_appears(
+    broker_case: Case, exchange: str
+) -> None:
+    port = free_port()
+    async with open_backend(broker_case.settings(exchange, port=port)) as holder:
+        assert not holder.ready
+        with pytest.raises(BrokerUnavailable):
+            await holder.publish("user.Bob", b"{}")
+        # Held while down, subscribed once connected.
+        await holder.subscribe("user.Bob")
+        async with (
+            open_tcp_proxy(broker_case.port, port=port),
+            open_ready(broker_case.settings(exchange)) as sender,
+        ):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            assert await sender.publish("user.Bob", b"hello") == broker_case.outcome(held=True)
+            assert await receive(holder) == ("user.Bob", b"hello")
+
+
+async def test_a_reconnect_restores_exactly_the_held_keys(broker_case: Case, exchange: str) -> None:
+    port = free_port()
+    async with (
+        open_ready(broker_case.settings(exchange)) as sender,
+        open_backend(broker_case.settings(exchange, port=port)) as holder,
+    ):
+        async with open_tcp_proxy(broker_case.port, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await holder.subscribe("user.Bob")
+            await holder.subscribe("user.Gone")
+        # The proxy is closed: the connection dropped and reconnects are refused.
+        await wait_not_ready(holder)
+        with pytest.raises(BrokerUnavailable):
+            await holder.publish("user.Bob", b"{}")
+        await holder.unsubscribe("user.Gone")
+        await holder.subscribe("user.New")
+
+        async with open_tcp_proxy(broker_case.port, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            assert await sender.publish("user.Gone", b"0") == broker_case.outcome(held=False)
+            assert await sender.publish("user.Bob", b"1") == broker_case.outcome(held=True)
+            assert await sender.publish("user.New", b"2") == broker_case.outcome(held=True)
+            received = [await receive(holder), await receive(holder)]
+            assert sorted(received) == [("user.Bob", b"1"), ("user.New", b"2")]
