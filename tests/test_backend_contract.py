@@ -10,19 +10,24 @@ Per-backend files hold only what is specific to one protocol.
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
 import trio
+import trio.testing
 
+from backends.supervisor import BrokerRejected, Supervised, rejection, run_supervised
 from tests.brokers import require_broker
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import Backend, BrokerUnavailable, Outcome, open_backend
+from triows.cli import check_startup
 from triows.process import free_port
-from triows.settings import Settings
+from triows.settings import Settings, SettingsError
 
 # Hang guards only; no test asserts on how long something took.
 READY_TIMEOUT = 30
@@ -279,3 +284,124 @@ async def test_a_reconnect_restores_exactly_the_held_keys(broker_case: Case, exc
             assert await sender.publish("user.New", b"2") == broker_case.outcome(held=True)
             received = [await receive(holder), await receive(holder)]
             assert sorted(received) == [("user.Bob", b"1"), ("user.New", b"2")]
+
+
+# --- start-up checks and the supervisor's error classes (no broker) ------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "url"),
+    [
+        ("amqp091", "stomp://127.0.0.1"),
+        ("amqp091", "amqp://127.0.0.1:notaport/"),
+        ("amqp10", "http://127.0.0.1"),
+        ("stomp", "amqp://127.0.0.1"),
+        ("stomp", "stomp://127.0.0.1/?amqp_port=x"),
+    ],
+)
+def test_a_malformed_broker_url_fails_the_start_up_check_with_one_line(
+    backend: str, url: str
+) -> None:
+    settings = Settings(backend=backend, broker_url=url, bind=("127.0.0.1:8000",))
+    with pytest.raises(SettingsError, match="TRIOWS_BROKER_URL") as failure:
+        check_startup(settings)
+    assert "\n" not in str(failure.value)
+
+
+def test_broker_timeout_is_its_own_setting_and_publish_timeout_the_confirms_only() -> None:
+    settings = Settings.from_env({"TRIOWS_BROKER_TIMEOUT": "3", "TRIOWS_PUBLISH_TIMEOUT": "7"})
+    assert (settings.broker_timeout, settings.publish_timeout) == (3, 7)
+    assert settings.deprecations == []
+    assert Settings().broker_timeout == Settings().publish_timeout == 10
+
+
+def test_publish_timeout_alone_keeps_its_old_meaning_for_one_release_with_a_notice() -> None:
+    settings = Settings.from_env({"TRIOWS_PUBLISH_TIMEOUT": "4"})
+    assert settings.broker_timeout == 4
+    assert len(settings.deprecations) == 1
+    assert "TRIOWS_BROKER_TIMEOUT" in settings.deprecations[0]
+
+
+def test_tls_verification_and_refusals_are_permanent_losses_are_not() -> None:
+    verification = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    wrapped = ConnectionError("handshake failed")
+    wrapped.__cause__ = verification
+    assert rejection(verification) is not None
+    assert rejection(wrapped) is not None
+    assert rejection(BrokerRejected("authentication", "no")) is not None
+    for transient in (ConnectionRefusedError(), OSError("All connection attempts failed")):
+        assert rejection(transient) is None
+
+
+class ScriptedBackend(Supervised[str]):
+    """A protocol whose sessions fail as scripted: one error per connection attempt."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        super().__init__(Settings(backend="scripted", reconnect_max_delay=0.01), "scripted://")
+        self.failures = failures
+        self.attempts = 0
+        self.done = trio.Event()
+
+    async def _session(self, up: Callable[[str], Awaitable[None]]) -> None:
+        self.attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        self.done.set()
+        await up("connection")
+        await trio.sleep_forever()
+
+    async def _restore(self, connection: str, keys: list[str]) -> None:
+        return
+
+    async def _subscribe_on(self, connection: str, key: str) -> None:
+        return
+
+    async def _unsubscribe_on(self, connection: str, key: str) -> None:
+        return
+
+    async def _publish_on(self, connection: str, key: str, body: bytes) -> Outcome:
+        return Outcome.ACCEPTED
+
+    def _abandon(self, connection: str) -> None:
+        return
+
+    async def _close(self, connection: str) -> None:
+        return
+
+
+class EventNames(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.names.append(record.getMessage())
+
+
+async def test_a_permanent_failure_is_reported_once_and_retried_until_it_goes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refused = BrokerRejected("authentication", "login refused", user="guest")
+    backend = ScriptedBackend([refused, refused, refused, ConnectionRefusedError("down")])
+    handler = EventNames()
+    logging.getLogger("triows").addHandler(handler)
+    try:
+        async with run_supervised(backend):
+            with trio.fail_after(READY_TIMEOUT):
+                await backend.wait_ready()
+    finally:
+        logging.getLogger("triows").removeHandler(handler)
+    events = handler.names
+    assert events.count("broker_rejected") == 1
+    assert events.count("broker_unavailable") == 1
+    assert backend.attempts == 5
+
+
+async def test_an_unexpected_error_in_a_session_ends_the_backend_and_so_the_instance(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = ScriptedBackend([ConnectionRefusedError("down"), ValueError("a bug")])
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with run_supervised(backend):
+            await trio.sleep_forever()
+    assert raised.group_contains(ValueError, match="a bug")
