@@ -31,14 +31,14 @@ A Trio task moves each delivery onto the bounded ``incoming`` stream and only
 then acknowledges it, so a server that stops reading stops acking, and the
 broker stops delivering and queues for it: backpressure end to end.
 
-Reconnect. A connection lost or refused (the exceptions in
-:data:`BROKER_LOST`, and nothing else) makes ``ready`` false, and ``publish``
-then raises :class:`BrokerUnavailable` at once. The backend reconnects forever
-with capped, jittered exponential backoff (``settings.reconnect_max_delay``),
-declares the exchange and queue again, re-binds every key it holds, consumes,
-and only then is ``ready`` again. Every broker operation waits at most
-``settings.publish_timeout``. A session also ends, and is rebuilt the same way,
-when the broker closes our channel (e.g. NOT_FOUND after an operator deleted
+Reconnect. Held keys, readiness, the reconnect loop, timeouts and error
+classes are :mod:`backends.supervisor`'s; this module's own transient errors
+are :data:`SESSION_BROKEN`, a refused login (:data:`REFUSED_LOGIN`) and an
+exchange declared with another type are permanent. After each reconnect the
+exchange and queue are declared again, every held key is re-bound (in batches
+of :data:`REBIND_BATCH`), and only then is ``ready`` true. A session also
+ends, and is rebuilt the same way, when the broker closes our channel (e.g.
+NOT_FOUND after an operator deleted
 the exchange) or cancels our consumer (our queue was deleted). Limitation: an
 instance learns that the exchange was deleted only when it publishes, so until
 then the bindings it held are gone and sends to its users answer 404.

@@ -17,10 +17,11 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   default ``triows``), anything else ``/topic/<exchange>.{key}``.
 - Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
   we send ours, and a broker silent for twice its interval counts as dead.
-- A lost connection (listed in :data:`CONNECTION_LOST`) is retried forever
-  with capped, jittered backoff; every held key is subscribed again before
-  the backend reports ready. While down, ``publish`` raises
-  :class:`~triows.backend.BrokerUnavailable` at once.
+- Reconnects, held keys, readiness, timeouts and error classes are
+  :mod:`backends.supervisor`'s; every held key is subscribed again before
+  the backend reports ready. An ``ERROR`` answer to ``CONNECT`` (login or
+  virtual host refused) is permanent; the protocol's own transient errors
+  are :attr:`StompBackend.LOST`.
 
 Broker URL: ``stomp://login:passcode@host:port/vhost`` (port 61613 and vhost
 ``/`` by default). The vhost goes in the ``host`` header, which RabbitMQ reads
