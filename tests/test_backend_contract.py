@@ -25,7 +25,7 @@ from backends.supervisor import BrokerRejected, Supervised, rejection, run_super
 from tests.brokers import require_broker
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import Backend, BrokerUnavailable, Outcome, open_backend
-from triows.cli import check_startup
+from triows.cli import check_startup, main
 from triows.process import free_port
 from triows.settings import Settings, SettingsError
 
@@ -306,6 +306,15 @@ def test_a_malformed_broker_url_fails_the_start_up_check_with_one_line(
     with pytest.raises(SettingsError, match="TRIOWS_BROKER_URL") as failure:
         check_startup(settings)
     assert "\n" not in str(failure.value)
+
+
+def test_triows_serve_with_a_malformed_broker_url_exits_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--backend", "amqp10", "--broker-url", "stomp://127.0.0.1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("triows: error: TRIOWS_BROKER_URL")
 
 
 def test_broker_timeout_is_its_own_setting_and_publish_timeout_the_confirms_only() -> None:
