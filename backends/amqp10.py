@@ -208,7 +208,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
                     await self._open_sender(live)
                 await up(live)
                 await live.wait_for(lambda: False)  # until the connection ends
-            except (TimeoutError, BrokerRejected, *self.LOST) as error:
+            except self._broker_failures as error:
                 failure = error
                 if not live.ended:
                     live.pump.connection.close()

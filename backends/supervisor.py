@@ -244,7 +244,7 @@ class Supervised(ABC, Generic[C]):
         self._ready_changed = anyio.Event()
         self._closing = False
         self._loss: tuple[type[BaseException], ...] = (*TRANSIENT, *self.LOST)
-        self._change_failures: tuple[type[BaseException], ...] = (
+        self._broker_failures: tuple[type[BaseException], ...] = (
             *self._loss,
             BrokerRejected,
             BrokerUnavailable,
@@ -359,7 +359,7 @@ class Supervised(ABC, Generic[C]):
         try:
             with anyio.fail_after(self._broker_timeout):
                 await operation(connection, key)
-        except self._change_failures as error:
+        except self._broker_failures as error:
             if self._following is connection:
                 # A broker that does not answer is treated as lost: the
                 # reconnect restores a known state instead of guessing.
@@ -383,7 +383,7 @@ class Supervised(ABC, Generic[C]):
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._settings.close_timeout):
                 try:
                     await self._close(connection)
-                except self._change_failures as error:
+                except self._broker_failures as error:
                     log_event("broker_close_failed", logging.WARNING, error=repr(error))
         for scope in self._task_scopes:
             scope.cancel()
