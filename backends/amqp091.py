@@ -33,7 +33,7 @@ broker stops delivering and queues for it: backpressure end to end.
 
 Reconnect. Held keys, readiness, the reconnect loop, timeouts and error
 classes are :mod:`backends.supervisor`'s; this module's own transient errors
-are :data:`SESSION_BROKEN`, a refused login (:data:`REFUSED_LOGIN`) and an
+are :data:`backends.amqp091_aio.SESSION_BROKEN`, a refused login (:data:`REFUSED_LOGIN`) and an
 exchange declared with another type are permanent. After each reconnect the
 exchange and queue are declared again, every held key is re-bound (in batches
 of :data:`REBIND_BATCH`), and only then is ``ready`` true. A session also
@@ -46,7 +46,6 @@ then the bindings it held are gone and sends to its users answer 404.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -59,39 +58,26 @@ import anyio
 import trio
 import trio_asyncio
 from aiormq.exceptions import (
-    AMQPChannelError,
-    AMQPConnectionError,
     AuthenticationError,
-    ChannelInvalidStateError,
-    ChannelLockedResource,
     ChannelPreconditionFailed,
     ConnectionNotAllowed,
-    DeliveryError,
     ProbableAuthenticationError,
-    PublishError,
 )
 from yarl import URL
 
-from backends.supervisor import (
-    TRANSIENT,
-    BrokerRejected,
-    Supervised,
-    parse_broker_url,
-    run_supervised,
+from backends.amqp091_aio import (
+    SESSION_BROKEN,
+    AioSession,
+    ConnectionLost,
+    bind_pipelined,
+    call_aio,
+    close_connection,
+    closed,
 )
-from triows.backend import BrokerUnavailable, Outcome
+from backends.broker_url import parse_broker_url
+from backends.supervisor import BrokerRejected, Supervised, run_supervised
+from triows.backend import Outcome
 from triows.settings import Settings
-
-
-class ConnectionLost(ConnectionError):
-    """The session's connection or channel is gone, or the broker dropped our consumer.
-
-    Also what an aiormq operation's ``asyncio.CancelledError`` becomes: aiormq
-    rejects the pending operations of a closing connection that way, and
-    trio-asyncio passes it through unchanged when no Trio scope was cancelled,
-    so there it means "the broker went away".
-    """
-
 
 REFUSED_LOGIN: tuple[type[BaseException], ...] = (
     # No mechanism in common; ACCESS_REFUSED (403) during the handshake; the
@@ -100,24 +86,6 @@ REFUSED_LOGIN: tuple[type[BaseException], ...] = (
     ProbableAuthenticationError,
     ConnectionNotAllowed,
 )
-
-SESSION_BROKEN: tuple[type[BaseException], ...] = (
-    # (Besides the sockets, DNS and timeouts of backends.supervisor.TRANSIENT.)
-    ConnectionLost,
-    # The broker closed the connection or failed the handshake (includes
-    # aiormq's ConnectionClosed family: CONNECTION_FORCED on shutdown, ...).
-    AMQPConnectionError,
-    # An operation on a channel whose connection already closed.
-    ChannelInvalidStateError,
-    # After a network loss the broker may still hold our old connection, and
-    # with it our exclusive queue, until its heartbeat expires: retry later.
-    ChannelLockedResource,
-    # The broker closed our channel (e.g. NOT_FOUND when an operator deleted
-    # the exchange): the reconnect declares and binds everything again. A
-    # conflicting exchange declaration is turned into a BrokerRejected first.
-    AMQPChannelError,
-)
-"""What ends one session but not the backend (transient; anything else propagates)."""
 
 
 SCHEMES = {"amqp": (5672, False), "amqps": (5671, True)}
@@ -165,40 +133,7 @@ def connection_url(settings: Settings) -> URL:
     return url.update_query(heartbeat=settings.heartbeat)
 
 
-class _Session:
-    """One live connection with its channel, set up and consuming."""
-
-    def __init__(
-        self,
-        loop: Any,
-        connection: aiormq.abc.AbstractConnection,
-        channel: aiormq.abc.AbstractChannel,
-        queue: str,
-    ) -> None:
-        self.loop = loop
-        self.connection = connection
-        self.channel = channel
-        self.queue = queue
-        # Set when a subscription change failed: the session is rebuilt.
-        self.abandoned = trio.Event()
-
-    async def call(
-        self, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
-    ) -> Any:
-        """Await an aiormq operation from Trio."""
-        return await _call_aio(self.loop, operation, *args, **kwargs)
-
-
-async def _call_aio(
-    loop: Any, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
-) -> Any:
-    try:
-        return await trio_asyncio.aio_as_trio(operation, loop=loop)(*args, **kwargs)
-    except asyncio.CancelledError as error:
-        raise ConnectionLost("the broker connection closed during the operation") from error
-
-
-class Amqp091Backend(Supervised[_Session]):
+class Amqp091Backend(Supervised[AioSession]):
     """The AMQP 0-9-1 protocol under :class:`backends.supervisor.Supervised`.
 
     Create it with :func:`open_amqp091_backend`; it is usable (``subscribe``
@@ -221,58 +156,40 @@ class Amqp091Backend(Supervised[_Session]):
         session = self._following
         return self._queue if session is None else session.queue
 
-    async def _publish_on(self, session: _Session, key: str, body: bytes) -> Outcome:
-        # The one place a publish crosses into asyncio. ``wait=False``: do not
-        # hold aiormq's channel lock until the frame has been written to the
-        # socket, so concurrent publishes pipeline (about three times the
-        # throughput at 16 concurrent senders); the broker's confirm, awaited
-        # all the same, is what a 2xx promises.
-        try:
-            await session.call(
-                session.channel.basic_publish,
-                body,
-                exchange=self._settings.exchange,
-                routing_key=key,
-                mandatory=True,
-                wait=False,
-            )
-        except PublishError:
-            return Outcome.UNROUTED
-        except DeliveryError as error:
-            raise BrokerUnavailable(f"the broker refused the message: {error}") from None
-        return Outcome.ROUTED
+    async def _publish_on(self, session: AioSession, key: str, body: bytes) -> Outcome:
+        return await session.publish(self._settings.exchange, key, body)
 
-    async def _subscribe_on(self, session: _Session, key: str) -> None:
+    async def _subscribe_on(self, session: AioSession, key: str) -> None:
         await session.call(
             session.channel.queue_bind, session.queue, self._settings.exchange, routing_key=key
         )
 
-    async def _unsubscribe_on(self, session: _Session, key: str) -> None:
+    async def _unsubscribe_on(self, session: AioSession, key: str) -> None:
         await session.call(
             session.channel.queue_unbind, session.queue, self._settings.exchange, routing_key=key
         )
 
-    async def _restore(self, session: _Session, keys: list[str]) -> None:
+    async def _restore(self, session: AioSession, keys: list[str]) -> None:
         for start in range(0, len(keys), REBIND_BATCH):
             with anyio.fail_after(self._broker_timeout):
                 await session.call(
-                    _bind_pipelined,
+                    bind_pipelined,
                     session.channel,
                     session.queue,
                     self._settings.exchange,
                     keys[start : start + REBIND_BATCH],
                 )
 
-    def _abandon(self, session: _Session) -> None:
+    def _abandon(self, session: AioSession) -> None:
         session.abandoned.set()
 
-    async def _close(self, session: _Session) -> None:
-        await _close_connection(self._loop, session.connection, self._settings.close_timeout)
+    async def _close(self, session: AioSession) -> None:
+        await close_connection(self._loop, session.connection, self._settings.close_timeout)
 
-    def _describe(self, session: _Session) -> dict[str, Any]:
+    def _describe(self, session: AioSession) -> dict[str, Any]:
         return {"queue": session.queue}
 
-    async def _session(self, up: Callable[[_Session], Awaitable[None]]) -> None:
+    async def _session(self, up: Callable[[AioSession], Awaitable[None]]) -> None:
         """Connect, set up, consume until the connection is lost; raise what lost it."""
         settings = self._settings
         connection = await self._connect()
@@ -296,12 +213,12 @@ class Amqp091Backend(Supervised[_Session]):
                     buffer_send.close()
             raise lost
         finally:
-            await _close_connection(self._loop, connection, settings.close_timeout)
+            await close_connection(self._loop, connection, settings.close_timeout)
 
     async def _connect(self) -> aiormq.abc.AbstractConnection:
         try:
             with anyio.fail_after(self._broker_timeout):
-                connection: aiormq.abc.AbstractConnection = await _call_aio(
+                connection: aiormq.abc.AbstractConnection = await call_aio(
                     self._loop,
                     aiormq.connect,
                     self._url,
@@ -319,7 +236,7 @@ class Amqp091Backend(Supervised[_Session]):
             ) from error
 
     async def _wait_broken(
-        self, session: _Session, consumer_cancelled: trio.Event
+        self, session: AioSession, consumer_cancelled: trio.Event
     ) -> BaseException:
         """Wait until the session cannot carry messages any more; return why.
 
@@ -336,7 +253,7 @@ class Amqp091Backend(Supervised[_Session]):
             nonlocal reason
             try:
                 # Resolved without an error only by a close we asked for.
-                await session.call(_closed, closable)
+                await session.call(closed, closable)
                 reason = ConnectionLost(f"the {what} was closed")
             except SESSION_BROKEN as error:
                 # Reported as a loss even when it was the broker's verdict on
@@ -370,7 +287,7 @@ class Amqp091Backend(Supervised[_Session]):
         connection: aiormq.abc.AbstractConnection,
         deliveries: trio.MemorySendChannel[aiormq.abc.DeliveredMessage],
         consumer_cancelled: trio.Event,
-    ) -> _Session:
+    ) -> AioSession:
         settings = self._settings
         self._connections_made += 1
         product = str(connection.server_properties.get("product", "")).lower()
@@ -378,8 +295,8 @@ class Amqp091Backend(Supervised[_Session]):
         exclusive = quirks.exclusive_queue
         queue = self._queue if exclusive else f"{self._queue}.{self._connections_made}"
         with anyio.fail_after(self._broker_timeout):
-            channel = await _call_aio(self._loop, connection.channel, publisher_confirms=True)
-            session = _Session(self._loop, connection, channel, queue)
+            channel = await call_aio(self._loop, connection.channel, publisher_confirms=True)
+            session = AioSession(self._loop, connection, channel, queue)
             await self._declare_exchange(session, quirks.exchange_type)
             await session.call(
                 channel.queue_declare,
@@ -402,7 +319,7 @@ class Amqp091Backend(Supervised[_Session]):
             await session.call(channel.basic_consume, queue, on_delivery, no_ack=False)
         return session
 
-    async def _declare_exchange(self, session: _Session, exchange_type: str) -> None:
+    async def _declare_exchange(self, session: AioSession, exchange_type: str) -> None:
         exchange = self._settings.exchange
         try:
             await session.call(
@@ -426,7 +343,7 @@ class Amqp091Backend(Supervised[_Session]):
 
     async def _forward(
         self,
-        session: _Session,
+        session: AioSession,
         deliveries: trio.MemoryReceiveChannel[aiormq.abc.DeliveredMessage],
     ) -> None:
         # Acks go out with ``multiple`` whenever the buffer runs empty (or every
@@ -446,41 +363,6 @@ class Amqp091Backend(Supervised[_Session]):
                     await session.call(
                         session.channel.basic_ack, last_tag, multiple=True, wait=False
                     )
-
-
-async def _bind_pipelined(
-    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, keys: list[str]
-) -> None:
-    # Runs on the asyncio side, so a batch costs one Trio-asyncio crossing.
-    # Every bind but the last goes out with ``nowait``; the last waits for its
-    # reply. The broker handles a channel's methods in order, so that reply
-    # means the whole batch is in place (a failed bind closes the channel,
-    # and the last call raises).
-    if not keys:
-        return
-    for key in keys[:-1]:
-        await channel.queue_bind(queue, exchange, routing_key=key, nowait=True)
-    await channel.queue_bind(queue, exchange, routing_key=keys[-1])
-
-
-async def _closed(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:
-    # ``closing`` is a fresh observer future that aiormq resolves (with the
-    # reason as its exception, for a loss) when the connection or channel
-    # closes; cancelling the observer does not close anything.
-    await closable.closing
-
-
-async def _close_connection(
-    loop: Any, connection: aiormq.abc.AbstractConnection, grace: float
-) -> None:
-    # Shielded: this also runs while the backend is being cancelled, and the
-    # broker should see a clean close (it deletes our exclusive queue at once).
-    with (
-        trio.CancelScope(shield=True),
-        trio.move_on_after(grace),
-        suppress(*TRANSIENT, *SESSION_BROKEN),
-    ):
-        await _call_aio(loop, connection.close)
 
 
 def check_settings(settings: Settings) -> None:

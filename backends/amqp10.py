@@ -72,8 +72,9 @@ from backends.amqp10_links import (
     message_body,
 )
 from backends.amqp10_pump import ConnectionLost, Wakeup
+from backends.broker_url import connect_stream
 from backends.rabbitmq_exchange import declare_direct_exchange
-from backends.supervisor import BrokerRejected, Supervised, connect_stream, run_supervised
+from backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
 from triows.logs import log_event
 from triows.settings import Settings

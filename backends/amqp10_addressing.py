@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 from proton import Delivery, symbol
 
-from backends.supervisor import BrokerAddress, BrokerRejected, parse_broker_url
+from backends.broker_url import BrokerAddress, parse_broker_url
+from backends.supervisor import BrokerRejected
 from triows.backend import BrokerUnavailable, Outcome
 from triows.settings import Settings
 

@@ -23,7 +23,8 @@ from typing import TypeVar
 from anyio.abc import ByteStream
 from pamqp import base, commands, frame, header
 
-from backends.supervisor import BrokerAddress, BrokerRejected, connect_stream
+from backends.broker_url import BrokerAddress, connect_stream
+from backends.supervisor import BrokerRejected
 
 PRECONDITION_FAILED = 406
 _FRAME_HEADER = 7  # type (1), channel (2), payload size (4)

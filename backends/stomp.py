@@ -44,18 +44,10 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, ObjectSendStream, TaskGroup
 
+from backends.broker_url import BrokerAddress, connect_stream, parse_broker_url, query_int
 from backends.rabbitmq_exchange import declare_direct_exchange
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
-from backends.supervisor import (
-    TRANSIENT,
-    BrokerAddress,
-    BrokerRejected,
-    Supervised,
-    connect_stream,
-    parse_broker_url,
-    query_int,
-    run_supervised,
-)
+from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
 from triows.backend import BrokerUnavailable, Delivery, Outcome
 from triows.logs import log_event
 from triows.settings import Settings

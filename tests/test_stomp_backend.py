@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trio
 
+from backends.broker_url import query_int
 from backends.stomp import (
     StompBackend,
     StompBrokerError,
@@ -27,7 +28,6 @@ from backends.stomp import (
     parse_url,
 )
 from backends.stomp_frames import Frame, FrameParser, encode_frame
-from backends.supervisor import query_int
 from tests.brokers import require_broker
 from tests.test_backend_contract import open_ready
 from triows.backend import BrokerUnavailable
