@@ -266,30 +266,49 @@ class Supervised(ABC, Generic[C]):
             await self._change(self._subscribe_on, "subscribe", key)
 
     async def unsubscribe(self, key: str) -> None:
-        """Release ``key``; while connected, return once the broker confirmed it."""
+        """Release ``key``; while connected, return once the broker confirmed it.
+
+        Cut short by the caller's cancellation, the key is released all the
+        same and the connection dropped: the broker may still hold a binding
+        this backend has forgotten (it would route messages for a user gone
+        offline), and the reconnect restores exactly the held keys.
+        """
         async with self._changes:
             self._keys.discard(key)
-            await self._change(self._unsubscribe_on, "unsubscribe", key)
+            await self._change(self._unsubscribe_on, "unsubscribe", key, drop_if_cut=True)
 
     async def _change(
-        self, operation: Callable[[C, str], Awaitable[None]], name: str, key: str
+        self,
+        operation: Callable[[C, str], Awaitable[None]],
+        name: str,
+        key: str,
+        *,
+        drop_if_cut: bool = False,
     ) -> None:
         connection = self._following
         if connection is None:
             return  # the next connection restores the held keys
+        ended = False  # with the broker's answer or a failure (not cancelled)
+        error: BaseException | None = None
         try:
             with anyio.fail_after(self._broker_timeout):
                 await operation(connection, key)
-        except self._broker_failures as error:
-            if self._following is connection:
-                # A broker that does not answer is treated as lost: the
-                # reconnect restores a known state instead of guessing.
+            ended = True
+        except self._broker_failures as failure:
+            ended, error = True, failure
+        finally:
+            # A broker that does not answer is treated as lost: the reconnect
+            # restores a known state instead of guessing. (A cancelled
+            # subscribe leaves the key held and its next change or the next
+            # connection settles it; a cut-short unsubscribe cannot wait.)
+            cut = not ended and drop_if_cut
+            if self._following is connection and (cut or error is not None):
                 log_event(
                     "broker_binding_deferred",
                     logging.WARNING,
                     operation=name,
                     key=key,
-                    error=str(error) or repr(error),
+                    error=repr(error) if error is not None else "cut short by cancellation",
                 )
                 self._abandon(connection)
 

@@ -350,6 +350,8 @@ class ScriptedBackend(Supervised[str]):
         self.failures = failures
         self.attempts = 0
         self.done = trio.Event()
+        self.slow_changes = False  # subscribe/unsubscribe never get an answer
+        self.abandoned: list[str] = []
 
     async def _session(self, up: Callable[[str], Awaitable[None]]) -> None:
         self.attempts += 1
@@ -363,16 +365,18 @@ class ScriptedBackend(Supervised[str]):
         return
 
     async def _subscribe_on(self, connection: str, key: str) -> None:
-        return
+        if self.slow_changes:
+            await trio.sleep_forever()
 
     async def _unsubscribe_on(self, connection: str, key: str) -> None:
-        return
+        if self.slow_changes:
+            await trio.sleep_forever()
 
     async def _publish_on(self, connection: str, key: str, body: bytes) -> Outcome:
         return Outcome.ACCEPTED
 
     def _abandon(self, connection: str) -> None:
-        return
+        self.abandoned.append(connection)
 
     async def _close(self, connection: str) -> None:
         return
@@ -414,3 +418,23 @@ async def test_an_unexpected_error_in_a_session_ends_the_backend_and_so_the_inst
         async with run_supervised(backend):
             await trio.sleep_forever()
     assert raised.group_contains(ValueError, match="a bug")
+
+
+async def test_an_unsubscribe_cut_short_drops_the_connection_a_subscribe_does_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The broker may hold a binding the backend has forgotten: only the
+    # reconnect's restore of exactly the held keys settles it.
+    backend = ScriptedBackend([])
+    async with run_supervised(backend):
+        await backend.wait_ready()
+        await backend.subscribe("user.Bob")
+        await backend.unsubscribe("user.Bob")
+        assert backend.abandoned == []
+        backend.slow_changes = True
+        with trio.move_on_after(1):
+            await backend.subscribe("user.Anne")
+        assert backend.abandoned == []  # held; the next change or connection settles it
+        with trio.move_on_after(1):
+            await backend.unsubscribe("user.Anne")
+        assert backend.abandoned == ["connection"]
