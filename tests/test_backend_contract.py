@@ -345,8 +345,9 @@ def test_tls_verification_and_refusals_are_permanent_losses_are_not() -> None:
 class ScriptedBackend(Supervised[str]):
     """A protocol whose sessions fail as scripted: one error per connection attempt."""
 
-    def __init__(self, failures: list[BaseException]) -> None:
-        super().__init__(Settings(backend="scripted", reconnect_max_delay=0.01), "scripted://")
+    def __init__(self, failures: list[BaseException], settings: Settings | None = None) -> None:
+        settings = settings or Settings(backend="scripted", reconnect_max_delay=0.01)
+        super().__init__(settings, "scripted://")
         self.failures = failures
         self.attempts = 0
         self.done = trio.Event()
@@ -438,3 +439,15 @@ async def test_an_unsubscribe_cut_short_drops_the_connection_a_subscribe_does_no
         with trio.move_on_after(1):
             await backend.unsubscribe("user.Anne")
         assert backend.abandoned == ["connection"]
+
+
+async def test_publish_timeout_set_alone_is_logged_as_deprecated_when_a_backend_opens() -> None:
+    handler = EventNames()
+    logging.getLogger("triows").addHandler(handler)
+    try:
+        ScriptedBackend([])  # the default settings: nothing to say
+        assert "setting_deprecated" not in handler.names
+        ScriptedBackend([], Settings.from_env({"TRIOWS_PUBLISH_TIMEOUT": "4"}))
+    finally:
+        logging.getLogger("triows").removeHandler(handler)
+    assert handler.names.count("setting_deprecated") == 1
