@@ -61,7 +61,7 @@ from typing import Any
 import anyio
 from proton import Connection, Delivery, Endpoint, Event, Link, Receiver, Sender, Transport, symbol
 
-from backends.amqp10_addressing import choose_addressing, outcome, parse_url
+from backends.amqp10_addressing import Addressing, choose_addressing, outcome, parse_url
 from backends.amqp10_links import (
     LINK_ANSWERS,
     SESSION_ENDS,
@@ -108,7 +108,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         self._backlog_changed = Wakeup()
 
     @property
-    def addressing(self) -> Any:
+    def addressing(self) -> Addressing | None:
         """The addresses chosen for the broker of the current connection (None while down)."""
         return self._following.addressing if self._following else None
 
