@@ -68,7 +68,7 @@ from yarl import URL
 from backends.amqp091_aio import (
     SESSION_BROKEN,
     AioSession,
-    ConnectionLost,
+    AioSessionLost,
     bind_pipelined,
     call_aio,
     close_connection,
@@ -229,7 +229,7 @@ class Amqp091Backend(Supervised[AioSession]):
             # aiormq's frame reader ends this way when the broker closes the
             # socket in the middle of the handshake (seen while RabbitMQ shuts
             # down): the same loss as a refused connection.
-            raise ConnectionLost("the broker closed the connection during the handshake") from error
+            raise AioSessionLost("the broker closed the connection during the handshake") from error
         except REFUSED_LOGIN as error:
             raise BrokerRejected(
                 "authentication", f"the broker refused the login: {error}", user=self._url.user
@@ -254,18 +254,18 @@ class Amqp091Backend(Supervised[AioSession]):
             try:
                 # Resolved without an error only by a close we asked for.
                 await session.call(closed, closable)
-                reason = ConnectionLost(f"the {what} was closed")
+                reason = AioSessionLost(f"the {what} was closed")
             except SESSION_BROKEN as error:
                 # Reported as a loss even when it was the broker's verdict on
                 # our channel: the remedy is the same reconnect.
-                reason = ConnectionLost(f"the {what} was closed: {error!r}")
+                reason = AioSessionLost(f"the {what} was closed: {error!r}")
                 reason.__cause__ = error
             nursery.cancel_scope.cancel()
 
         async def watch_event(event: trio.Event, why: str) -> None:
             nonlocal reason
             await event.wait()
-            reason = ConnectionLost(why)
+            reason = AioSessionLost(why)
             nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:

@@ -30,7 +30,7 @@ from backends.supervisor import TRANSIENT
 from triows.backend import BrokerUnavailable, Outcome
 
 
-class ConnectionLost(ConnectionError):
+class AioSessionLost(ConnectionError):
     """The session's connection or channel is gone, or the broker dropped our consumer.
 
     Also what an aiormq operation's ``asyncio.CancelledError`` becomes: aiormq
@@ -42,7 +42,7 @@ class ConnectionLost(ConnectionError):
 
 SESSION_BROKEN: tuple[type[BaseException], ...] = (
     # (Besides the sockets, DNS and timeouts of backends.supervisor.TRANSIENT.)
-    ConnectionLost,
+    AioSessionLost,
     # The broker closed the connection or failed the handshake (includes
     # aiormq's ConnectionClosed family: CONNECTION_FORCED on shutdown, ...).
     AMQPConnectionError,
@@ -112,7 +112,7 @@ async def call_aio(
     try:
         return await trio_asyncio.aio_as_trio(operation, loop=loop)(*args, **kwargs)
     except asyncio.CancelledError as error:
-        raise ConnectionLost("the broker connection closed during the operation") from error
+        raise AioSessionLost("the broker connection closed during the operation") from error
 
 
 async def bind_pipelined(
