@@ -25,7 +25,7 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
-from triows.backend import UnknownBackend, load_backend
+from triows.backend import UnknownBackend, check_backend_settings
 from triows.logs import logger
 from triows.protocol import InvalidInput
 from triows.settings import Settings, SettingsError
@@ -40,7 +40,9 @@ class StartupError(Exception):
 
 def check_startup(settings: Settings) -> None:
     """Refuse settings that would be unsafe or could not work, with one clear message."""
-    load_backend(settings.backend)
+    # Imports the backend and lets it check its settings: a malformed broker
+    # URL fails here, with one line, not inside the server's lifespan.
+    check_backend_settings(settings)
     if settings.dev_mode and not settings.binds_loopback_only and not settings.insecure:
         raise StartupError(
             "refusing to start in dev mode (no TRIOWS_SECRET) on a non-loopback address "

@@ -26,6 +26,7 @@ DEFAULT_BROKER_URLS = {
 MIN_SECRET_BYTES = 32
 # Clock skew is seconds; a leeway of minutes would extend every token's life.
 MAX_JWT_LEEWAY = 300
+DEFAULT_PUBLISH_TIMEOUT = 10.0
 
 
 class SettingsError(Exception):
@@ -53,7 +54,13 @@ class Settings:
     incoming_queue: int = field(default=1024, metadata={"env": "TRIOWS_INCOMING_QUEUE"})
     drain_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_DRAIN_TIMEOUT"})
     close_timeout: float = field(default=5.0, metadata={"env": "TRIOWS_CLOSE_TIMEOUT"})
-    publish_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_PUBLISH_TIMEOUT"})
+    publish_timeout: float = field(
+        default=DEFAULT_PUBLISH_TIMEOUT, metadata={"env": "TRIOWS_PUBLISH_TIMEOUT"}
+    )
+    # 0: not set. Then it takes TRIOWS_PUBLISH_TIMEOUT's value, the old meaning
+    # of that setting (it bounded every broker operation); deprecated, see
+    # ``deprecations``, removed in the next release (then: 10 s).
+    broker_timeout: float = field(default=0.0, metadata={"env": "TRIOWS_BROKER_TIMEOUT"})
     reconnect_max_delay: float = field(default=15.0, metadata={"env": "TRIOWS_RECONNECT_MAX"})
     retry_after: int = field(default=2, metadata={"env": "TRIOWS_RETRY_AFTER"})
     exchange: str = field(default="triows", metadata={"env": "TRIOWS_EXCHANGE"})
@@ -78,6 +85,14 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
+        if self.broker_timeout < 0:
+            raise SettingsError(
+                f"TRIOWS_BROKER_TIMEOUT must be positive, got {self.broker_timeout}"
+            )
+        if not self.broker_timeout:
+            object.__setattr__(self, "broker_timeout", self.publish_timeout)
+            inherited = self.publish_timeout != DEFAULT_PUBLISH_TIMEOUT
+            object.__setattr__(self, "_broker_timeout_inherited", inherited)
         for name in ("drain_timeout", "close_timeout", "publish_timeout", "reconnect_max_delay"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive, got {getattr(self, name)}")
@@ -106,6 +121,17 @@ class Settings:
             raise SettingsError(
                 f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
             )
+
+    @property
+    def deprecations(self) -> list[str]:
+        """One line per deprecated use of a setting (logged once at start-up)."""
+        if getattr(self, "_broker_timeout_inherited", False):
+            return [
+                f"TRIOWS_PUBLISH_TIMEOUT={self.publish_timeout} also bounds broker operations "
+                "(connect, declare, bind, attach) because TRIOWS_BROKER_TIMEOUT is not set; "
+                "from the next release it bounds confirms only: set TRIOWS_BROKER_TIMEOUT"
+            ]
+        return []
 
     @property
     def dev_mode(self) -> bool:
