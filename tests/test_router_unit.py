@@ -112,6 +112,9 @@ async def test_only_the_first_connection_subscribes_and_only_the_last_unsubscrib
     assert router.idle.is_set()
 
 
+FRAME_TO_BOB = '{"type":"message","id":"1","from":null,"to":"Bob","message":"hi","ts":1}'
+
+
 async def test_a_delivery_reaches_every_local_connection_of_its_user_only() -> None:
     backend = RecordingBackend()
     router = new_router(backend)
@@ -121,9 +124,9 @@ async def test_a_delivery_reaches_every_local_connection_of_its_user_only() -> N
         router.attached(bob_laptop),
         router.attached(anne),
     ):
-        router.deliver("user.Bob", b'{"type":"message"}')
-    assert bob_phone._receive.receive_nowait() == '{"type":"message"}'
-    assert bob_laptop._receive.receive_nowait() == '{"type":"message"}'
+        router.deliver("user.Bob", FRAME_TO_BOB.encode())
+    assert bob_phone._receive.receive_nowait() == FRAME_TO_BOB
+    assert bob_laptop._receive.receive_nowait() == FRAME_TO_BOB
     with pytest.raises(trio.WouldBlock):
         anne._receive.receive_nowait()
 
