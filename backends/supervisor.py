@@ -146,6 +146,10 @@ class Supervised(ABC, Generic[C]):
     LOST: ClassVar[tuple[type[BaseException], ...]] = ()
     """The protocol's own "connection lost" errors (transient, besides :data:`TRANSIENT`)."""
 
+    PUBLISH_BOUNDED: ClassVar[bool] = False
+    """True where :meth:`_publish_on` bounds its own wait by ``TRIOWS_PUBLISH_TIMEOUT``
+    (once per batch), so that no cancel scope is opened per message here."""
+
     CHANGES_IN_FLIGHT: ClassVar[int] = 1
     """Subscribes/unsubscribes that may wait for the broker at once. Above 1,
     :meth:`_restore` must act on every key before its first ``await``."""
@@ -250,6 +254,8 @@ class Supervised(ABC, Generic[C]):
             raise BrokerUnavailable(f"not connected to the broker {self._broker}")
         timeout = self._settings.publish_timeout
         try:
+            if self.PUBLISH_BOUNDED:
+                return await self._publish_on(connection, key, body)
             with anyio.fail_after(timeout):
                 return await self._publish_on(connection, key, body)
         except BrokerUnavailable:
