@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -24,7 +28,7 @@ from hypercorn.utils import wrap_app
 from triows.app import HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
 from triows.backend import UnknownBackend, load_backend
-from triows.logs import logger
+from triows.logs import log_event, logger
 from triows.protocol import InvalidInput
 from triows.settings import Settings, SettingsError
 
@@ -59,16 +63,99 @@ def hypercorn_config(settings: Settings) -> Config:
     config.bind = list(settings.bind)
     config.websocket_max_message_size = settings.max_message_bytes * HYPERCORN_FRAME_LIMIT_FACTOR
     config.graceful_timeout = settings.close_timeout
+    # WebSocket pings keep idle sockets alive through proxies and expose dead
+    # peers: a ping nobody acknowledges is cut by TCP_USER_TIMEOUT (see _tune_listener).
+    config.websocket_ping_interval = settings.ping_interval or None
     config.accesslog = None
     # Hypercorn's own lines ("Running on ...", errors) become JSON lines too.
     config.errorlog = logger.getChild("hypercorn")
     return config
 
 
+class WriteDeadlineStream(trio.abc.HalfCloseableStream):
+    """A TCP stream whose writes give up after ``timeout`` seconds and reset the connection.
+
+    Hypercorn's trio worker shields every ``send_all`` from cancellation, so no
+    timeout in the app can interrupt a write to a peer that never reads. The
+    deadline here is inside that shield: it still fires, and the connection is
+    reset (SO_LINGER 0), which ends the request or WebSocket as a lost client.
+    """
+
+    def __init__(self, stream: trio.SocketStream, timeout: float) -> None:
+        self.stream = stream
+        self.socket = stream.socket  # Hypercorn reads the addresses from it
+        self.timeout = timeout
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(self.timeout):
+            await self.stream.send_all(data)
+            return
+        log_event("write_timeout", level=logging.WARNING, bytes=len(data))
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await self.stream.aclose()
+        raise trio.BrokenResourceError("the peer took no bytes within the write deadline")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def install_write_deadline(timeout: float) -> None:
+    """Give every plain TCP connection Hypercorn's trio worker accepts a write deadline.
+
+    ``worker_serve`` has no hook for the accepted stream, so the ``TCPServer``
+    name it calls is replaced by one that wraps the stream first (TLS streams
+    are left as they are: terminate TLS in front of triows).
+    """
+    from hypercorn.trio import run as hypercorn_run
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original: Any = TCPServer
+
+    async def tcp_server(*args: Any) -> None:
+        *before, stream = args
+        if isinstance(stream, trio.SocketStream):
+            stream = WriteDeadlineStream(stream, timeout)
+        await original(*before, stream)
+
+    vars(hypercorn_run)["TCPServer"] = tcp_server
+
+
+def _tune_listener(sock: socket.socket, settings: Settings) -> None:
+    """Socket options that accepted connections inherit from their listening socket (Linux)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    # Unacknowledged bytes (a ping to a half-open peer, a write to a full window)
+    # for this long reset the connection.
+    timeout_ms = int(1000 * max(settings.close_timeout, settings.ping_interval))
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+
+
+def _listening_sockets(config: Config, settings: Settings, *, listen: bool) -> Sockets:
+    sockets = config.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        _tune_listener(sock, settings)
+        if listen:
+            sock.listen(config.backlog)
+    return sockets
+
+
 async def _serve_worker(
     settings: Settings, config: Config, sockets: Sockets | None, stop: ProcessEvent | None
 ) -> None:
     app = create_app(settings)
+    install_write_deadline(settings.close_timeout)
+    if sockets is None:
+        sockets = _listening_sockets(config, settings, listen=True)
 
     async def drain_on_shutdown() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -114,7 +201,7 @@ def serve(settings: Settings) -> int:
     if settings.workers == 1:
         trio.run(_serve_worker, settings, config, None, None)
         return 0
-    sockets = config.create_sockets()
+    sockets = _listening_sockets(config, settings, listen=False)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     processes = []

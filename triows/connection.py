@@ -104,11 +104,15 @@ class Connection:
     async def run_writer(self, send: ASGISend) -> None:
         """Write queued frames as ASGI ``websocket.send`` until closing has flushed the queue."""
         queue = self._queue
-        while True:
-            while queue:
-                await send({"type": "websocket.send", "text": queue.popleft()})
-            if self.stopped:
-                self.flushed = True
-                return
-            self._wakeup = wakeup = trio.Event()
-            await wakeup.wait()
+        try:
+            while True:
+                while queue:
+                    await send({"type": "websocket.send", "text": queue.popleft()})
+                if self.stopped:
+                    self.flushed = True
+                    return
+                self._wakeup = wakeup = trio.Event()
+                await wakeup.wait()
+        finally:
+            # However the writer ends (peer gone, cancelled), nothing more will be written.
+            self.stop()
