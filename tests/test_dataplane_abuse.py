@@ -16,9 +16,11 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from triows.auth import mint_token
+from triows.cli import _tune_listener
 from triows.client import events_url, open_events, post_send
 from triows.connection import Connection
 from triows.process import Instance, serve_instance
+from triows.settings import Settings
 
 # Hang guards only: no test asserts on how long something took.
 STEP_TIMEOUT = 30
@@ -275,14 +277,18 @@ async def test_an_idle_keep_alive_connection_is_closed_by_the_server() -> None:
         await stream.aclose()
 
 
-async def test_an_idle_websocket_is_pinged() -> None:
-    async with serve_instance("memory", env={"TRIOWS_PING_INTERVAL": "0.2"}) as server:
-        stream, _ = await raw_handshake(server, "/events?user=Bob")
-        buffer = bytearray()
-        with trio.fail_after(STEP_TIMEOUT):
-            while (await read_frame(stream, buffer))[0] != 0x9:  # the hello, then a ping
-                pass
-        await stream.aclose()
+def test_accepted_connections_inherit_keepalive_from_the_listener() -> None:
+    settings = Settings(ping_interval=9, close_timeout=5)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        _tune_listener(listener, settings)
+        listener.listen()
+        with socket.create_connection(listener.getsockname()) as _client:
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 9
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 18000
 
 
 async def test_offer_after_the_writer_ended_returns_false_and_never_raises() -> None:

@@ -34,6 +34,8 @@ from triows.settings import Settings, SettingsError
 
 # How often a worker process checks whether its parent asked it to stop.
 SHUTDOWN_POLL_INTERVAL = 0.1
+# TCP keepalive probes left unanswered before the kernel drops a connection.
+KEEPALIVE_PROBES = 3
 
 
 class StartupError(Exception):
@@ -63,9 +65,9 @@ def hypercorn_config(settings: Settings) -> Config:
     config.bind = list(settings.bind)
     config.websocket_max_message_size = settings.max_message_bytes * HYPERCORN_FRAME_LIMIT_FACTOR
     config.graceful_timeout = settings.close_timeout
-    # WebSocket pings keep idle sockets alive through proxies and expose dead
-    # peers: a ping nobody acknowledges is cut by TCP_USER_TIMEOUT (see _tune_listener).
-    config.websocket_ping_interval = settings.ping_interval or None
+    # No Hypercorn WebSocket pings (websocket_ping_interval): they cost a task per
+    # socket and the first goes out at the handshake. Dead peers are found by TCP
+    # keepalive instead (see _tune_listener).
     config.accesslog = None
     # Hypercorn's own lines ("Running on ...", errors) become JSON lines too.
     config.errorlog = logger.getChild("hypercorn")
@@ -88,7 +90,12 @@ class WriteDeadlineStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with trio.move_on_after(self.timeout):
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            except trio.BusyResourceError:
+                # Hypercorn's close (send_eof) raced a write, e.g. its ping task's:
+                # the connection is going; uncaught, this would end the whole server.
+                raise trio.BrokenResourceError("the connection is closing") from None
             return
         log_event("write_timeout", level=logging.WARNING, bytes=len(data))
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -130,14 +137,24 @@ def install_write_deadline(timeout: float) -> None:
 
 
 def _tune_listener(sock: socket.socket, settings: Settings) -> None:
-    """Socket options that accepted connections inherit from their listening socket (Linux)."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+    """Socket options that accepted connections inherit from their listening socket (Linux).
+
+    TCP keepalive probes a connection idle for ``TRIOWS_PING_INTERVAL`` seconds
+    (3 probes, a third of it apart), so a half-open peer is cut within twice the
+    interval; TCP_USER_TIMEOUT resets a connection whose sent bytes stay
+    unacknowledged (a dead peer, a window that stays shut) for that long too.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not settings.ping_interval:
         return
-    # Unacknowledged bytes (a ping to a half-open peer, a write to a full window)
-    # for this long reset the connection.
-    timeout_ms = int(1000 * max(settings.close_timeout, settings.ping_interval))
+    idle = max(1, round(settings.ping_interval))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+        timeout = max(settings.close_timeout, 2 * settings.ping_interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(1000 * timeout))
 
 
 def _listening_sockets(config: Config, settings: Settings, *, listen: bool) -> Sockets:
