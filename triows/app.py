@@ -2,8 +2,8 @@
 
 ``create_app()`` builds it; Hypercorn's trio worker serves it. The backend is
 opened in the app's lifespan by a task in ``app.nursery`` that owns it, the
-router and the router's pump; each WebSocket runs a reader and a writer in a
-nursery of its own.
+router and the router's pump. ``POST /send`` and ``/events`` are served by the
+lean ASGI handlers of :mod:`triows.dataplane`, in front of the Quart app.
 """
 
 from __future__ import annotations
@@ -15,38 +15,21 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import trio
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, request, send_from_directory, websocket
+from quart import Response, send_from_directory
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from triows import auth
-from triows.auth import AuthError, Identity
-from triows.backend import BrokerUnavailable, Outcome, open_backend
-from triows.connection import Connection, run_expiry
+from triows.backend import open_backend
+from triows.dataplane import DataPlane, refuse_permessage_deflate
 from triows.logs import configure_logging, log_event
 from triows.metrics import Metrics
 from triows.problems import problem
-from triows.protocol import (
-    CLOSE_DRAINING,
-    CLOSE_INVALID_FRAME,
-    CLOSE_TOKEN_EXPIRED,
-    CLOSE_TOO_LARGE,
-    InvalidInput,
-    InvalidSendFrame,
-    MessageTooLarge,
-    ProtocolViolation,
-    SendRequest,
-    ack_frame,
-    error_frame,
-    hello_frame,
-    parse_client_frame,
-    parse_send_body,
-)
+from triows.protocol import CLOSE_DRAINING
 from triows.router import Router
 from triows.settings import Settings
 
@@ -75,6 +58,8 @@ class TriowsApp(QuartTrio):
         # non-zero itself (``triows serve``); else fail() ends the process.
         self.exits_on_failure = False
         self.guards_dev_mode = settings.dev_mode and not settings.insecure
+        # POST /send and /events are answered in front of Quart (triows.dataplane).
+        self.data_plane = DataPlane(self, super().asgi_app)
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -92,6 +77,11 @@ class TriowsApp(QuartTrio):
             await _refuse_dev_mode(scope, send)
             return
         await super().__call__(scope, receive, send)
+
+    async def asgi_app(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        await self.data_plane(cast(Any, scope), cast(Any, receive), cast(Any, send))
 
     @property
     def router(self) -> Router:
@@ -241,8 +231,7 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     configure_logging(settings.instance_id, settings.log_level)
     app = TriowsApp(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
-    # The handlers below authenticate with this instance's clock-skew leeway.
-    identify = functools.partial(auth.identify, leeway=settings.jwt_leeway)
+    refuse_permessage_deflate()
 
     @app.before_serving
     async def start_backend() -> None:
@@ -280,138 +269,4 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     async def metrics() -> Response:
         return Response(generate_latest(app.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/send")
-    async def send() -> Response | tuple[dict[str, Any], int]:
-        if request.mimetype != "application/json":
-            return problem(415, "send a JSON body with Content-Type: application/json")
-        identity: Identity | None = None
-        if not settings.dev_mode:
-            try:
-                identity = identify(
-                    settings.secret, dict(request.headers), request.args, dev_user=None
-                )
-            except AuthError as error:
-                log_event("auth_failed", path="/send", reason=str(error))
-                return problem(
-                    401, str(error), kind="unauthorized", headers={"WWW-Authenticate": "Bearer"}
-                )
-        raw = await request.get_data(cache=False, as_text=False)
-        assert isinstance(raw, bytes)  # as_text=False
-        try:
-            send_request, dev_sender = parse_send_body(raw, dev_mode=settings.dev_mode)
-            sender = identity.user if identity is not None else dev_sender
-            message_id, outcome = await app.router.send(sender, send_request)
-        except MessageTooLarge as error:
-            return problem(413, str(error), kind="too-large")
-        except InvalidInput as error:
-            return problem(400, str(error), kind="invalid")
-        except BrokerUnavailable as error:
-            return problem(
-                503,
-                f"the broker is unavailable: {error}",
-                kind="broker-unavailable",
-                headers={"Retry-After": str(settings.retry_after)},
-            )
-        if outcome is Outcome.UNROUTED:
-            return problem(404, f"{send_request.to} is not connected", kind="offline")
-        return {"id": message_id, "status": outcome.value}, 202
-
-    @app.websocket("/events")
-    async def events() -> Response | None:
-        try:
-            identity = identify(
-                settings.secret,
-                dict(websocket.headers),
-                websocket.args,
-                dev_user=websocket.args.get("user"),
-            )
-        except InvalidInput as error:
-            return problem(400, str(error), kind="invalid")
-        except AuthError as error:
-            log_event("auth_failed", path="/events", reason=str(error))
-            return problem(401, str(error), kind="unauthorized")
-        if app.draining:
-            return problem(503, "this instance is draining", kind="draining")
-        if len(app.router.connections) >= settings.max_connections:
-            log_event("connection_refused", level=logging.WARNING, reason="max_connections")
-            return problem(
-                503,
-                f"this instance holds its maximum of {settings.max_connections} connections",
-                kind="too-many-connections",
-                headers={"Retry-After": str(settings.retry_after)},
-            )
-        await websocket.accept()
-        await serve_connection(app, identity)
-        return None
-
     return app
-
-
-async def serve_connection(app: TriowsApp, identity: Identity) -> None:
-    """Run one accepted WebSocket until it closes, whoever closes it."""
-    settings = app.settings
-    connection = Connection(identity.user, settings.send_queue)
-    connection.offer(hello_frame(identity.user, settings.instance_id))
-    try:
-        async with app.router.attached(connection):
-            log_event("connect", user=identity.user, connection=connection.id)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(connection.run_writer, websocket.send)
-                nursery.start_soon(read_frames, app, connection)
-                nursery.start_soon(run_expiry, connection, identity.expires_at, CLOSE_TOKEN_EXPIRED)
-                await connection.closing.wait()
-                with trio.move_on_after(settings.close_timeout):
-                    await connection.writer_done.wait()
-                nursery.cancel_scope.cancel()
-            if connection.writer_done.is_set():
-                with trio.move_on_after(settings.close_timeout):
-                    await websocket.close(connection.close_code or 1000, connection.close_reason)
-    finally:
-        log_event(
-            "disconnect",
-            user=identity.user,
-            connection=connection.id,
-            code=connection.close_code or "client",
-            reason=connection.close_reason,
-        )
-
-
-async def read_frames(app: TriowsApp, connection: Connection) -> None:
-    """Read the client's frames and answer each ``send`` with an ``ack`` or ``error``."""
-    limit = app.settings.max_message_bytes
-    while True:
-        data = await websocket.receive()
-        if isinstance(data, bytes):
-            connection.close(CLOSE_INVALID_FRAME, "binary frames are not part of the protocol")
-            return
-        # A character is at most 4 bytes in UTF-8: encode only a frame that could be over.
-        if len(data) > limit or (len(data) * 4 > limit and len(data.encode()) > limit):
-            log_event("frame_too_large", level=logging.WARNING, user=connection.user)
-            connection.close(CLOSE_TOO_LARGE, f"frames are limited to {limit} bytes")
-            return
-        try:
-            send_request = parse_client_frame(data)
-        except ProtocolViolation as error:
-            log_event(
-                "invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error)
-            )
-            connection.close(CLOSE_INVALID_FRAME, str(error))
-            return
-        except InvalidSendFrame as error:
-            connection.offer(error_frame(error.ref, "invalid", str(error)))
-            continue
-        connection.offer(await answer_send(app, connection.user, send_request))
-
-
-async def answer_send(app: TriowsApp, sender: str, send_request: SendRequest) -> str:
-    """Publish a WebSocket ``send`` and return the ``ack`` or ``error`` frame for it."""
-    ref = send_request.ref
-    try:
-        message_id, outcome = await app.router.send(sender, send_request)
-    except MessageTooLarge as error:
-        return error_frame(ref, "too_large", str(error))
-    except BrokerUnavailable as error:
-        return error_frame(ref, "unavailable", f"the broker is unavailable: {error}")
-    if outcome is Outcome.UNROUTED:
-        return error_frame(ref, "offline", f"{send_request.to} is not connected")
-    return ack_frame(ref, message_id, outcome.value)

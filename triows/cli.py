@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Sequence
 from functools import partial
 from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -26,12 +30,14 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
 from triows.backend import UnknownBackend, check_backend_settings
-from triows.logs import logger
+from triows.logs import log_event, logger
 from triows.protocol import InvalidInput
 from triows.settings import Settings, SettingsError
 
 # How often a worker process checks whether its parent asked it to stop.
 SHUTDOWN_POLL_INTERVAL = 0.1
+# TCP keepalive probes left unanswered before the kernel drops a connection.
+KEEPALIVE_PROBES = 3
 
 
 class StartupError(Exception):
@@ -63,6 +69,9 @@ def hypercorn_config(settings: Settings) -> Config:
     config.bind = list(settings.bind)
     config.websocket_max_message_size = settings.max_message_bytes * HYPERCORN_FRAME_LIMIT_FACTOR
     config.graceful_timeout = settings.close_timeout
+    # No Hypercorn WebSocket pings (websocket_ping_interval): they cost a task per
+    # socket and the first goes out at the handshake. Dead peers are found by TCP
+    # keepalive instead (see _tune_listener).
     config.accesslog = None
     # Hypercorn's own lines ("Running on ...", errors) become JSON lines too.
     config.errorlog = logger.getChild("hypercorn")
@@ -86,6 +95,98 @@ def _socket_urls(sockets: Sockets) -> list[str]:
     ]
 
 
+class WriteDeadlineStream(trio.abc.HalfCloseableStream):
+    """A TCP stream whose writes give up after ``timeout`` seconds and reset the connection.
+
+    Hypercorn's trio worker shields every ``send_all`` from cancellation, so no
+    timeout in the app can interrupt a write to a peer that never reads. The
+    deadline here is inside that shield: it still fires, and the connection is
+    reset (SO_LINGER 0), which ends the request or WebSocket as a lost client.
+    """
+
+    def __init__(self, stream: trio.SocketStream, timeout: float) -> None:
+        self.stream = stream
+        self.socket = stream.socket  # Hypercorn reads the addresses from it
+        self.timeout = timeout
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(self.timeout):
+            try:
+                await self.stream.send_all(data)
+            except trio.BusyResourceError:
+                # Hypercorn's close (send_eof) raced a write, e.g. its ping task's:
+                # the connection is going; uncaught, this would end the whole server.
+                raise trio.BrokenResourceError("the connection is closing") from None
+            return
+        log_event("write_timeout", level=logging.WARNING, bytes=len(data))
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await self.stream.aclose()
+        raise trio.BrokenResourceError("the peer took no bytes within the write deadline")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def install_write_deadline(timeout: float) -> None:
+    """Give every plain TCP connection Hypercorn's trio worker accepts a write deadline.
+
+    ``worker_serve`` has no hook for the accepted stream, so the ``TCPServer``
+    name it calls is replaced by one that wraps the stream first (TLS streams
+    are left as they are: terminate TLS in front of triows).
+    """
+    from hypercorn.trio import run as hypercorn_run
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original: Any = TCPServer
+
+    async def tcp_server(*args: Any) -> None:
+        *before, stream = args
+        if isinstance(stream, trio.SocketStream):
+            stream = WriteDeadlineStream(stream, timeout)
+        await original(*before, stream)
+
+    vars(hypercorn_run)["TCPServer"] = tcp_server
+
+
+def _tune_listener(sock: socket.socket, settings: Settings) -> None:
+    """Socket options that accepted connections inherit from their listening socket (Linux).
+
+    TCP keepalive probes a connection idle for ``TRIOWS_PING_INTERVAL`` seconds
+    (3 probes, a third of it apart), so a half-open peer is cut within twice the
+    interval; TCP_USER_TIMEOUT resets a connection whose sent bytes stay
+    unacknowledged (a dead peer, a window that stays shut) for that long too.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not settings.ping_interval:
+        return
+    idle = max(1, round(settings.ping_interval))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        timeout = max(settings.close_timeout, 2 * settings.ping_interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(1000 * timeout))
+
+
+def _listening_sockets(config: Config, settings: Settings, *, listen: bool) -> Sockets:
+    sockets = config.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        _tune_listener(sock, settings)
+        if listen:
+            sock.listen(config.backlog)
+    return sockets
+
+
 async def _serve_worker(
     settings: Settings,
     config: Config,
@@ -96,6 +197,9 @@ async def _serve_worker(
     app = create_app(settings)
     # A dead backend or router stops the server here, and the exit status says so.
     app.exits_on_failure = True
+    install_write_deadline(settings.close_timeout)
+    if sockets is None:
+        sockets = _listening_sockets(config, settings, listen=True)
 
     async def drain_on_shutdown() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -161,6 +265,10 @@ def serve(settings: Settings, url_file: str | None = None) -> int:
     sockets = config.create_sockets()
     if url_file is not None:
         write_url_file(url_file, _socket_urls(sockets))
+
+        trio.run(_serve_worker, settings, config, None, None)
+        return 0
+    sockets = _listening_sockets(config, settings, listen=False)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     processes = []

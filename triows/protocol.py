@@ -196,6 +196,41 @@ def parse_send_body(raw: bytes, *, dev_mode: bool) -> tuple[SendRequest, str | N
     return SendRequest(to, message), sender
 
 
+def parse_send_batch(
+    raw: bytes, *, dev_mode: bool, max_items: int
+) -> list[tuple[SendRequest, str | None] | InvalidInput] | None:
+    """Parse a ``POST /send`` body that is a JSON array of send objects (a batch).
+
+    Returns None when the body is not an array (it is then a single send). The
+    batch as a whole is refused (:class:`InvalidInput`, or
+    :class:`MessageTooLarge` over ``max_items``) when it is not an array of
+    objects; each object is then checked exactly as a single body would be, and
+    an invalid one becomes its own :class:`InvalidInput` in the result, in order.
+    """
+    if raw.lstrip()[:1] != b"[":
+        return None
+    try:
+        items = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidInput("the body is not valid JSON") from None
+    if not isinstance(items, list):
+        raise InvalidInput("the body must be a JSON object or an array of them")
+    if len(items) > max_items:
+        raise MessageTooLarge(f"a batch holds at most {max_items} messages, got {len(items)}")
+    if not all(isinstance(item, dict) for item in items):
+        raise InvalidInput("a batch must be a JSON array of send objects")
+    parsed: list[tuple[SendRequest, str | None] | InvalidInput] = []
+    for item in items:
+        try:
+            # Each item goes through the single-body parser, so both are checked alike.
+            parsed.append(parse_send_body(_dumps(item).encode(), dev_mode=dev_mode))
+        except InvalidInput as error:
+            parsed.append(error)
+        except (ValueError, RecursionError):
+            parsed.append(InvalidInput("the item cannot be encoded as JSON"))
+    return parsed
+
+
 def parse_client_frame(raw: str) -> SendRequest:
     """Parse a text frame from a WebSocket client; only ``send`` frames exist.
 

@@ -69,6 +69,12 @@ class Settings:
     address_template: str = field(default="", metadata={"env": "TRIOWS_ADDRESS_TEMPLATE"})
     log_level: str = field(default="INFO", metadata={"env": "TRIOWS_LOG_LEVEL"})
     jwt_leeway: float = field(default=5.0, metadata={"env": "TRIOWS_JWT_LEEWAY"})
+    max_batch: int = field(default=100, metadata={"env": "TRIOWS_MAX_BATCH"})
+    max_batch_bytes: int = field(default=1048576, metadata={"env": "TRIOWS_MAX_BATCH_BYTES"})
+    send_rate: float = field(default=100.0, metadata={"env": "TRIOWS_SEND_RATE"})
+    send_burst: int = field(default=50, metadata={"env": "TRIOWS_SEND_BURST"})
+    ping_interval: float = field(default=20.0, metadata={"env": "TRIOWS_PING_INTERVAL"})
+    test_echo: bool = field(default=False, metadata={"env": "TRIOWS_TEST_ECHO"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -82,6 +88,9 @@ class Settings:
             "max_connections",
             "incoming_queue",
             "prefetch",
+            "max_batch",
+            "max_batch_bytes",
+            "send_burst",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
@@ -99,6 +108,13 @@ class Settings:
         if not 0 <= self.jwt_leeway <= MAX_JWT_LEEWAY:
             raise SettingsError(
                 f"TRIOWS_JWT_LEEWAY must be 0-{MAX_JWT_LEEWAY} seconds, got {self.jwt_leeway}"
+            )
+        if self.send_rate <= 0:
+            raise SettingsError(f"TRIOWS_SEND_RATE must be positive, got {self.send_rate}")
+        if self.ping_interval < 0:
+            raise SettingsError(
+                f"TRIOWS_PING_INTERVAL must not be negative (0 turns pings off), "
+                f"got {self.ping_interval}"
             )
         if self.heartbeat < 0 or self.retry_after < 0:
             raise SettingsError("TRIOWS_HEARTBEAT and TRIOWS_RETRY_AFTER must not be negative")
