@@ -262,13 +262,9 @@ def serve(settings: Settings, url_file: str | None = None) -> int:
     config = hypercorn_config(settings)
     if settings.workers == 1:
         return trio.run(_serve_worker, settings, config, None, None, url_file)
-    sockets = config.create_sockets()
+    sockets = _listening_sockets(config, settings, listen=False)
     if url_file is not None:
         write_url_file(url_file, _socket_urls(sockets))
-
-        trio.run(_serve_worker, settings, config, None, None)
-        return 0
-    sockets = _listening_sockets(config, settings, listen=False)
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     processes = []
