@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -68,6 +69,14 @@ MIN_BODY_BOUND = 65536
 # ``activemq.prefetchSize``) is per subscription, i.e. per user, so it would
 # not bound the instance's total anyway.
 ACK_MODE = "auto"
+
+# RabbitMQ's answer to a message it had already handed to its STOMP adapter
+# when our UNSUBSCRIBE of that subscription was processed (a send racing the
+# last socket of its recipient). Unlike every other ERROR it is not followed by
+# a close (rabbit_stomp_processor's send_delivery uses send_error, not error):
+# it stands for a MESSAGE in flight, which is dropped as one.
+LATE_DELIVERY_MESSAGE = "Subscription not found"
+LATE_DELIVERY_TAG = re.compile(r"no current subscription with tag 'T_s(\d+)'")
 
 
 class StompBrokerError(BrokerUnavailable):
@@ -122,7 +131,7 @@ class _StompConnection:
         self._write_lock = anyio.Lock()
         self._receipts: dict[str, _Pending] = {}
         self._receipt_ids = itertools.count(1)
-        self._subscription_numbers = itertools.count(1)
+        self._subscriptions_issued = 0
         self._broken = False
 
     async def write(self, frame: Frame) -> None:
@@ -169,10 +178,22 @@ class _StompConnection:
         self._receipts.clear()
 
     def new_subscription_id(self, key: str) -> str:
-        subscription_id = f"s{next(self._subscription_numbers)}"
+        self._subscriptions_issued += 1
+        subscription_id = f"s{self._subscriptions_issued}"
         self.subscription_keys[subscription_id] = key
         self.subscription_ids[key] = subscription_id
         return subscription_id
+
+    def is_late_delivery(self, frame: Frame) -> bool:
+        """Whether ``frame`` is RabbitMQ's ERROR for a delivery to a subscription we ended."""
+        if frame.headers.get("message") != LATE_DELIVERY_MESSAGE:
+            return False
+        match = LATE_DELIVERY_TAG.search(frame.body.decode("utf-8", "replace"))
+        if match is None:
+            return False
+        subscription_id = f"s{match.group(1)}"
+        issued = 0 < int(match.group(1)) <= self._subscriptions_issued
+        return issued and subscription_id not in self.subscription_ids.values()
 
     async def read_frames(self, incoming: ObjectSendStream[Delivery]) -> None:
         """Read until the connection fails; raises what ended it."""
@@ -199,6 +220,8 @@ class _StompConnection:
             if pending is not None:
                 pending.done.set()
         elif frame.command == "ERROR":
+            if self.is_late_delivery(frame):
+                return  # the connection stays open: see LATE_DELIVERY_MESSAGE
             detail = frame.headers.get("message", "")
             if frame.body:
                 detail = f"{detail}: {frame.body.decode('utf-8', 'replace').strip()}"

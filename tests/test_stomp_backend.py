@@ -233,3 +233,49 @@ async def test_exchange_missing_on_rabbitmq_is_declared_by_the_backend(exchange:
         await backend.publish("user.bob", b"declared")
 
         assert await receive(backend) == ("user.bob", b"declared")
+
+
+@pytest.mark.broker
+async def test_messages_in_flight_at_an_unsubscribe_do_not_drop_the_connection(
+    broker: str, exchange: str
+) -> None:
+    # A message the broker had already handed to its STOMP adapter when the
+    # UNSUBSCRIBE arrived: RabbitMQ answers it with an ERROR frame ("Subscription
+    # not found") and keeps the connection open. Publishing to a key while it is
+    # being unsubscribed, on the same connection, is what a /send racing the
+    # last socket of its recipient does.
+    rounds, burst = 5, 50
+    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+        assert isinstance(backend, StompBackend)
+        received: list[tuple[str, bytes]] = []
+        after = trio.Event()
+        lost = False
+
+        async def watch() -> None:
+            nonlocal lost
+            await backend.wait_not_ready()
+            lost = True
+
+        async def drain() -> None:
+            async for delivery in backend.incoming:
+                received.append(delivery)
+                if delivery == ("user.dave", b"after"):
+                    after.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            nursery.start_soon(drain)
+            for _ in range(rounds):
+                await backend.subscribe("user.carol")
+                async with trio.open_nursery() as sends:
+                    for n in range(burst):
+                        sends.start_soon(backend.publish, "user.carol", b"%d" % n)
+                    await backend.unsubscribe("user.carol")
+            assert not lost
+            # Still the same connection, and it still delivers.
+            await backend.subscribe("user.dave")
+            await backend.publish("user.dave", b"after")
+            with trio.fail_after(DELIVERY_TIMEOUT):
+                await after.wait()
+            assert not lost
+            nursery.cancel_scope.cancel()
