@@ -21,7 +21,9 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   :mod:`backends.supervisor`'s; every held key is subscribed again before
   the backend reports ready. An ``ERROR`` answer to ``CONNECT`` (login or
   virtual host refused) is permanent; the protocol's own transient errors
-  are :attr:`StompBackend.LOST`.
+  are :attr:`StompBackend.LOST`, ``ERROR`` frames included, except RabbitMQ's
+  ``Subscription not found`` for a message in flight at an ``UNSUBSCRIBE``
+  (:data:`LATE_DELIVERY_MESSAGE`), after which the connection stays open.
 
 Broker URL: ``stomp://login:passcode@host:port/vhost`` (port 61613 and vhost
 ``/`` by default). The vhost goes in the ``host`` header, which RabbitMQ reads
