@@ -154,18 +154,24 @@ class _StompConnection:
                     self._broken = True
                     self.task_group.cancel_scope.cancel()
 
-    async def request(self, frame: Frame) -> None:
+    async def request(self, frame: Frame, *, unsent: Callable[[], None] | None = None) -> None:
         """Send ``frame`` with a ``receipt`` header and wait for its ``RECEIPT``.
 
-        The caller bounds the wait. On cancellation the receipt is forgotten.
+        The caller bounds the wait. On cancellation the receipt is forgotten,
+        and ``unsent`` is called if the frame was not written (whole).
         """
         receipt = str(next(self._receipt_ids))
         pending = _Pending(anyio.Event())
         self._receipts[receipt] = pending
         try:
-            await self.write(
-                Frame(frame.command, {**frame.headers, "receipt": receipt}, frame.body)
-            )
+            try:
+                await self.write(
+                    Frame(frame.command, {**frame.headers, "receipt": receipt}, frame.body)
+                )
+            except BaseException:
+                if unsent is not None:
+                    unsent()
+                raise
             await pending.done.wait()
         finally:
             self._receipts.pop(receipt, None)
@@ -185,6 +191,12 @@ class _StompConnection:
         self.subscription_keys[subscription_id] = key
         self.subscription_ids[key] = subscription_id
         return subscription_id
+
+    def forget_subscription(self, key: str, subscription_id: str) -> None:
+        """Forget a subscription whose ``SUBSCRIBE`` never reached the broker."""
+        self.subscription_keys.pop(subscription_id, None)
+        if self.subscription_ids.get(key) == subscription_id:
+            del self.subscription_ids[key]
 
     def is_late_delivery(self, frame: Frame) -> bool:
         """Whether ``frame`` is RabbitMQ's ERROR for a delivery to a subscription we ended."""
@@ -275,7 +287,13 @@ class StompBackend(Supervised[_StompConnection]):
             return  # two subscriptions would deliver every message twice
         subscription_id = connection.new_subscription_id(key)
         headers = {"id": subscription_id, "destination": self.destination(key), "ack": ACK_MODE}
-        await connection.request(Frame("SUBSCRIBE", headers))
+        # Cut short before it went out (waiting behind another write), the
+        # broker never saw it: the next subscribe of the key must send one, and
+        # no UNSUBSCRIBE may name it (RabbitMQ answers that with ERROR).
+        await connection.request(
+            Frame("SUBSCRIBE", headers),
+            unsent=lambda: connection.forget_subscription(key, subscription_id),
+        )
 
     async def _unsubscribe_on(self, connection: _StompConnection, key: str) -> None:
         subscription_id = connection.subscription_ids.pop(key, None)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from backends.broker_url import query_int
 from backends.stomp import (
@@ -279,3 +280,43 @@ async def test_messages_in_flight_at_an_unsubscribe_do_not_drop_the_connection(
                 await after.wait()
             assert not lost
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.broker
+async def test_a_subscribe_cut_short_before_its_frame_went_out_is_sent_by_the_next_one(
+    broker: str, exchange: str
+) -> None:
+    # A socket that goes away while its user's SUBSCRIBE waits behind another
+    # write: nothing reached the broker, so the next subscribe of that key must
+    # send one (not take the key for subscribed), and no UNSUBSCRIBE may name
+    # an id the broker never saw (RabbitMQ answers that with ERROR and a close).
+    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+        assert isinstance(backend, StompBackend)
+        connection = backend._following
+        assert connection is not None
+        writes_free = trio.Event()
+
+        async def hold_writes(*, task_status: trio.TaskStatus[None]) -> None:
+            async with connection._write_lock:
+                task_status.started()
+                await writes_free.wait()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_writes)
+            with trio.CancelScope() as cut:
+
+                async def cut_once_blocked() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    cut.cancel()  # the subscribe waits for the write lock
+
+                nursery.start_soon(cut_once_blocked)
+                await backend.subscribe("user.erin")
+            assert cut.cancelled_caught
+            writes_free.set()
+
+        await backend.subscribe("user.erin")
+        await backend.publish("user.erin", b"after")
+        assert await receive(backend) == ("user.erin", b"after")
+        await backend.unsubscribe("user.erin")
+        await backend.publish("user.erin", b"settled")  # answered before any ERROR's close
+        assert backend.ready and backend._following is connection
