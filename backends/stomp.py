@@ -21,7 +21,9 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   :mod:`backends.supervisor`'s; every held key is subscribed again before
   the backend reports ready. An ``ERROR`` answer to ``CONNECT`` (login or
   virtual host refused) is permanent; the protocol's own transient errors
-  are :attr:`StompBackend.LOST`.
+  are :attr:`StompBackend.LOST`, ``ERROR`` frames included, except RabbitMQ's
+  ``Subscription not found`` for a message in flight at an ``UNSUBSCRIBE``
+  (:data:`LATE_DELIVERY_MESSAGE`), after which the connection stays open.
 
 Broker URL: ``stomp://login:passcode@host:port/vhost`` (port 61613 and vhost
 ``/`` by default). The vhost goes in the ``host`` header, which RabbitMQ reads
@@ -36,6 +38,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -68,6 +71,14 @@ MIN_BODY_BOUND = 65536
 # ``activemq.prefetchSize``) is per subscription, i.e. per user, so it would
 # not bound the instance's total anyway.
 ACK_MODE = "auto"
+
+# RabbitMQ's answer to a message it had already handed to its STOMP adapter
+# when our UNSUBSCRIBE of that subscription was processed (a send racing the
+# last socket of its recipient). Unlike every other ERROR it is not followed by
+# a close (rabbit_stomp_processor's send_delivery uses send_error, not error):
+# it stands for a MESSAGE in flight, which is dropped as one.
+LATE_DELIVERY_MESSAGE = "Subscription not found"
+LATE_DELIVERY_TAG = re.compile(r"no current subscription with tag 'T_s(\d+)'")
 
 
 class StompBrokerError(BrokerUnavailable):
@@ -122,7 +133,7 @@ class _StompConnection:
         self._write_lock = anyio.Lock()
         self._receipts: dict[str, _Pending] = {}
         self._receipt_ids = itertools.count(1)
-        self._subscription_numbers = itertools.count(1)
+        self._subscriptions_issued = 0
         self._broken = False
 
     async def write(self, frame: Frame) -> None:
@@ -143,18 +154,24 @@ class _StompConnection:
                     self._broken = True
                     self.task_group.cancel_scope.cancel()
 
-    async def request(self, frame: Frame) -> None:
+    async def request(self, frame: Frame, *, unsent: Callable[[], None] | None = None) -> None:
         """Send ``frame`` with a ``receipt`` header and wait for its ``RECEIPT``.
 
-        The caller bounds the wait. On cancellation the receipt is forgotten.
+        The caller bounds the wait. On cancellation the receipt is forgotten,
+        and ``unsent`` is called if the frame was not written (whole).
         """
         receipt = str(next(self._receipt_ids))
         pending = _Pending(anyio.Event())
         self._receipts[receipt] = pending
         try:
-            await self.write(
-                Frame(frame.command, {**frame.headers, "receipt": receipt}, frame.body)
-            )
+            try:
+                await self.write(
+                    Frame(frame.command, {**frame.headers, "receipt": receipt}, frame.body)
+                )
+            except BaseException:
+                if unsent is not None:
+                    unsent()
+                raise
             await pending.done.wait()
         finally:
             self._receipts.pop(receipt, None)
@@ -169,10 +186,28 @@ class _StompConnection:
         self._receipts.clear()
 
     def new_subscription_id(self, key: str) -> str:
-        subscription_id = f"s{next(self._subscription_numbers)}"
+        self._subscriptions_issued += 1
+        subscription_id = f"s{self._subscriptions_issued}"
         self.subscription_keys[subscription_id] = key
         self.subscription_ids[key] = subscription_id
         return subscription_id
+
+    def forget_subscription(self, key: str, subscription_id: str) -> None:
+        """Forget a subscription whose ``SUBSCRIBE`` never reached the broker."""
+        self.subscription_keys.pop(subscription_id, None)
+        if self.subscription_ids.get(key) == subscription_id:
+            del self.subscription_ids[key]
+
+    def is_late_delivery(self, frame: Frame) -> bool:
+        """Whether ``frame`` is RabbitMQ's ERROR for a delivery to a subscription we ended."""
+        if frame.headers.get("message") != LATE_DELIVERY_MESSAGE:
+            return False
+        match = LATE_DELIVERY_TAG.search(frame.body.decode("utf-8", "replace"))
+        if match is None:
+            return False
+        subscription_id = f"s{match.group(1)}"
+        issued = 0 < int(match.group(1)) <= self._subscriptions_issued
+        return issued and subscription_id not in self.subscription_ids.values()
 
     async def read_frames(self, incoming: ObjectSendStream[Delivery]) -> None:
         """Read until the connection fails; raises what ended it."""
@@ -199,6 +234,8 @@ class _StompConnection:
             if pending is not None:
                 pending.done.set()
         elif frame.command == "ERROR":
+            if self.is_late_delivery(frame):
+                return  # the connection stays open: see LATE_DELIVERY_MESSAGE
             detail = frame.headers.get("message", "")
             if frame.body:
                 detail = f"{detail}: {frame.body.decode('utf-8', 'replace').strip()}"
@@ -250,7 +287,13 @@ class StompBackend(Supervised[_StompConnection]):
             return  # two subscriptions would deliver every message twice
         subscription_id = connection.new_subscription_id(key)
         headers = {"id": subscription_id, "destination": self.destination(key), "ack": ACK_MODE}
-        await connection.request(Frame("SUBSCRIBE", headers))
+        # Cut short before it went out (waiting behind another write), the
+        # broker never saw it: the next subscribe of the key must send one, and
+        # no UNSUBSCRIBE may name it (RabbitMQ answers that with ERROR).
+        await connection.request(
+            Frame("SUBSCRIBE", headers),
+            unsent=lambda: connection.forget_subscription(key, subscription_id),
+        )
 
     async def _unsubscribe_on(self, connection: _StompConnection, key: str) -> None:
         subscription_id = connection.subscription_ids.pop(key, None)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from backends.broker_url import query_int
 from backends.stomp import (
@@ -233,3 +234,89 @@ async def test_exchange_missing_on_rabbitmq_is_declared_by_the_backend(exchange:
         await backend.publish("user.bob", b"declared")
 
         assert await receive(backend) == ("user.bob", b"declared")
+
+
+@pytest.mark.broker
+async def test_messages_in_flight_at_an_unsubscribe_do_not_drop_the_connection(
+    broker: str, exchange: str
+) -> None:
+    # A message the broker had already handed to its STOMP adapter when the
+    # UNSUBSCRIBE arrived: RabbitMQ answers it with an ERROR frame ("Subscription
+    # not found") and keeps the connection open. Publishing to a key while it is
+    # being unsubscribed, on the same connection, is what a /send racing the
+    # last socket of its recipient does.
+    rounds, burst = 5, 50
+    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+        assert isinstance(backend, StompBackend)
+        received: list[tuple[str, bytes]] = []
+        after = trio.Event()
+        lost = False
+
+        async def watch() -> None:
+            nonlocal lost
+            await backend.wait_not_ready()
+            lost = True
+
+        async def drain() -> None:
+            async for delivery in backend.incoming:
+                received.append(delivery)
+                if delivery == ("user.dave", b"after"):
+                    after.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            nursery.start_soon(drain)
+            for _ in range(rounds):
+                await backend.subscribe("user.carol")
+                async with trio.open_nursery() as sends:
+                    for n in range(burst):
+                        sends.start_soon(backend.publish, "user.carol", b"%d" % n)
+                    await backend.unsubscribe("user.carol")
+            assert not lost
+            # Still the same connection, and it still delivers.
+            await backend.subscribe("user.dave")
+            await backend.publish("user.dave", b"after")
+            with trio.fail_after(DELIVERY_TIMEOUT):
+                await after.wait()
+            assert not lost
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.broker
+async def test_a_subscribe_cut_short_before_its_frame_went_out_is_sent_by_the_next_one(
+    broker: str, exchange: str
+) -> None:
+    # A socket that goes away while its user's SUBSCRIBE waits behind another
+    # write: nothing reached the broker, so the next subscribe of that key must
+    # send one (not take the key for subscribed), and no UNSUBSCRIBE may name
+    # an id the broker never saw (RabbitMQ answers that with ERROR and a close).
+    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+        assert isinstance(backend, StompBackend)
+        connection = backend._following
+        assert connection is not None
+        writes_free = trio.Event()
+
+        async def hold_writes(*, task_status: trio.TaskStatus[None]) -> None:
+            async with connection._write_lock:
+                task_status.started()
+                await writes_free.wait()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hold_writes)
+            with trio.CancelScope() as cut:
+
+                async def cut_once_blocked() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    cut.cancel()  # the subscribe waits for the write lock
+
+                nursery.start_soon(cut_once_blocked)
+                await backend.subscribe("user.erin")
+            assert cut.cancelled_caught
+            writes_free.set()
+
+        await backend.subscribe("user.erin")
+        await backend.publish("user.erin", b"after")
+        assert await receive(backend) == ("user.erin", b"after")
+        await backend.unsubscribe("user.erin")
+        await backend.publish("user.erin", b"settled")  # answered before any ERROR's close
+        assert backend.ready and backend._following is connection
