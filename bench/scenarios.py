@@ -37,12 +37,10 @@ from bench.targets import (
     holding_broker,
 )
 from bench.traffic import (
-    BatchConnection,
     OpenReceiver,
     Recorder,
     Schedule,
     batch_stream,
-    open_batch_connection,
     post_stream,
     receive_into,
     websocket_stream,
@@ -239,14 +237,14 @@ async def run_traffic(
             await receiving.start(receive_into, pair.b.base_url, index, user, recorder, opener)
         clients: list[EventsClient] = []
         connections: list[SendConnection] = []
-        batches: list[BatchConnection] = []
+        batches: list[SendConnection] = []
         for stream in range(options.concurrency):
             if scenario == "direct-ws":
                 user = f"sender{stream}-{tag}"
                 opening = open_events(pair.a.base_url, user=user)
                 clients.append(await senders.enter_async_context(opening))
             elif scenario == "batch":
-                opened_batch = open_batch_connection(pair.a.base_url)
+                opened_batch = open_send_connection(pair.a.base_url)
                 batches.append(await senders.enter_async_context(opened_batch))
             else:
                 opened = open_send_connection(pair.a.base_url)

@@ -10,12 +10,10 @@ order.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
-from urllib.parse import urlsplit
 
-import h11
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -140,54 +138,6 @@ async def websocket_stream(
         nursery.cancel_scope.cancel()
 
 
-class BatchConnection:
-    """One keep-alive HTTP/1.1 connection that POSTs JSON arrays to ``/send``, one at a time."""
-
-    def __init__(self, stream: trio.SocketStream, host: str) -> None:
-        self._stream = stream
-        self._http = h11.Connection(h11.CLIENT)
-        self._headers = [("Host", host), ("Content-Type", "application/json")]
-
-    async def send(self, items: list[dict[str, Any]]) -> tuple[int, bytes]:
-        """``POST /send`` with ``items`` as a JSON array; the status and the response body."""
-        body = json.dumps(items, separators=(",", ":")).encode()
-        request = h11.Request(
-            method="POST",
-            target="/send",
-            headers=[*self._headers, ("Content-Length", str(len(body)))],
-        )
-        await self._stream.send_all(
-            b"".join(
-                self._http.send(event) or b""
-                for event in (request, h11.Data(data=body), h11.EndOfMessage())
-            )
-        )
-        status = 0
-        chunks: list[bytes] = []
-        while True:
-            event = self._http.next_event()
-            if event is h11.NEED_DATA:
-                self._http.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                self._http.start_next_cycle()
-                return status, b"".join(chunks)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError("the server closed the connection")
-
-
-@asynccontextmanager
-async def open_batch_connection(base_url: str) -> AsyncIterator[BatchConnection]:
-    parts = urlsplit(base_url)
-    assert parts.hostname is not None
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
-    async with stream:
-        yield BatchConnection(stream, parts.netloc)
-
-
 def _item_outcome(item: Any) -> str:
     if isinstance(item, dict):
         status = item.get("status")
@@ -198,7 +148,7 @@ def _item_outcome(item: Any) -> str:
 
 
 async def batch_stream(
-    connection: BatchConnection,
+    connection: SendConnection,
     stream: int,
     receivers: Sequence[str],
     tally: Tally,
@@ -220,7 +170,7 @@ async def batch_stream(
             to = receivers[(stream + number) % len(receivers)]
             items.append({"to": to, "message": _message(tally, stream, number), "from": sender})
             number += 1
-        status, body = await connection.send(items)
+        status, body = await connection.post(json.dumps(items, separators=(",", ":")).encode())
         if status not in (200, 207):
             tally.fail(f"HTTP {status}: {body[:120].decode(errors='replace')}")
             return

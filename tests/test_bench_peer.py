@@ -23,7 +23,6 @@ from bench.peer import open_socketio, serve_peer
 from bench.report import markdown, write
 from bench.scenarios import Options, open_pair, run_traffic
 from bench.targets import PEER_TARGETS
-from bench.traffic import open_batch_connection
 from tests.brokers import require_broker
 from triows.client import open_send_connection
 
@@ -68,9 +67,9 @@ async def test_the_peer_takes_a_batch_and_answers_each_item() -> None:
         async with serve_peer(broker_url=RABBITMQ_URL, channel=channel) as peer:
             await peer.wait_ready()
             async with open_socketio(peer.base_url, user="dave") as dave:
-                async with open_batch_connection(peer.base_url) as http:
+                async with open_send_connection(peer.base_url) as http:
                     items = [{"to": "dave", "message": {"n": n}} for n in range(3)]
-                    status, body = await http.send(items)
+                    status, body = await http.post(json.dumps(items).encode())
                 assert status == 200
                 assert json.loads(body) == [{"status": "accepted"}] * 3
                 assert [(await dave.receive())["message"] for _ in range(3)] == [

@@ -135,7 +135,12 @@ class SendConnection:
 
         Raises :class:`h11.RemoteProtocolError` if the server closes the connection.
         """
-        body = _send_body(to, message, sender)
+        return await self.post(_send_body(to, message, sender))
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        """``POST /send`` with ``body`` (a JSON object, or an array for a batch); the status
+        code and the response body. Raises :class:`h11.RemoteProtocolError` if the server
+        closes the connection."""
         request = h11.Request(
             method="POST",
             target="/send",
