@@ -70,10 +70,19 @@ async def receive_into(
     recorder: Recorder,
     open_receiver: OpenReceiver = open_events,
     *,
+    room: str | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Hold ``user``'s WebSocket open and record every message frame until cancelled."""
+    """Hold ``user``'s WebSocket open and record every message frame until cancelled.
+
+    With ``room``, join it first (started once ``joined`` came back).
+    """
     async with open_receiver(base_url, user=user) as client:
+        if room is not None:
+            await client.join(room, ref="join")
+            answer = await client.receive()
+            if answer.get("type") != "joined":
+                raise RuntimeError(f"{user} could not join {room}: {answer}")
         task_status.started()
         try:
             while True:
@@ -98,6 +107,22 @@ async def post_stream(
     while await schedule.next_send():
         to = receivers[(stream + number) % len(receivers)]
         status, _ = await connection.send(to, _message(tally, stream, number), sender=sender)
+        if status == 202:
+            tally.confirm(stream, number)
+        else:
+            tally.fail(f"HTTP {status}")
+        number += 1
+
+
+async def room_stream(
+    connection: SendConnection, stream: int, room: str, tally: Tally, schedule: Schedule
+) -> None:
+    """One HTTP stream: ``POST /send`` to ``room``, one request at a time."""
+    number = 0
+    sender = f"sender{stream}"
+    while await schedule.next_send():
+        message = _message(tally, stream, number)
+        status, _ = await connection.send(None, message, sender=sender, room=room)
         if status == 202:
             tally.confirm(stream, number)
         else:
