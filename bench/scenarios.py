@@ -328,7 +328,7 @@ async def run_room(pair: Pair, options: Options) -> dict[str, Any]:
     room = f"bench-{tag}"
     members = options.receivers
     recorder = Recorder()
-    async with trio.open_nursery() as receiving, open_send_connection(pair.a.base_url) as sender:
+    async with trio.open_nursery() as receiving:
         for index in range(members):
             instance = pair.a if index % 2 else pair.b
             await receiving.start(
@@ -345,7 +345,7 @@ async def run_room(pair: Pair, options: Options) -> dict[str, Any]:
 
         async def phase(duration: float) -> Tally:
             recorder.tally = tally = Tally(fanout=members)
-            await room_stream(sender, 0, room, tally, Schedule(duration))
+            await room_stream(pair.a.base_url, 0, room, tally, Schedule(duration))
             await tally.drain(DRAIN_IDLE_TIMEOUT)
             return tally
 

@@ -180,7 +180,10 @@ class SendConnection:
             elif isinstance(event, h11.Data):
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                self._http.start_next_cycle()
+                if self._http.our_state is h11.DONE and self._http.their_state is h11.DONE:
+                    self._http.start_next_cycle()
+                # Else the server ended keep-alive (``Connection: close``): this answer
+                # stands, and the next send raises h11.LocalProtocolError before sending.
                 return status, b"".join(chunks)
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the server closed the connection")
