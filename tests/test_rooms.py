@@ -16,6 +16,7 @@ import trio
 from quart.typing import TestClientProtocol as QuartClient
 
 from tests.conftest import serving
+from tests.test_router_delivery import RecordingBackend as DeliveringBackend
 from tests.test_router_unit import RecordingBackend, SubscribeFailed
 from tests.test_server_process import run_cli
 from triows.auth import AuthError, Identity, mint_token, verify_token
@@ -456,3 +457,18 @@ async def test_joins_count_against_the_frame_rate_limit(
                 assert (await receive(bob))["type"] == "joined"
             # One frame a second after the burst of one: 3 waited for their token.
             assert trio.current_time() - started >= 3
+
+
+async def test_release_all_unsubscribes_rooms_too_and_flushes_their_messages() -> None:
+    backend = DeliveringBackend()
+    router = Router(backend, Metrics(), Settings())
+    bob = Connection("Bob", 64)
+    async with trio.open_nursery() as nursery, router.attached(bob):
+        await router.join(bob, "general")
+        for n in range(3):
+            await backend.publish("room.general", room_frame(message=n))
+        nursery.start_soon(router.run)
+        await router.release_all(timeout=5)
+        assert backend.keys == set()
+        assert [frame["message"] for frame in queued(bob)] == [0, 1, 2]
+        nursery.cancel_scope.cancel()
