@@ -124,6 +124,28 @@ def _vs_peer(rows: Rows) -> list[str]:
     return lines
 
 
+def _room(rows: Rows) -> list[str]:
+    found = [row for row in rows if row["scenario"] == "room" and _ok(row)]
+    if not found:
+        return []
+    lines = [
+        "",
+        "`room`: one sender `POST`s to a room on A whose members are spread over A and B; "
+        "msg/s counts deliveries (one per member), latency is send to the last member:",
+        "",
+        "| target | members | deliveries/s | fan-out p50 ms | fan-out p99 ms "
+        "| server CPU ms/delivery | lost/dup/out-of-order |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in found:
+        lines.append(
+            f"| {row['target']} | {row['params']['members']} | {_number(row['msg_per_s'])} "
+            f"| {row['latency_ms'].get('p50')} | {row['latency_ms'].get('p99')} "
+            f"| {_server_cpu(row)} | {_losses(row)} |"
+        )
+    return lines
+
+
 def _batch(rows: Rows) -> list[str]:
     targets = [t for t in _targets(rows) if _find(rows, t, "batch")]
     if not targets:
@@ -200,7 +222,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if any(row["scenario"] in MAIN_SCENARIOS for row in rows):
         lines += _main_table(rows)
-    lines += _vs_peer(rows) + _batch(rows) + _scaleout(rows)
+    lines += _vs_peer(rows) + _batch(rows) + _scaleout(rows) + _room(rows)
     lines += [
         "",
         "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "

@@ -1,11 +1,11 @@
 """The scenarios, each selectable by name: direct, direct-ws, latency, idle, ceiling,
-batch, scaleout.
+batch, scaleout, room.
 
-One target (backend on broker) at a time: ``direct``, ``direct-ws`` and
-``latency`` share one pair of instances A and B (fresh users each); ``idle``
-gets a fresh instance of its own so that its memory figure starts clean;
-``ceiling`` opens two backends inside the load generator, with no HTTP or
-WebSocket layer at all; ``batch`` runs on the pair too; ``scaleout`` starts
+One target (backend on broker) at a time: ``direct``, ``direct-ws``,
+``latency``, ``batch`` and ``room`` share one pair of instances A and B
+(fresh users each); ``idle`` gets a fresh instance of its own so that its
+memory figure starts clean; ``ceiling`` opens two backends inside the load
+generator, with no HTTP or WebSocket layer at all; ``scaleout`` starts
 2, 4, 6 instances of its own. Any failure becomes an error row, never a
 missing one; a scenario that does not apply to a target (the memory backend
 across instances, triows-only scenarios on the peer) is an ``n/a`` row.
@@ -43,6 +43,7 @@ from bench.traffic import (
     batch_stream,
     post_stream,
     receive_into,
+    room_stream,
     websocket_stream,
 )
 from triows.backend import Backend, Outcome, open_backend
@@ -50,10 +51,10 @@ from triows.client import EventsClient, SendConnection, open_events, open_send_c
 from triows.process import Instance, serve_instance
 from triows.settings import Settings
 
-SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling", "batch", "scaleout")
+SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling", "batch", "scaleout", "room")
 # --matrix: batch needs a server that takes batches, scaleout is a run of its own.
 MATRIX_SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling")
-TRAFFIC_SCENARIOS = ("direct", "direct-ws", "latency", "batch")
+TRAFFIC_SCENARIOS = ("direct", "direct-ws", "latency", "batch", "room")
 
 # Hang guards, not measurements.
 SCENARIO_TIMEOUT = 180.0
@@ -314,6 +315,60 @@ async def run_traffic(
     return _row(pair.target, scenario, **figures)
 
 
+async def run_room(pair: Pair, options: Options) -> dict[str, Any]:
+    """One sender ``POST``ing to a room on A whose members are spread over A and B (half each).
+
+    Each message must reach every member once, in the sender's order; the
+    figures are deliveries per second (one per member) and the fan-out latency
+    (send to the last member's arrival).
+    """
+    tag = secrets.token_hex(3)
+    room = f"bench-{tag}"
+    members = options.receivers
+    recorder = Recorder()
+    async with trio.open_nursery() as receiving:
+        for index in range(members):
+            instance = pair.a if index % 2 else pair.b
+            await receiving.start(
+                partial(
+                    receive_into,
+                    instance.base_url,
+                    index,
+                    f"m{index}-{tag}",
+                    recorder,
+                    open_events,
+                    room=room,
+                )
+            )
+
+        async def phase(duration: float) -> Tally:
+            recorder.tally = tally = Tally(fanout=members)
+            await room_stream(pair.a.base_url, 0, room, tally, Schedule(duration))
+            await tally.drain(DRAIN_IDLE_TIMEOUT)
+            return tally
+
+        await phase(options.warmup)
+        meter = pair.meter()
+        meter.start()
+        tally = await phase(options.duration)
+        window = meter.stop()
+        receiving.cancel_scope.cancel()
+    summary = tally.summary()
+    figures: dict[str, Any] = {
+        "status": "ok",
+        **summary,
+        **_cpu_figures(window, summary["delivered"]),
+        "params": {
+            "duration": options.duration,
+            "senders": 1,
+            "members": members,
+            "instances": pair.instance_count,
+        },
+        **_server_figures(window, summary["delivered"]),
+    }
+    return _row(pair.target, "room", **figures)
+
+
 async def run_idle(target: Target, exchange: str, options: Options) -> dict[str, Any]:
     """N idle WebSockets (distinct users) on one fresh instance: RSS per connection, idle CPU."""
     count = options.idle_connections
@@ -518,6 +573,8 @@ async def _run_scenarios(
                     if scenario == "latency":
                         rate = (direct_rate or 0.0) * options.latency_share or options.latency_rate
                     run = partial(run_traffic, pair, scenario, options, rate)
+                    if scenario == "room":
+                        run = partial(run_room, pair, options)
                     row = await _guarded(target, scenario, run)
                     if scenario == "direct" and row["status"] == "ok":
                         direct_rate = row["msg_per_s"]

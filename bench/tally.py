@@ -6,6 +6,11 @@ WebSocket sender), numbers count up within it, and the send time is the load
 generator's ``time.perf_counter()``, so latency needs no clock shared with
 the servers. Order is checked per stream and receiver: the protocol
 guarantees the order of one sender's messages to one recipient.
+
+A room message reaches ``fanout`` receivers: then arrivals are keyed by
+``(stream, number, receiver)``, a message is complete once every receiver got
+it, its latency is the fan-out latency (send to the last receiver's arrival),
+and ``delivered`` counts deliveries (one per receiver).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def percentile(ordered: list[float], fraction: float) -> float:
 
 @dataclass
 class Tally:
-    """Confirmations and arrivals of one measured run."""
+    """Confirmations and arrivals of one measured run (``fanout`` receivers per message)."""
 
     confirmed: set[tuple[int, int]] = field(default_factory=set)
     failed: Counter[str] = field(default_factory=Counter)
@@ -40,6 +45,10 @@ class Tally:
     _last_number: dict[tuple[int, int], int] = field(default_factory=dict)
     # Confirmed messages that have not arrived yet (a message may arrive before its 202).
     _pending: int = 0
+    # Room messages (fanout > 1): the receivers each one reached, and repeats.
+    fanout: int = 1
+    _copies: dict[tuple[int, int], set[int]] = field(default_factory=dict)
+    _repeats: int = 0
 
     def sending(self) -> float:
         """The send time to put in the next message (the first one starts the clock)."""
@@ -51,7 +60,10 @@ class Tally:
     def confirm(self, stream: int, number: int) -> None:
         key = (stream, number)
         self.confirmed.add(key)
-        if key not in self.arrivals:
+        if self.fanout > 1:
+            if len(self._copies.get(key, ())) < self.fanout:
+                self._pending += 1
+        elif key not in self.arrivals:
             self._pending += 1
 
     def fail(self, reason: str) -> None:
@@ -62,12 +74,23 @@ class Tally:
         now = time.perf_counter()
         stream, number = message["s"], message["n"]
         key = (stream, number)
-        seen = self.arrivals.get(key, 0)
-        self.arrivals[key] = seen + 1
-        if seen == 0:
-            self.latencies.append(now - message["t"])
-            if key in self.confirmed:
-                self._pending -= 1
+        if self.fanout > 1:
+            copies = self._copies.setdefault(key, set())
+            if receiver in copies:
+                self._repeats += 1
+            else:
+                copies.add(receiver)
+                if len(copies) == self.fanout:
+                    self.latencies.append(now - message["t"])
+                    if key in self.confirmed:
+                        self._pending -= 1
+        else:
+            seen = self.arrivals.get(key, 0)
+            self.arrivals[key] = seen + 1
+            if seen == 0:
+                self.latencies.append(now - message["t"])
+                if key in self.confirmed:
+                    self._pending -= 1
         order_key = (stream, receiver)
         if number < self._last_number.get(order_key, -1):
             self.out_of_order += 1
@@ -91,9 +114,17 @@ class Tally:
 
     def summary(self) -> dict[str, Any]:
         """The run's figures: counts, rate and latency percentiles (milliseconds)."""
-        delivered = sum(1 for key in self.confirmed if key in self.arrivals)
-        duplicated = sum(count - 1 for count in self.arrivals.values())
-        unconfirmed = sum(1 for key in self.arrivals if key not in self.confirmed)
+        if self.fanout > 1:
+            copies = self._copies
+            delivered = sum(len(copies.get(key, ())) for key in self.confirmed)
+            expected = self.fanout * len(self.confirmed)
+            duplicated = self._repeats
+            unconfirmed = sum(len(c) for key, c in copies.items() if key not in self.confirmed)
+        else:
+            delivered = sum(1 for key in self.confirmed if key in self.arrivals)
+            expected = len(self.confirmed)
+            duplicated = sum(count - 1 for count in self.arrivals.values())
+            unconfirmed = sum(1 for key in self.arrivals if key not in self.confirmed)
         seconds = max(self.last_arrival - self.first_send, 1e-9)
         ordered = sorted(self.latencies)
         latency = (
@@ -107,7 +138,7 @@ class Tally:
         return {
             "confirmed": len(self.confirmed),
             "delivered": delivered,
-            "lost": len(self.confirmed) - delivered,
+            "lost": expected - delivered,
             "duplicated": duplicated,
             "out_of_order": self.out_of_order,
             "delivered_unconfirmed": unconfirmed,

@@ -18,7 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from bench.tally import Tally
-from triows.client import EventsClient, SendConnection, open_events
+from triows.client import EventsClient, SendConnection, open_events, open_send_connection
 
 # The outcomes of a batch item that mean "published" (DESIGN.md §4).
 BATCH_ITEM_OK = ("routed", "accepted")
@@ -68,10 +68,19 @@ async def receive_into(
     recorder: Recorder,
     open_receiver: OpenReceiver = open_events,
     *,
+    room: str | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Hold ``user``'s WebSocket open and record every message frame until cancelled."""
+    """Hold ``user``'s WebSocket open and record every message frame until cancelled.
+
+    With ``room``, join it first (started once ``joined`` came back).
+    """
     async with open_receiver(base_url, user=user) as client:
+        if room is not None:
+            await client.join(room, ref="join")
+            answer = await client.receive()
+            if answer.get("type") != "joined":
+                raise RuntimeError(f"{user} could not join {room}: {answer}")
         task_status.started()
         try:
             while True:
@@ -101,6 +110,34 @@ async def post_stream(
         else:
             tally.fail(f"HTTP {status}")
         number += 1
+
+
+async def room_stream(
+    base_url: str, stream: int, room: str, tally: Tally, schedule: Schedule
+) -> None:
+    """One HTTP stream: ``POST /send`` to ``room``, one request at a time.
+
+    One sequential sender goes past Hypercorn's ``keep_alive_max_requests``
+    (1000), after which the server closes the connection: it is opened again
+    (h11 refuses the next request before sending anything, so none is lost).
+    """
+    number = 0
+    sender = f"sender{stream}"
+    more = await schedule.next_send()
+    while more:
+        async with open_send_connection(base_url) as connection:
+            while more:
+                message = _message(tally, stream, number)
+                try:
+                    status, _ = await connection.send(None, message, sender=sender, room=room)
+                except h11.LocalProtocolError:
+                    break  # the server ended keep-alive: not sent, sent again on a new one
+                if status == 202:
+                    tally.confirm(stream, number)
+                else:
+                    tally.fail(f"HTTP {status}")
+                number += 1
+                more = await schedule.next_send()
 
 
 async def websocket_stream(

@@ -31,7 +31,8 @@ from tests.e2e import (
     send_confirmed,
     wait_until_offline,
 )
-from triows.client import open_events, post_send
+from triows.auth import mint_token
+from triows.client import EventsClient, open_events, post_send
 from triows.process import wait_for_status
 
 pytestmark = pytest.mark.broker
@@ -190,3 +191,152 @@ async def test_broker_outage_gives_503_keeps_sockets_open_and_resumes_without_re
             while (frame := await bob.receive())["message"] == "traffic":
                 pass
         assert (frame["id"], frame["message"]) == (after, "after the outage")
+
+
+# Rooms (DESIGN §4): a room's members spread over the instances.
+
+ROOM_SECRET = "rooms-e2e-secret-" + "x" * 48
+
+
+async def join(client: EventsClient, room: str) -> None:
+    """Join ``room`` and wait for ``joined`` (sent once the subscription is in place)."""
+    await client.join(room, ref=f"join-{room}")
+    with trio.fail_after(STEP_TIMEOUT):
+        answer = await client.receive()
+    assert answer == {"type": "joined", "ref": f"join-{room}", "room": room}, answer
+
+
+async def send_to_room_confirmed(
+    http: httpx.AsyncClient, target: Target, base_url: str, room: str, message: Any
+) -> str:
+    """Anne's ``POST /send`` to ``room``; assert the confirmed 202; return the message id."""
+    response = await post_send(http, base_url, None, message, sender="Anne", room=room)
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == target.confirmed_as
+    message_id: str = response.json()["id"]
+    return message_id
+
+
+async def assert_next_room_message(
+    client: EventsClient, message_id: str, room: str, message: Any
+) -> None:
+    with trio.fail_after(STEP_TIMEOUT):
+        frame = await client.receive()
+    assert (frame["type"], frame["id"], frame["room"], frame["to"], frame["message"]) == (
+        "message",
+        message_id,
+        room,
+        None,
+        message,
+    ), frame
+
+
+@every_target
+async def test_room_members_on_a_and_b_get_each_room_message_once_on_each_socket(
+    target: Target,
+) -> None:
+    async with (
+        ready_instances(target) as (a, b),
+        httpx.AsyncClient() as http,
+        open_events(a.base_url, user="Anne") as anne_on_a,
+        open_events(a.base_url, user="Bob") as bob_on_a,
+        open_events(b.base_url, user="Bob") as bob_on_b,
+        open_events(b.base_url, user="Carol") as carol_on_b,
+    ):
+        members = (anne_on_a, bob_on_a, bob_on_b)
+        for member in members:
+            await join(member, "general")
+        ids = [
+            await send_to_room_confirmed(http, target, via.base_url, "general", n)
+            for n, via in enumerate((a, b, a))
+        ]
+        for member in members:
+            for n, message_id in enumerate(ids):
+                await assert_next_room_message(member, message_id, "general", n)
+
+        # A member sending over its socket: acked as for users, and it gets its own message.
+        await anne_on_a.send(None, "from Anne", ref="s", room="general")
+        with trio.fail_after(STEP_TIMEOUT):
+            frames = [await anne_on_a.receive(), await anne_on_a.receive()]
+        ack = next(frame for frame in frames if frame["type"] == "ack")
+        assert ack["status"] == target.confirmed_as
+        assert [frame["id"] for frame in frames if frame["type"] == "message"] == [ack["id"]]
+        for member in (bob_on_a, bob_on_b):
+            await assert_next_room_message(member, ack["id"], "general", "from Anne")
+
+        # Once: the next frame is the next message, not a second copy; Carol
+        # (in no room) gets only her own.
+        marker = await send_to_room_confirmed(http, target, b.base_url, "general", "marker")
+        for member in members:
+            await assert_next_room_message(member, marker, "general", "marker")
+        direct = await send_confirmed(http, target, a.base_url, "Carol", "direct")
+        await assert_next_message(carol_on_b, direct, "direct")
+
+
+@every_target
+async def test_leaving_or_closing_stops_room_delivery_and_an_empty_room_is_offline(
+    target: Target,
+) -> None:
+    async with ready_instances(target) as (a, b), httpx.AsyncClient() as http:
+        async with open_events(b.base_url, user="Bob") as bob:
+            async with open_events(b.base_url, user="Carol") as carol:
+                await join(bob, "general")
+                await join(carol, "general")
+                first = await send_to_room_confirmed(http, target, a.base_url, "general", 1)
+                for member in (bob, carol):
+                    await assert_next_room_message(member, first, "general", 1)
+
+                await bob.leave("general", ref="l")
+                with trio.fail_after(STEP_TIMEOUT):
+                    assert await bob.receive() == {"type": "left", "ref": "l", "room": "general"}
+                second = await send_to_room_confirmed(http, target, a.base_url, "general", 2)
+                await assert_next_room_message(carol, second, "general", 2)
+                # Bob left: the next frame he gets is a direct message sent after the room's.
+                direct = await send_confirmed(http, target, a.base_url, "Bob", "direct")
+                await assert_next_message(bob, direct, "direct")
+
+            # Carol's socket closed: the room has no member anywhere.
+            response = await post_send(http, a.base_url, None, 3, sender="Anne", room="general")
+            if target.offline_is_404:
+                with trio.fail_after(STEP_TIMEOUT):
+                    # The server leaves the room once it has seen the close: wait for that.
+                    while response.status_code != 404:
+                        await trio.sleep(POLL_INTERVAL)
+                        response = await post_send(
+                            http, a.base_url, None, 3, sender="Anne", room="general"
+                        )
+                assert "room general" in response.json()["detail"]
+            else:
+                assert response.json()["status"] == "accepted"
+            direct = await send_confirmed(http, target, a.base_url, "Bob", "still here")
+            await assert_next_message(bob, direct, "still here")
+
+
+@every_target
+async def test_a_token_without_the_room_cannot_join_or_send_to_it(target: Target) -> None:
+    env = {"TRIOWS_SECRET": ROOM_SECRET}
+    anne_token = mint_token(ROOM_SECRET, "Anne", rooms=("team-*",))
+    mallory_token = mint_token(ROOM_SECRET, "Mallory", rooms=("general",))
+    async with (
+        ready_instances(target, env=env) as (a, b),
+        httpx.AsyncClient() as http,
+        open_events(a.base_url, token=anne_token) as anne,
+        open_events(b.base_url, token=mallory_token) as mallory,
+    ):
+        await join(anne, "team-a")
+        await mallory.join("team-a", ref="j")
+        with trio.fail_after(STEP_TIMEOUT):
+            refused = await mallory.receive()
+        assert (refused["type"], refused["code"], refused["ref"]) == ("error", "forbidden", "j")
+        await mallory.send(None, "let me in", ref="s", room="team-a")
+        with trio.fail_after(STEP_TIMEOUT):
+            refused = await mallory.receive()
+        assert (refused["type"], refused["code"], refused["ref"]) == ("error", "forbidden", "s")
+        response = await post_send(http, b.base_url, None, "x", token=mallory_token, room="team-a")
+        assert response.status_code == 403, response.text
+
+        # What Anne gets next is the message she sent herself, over the other instance.
+        response = await post_send(http, b.base_url, None, "ok", token=anne_token, room="team-a")
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == target.confirmed_as
+        await assert_next_room_message(anne, response.json()["id"], "team-a", "ok")

@@ -244,9 +244,9 @@ async def test_metrics_count_connections_and_publish_outcomes(
         await bob.receive()
         text = await (await client.get("/metrics")).get_data(as_text=True)
     assert "triows_connections_open 1.0" in text
-    assert 'triows_messages_published_total{outcome="routed"} 1.0' in text
-    assert 'triows_messages_published_total{outcome="unrouted"} 1.0' in text
-    assert "triows_messages_delivered_total 1.0" in text
+    assert 'triows_messages_published_total{kind="user",outcome="routed"} 1.0' in text
+    assert 'triows_messages_published_total{kind="user",outcome="unrouted"} 1.0' in text
+    assert 'triows_messages_delivered_total{kind="user"} 1.0' in text
     assert "triows_broker_ready 1.0" in text
 
 

@@ -53,3 +53,22 @@ def test_percentile_is_nearest_rank() -> None:
         99.0,
         100.0,
     )
+
+
+def test_a_room_message_is_complete_once_every_member_got_it_once() -> None:
+    tally = Tally(fanout=3)
+    tally.confirm(0, 0)
+    tally.confirm(0, 1)
+    for receiver in (0, 1, 2):
+        tally.arrive(receiver, _message(0, 0))
+    tally.arrive(0, _message(0, 1))
+    tally.arrive(0, _message(0, 1))  # a second copy at the same member
+    tally.arrive(1, _message(0, 1))
+    assert not tally.all_arrived
+    summary = tally.summary()
+    # Deliveries: 3 of message 0, 2 of message 1 (one member never got it).
+    assert (summary["delivered"], summary["lost"], summary["duplicated"]) == (5, 1, 1)
+    # Fan-out latency: one per complete message.
+    assert len(tally.latencies) == 1
+    tally.arrive(2, _message(0, 1))
+    assert tally.all_arrived and len(tally.latencies) == 2

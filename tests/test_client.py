@@ -1,7 +1,4 @@
-"""``triows.client.open_client``: the reconnecting client, on real ``triows serve`` processes.
-
-Rooms are not exercised here: the server does not support ``join`` yet.
-"""
+"""``triows.client.open_client``: the reconnecting client, on real ``triows serve`` processes."""
 
 from __future__ import annotations
 
@@ -259,3 +256,61 @@ async def test_a_full_instance_refusing_the_handshake_is_retried_until_it_has_ro
                     await connected.wait()
     finally:
         client_logger.removeHandler(refusal)
+
+
+async def test_join_send_to_the_room_and_leave_against_the_server() -> None:
+    async with serve_instance("memory") as server:
+        async with (
+            open_client(server.base_url, user="Anne") as anne,
+            open_client(server.base_url, user="Bob") as bob,
+        ):
+            for member in (anne, bob):
+                joined = await member.join("general")
+                assert (joined["type"], joined["room"]) == ("joined", "general")
+                assert member.rooms == {"general"}
+            ack = await anne.send(room="general", message="hi all")
+            assert ack["status"] == "routed"
+            for member in (anne, bob):
+                frame = await next_of_type(member, "message")
+                assert (frame["id"], frame["from"], frame["room"], frame["to"]) == (
+                    ack["id"],
+                    "Anne",
+                    "general",
+                    None,
+                )
+            for member in (anne, bob):
+                assert (await member.leave("general"))["type"] == "left"
+                assert member.rooms == frozenset()
+            with pytest.raises(RequestRefused) as refused:
+                await anne.send(room="general", message="anyone?")
+            assert refused.value.code == "offline"
+
+
+async def test_a_join_the_token_does_not_allow_raises_forbidden() -> None:
+    async with serve_instance("memory", env={"TRIOWS_SECRET": SECRET}) as server:
+        token = mint_token(SECRET, "Anne", rooms=("team-*",))
+        async with open_client(server.base_url, token=token) as anne:
+            assert (await anne.join("team-a"))["type"] == "joined"
+            with pytest.raises(RequestRefused) as refused:
+                await anne.join("general")
+            assert refused.value.code == "forbidden"
+            assert anne.rooms == {"team-a"}
+
+
+async def test_after_a_reconnect_the_client_is_in_its_rooms_again() -> None:
+    async with (
+        serve_instance("memory") as first,
+        serve_instance("memory") as second,
+        httpx.AsyncClient() as http,
+    ):
+        async with open_client([first.base_url, second.base_url], user="Bob") as bob:
+            await bob.join("general")
+            first.process.send_signal(signal.SIGKILL)
+            event = await next_of_type(bob, "reconnected")
+            assert event["rooms"] == ["general"] and event["rooms_failed"] == {}
+            response = await post_send(
+                http, second.base_url, None, "again", sender="Anne", room="general"
+            )
+            assert response.json()["status"] == "routed"
+            frame = await next_of_type(bob, "message")
+            assert (frame["room"], frame["message"]) == ("general", "again")

@@ -161,7 +161,7 @@ async def test_an_unsubscribe_cut_short_is_retried_until_settled(
         async with router.attached(Connection("Bob", 4)):
             pass
         # The unsubscribe timed out: the broker may still route Bob here.
-        assert router.unsettled == {"Bob"}
+        assert router.unsettled == {"user.Bob"}
         assert "user.Bob" in backend.keys
         backend.hang_unsubscribe = False
         await trio.sleep(triows.router.RECONCILE_INTERVAL * 2)
@@ -179,7 +179,7 @@ async def test_a_new_connection_settles_a_cut_short_unsubscribe(
     backend.hang_unsubscribe = True
     async with router.attached(Connection("Bob", 4)):
         pass
-    assert router.unsettled == {"Bob"}
+    assert router.unsettled == {"user.Bob"}
     backend.hang_unsubscribe = False
     async with router.attached(Connection("Bob", 4)):
         assert router.unsettled == set()

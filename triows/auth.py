@@ -9,13 +9,15 @@ from dataclasses import dataclass
 
 import jwt
 
-from triows.protocol import InvalidInput, check_user_name
+from triows.protocol import USER_NAME, InvalidInput, check_user_name
 
 ALGORITHM = "HS256"
 DEFAULT_TOKEN_TTL = 3600
 # Seconds of clock skew allowed between the token's issuer and this instance
 # for ``exp``, ``iat`` and ``nbf`` (``TRIOWS_JWT_LEEWAY``).
 DEFAULT_LEEWAY = 5.0
+# Entries a token's ``rooms`` claim may hold: each join or room send scans them.
+MAX_ROOM_PATTERNS = 256
 
 
 class AuthError(Exception):
@@ -24,17 +26,49 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Identity:
-    """An authenticated user; ``expires_at`` (unix seconds) is None in dev mode."""
+    """An authenticated user; ``expires_at`` (unix seconds) is None in dev mode.
+
+    ``rooms`` are the token's ``rooms`` claim: room names, or prefixes ending
+    in ``*`` (``team-*``); None (dev mode) allows every room.
+    """
 
     user: str
     expires_at: float | None = None
+    rooms: tuple[str, ...] | None = None
+
+    def may_use_room(self, room: str) -> bool:
+        """Whether this identity may join ``room`` or send to it."""
+        if self.rooms is None:
+            return True
+        return any(
+            room.startswith(pattern[:-1]) if pattern.endswith("*") else room == pattern
+            for pattern in self.rooms
+        )
 
 
-def mint_token(secret: str, user: str, ttl: float = DEFAULT_TOKEN_TTL) -> str:
-    """A token for ``user`` that expires ``ttl`` seconds from now."""
+def check_room_pattern(pattern: object) -> str:
+    """Return ``pattern`` if it is a room name, or a name prefix (possibly empty) then ``*``."""
+    if isinstance(pattern, str):
+        prefix = pattern[:-1] if pattern.endswith("*") else pattern
+        if (not prefix and pattern == "*") or USER_NAME.fullmatch(prefix):
+            return pattern
+    raise InvalidInput(
+        f"{pattern!r} is not a room name or a prefix of one followed by '*' (e.g. 'team-*')"
+    )
+
+
+def mint_token(
+    secret: str, user: str, ttl: float = DEFAULT_TOKEN_TTL, rooms: tuple[str, ...] = ()
+) -> str:
+    """A token for ``user`` that expires ``ttl`` seconds from now and allows ``rooms``."""
     check_user_name(user)
+    for pattern in rooms:
+        check_room_pattern(pattern)
     now = int(time.time())
-    return jwt.encode({"sub": user, "iat": now, "exp": now + int(ttl)}, secret, ALGORITHM)
+    claims: dict[str, object] = {"sub": user, "iat": now, "exp": now + int(ttl)}
+    if rooms:
+        claims["rooms"] = list(rooms)
+    return jwt.encode(claims, secret, ALGORITHM)
 
 
 def verify_token(secret: str, token: str, leeway: float = DEFAULT_LEEWAY) -> Identity:
@@ -69,7 +103,14 @@ def verify_token(secret: str, token: str, leeway: float = DEFAULT_LEEWAY) -> Ide
         user = check_user_name(claims["sub"])
     except InvalidInput as error:
         raise AuthError(f"invalid token subject: {error}") from None
-    return Identity(user, expires_at)
+    rooms = claims.get("rooms", [])
+    if not isinstance(rooms, list) or len(rooms) > MAX_ROOM_PATTERNS:
+        raise AuthError(f"invalid token: 'rooms' must be a list of at most {MAX_ROOM_PATTERNS}")
+    try:
+        patterns = tuple(check_room_pattern(pattern) for pattern in rooms)
+    except InvalidInput as error:
+        raise AuthError(f"invalid token 'rooms': {error}") from None
+    return Identity(user, expires_at, patterns)
 
 
 def bearer_token(headers: Mapping[str, str], args: Mapping[str, str]) -> str | None:

@@ -313,6 +313,12 @@ def _parser() -> argparse.ArgumentParser:
     token_parser.add_argument(
         "--ttl", type=float, default=DEFAULT_TOKEN_TTL, help="seconds until it expires"
     )
+    token_parser.add_argument(
+        "--room",
+        action="append",
+        default=[],
+        help="a room the token may join and send to; a trailing * allows a prefix (repeatable)",
+    )
     commands.add_parser("demo", help="start a server on the memory backend and show Anne and Bob")
     return parser
 
@@ -331,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.from_env()
             if not settings.secret:
                 raise StartupError("TRIOWS_SECRET is not set: there is no secret to sign with")
-            print(mint_token(settings.secret, args.user, args.ttl))
+            print(mint_token(settings.secret, args.user, args.ttl, tuple(args.room)))
             return 0
         from triows.demo import run_demo
 

@@ -45,11 +45,25 @@ class EventsClient:
         frame: dict[str, Any] = json.loads(await self.websocket.get_message())
         return frame
 
-    async def send(self, to: str, message: Any, ref: str | None = None) -> None:
+    async def send(
+        self, to: str | None, message: Any, ref: str | None = None, *, room: str | None = None
+    ) -> None:
+        """Send to user ``to`` or (``to=None``) to ``room``; the answer comes as a frame."""
         frame: dict[str, Any] = {"type": "send", "to": to, "message": message}
+        if room is not None:
+            del frame["to"]
+            frame["room"] = room
         if ref is not None:
             frame["ref"] = ref
         await self.websocket.send_message(json.dumps(frame))
+
+    async def join(self, room: str, ref: str | None = None) -> None:
+        """Ask to join ``room``; ``joined`` (or an ``error``) comes as a frame."""
+        await self.websocket.send_message(json.dumps({"type": "join", "room": room, "ref": ref}))
+
+    async def leave(self, room: str, ref: str | None = None) -> None:
+        """Ask to leave ``room``; ``left`` comes as a frame."""
+        await self.websocket.send_message(json.dumps({"type": "leave", "room": room, "ref": ref}))
 
     @property
     def close_code(self) -> int | None:
@@ -92,23 +106,28 @@ async def open_events(
 async def post_send(
     http: httpx.AsyncClient,
     base_url: str,
-    to: str,
+    to: str | None,
     message: Any,
     *,
     sender: str | None = None,
     token: str | None = None,
+    room: str | None = None,
 ) -> httpx.Response:
-    """``POST /send``; ``sender`` is the dev-mode ``from``, ``token`` a bearer token."""
+    """``POST /send`` to user ``to`` or (``to=None``) to ``room``.
+
+    ``sender`` is the dev-mode ``from``, ``token`` a bearer token.
+    """
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return await http.post(
-        f"{base_url}/send", content=_send_body(to, message, sender), headers=headers
+        f"{base_url}/send", content=_send_body(to, message, sender, room), headers=headers
     )
 
 
-def _send_body(to: str, message: Any, sender: str | None) -> bytes:
-    body: dict[str, Any] = {"to": to, "message": message}
+def _send_body(to: str | None, message: Any, sender: str | None, room: str | None = None) -> bytes:
+    body: dict[str, Any] = {"to": to, "message": message} if room is None else {"room": room}
+    body["message"] = message
     if sender is not None:
         body["from"] = sender
     return json.dumps(body, separators=(",", ":")).encode()
@@ -130,12 +149,14 @@ class SendConnection:
         if token:
             self._headers.append(("Authorization", f"Bearer {token}"))
 
-    async def send(self, to: str, message: Any, *, sender: str | None = None) -> tuple[int, bytes]:
-        """``POST /send``; return the status code and the response body.
+    async def send(
+        self, to: str | None, message: Any, *, sender: str | None = None, room: str | None = None
+    ) -> tuple[int, bytes]:
+        """``POST /send`` to ``to`` or (``to=None``) ``room``; return the status and the body.
 
         Raises :class:`h11.RemoteProtocolError` if the server closes the connection.
         """
-        return await self.post(_send_body(to, message, sender))
+        return await self.post(_send_body(to, message, sender, room))
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
         """``POST /send`` with ``body`` (a JSON object, or an array for a batch); the status
@@ -164,7 +185,10 @@ class SendConnection:
             elif isinstance(event, h11.Data):
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                self._http.start_next_cycle()
+                if self._http.our_state is h11.DONE and self._http.their_state is h11.DONE:
+                    self._http.start_next_cycle()
+                # Else the server ended keep-alive (``Connection: close``): this answer
+                # stands, and the next send raises h11.LocalProtocolError before sending.
                 return status, b"".join(chunks)
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the server closed the connection")

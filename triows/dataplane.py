@@ -36,14 +36,18 @@ from triows.protocol import (
     InvalidSendFrame,
     MessageTooLarge,
     ProtocolViolation,
+    RoomRequest,
     SendRequest,
     ack_frame,
     error_frame,
     hello_frame,
+    joined_frame,
+    left_frame,
     parse_client_frame,
     parse_send_batch,
     parse_send_body,
 )
+from triows.router import TooManyRooms
 
 if TYPE_CHECKING:
     from triows.app import TriowsApp
@@ -138,11 +142,11 @@ class DataPlane:
             return
         user = identity.user if identity is not None else None
         if batch is not None:
-            outcomes = await self.send_batch(user, batch)
+            outcomes = await self.send_batch(user, batch, identity)
             await respond(send, 207, json.dumps(outcomes).encode(), JSON_CONTENT_TYPE)
             return
         send_request, dev_sender = single
-        status, document = await self.send_one(user or dev_sender, send_request)
+        status, document = await self.send_one(user or dev_sender, send_request, identity)
         if status == 202:
             await respond(send, 202, json.dumps(document).encode(), JSON_CONTENT_TYPE)
             return
@@ -151,8 +155,17 @@ class DataPlane:
             send, status, json.dumps(document).encode(), PROBLEM_CONTENT_TYPE.encode(), extra
         )
 
-    async def send_one(self, sender: str | None, request: SendRequest) -> tuple[int, Message]:
-        """Publish one message: (202, id and outcome) or (4xx/503, problem details)."""
+    async def send_one(
+        self, sender: str | None, request: SendRequest, identity: Identity | None = None
+    ) -> tuple[int, Message]:
+        """Publish one message: (202, id and outcome) or (4xx/503, problem details).
+
+        A room message needs the room in ``identity``'s ``rooms`` claim (None: dev mode).
+        """
+        room = request.room
+        if room is not None and identity is not None and not identity.may_use_room(room):
+            detail = f"the token does not allow room {room}"
+            return 403, problem_document(403, detail, kind="forbidden")
         try:
             message_id, outcome = await self.app.router.send(sender, request)
         except MessageTooLarge as error:
@@ -163,11 +176,14 @@ class DataPlane:
             detail = f"the broker is unavailable: {error}"
             return 503, problem_document(503, detail, kind="broker-unavailable")
         if outcome is Outcome.UNROUTED:
-            return 404, problem_document(404, f"{request.to} is not connected", kind="offline")
+            return 404, problem_document(404, offline_detail(request), kind="offline")
         return 202, {"id": message_id, "status": outcome.value}
 
     async def send_batch(
-        self, user: str | None, batch: list[tuple[SendRequest, str | None] | InvalidInput]
+        self,
+        user: str | None,
+        batch: list[tuple[SendRequest, str | None] | InvalidInput],
+        identity: Identity | None = None,
     ) -> list[Message]:
         """Publish a batch, ``BATCH_CONCURRENCY`` at a time; each item's outcome, in order."""
         outcomes: list[Message] = [{} for _ in batch]
@@ -180,7 +196,7 @@ class DataPlane:
                     outcomes[index] = {"status": 400, "error": document}
                     continue
                 request, dev_sender = item
-                status, document = await self.send_one(user or dev_sender, request)
+                status, document = await self.send_one(user or dev_sender, request, identity)
                 if status != 202:
                     document = {"status": status, "error": document}
                 outcomes[index] = document
@@ -246,7 +262,7 @@ class DataPlane:
                     nursery.start_soon(connection.run_writer, send)
                     with trio.CancelScope(deadline=deadline) as reading:
                         connection.read_under(reading)
-                        await self.read_frames(connection, receive)
+                        await self.read_frames(connection, receive, identity)
                     if reading.cancelled_caught and not connection.stopped:
                         connection.close(CLOSE_TOKEN_EXPIRED, "token expired")
                     # The peer went away if nobody started closing: stop writing.
@@ -270,13 +286,17 @@ class DataPlane:
                 reason=connection.close_reason,
             )
 
-    async def read_frames(self, connection: Connection, receive: Receive) -> None:
-        """Read the client's frames and answer each ``send`` with an ``ack`` or ``error``.
+    async def read_frames(
+        self, connection: Connection, receive: Receive, identity: Identity | None = None
+    ) -> None:
+        """Read the client's frames and answer each: ``ack``, ``joined``, ``left`` or ``error``.
 
-        One frame is handled at a time (its publish is awaited before the next
-        frame is read), and at most ``TRIOWS_SEND_RATE`` frames per second with
-        bursts of ``TRIOWS_SEND_BURST``: a client that sends faster is slowed
-        by TCP back-pressure on its own socket, never anyone else's.
+        One frame is handled at a time (its publish or subscribe is awaited
+        before the next frame is read), and at most ``TRIOWS_SEND_RATE`` frames
+        per second with bursts of ``TRIOWS_SEND_BURST``, joins and leaves
+        included: a client that sends faster is slowed by TCP back-pressure on
+        its own socket, never anyone else's. ``identity`` says which rooms the
+        connection may join or send to (None: any).
         """
         settings = self.settings
         limit = settings.max_message_bytes
@@ -305,7 +325,7 @@ class DataPlane:
                 tokens, refilled = 1.0, trio.current_time()
             tokens -= 1
             try:
-                send_request = parse_client_frame(data)
+                request = parse_client_frame(data)
             except ProtocolViolation as error:
                 log_event(
                     "invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error)
@@ -315,11 +335,42 @@ class DataPlane:
             except InvalidSendFrame as error:
                 connection.offer(error_frame(error.ref, "invalid", str(error)))
                 continue
-            connection.offer(await self.answer_send(connection.user, send_request))
+            if isinstance(request, RoomRequest):
+                connection.offer(await self.answer_room(connection, request, identity))
+            else:
+                connection.offer(await self.answer_send(connection.user, request, identity))
 
-    async def answer_send(self, sender: str, send_request: SendRequest) -> str:
+    async def answer_room(
+        self, connection: Connection, request: RoomRequest, identity: Identity | None
+    ) -> str:
+        """Join or leave a room; return the ``joined``/``left`` or ``error`` frame.
+
+        ``joined`` is answered once the room's key is subscribed on the broker,
+        so every room message sent after it reaches this connection.
+        """
+        ref, room = request.ref, request.room
+        if request.action == "leave":
+            await self.app.router.leave(connection, room)
+            return left_frame(ref, room)
+        if identity is not None and not identity.may_use_room(room):
+            return error_frame(ref, "forbidden", f"the token does not allow room {room}")
+        try:
+            await self.app.router.join(connection, room)
+        except TooManyRooms as error:
+            return error_frame(ref, "too_many_rooms", str(error))
+        except BrokerUnavailable as error:
+            return error_frame(ref, "unavailable", str(error))
+        log_event("join", user=connection.user, connection=connection.id, room=room)
+        return joined_frame(ref, room)
+
+    async def answer_send(
+        self, sender: str, send_request: SendRequest, identity: Identity | None = None
+    ) -> str:
         """Publish a WebSocket ``send`` and return the ``ack`` or ``error`` frame for it."""
         ref = send_request.ref
+        room = send_request.room
+        if room is not None and identity is not None and not identity.may_use_room(room):
+            return error_frame(ref, "forbidden", f"the token does not allow room {room}")
         try:
             message_id, outcome = await self.app.router.send(sender, send_request)
         except MessageTooLarge as error:
@@ -329,8 +380,15 @@ class DataPlane:
         except BrokerUnavailable as error:
             return error_frame(ref, "unavailable", f"the broker is unavailable: {error}")
         if outcome is Outcome.UNROUTED:
-            return error_frame(ref, "offline", f"{send_request.to} is not connected")
+            return error_frame(ref, "offline", offline_detail(send_request))
         return ack_frame(ref, message_id, outcome.value)
+
+
+def offline_detail(request: SendRequest) -> str:
+    """Why an unrouted message went nowhere, for a 404 or an ``offline`` error."""
+    if request.room is not None:
+        return f"room {request.room} has no member connected"
+    return f"{request.to} is not connected"
 
 
 async def echo(receive: Receive, send: Send) -> None:

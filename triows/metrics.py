@@ -15,13 +15,14 @@ class Metrics:
         )
         self.messages_published = Counter(
             "triows_messages_published",
-            "Messages handed to the broker, by outcome",
-            ["outcome"],
+            "Messages handed to the broker, by outcome and kind (user or room)",
+            ["outcome", "kind"],
             registry=self.registry,
         )
         self.messages_delivered = Counter(
             "triows_messages_delivered",
-            "Message frames queued to a local WebSocket connection",
+            "Message frames queued to a local connection, by kind (user or room)",
+            ["kind"],
             registry=self.registry,
         )
         self.messages_dropped = Counter(

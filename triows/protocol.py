@@ -14,11 +14,12 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final, Literal, NoReturn
 
 PROTOCOL_VERSION: Final = 1
 USER_NAME: Final = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 USER_KEY_PREFIX: Final = "user."
+ROOM_KEY_PREFIX: Final = "room."
 # Deepest nesting of arrays and objects a client's JSON may have: deeper
 # values would recurse in the decoder or encoder (a 500, not a 400).
 MAX_JSON_DEPTH: Final = 64
@@ -56,10 +57,33 @@ class MessageTooLarge(InvalidInput):
 
 @dataclass(frozen=True)
 class SendRequest:
-    """A validated request to send ``message`` (any JSON value) to user ``to``."""
+    """A validated request to send ``message`` (any JSON value) to user ``to`` or to ``room``.
 
-    to: str
+    Exactly one of ``to`` and ``room`` is set (the parsers make sure of it).
+    """
+
+    to: str | None
     message: Any
+    ref: str | None = None
+    room: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The broker key the message is published under."""
+        return room_key(self.room) if self.room is not None else user_key(self.to or "")
+
+    @property
+    def target(self) -> str:
+        """Who it goes to, as error messages say it: ``Bob`` or ``room general``."""
+        return f"room {self.room}" if self.room is not None else str(self.to)
+
+
+@dataclass(frozen=True)
+class RoomRequest:
+    """A validated ``join`` or ``leave`` frame from a WebSocket client."""
+
+    action: Literal["join", "leave"]
+    room: str
     ref: str | None = None
 
 
@@ -82,6 +106,32 @@ def user_key(name: str) -> str:
 
 def user_of_key(key: str) -> str | None:
     return key[len(USER_KEY_PREFIX) :] if key.startswith(USER_KEY_PREFIX) else None
+
+
+def check_room_name(name: object) -> str:
+    """Return ``name`` if it is a valid room name (the same rules as user names)."""
+    if not isinstance(name, str) or not USER_NAME.fullmatch(name):
+        raise InvalidInput(
+            "room names are 1-128 characters of A-Z, a-z, 0-9, '_', '.', '@' and '-'"
+        )
+    return name
+
+
+def room_key(name: str) -> str:
+    return ROOM_KEY_PREFIX + name
+
+
+def room_of_key(key: str) -> str | None:
+    return key[len(ROOM_KEY_PREFIX) :] if key.startswith(ROOM_KEY_PREFIX) else None
+
+
+def key_kind(key: str) -> Literal["user", "room"] | None:
+    """Whether ``key`` is a user's or a room's (None: neither)."""
+    if key.startswith(USER_KEY_PREFIX):
+        return "user"
+    if key.startswith(ROOM_KEY_PREFIX):
+        return "room"
+    return None
 
 
 class RefusedJson(InvalidInput):
@@ -166,14 +216,25 @@ def _load_object(raw: str) -> dict[str, Any]:
     return value
 
 
-def _send_fields(value: dict[str, Any]) -> tuple[str, Any]:
+def _send_fields(value: dict[str, Any], ref: str | None = None) -> SendRequest:
+    """The request of a send object: ``message`` and exactly one of ``to`` or ``room``."""
     if "message" not in value:
         raise InvalidInput("'message' is required")
+    if ("to" in value and value["to"] is not None) == (
+        "room" in value and value["room"] is not None
+    ):
+        raise InvalidInput("a send takes exactly one of 'to' (a user) or 'room'")
+    if value.get("room") is not None:
+        try:
+            room = check_room_name(value["room"])
+        except InvalidInput as error:
+            raise InvalidInput(f"'room': {error}") from None
+        return SendRequest(None, value["message"], ref, room=room)
     try:
         to = check_user_name(value.get("to"))
     except InvalidInput as error:
         raise InvalidInput(f"'to': {error}") from None
-    return to, value["message"]
+    return SendRequest(to, value["message"], ref)
 
 
 def parse_send_body(raw: bytes, *, dev_mode: bool) -> tuple[SendRequest, str | None]:
@@ -186,14 +247,14 @@ def parse_send_body(raw: bytes, *, dev_mode: bool) -> tuple[SendRequest, str | N
         raise InvalidInput("the body is not valid JSON: it must be UTF-8") from None
     value = _load_object(text)
     check_json(text, value)
-    to, message = _send_fields(value)
+    request = _send_fields(value)
     sender = None
     if dev_mode and value.get("from") is not None:
         try:
             sender = check_user_name(value["from"])
         except InvalidInput as error:
             raise InvalidInput(f"'from': {error}") from None
-    return SendRequest(to, message), sender
+    return request, sender
 
 
 def parse_send_batch(
@@ -231,11 +292,11 @@ def parse_send_batch(
     return parsed
 
 
-def parse_client_frame(raw: str) -> SendRequest:
-    """Parse a text frame from a WebSocket client; only ``send`` frames exist.
+def parse_client_frame(raw: str) -> SendRequest | RoomRequest:
+    """Parse a text frame from a WebSocket client: ``send``, ``join`` or ``leave``.
 
-    Raises :class:`ProtocolViolation` for a frame that is not a ``send`` object
-    at all, and :class:`InvalidSendFrame` (with the frame's ``ref`` in ``ref``,
+    Raises :class:`ProtocolViolation` for a frame that is not one of them at
+    all, and :class:`InvalidSendFrame` (with the frame's ``ref`` in ``ref``,
     when it can be told and echoed) for a frame with invalid fields or JSON
     the protocol refuses (the socket stays open).
     """
@@ -245,8 +306,9 @@ def parse_client_frame(raw: str) -> SendRequest:
         raise InvalidSendFrame(str(error), None) from None
     except InvalidInput as error:
         raise ProtocolViolation(str(error)) from None
-    if value.get("type") != "send":
-        raise ProtocolViolation("the only frame a client may send is {'type': 'send', ...}")
+    kind = value.get("type")
+    if kind not in ("send", "join", "leave"):
+        raise ProtocolViolation("a client may send only 'send', 'join' and 'leave' frames")
     ref = value.get("ref")
     if ref is not None and not isinstance(ref, str):
         raise ProtocolViolation("'ref' must be a string")
@@ -254,10 +316,15 @@ def parse_client_frame(raw: str) -> SendRequest:
         raise InvalidSendFrame("'ref' must not hold lone surrogates", None)
     try:
         check_json(raw, value)
-        to, message = _send_fields(value)
+        if kind == "send":
+            return _send_fields(value, ref)
+        try:
+            room = check_room_name(value.get("room"))
+        except InvalidInput as error:
+            raise InvalidInput(f"'room': {error}") from None
     except InvalidInput as error:
         raise InvalidSendFrame(str(error), ref) from None
-    return SendRequest(to, message, ref)
+    return RoomRequest("join" if kind == "join" else "leave", room, ref)
 
 
 def _encodable(text: str) -> bool:
@@ -290,6 +357,9 @@ def encode_message(message_id: str, sender: str | None, request: SendRequest) ->
         "message": request.message,
         "ts": time.time_ns() // 1_000_000,
     }
+    if request.room is not None:
+        # A room message: "to" is null and "room" names the room.
+        frame["room"] = request.room
     try:
         return _dumps(frame).encode()
     except ValueError as error:  # UnicodeEncodeError, NaN, too many digits
@@ -310,3 +380,11 @@ def ack_frame(ref: str | None, message_id: str, status: str) -> str:
 
 def error_frame(ref: str | None, code: str, detail: str) -> str:
     return _dumps({"type": "error", "ref": ref, "code": code, "detail": detail})
+
+
+def joined_frame(ref: str | None, room: str) -> str:
+    return _dumps({"type": "joined", "ref": ref, "room": room})
+
+
+def left_frame(ref: str | None, room: str) -> str:
+    return _dumps({"type": "left", "ref": ref, "room": room})

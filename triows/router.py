@@ -1,10 +1,11 @@
 """Where messages go inside one instance.
 
 Outbound: a send request is encoded once and published to the broker under
-the recipient's key. Inbound: each ``(key, body)`` the broker hands over is
-decoded once and the same frame is offered to every local connection of that
-user. The router asks the backend to subscribe or unsubscribe only on edges:
-the first local connection of a user, and the last one gone.
+the recipient's key (``user.<name>`` or ``room.<name>``). Inbound: each
+``(key, body)`` the broker hands over is checked once and the same frame is
+offered to every local connection of that key: a user's connections, or a
+room's members. The router asks the backend to subscribe or unsubscribe only
+on edges: the first local connection of a key, and the last one gone.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from triows.logs import log_event
 from triows.metrics import Metrics
 from triows.protocol import (
     CLOSE_DRAINING,
+    ROOM_KEY_PREFIX,
     MessageTooLarge,
     SendRequest,
     check_user_name,
     encode_message,
     new_message_id,
+    room_key,
+    room_of_key,
     user_key,
     user_of_key,
 )
@@ -51,15 +55,21 @@ class InvalidDelivery(ValueError):
     """A broker delivery that is not a well-formed ``message`` frame for its key."""
 
 
+class TooManyRooms(Exception):
+    """A connection asked to join more rooms than ``TRIOWS_MAX_ROOMS``."""
+
+
 def _reject_constant(name: str) -> None:
     raise InvalidDelivery(f"{name} is not JSON")
 
 
-def check_delivery(user: str, frame: str) -> None:
-    """Raise :class:`InvalidDelivery` unless ``frame`` is a ``message`` frame to ``user``.
+def check_delivery(key: str, frame: str) -> None:
+    """Raise :class:`InvalidDelivery` unless ``frame`` is a ``message`` frame for ``key``.
 
-    Anyone with credentials on the broker can publish to the exchange; what
-    reaches a socket must at least be what a triows instance would have sent.
+    On ``user.<name>`` that is a frame ``"to": "<name>"`` without a room; on
+    ``room.<name>`` a frame ``"room": "<name>"`` with ``"to": null``. Anyone
+    with credentials on the broker can publish to the exchange; what reaches
+    a socket must at least be what a triows instance would have sent.
     """
     try:
         value = json.loads(frame, parse_constant=_reject_constant)
@@ -67,8 +77,12 @@ def check_delivery(user: str, frame: str) -> None:
         raise InvalidDelivery("not JSON") from None
     if not isinstance(value, dict) or value.get("type") != "message":
         raise InvalidDelivery("not a message frame")
-    if value.get("to") != user:
-        raise InvalidDelivery("'to' is not the user of the key it arrived on")
+    room = room_of_key(key)
+    if room is None:
+        if value.get("to") != user_of_key(key) or value.get("room") is not None:
+            raise InvalidDelivery("'to' is not the user of the key it arrived on")
+    elif value.get("room") != room or value.get("to") is not None:
+        raise InvalidDelivery("'room' is not the room of the key it arrived on")
     if not isinstance(value.get("id"), str) or "message" not in value:
         raise InvalidDelivery("no 'id' or 'message'")
     ts = value.get("ts")
@@ -83,27 +97,42 @@ def check_delivery(user: str, frame: str) -> None:
 
 
 @dataclass
-class _LocalUser:
+class _LocalKey:
+    """The local connections that receive one key (a user's or a room's)."""
+
     connections: set[Connection] = field(default_factory=set)
     subscribed: bool = False
-    # Serialises subscribe/unsubscribe of one user so edges never interleave.
+    # Serialises subscribe/unsubscribe of one key so edges never interleave.
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class Router:
-    """Keeps user -> local connections and moves messages between them and the broker."""
+    """Keeps key -> local connections and moves messages between them and the broker.
+
+    A key is a user's (``user.<name>``: every connection of that user, held
+    by :meth:`attached`) or a room's (``room.<name>``: every connection that
+    joined it, :meth:`join` / :meth:`leave`). Both share one mechanism: the
+    first local connection of a key subscribes it, the last one gone
+    unsubscribes it.
+    """
 
     def __init__(self, backend: Backend, metrics: Metrics, settings: Settings) -> None:
         self.backend = backend
         self._metrics = metrics
         self._unsubscribe_timeout = UNSUBSCRIBE_TIMEOUT_FACTOR * settings.broker_timeout
         self._max_message_bytes = settings.max_message_bytes
-        self._users: dict[str, _LocalUser] = {}
+        self._max_rooms = settings.max_rooms
+        self._keys: dict[str, _LocalKey] = {}
         self._connections: set[Connection] = set()
+        # The rooms each connection joined (only connections that joined one).
+        self._rooms_of: dict[Connection, set[str]] = {}
+        self._delivered = {
+            kind: metrics.messages_delivered.labels(kind) for kind in ("user", "room")
+        }
         self.idle = trio.Event()
         self.idle.set()
-        # Users whose unsubscribe was cut short: the broker may still route
-        # their key here although nobody holds it (a 2xx for an offline user).
+        # Keys whose unsubscribe was cut short: the broker may still route
+        # them here although nobody holds them (a 2xx for an offline user).
         self.unsettled: set[str] = set()
         self._unsettled_added = trio.Event()
         # Deliveries dropped per reason since the last log line, and when that was.
@@ -121,87 +150,159 @@ class Router:
         """Local connections attached, counted without copying them (unlike ``connections``)."""
         return len(self._connections)
 
+    def rooms_of(self, connection: Connection) -> frozenset[str]:
+        """The rooms ``connection`` is a member of."""
+        return frozenset(self._rooms_of.get(connection, ()))
+
     @asynccontextmanager
     async def attached(self, connection: Connection) -> AsyncIterator[None]:
         """Route the user's messages to ``connection`` while the block runs.
 
         On entry the user's key is subscribed (if this is its first local
         connection) before anything is routed; on exit, even when cancelled,
-        the last connection of a user unsubscribes. Once :meth:`release_all`
-        has run, a new connection is not subscribed but closed with 1012.
+        the connection leaves its rooms and the last connection of a user
+        unsubscribes. Once :meth:`release_all` has run, a new connection is
+        not subscribed but closed with 1012.
         """
-        user = self._users.setdefault(connection.user, _LocalUser())
+        key = user_key(connection.user)
         try:
-            async with user.lock:
-                if self.released:
-                    connection.close(CLOSE_DRAINING, "instance draining, reconnect")
-                elif not user.subscribed:
-                    await self.backend.subscribe(user_key(connection.user))
-                    user.subscribed = True
-                    self.unsettled.discard(connection.user)
-                user.connections.add(connection)
-                self._connections.add(connection)
-                self.idle = trio.Event() if self.idle.is_set() else self.idle
-                self._metrics.connections_open.inc()
+            await self._add(key, connection)
+            self._connections.add(connection)
+            self.idle = trio.Event() if self.idle.is_set() else self.idle
+            self._metrics.connections_open.inc()
             yield
         finally:
             with trio.CancelScope(shield=True):
-                await self._detach(connection, user)
+                await self._detach(connection, key)
 
-    async def _detach(self, connection: Connection, user: _LocalUser) -> None:
+    async def join(self, connection: Connection, room: str) -> None:
+        """Make ``connection`` a member of ``room``; returns once the room's key is subscribed.
+
+        ``connection`` must be attached (inside :meth:`attached`). Joining a
+        room it is already in does nothing. Raises :class:`TooManyRooms` over
+        ``TRIOWS_MAX_ROOMS`` and :class:`BrokerUnavailable` once the instance
+        is draining. The subscribe is not cut short by cancellation (it is
+        bounded by ``TRIOWS_BROKER_TIMEOUT``), so the bookkeeping always
+        matches what the broker holds.
+        """
+        if connection not in self._connections:
+            raise ValueError("join() needs an attached connection")
+        rooms = self._rooms_of.setdefault(connection, set())
+        if room in rooms:
+            return
+        if len(rooms) >= self._max_rooms:
+            raise TooManyRooms(f"a connection may be in at most {self._max_rooms} rooms")
+        if self.released:
+            raise BrokerUnavailable("this instance is draining: reconnect elsewhere")
+        key = room_key(room)
+        rooms.add(room)  # taken before the await, so concurrent joins cannot overshoot
+        try:
+            with trio.CancelScope(shield=True):
+                await self._add(key, connection)
+        except BaseException:
+            rooms.discard(room)
+            with trio.CancelScope(shield=True):
+                await self._remove(key, connection)
+            raise
+        if self._rooms_of.get(connection) is not rooms or room not in rooms:
+            # Detached (or left) while the subscribe ran: undo it.
+            with trio.CancelScope(shield=True):
+                await self._remove(key, connection)
+
+    async def leave(self, connection: Connection, room: str) -> None:
+        """Stop delivering ``room`` to ``connection`` at once; the last member unsubscribes.
+
+        Leaving a room the connection is not in does nothing.
+        """
+        rooms = self._rooms_of.get(connection)
+        if rooms is None or room not in rooms:
+            return
+        rooms.discard(room)
+        with trio.CancelScope(shield=True):
+            await self._remove(room_key(room), connection)
+
+    async def _add(self, key: str, connection: Connection) -> None:
+        """Add ``connection`` to ``key``'s, subscribing the key on its first local connection."""
+        local = self._keys.setdefault(key, _LocalKey())
+        async with local.lock:
+            if self.released:
+                connection.close(CLOSE_DRAINING, "instance draining, reconnect")
+            elif not local.subscribed:
+                await self.backend.subscribe(key)
+                local.subscribed = True
+                self.unsettled.discard(key)
+            local.connections.add(connection)
+
+    async def _remove(self, key: str, connection: Connection) -> None:
+        """Take ``connection`` off ``key``'s; the last one gone unsubscribes the key."""
+        local = self._keys.get(key)
+        if local is None:
+            return
+        local.connections.discard(connection)
+        if not local.connections and local.subscribed:
+            await self._unsubscribe(key, local)
+        self._forget_if_unused(key, local)
+
+    async def _detach(self, connection: Connection, key: str) -> None:
         if connection in self._connections:
             self._connections.discard(connection)
-            user.connections.discard(connection)
             self._metrics.connections_open.dec()
-        if not user.connections and user.subscribed:
-            await self._unsubscribe(connection.user, user)
-        self._forget_if_unused(connection.user, user)
+        rooms = self._rooms_of.pop(connection, set())
+        # Delivery stops at once for every key; the unsubscribes follow, together.
+        for held in (key, *(room_key(room) for room in rooms)):
+            local = self._keys.get(held)
+            if local is not None:
+                local.connections.discard(connection)
+        async with trio.open_nursery() as nursery:
+            for room in rooms:
+                nursery.start_soon(self._remove, room_key(room), connection)
+            await self._remove(key, connection)
         if not self._connections:
             self.idle.set()
 
-    async def _unsubscribe(self, name: str, user: _LocalUser) -> None:
-        """Unsubscribe ``user`` if it has no connection; record it if cut short by the timeout."""
+    async def _unsubscribe(self, key: str, local: _LocalKey) -> None:
+        """Unsubscribe ``key`` if it has no connection; record it if cut short by the timeout."""
         with trio.move_on_after(self._unsubscribe_timeout) as scope:
-            async with user.lock:
-                if user.connections or not user.subscribed:
+            async with local.lock:
+                if local.connections or not local.subscribed:
                     return
                 # Cleared first: backends forget a key before they ask the
-                # broker, so the next connection of this user subscribes again.
-                user.subscribed = False
-                await self.backend.unsubscribe(user_key(name))
-                self.unsettled.discard(name)
-        if scope.cancelled_caught and not user.connections:
+                # broker, so the next connection of this key subscribes again.
+                local.subscribed = False
+                await self.backend.unsubscribe(key)
+                self.unsettled.discard(key)
+        if scope.cancelled_caught and not local.connections:
             # The broker may still route this key here: retried by reconcile().
-            self.unsettled.add(name)
+            self.unsettled.add(key)
             self._unsettled_added.set()
-            log_event("unsubscribe_unsettled", level=logging.WARNING, user=name)
+            log_event("unsubscribe_unsettled", level=logging.WARNING, key=key)
 
-    def _forget_if_unused(self, name: str, user: _LocalUser) -> None:
-        unused = not user.connections and not user.subscribed and not user.lock.locked()
-        if unused and self._users.get(name) is user:
-            del self._users[name]
+    def _forget_if_unused(self, key: str, local: _LocalKey) -> None:
+        unused = not local.connections and not local.subscribed and not local.lock.locked()
+        if unused and self._keys.get(key) is local:
+            del self._keys[key]
 
     async def reconcile(self) -> None:
         """Retry, until they are settled, unsubscribes that were cut short by their timeout.
 
-        A user in :attr:`unsettled` who connects again is subscribed anew
-        (and so settled); one who does not is unsubscribed again here, so the
-        broker stops answering ``routed`` for an offline user.
+        A key in :attr:`unsettled` that gets a connection again is subscribed
+        anew (and so settled); one that does not is unsubscribed again here,
+        so the broker stops answering ``routed`` for an offline user or room.
         """
         while True:
             await self._unsettled_added.wait()
             self._unsettled_added = trio.Event()
             while self.unsettled:
-                for name in sorted(self.unsettled):
-                    user = self._users.setdefault(name, _LocalUser())
+                for key in sorted(self.unsettled):
+                    local = self._keys.setdefault(key, _LocalKey())
                     with trio.move_on_after(self._unsubscribe_timeout):
-                        async with user.lock:
-                            if not user.connections:
-                                user.subscribed = False
-                                await self.backend.unsubscribe(user_key(name))
-                            self.unsettled.discard(name)
-                            log_event("unsubscribe_settled", user=name)
-                    self._forget_if_unused(name, user)
+                        async with local.lock:
+                            if not local.connections:
+                                local.subscribed = False
+                                await self.backend.unsubscribe(key)
+                            self.unsettled.discard(key)
+                            log_event("unsubscribe_settled", key=key)
+                    self._forget_if_unused(key, local)
                 if self.unsettled:
                     await trio.sleep(RECONCILE_INTERVAL)
 
@@ -223,9 +324,9 @@ class Router:
             try:
                 await self.backend.subscribe(user_key(marker))
                 async with trio.open_nursery() as nursery:
-                    for name, user in list(self._users.items()):
-                        if user.subscribed:
-                            nursery.start_soon(self._release, name, user)
+                    for key, local in list(self._keys.items()):
+                        if local.subscribed:
+                            nursery.start_soon(self._release, key, local)
                 if self.backend.ready:
                     await self.backend.publish(user_key(marker), b"{}")
                     await arrived.wait()
@@ -234,16 +335,16 @@ class Router:
                     await self.backend.unsubscribe(user_key(marker))
                 del self._markers[user_key(marker)]
 
-    async def _release(self, name: str, user: _LocalUser) -> None:
+    async def _release(self, key: str, local: _LocalKey) -> None:
         # Not recorded when cut short: the instance is going away with its queue.
         with trio.move_on_after(self._unsubscribe_timeout):
-            async with user.lock:
-                if user.subscribed:
-                    user.subscribed = False
-                    await self.backend.unsubscribe(user_key(name))
+            async with local.lock:
+                if local.subscribed:
+                    local.subscribed = False
+                    await self.backend.unsubscribe(key)
 
     async def send(self, sender: str | None, request: SendRequest) -> tuple[str, Outcome]:
-        """Publish ``request`` and return its id and the broker's outcome.
+        """Publish ``request`` (to a user or a room) and return its id and the broker's outcome.
 
         Raises :class:`BrokerUnavailable` when the broker is down or does not
         confirm within ``TRIOWS_PUBLISH_TIMEOUT`` (the backend's bound), and
@@ -256,52 +357,52 @@ class Router:
             raise MessageTooLarge(
                 f"the message frame is {len(body)} bytes; the limit is {self._max_message_bytes}"
             )
+        kind = "user" if request.room is None else "room"
         started = time.perf_counter()
         try:
-            outcome = await self.backend.publish(user_key(request.to), body)
+            outcome = await self.backend.publish(request.key, body)
         except BrokerUnavailable as error:
-            self._metrics.messages_published.labels("unavailable").inc()
-            log_event("publish_failed", to=request.to, error=str(error))
+            self._metrics.messages_published.labels("unavailable", kind).inc()
+            log_event("publish_failed", to=request.target, error=str(error))
             raise
         self._metrics.send_seconds.observe(time.perf_counter() - started)
-        self._metrics.messages_published.labels(outcome.value).inc()
+        self._metrics.messages_published.labels(outcome.value, kind).inc()
         return message_id, outcome
 
     def deliver(self, key: str, body: bytes) -> None:
-        """Offer one message from the broker to every local connection of its user.
+        """Offer one message from the broker to every local connection of its key.
 
         A delivery over the size limit, or that is not a well-formed
-        ``message`` frame to the user of its key, is dropped and counted:
-        anyone with credentials on the broker can publish to the exchange.
+        ``message`` frame for its key, is dropped and counted: anyone with
+        credentials on the broker can publish to the exchange.
         """
-        name = user_of_key(key)
-        user = self._users.get(name) if name is not None else None
-        if user is None or not user.connections:
+        local = self._keys.get(key)
+        if local is None or not local.connections:
             if self._markers and key in self._markers:
                 self._markers[key].set()
                 return
             # A message in flight while the last connection left: nobody to give it to.
             self._metrics.messages_dropped.labels("no_connection").inc()
             return
-        assert name is not None  # a user was found by it
         if len(body) > self._max_message_bytes:
             self._drop("too_large", key, len(body), "over TRIOWS_MAX_MESSAGE_BYTES")
             return
         try:
             frame = body.decode()
-            check_delivery(name, frame)
+            check_delivery(key, frame)
         except (UnicodeDecodeError, InvalidDelivery) as error:
             # Not from a triows instance: someone else published to our exchange.
             self._drop("invalid", key, len(body), str(error))
             return
-        for connection in tuple(user.connections):
+        delivered = self._delivered["room" if key.startswith(ROOM_KEY_PREFIX) else "user"]
+        for connection in tuple(local.connections):
             try:
                 offered = connection.offer(frame)
             except Exception as error:  # a bug: counted and logged, the others still get it
                 self._drop("error", key, len(body), repr(error))
                 continue
             if offered:
-                self._metrics.messages_delivered.inc()
+                delivered.inc()
             else:
                 self._metrics.messages_dropped.labels("slow_consumer").inc()
 

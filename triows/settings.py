@@ -75,6 +75,8 @@ class Settings:
     send_burst: int = field(default=50, metadata={"env": "TRIOWS_SEND_BURST"})
     ping_interval: float = field(default=20.0, metadata={"env": "TRIOWS_PING_INTERVAL"})
     test_echo: bool = field(default=False, metadata={"env": "TRIOWS_TEST_ECHO"})
+    # Rooms one connection may be in at once: each is a broker subscription at most.
+    max_rooms: int = field(default=32, metadata={"env": "TRIOWS_MAX_ROOMS"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -91,6 +93,7 @@ class Settings:
             "max_batch",
             "max_batch_bytes",
             "send_burst",
+            "max_rooms",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
