@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
@@ -68,9 +68,7 @@ class RunningCluster:
 
     def terminate(self, instance_id: str) -> None:
         """SIGTERM the instance whose hello names ``instance_id`` (it drains, closing with 1012)."""
-        trio.from_thread.run_sync(
-            self.instances[instance_id].terminate, trio_token=self.trio_token
-        )
+        trio.from_thread.run_sync(self.instances[instance_id].terminate, trio_token=self.trio_token)
 
 
 @contextmanager
@@ -103,10 +101,9 @@ def cluster_in_a_thread() -> Iterator[RunningCluster]:
     try:
         yield got
     finally:
-        try:
+        # The run may have ended already (the cluster failed): then there is nothing to stop.
+        with suppress(trio.RunFinishedError):
             trio.from_thread.run_sync(got.stop.set, trio_token=got.trio_token)
-        except trio.RunFinishedError:
-            pass
         thread.join(CLUSTER_TIMEOUT)
     if failures:
         raise failures[0]
@@ -143,11 +140,17 @@ def cluster() -> Iterator[RunningCluster]:
 
 
 @pytest.fixture
-def shots(request: pytest.FixtureRequest) -> Iterator[Shots]:
+def shots(request: pytest.FixtureRequest, browser: Browser) -> Iterator[Shots]:
+    """The test's screenshots; at its end (pass or fail) one of each page still open too."""
     folder = ARTIFACTS / request.node.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    yield Shots(folder)
+    taken = Shots(folder)
+    yield taken
+    for context in browser.contexts:
+        for page in context.pages:
+            taken.take(page, f"end-{page.locator('#me').inner_text()}")
+        context.close()
     print(f"browser test screenshots: {folder}")
 
 
@@ -172,11 +175,19 @@ def open_page(browser: Browser, url: str, user: str, rooms: tuple[str, ...] = ()
     page = context.new_page()
     query = urlencode([("user", user), ("autoconnect", "1"), *(("room", r) for r in rooms)])
     page.goto(f"{url}/?{query}")
-    expect(page.locator("#state")).to_have_attribute("data-state", "connected")
+    shows(page, page.locator('#state[data-state="connected"]'))
     expect(page.locator("#me")).to_have_text(user)
     for room in rooms:
-        expect(room_item(page, room)).to_have_attribute("data-state", "joined")
+        shows(page, room_item(page, room).and_(page.locator('[data-state="joined"]')))
     return page
+
+
+def shows(page: Page, wanted: Locator) -> None:
+    """Wait until the page shows ``wanted``; fail at once, saying why, if it closes instead."""
+    closed = page.locator('#state[data-state="closed"]')
+    expect(wanted.or_(closed).first).to_be_visible()
+    if closed.count():
+        raise AssertionError(f"{page.locator('#me').inner_text()}'s page: {closed.inner_text()}")
 
 
 def instance_of(page: Page) -> str:
