@@ -15,19 +15,29 @@ documents (``#state``, ``#instance``, ``#reconnects``, ``#room-list``,
 
 from __future__ import annotations
 
+import json
 import queue
+import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 import trio
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Locator,
+    Page,
+    WebSocketRoute,
+    expect,
+    sync_playwright,
+)
 
 from tests.brokers import require_broker
 from tests.e2e import unique_exchange
@@ -48,6 +58,7 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "browser"
 # Hang guards only (milliseconds for Playwright, seconds for the cluster).
 STEP_TIMEOUT_MS = 30_000
 CLUSTER_TIMEOUT = 180
+POLL_MS = 20
 # HAProxy balances WebSockets by leastconn, so Bob's first page lands on an
 # instance without Anne's socket; if it did not, more pages are opened (each
 # replacing the last) until one does, at most this many.
@@ -300,3 +311,76 @@ def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_
     expect(bob.locator('#log .entry[data-kind="message"][data-room=""]')).to_have_count(2)
     shots.take(anne, "anne-after-the-drain")
     shots.take(bob, "bob-after-the-drain")
+
+
+# The page's own reconnect logic, with the server played by the test (Playwright
+# routes the page's WebSocket), so that what the page shows while it re-joins can
+# be held still and looked at: no cluster, and no dependence on rooms in the server.
+
+PAGE = Path(__file__).resolve().parent.parent / "triows" / "static" / "chat.html"
+ORIGIN = "http://chat.test"
+
+
+class ScriptedServer:
+    """Each connection of the page says hello from instance ``one``, ``two``...; joins held."""
+
+    def __init__(self) -> None:
+        self.sockets: list[WebSocketRoute] = []
+        self.joins: list[tuple[WebSocketRoute, dict[str, Any]]] = []
+
+    def accept(self, socket: WebSocketRoute) -> None:
+        self.sockets.append(socket)
+        names = ("one", "two", "three")
+        hello = {"type": "hello", "user": "Bob", "instance": names[len(self.sockets) - 1]}
+        socket.send(json.dumps({**hello, "protocol": 1}))
+        socket.on_message(lambda text: self.received(socket, json.loads(text)))
+
+    def received(self, socket: WebSocketRoute, frame: dict[str, Any]) -> None:
+        assert frame["type"] == "join", frame
+        self.joins.append((socket, frame))
+
+    def answer_joins(self) -> None:
+        for socket, frame in self.joins:
+            socket.send(json.dumps({"type": "joined", "room": frame["room"], "ref": frame["ref"]}))
+        self.joins.clear()
+
+
+def until(page: Page, condition: Callable[[], bool]) -> None:
+    """Let Playwright deliver the page's frames to the handlers until ``condition`` holds."""
+    for _ in range(STEP_TIMEOUT_MS // POLL_MS):
+        if condition():
+            return
+        page.wait_for_timeout(POLL_MS)
+    raise AssertionError("the page did not send what was expected")
+
+
+def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them(
+    browser: Browser, shots: Shots
+) -> None:
+    server = ScriptedServer()
+    page = browser.new_context().new_page()
+    page.route(f"{ORIGIN}/**", lambda route: route.fulfill(path=PAGE, content_type="text/html"))
+    page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
+    page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1&room=general")
+    expect(page.locator("#instance")).to_have_text("one")
+    expect(room_item(page, "general")).to_have_count(0)
+    until(page, lambda: len(server.joins) == 1)
+    assert server.joins[0][1]["room"] == "general"
+    server.answer_joins()
+    expect(room_item(page, "general")).to_have_attribute("data-state", "joined")
+
+    server.sockets[0].close(code=1012, reason="instance draining")
+    expect(page.locator("#instance")).to_have_text("two")
+    expect(page.locator("#reconnects")).to_have_text("1")
+    # Connected again, the join sent and not answered yet: the room is not joined.
+    expect(room_item(page, "general")).to_have_attribute("data-state", "rejoining")
+    rejoined = page.locator('#log .entry[data-kind="system"]', has_text="re-joined #general")
+    expect(rejoined).to_have_count(0)
+    shots.take(page, "rejoining")
+    until(page, lambda: len(server.joins) == 1)
+    assert server.joins[0][1]["room"] == "general"
+    assert server.joins[0][0] is server.sockets[1]
+    server.answer_joins()
+    expect(room_item(page, "general")).to_have_attribute("data-state", "joined")
+    expect(rejoined).to_have_count(1)
+    shots.take(page, "rejoined")
