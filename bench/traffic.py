@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import h11
 import trio
 from trio_websocket import ConnectionClosed
 

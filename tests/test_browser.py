@@ -1,0 +1,386 @@
+"""The chat page in a real browser, against three instances behind HAProxy (issue 12).
+
+Headless Chromium from Debian's ``chromium`` package (installed here with
+apt-get if it is missing; Playwright never downloads a browser of its own)
+driven by Playwright's synchronous Python API. The cluster is
+:func:`triows.cluster.open_cluster` on free ports (amqp091 on RabbitMQ), held
+by a Trio run in a thread of its own, so the tests themselves are plain
+functions that drive the browser and ask that thread to SIGTERM an instance.
+
+Every step is read from the page through the hooks its header comment
+documents (``#state``, ``#instance``, ``#reconnects``, ``#room-list``,
+``#log`` entries with their data attributes). Screenshots of each step go to
+``tests/artifacts/browser/`` (not committed; the path is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+import trio
+from playwright.sync_api import (
+    Browser,
+    Locator,
+    Page,
+    WebSocketRoute,
+    expect,
+    sync_playwright,
+)
+
+from tests.brokers import require_broker
+from tests.e2e import unique_exchange
+from triows.client import open_client
+from triows.cluster import debian_executable, open_cluster
+from triows.process import Instance, free_port
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "browser"
+# Hang guards only (milliseconds for Playwright, seconds for the cluster).
+STEP_TIMEOUT_MS = 30_000
+CLUSTER_TIMEOUT = 180
+POLL_MS = 20
+# HAProxy balances WebSockets by leastconn, so Bob's first page lands on an
+# instance without Anne's socket; if it did not, more pages are opened (each
+# replacing the last) until one does, at most this many.
+PAGE_ATTEMPTS = 5
+
+expect.set_options(timeout=STEP_TIMEOUT_MS)
+
+
+@dataclass
+class RunningCluster:
+    """A cluster held by a Trio run in another thread; ``url`` is HAProxy's."""
+
+    url: str
+    # The instance id each instance reports in its hello, to the instance.
+    instances: dict[str, Instance]
+    trio_token: trio.lowlevel.TrioToken
+    stop: trio.Event
+
+    def terminate(self, instance_id: str) -> None:
+        """SIGTERM the instance whose hello names ``instance_id`` (it drains, closing with 1012)."""
+        trio.from_thread.run_sync(self.instances[instance_id].terminate, trio_token=self.trio_token)
+
+
+@contextmanager
+def cluster_in_a_thread() -> Iterator[RunningCluster]:
+    """Brokers, three instances on free ports and HAProxy, for the block."""
+    handed: queue.Queue[RunningCluster | BaseException] = queue.Queue()
+    failures: list[BaseException] = []
+
+    async def hold() -> None:
+        try:
+            await require_broker("rabbitmq")
+            front, ports = free_port(), [free_port() for _ in range(3)]
+            env = {"TRIOWS_EXCHANGE": unique_exchange()}
+            async with open_cluster(front_port=front, instance_ports=ports, env=env) as cluster:
+                instances = {await _instance_id(i.base_url): i for i in cluster.instances}
+                stop = trio.Event()
+                token = trio.lowlevel.current_trio_token()
+                handed.put(RunningCluster(cluster.url, instances, token, stop))
+                await stop.wait()
+        except BaseException as error:  # handed to the test's thread, raised there
+            failures.append(error)
+            handed.put(error)
+
+    thread = threading.Thread(target=trio.run, args=(hold,), name="cluster", daemon=True)
+    thread.start()
+    got = handed.get(timeout=CLUSTER_TIMEOUT)
+    if isinstance(got, BaseException):
+        thread.join()
+        raise got
+    try:
+        yield got
+    finally:
+        # The run may have ended already (the cluster failed): then there is nothing to stop.
+        with suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(got.stop.set, trio_token=got.trio_token)
+        thread.join(CLUSTER_TIMEOUT)
+    if failures:
+        raise failures[0]
+
+
+async def _instance_id(base_url: str) -> str:
+    """The id an instance says in its hello (a throwaway socket straight to it)."""
+    async with open_client(base_url, user="probe") as probe:
+        assert probe.instance is not None
+        return probe.instance
+
+
+def chromium_path() -> str:
+    """``/usr/bin/chromium``, installed from Debian's ``chromium`` package if it is missing."""
+    if shutil.which("chromium") is None and shutil.which("apt-get") is not None:
+        # A fresh machine may have no package lists yet.
+        subprocess.run(["apt-get", "update", "-q"], check=True)
+    return debian_executable("chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[RunningCluster]:
+    with cluster_in_a_thread() as running:
+        yield running
+
+
+@pytest.fixture
+def shots(request: pytest.FixtureRequest, browser: Browser) -> Iterator[Shots]:
+    """The test's screenshots; at its end (pass or fail) one of each page still open too."""
+    folder = ARTIFACTS / request.node.name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    taken = Shots(folder)
+    yield taken
+    for context in browser.contexts:
+        for page in context.pages:
+            taken.take(page, f"end-{page.locator('#me').inner_text()}")
+        context.close()
+    print(f"browser test screenshots: {folder}")
+
+
+class Shots:
+    """Screenshots of the steps of one test, numbered in order."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+
+    def take(self, page: Page, name: str) -> None:
+        self.count += 1
+        page.screenshot(path=self.folder / f"{self.count:02d}-{name}.png", full_page=True)
+
+
+# What the page shows, read through its documented hooks.
+
+
+def open_page(browser: Browser, url: str, user: str, rooms: tuple[str, ...] = ()) -> Page:
+    """A page of its own (a fresh browser context) connected as ``user``, joining ``rooms``."""
+    context = browser.new_context(viewport={"width": 900, "height": 760})
+    page = context.new_page()
+    query = urlencode([("user", user), ("autoconnect", "1"), *(("room", r) for r in rooms)])
+    page.goto(f"{url}/?{query}")
+    shows(page, page.locator('#state[data-state="connected"]'))
+    expect(page.locator("#me")).to_have_text(user)
+    for room in rooms:
+        shows(page, room_item(page, room).and_(page.locator('[data-state="joined"]')))
+    return page
+
+
+def shows(page: Page, wanted: Locator) -> None:
+    """Wait until the page shows ``wanted``; fail at once, saying why, if it closes instead."""
+    closed = page.locator('#state[data-state="closed"]')
+    expect(wanted.or_(closed).first).to_be_visible()
+    if closed.count():
+        raise AssertionError(f"{page.locator('#me').inner_text()}'s page: {closed.inner_text()}")
+
+
+def instance_of(page: Page) -> str:
+    return page.locator("#instance").inner_text()
+
+
+def room_item(page: Page, room: str) -> Locator:
+    return page.locator(f'#room-list li[data-room="{room}"]')
+
+
+def received(page: Page, sender: str, text: str, room: str = "") -> Locator:
+    """The log entries of messages ``text`` from ``sender`` (direct unless ``room``)."""
+    return page.locator(
+        f'#log .entry[data-kind="message"][data-from="{sender}"][data-room="{room}"]',
+        has_text=text,
+    )
+
+
+def send(page: Page, to: str, text: str) -> None:
+    """Type into the send form and submit it; wait for the page to show the ack's status."""
+    page.locator("#to").fill(to)
+    page.locator("#text").fill(text)
+    page.locator("#send-button").click()
+    sent = page.locator('#log .entry[data-kind="sent"]', has_text=text)
+    # amqp091 on RabbitMQ confirms that a connection received it: "routed".
+    expect(sent).to_contain_text("(routed)")
+
+
+def pages_on_two_instances(
+    browser: Browser, url: str, rooms: tuple[str, ...] = ()
+) -> tuple[Page, Page]:
+    """Anne's and Bob's pages, on different instances (each page says which)."""
+    anne = open_page(browser, url, "Anne", rooms)
+    for attempt in range(1, PAGE_ATTEMPTS + 1):
+        bob = open_page(browser, url, "Bob", rooms)
+        if instance_of(bob) != instance_of(anne):
+            print(f"Bob's page reached another instance than Anne's at attempt {attempt}")
+            return anne, bob
+        bob.context.close()
+    raise AssertionError(f"{PAGE_ATTEMPTS} pages of Bob all landed on Anne's instance")
+
+
+def drain_bobs_instance(cluster: RunningCluster, bob: Page, rooms: tuple[str, ...] = ()) -> None:
+    """SIGTERM the instance of Bob's page; the page reconnects through HAProxy elsewhere."""
+    drained = instance_of(bob)
+    cluster.terminate(drained)
+    expect(bob.locator("#reconnects")).to_have_text("1")
+    expect(bob.locator("#state")).to_have_attribute("data-state", "connected")
+    now_on = instance_of(bob)
+    assert now_on != drained
+    assert now_on in cluster.instances
+    reconnected = bob.locator('#log .entry[data-kind="reconnected"]')
+    expect(reconnected).to_have_count(1)
+    expect(reconnected).to_contain_text(f"reconnected to instance {now_on} (was {drained})")
+    for room in rooms:
+        expect(room_item(bob, room)).to_have_attribute("data-state", "joined")
+        expect(
+            bob.locator('#log .entry[data-kind="system"]', has_text=f"re-joined #{room}")
+        ).to_have_count(1)
+
+
+def test_direct_messages_reach_bobs_page_before_and_after_its_instance_drains(
+    browser: Browser, cluster: RunningCluster, shots: Shots
+) -> None:
+    anne, bob = pages_on_two_instances(browser, cluster.url)
+    send(anne, "Bob", "hi Bob")
+    expect(received(bob, "Anne", "hi Bob")).to_have_count(1)
+    shots.take(anne, "anne-sent")
+    shots.take(bob, "bob-received")
+
+    drain_bobs_instance(cluster, bob)
+    shots.take(bob, "bob-reconnected")
+
+    send(anne, "Bob", "after the drain")
+    expect(received(bob, "Anne", "after the drain")).to_have_count(1)
+    expect(received(bob, "Anne", "hi Bob")).to_have_count(1)
+    shots.take(bob, "bob-received-after-the-drain")
+    # Nothing was for Anne: her page shows no message, and never reconnected.
+    expect(anne.locator('#log .entry[data-kind="message"]')).to_have_count(0)
+    expect(anne.locator("#reconnects")).to_have_text("0")
+
+
+def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_drain(
+    browser: Browser, cluster: RunningCluster, shots: Shots
+) -> None:
+    rooms = ("general",)
+    anne, bob = pages_on_two_instances(browser, cluster.url, rooms)
+    send(anne, "#general", "hello general")
+    # Every member connection receives a room message, the sender's own included.
+    for page in (anne, bob):
+        expect(received(page, "Anne", "hello general", room="general")).to_have_count(1)
+    send(anne, "Bob", "hi Bob")
+    expect(received(bob, "Anne", "hi Bob")).to_have_count(1)
+    shots.take(anne, "anne-room-and-direct")
+    shots.take(bob, "bob-room-and-direct")
+
+    drain_bobs_instance(cluster, bob, rooms)
+    shots.take(bob, "bob-reconnected-and-rejoined")
+
+    send(anne, "#general", "general, after the drain")
+    for page in (anne, bob):
+        expect(received(page, "Anne", "general, after the drain", room="general")).to_have_count(1)
+    send(anne, "Bob", "Bob, after the drain")
+    expect(received(bob, "Anne", "Bob, after the drain")).to_have_count(1)
+    # Each room message reached each page once: none twice across the reconnect.
+    for page in (anne, bob):
+        expect(page.locator('#log .entry[data-kind="message"][data-room="general"]')).to_have_count(
+            2
+        )
+    expect(bob.locator('#log .entry[data-kind="message"][data-room=""]')).to_have_count(2)
+    shots.take(anne, "anne-after-the-drain")
+    shots.take(bob, "bob-after-the-drain")
+
+
+# The page's own reconnect logic, with the server played by the test (Playwright
+# routes the page's WebSocket), so that what the page shows while it re-joins can
+# be held still and looked at: no cluster, and no dependence on rooms in the server.
+
+PAGE = Path(__file__).resolve().parent.parent / "triows" / "static" / "chat.html"
+ORIGIN = "http://chat.test"
+
+
+class ScriptedServer:
+    """Each connection of the page says hello from instance ``one``, ``two``...; joins held."""
+
+    def __init__(self) -> None:
+        self.sockets: list[WebSocketRoute] = []
+        self.joins: list[tuple[WebSocketRoute, dict[str, Any]]] = []
+
+    def accept(self, socket: WebSocketRoute) -> None:
+        self.sockets.append(socket)
+        names = ("one", "two", "three")
+        hello = {"type": "hello", "user": "Bob", "instance": names[len(self.sockets) - 1]}
+        socket.send(json.dumps({**hello, "protocol": 1}))
+        socket.on_message(lambda text: self.received(socket, json.loads(text)))
+
+    def received(self, socket: WebSocketRoute, frame: dict[str, Any]) -> None:
+        assert frame["type"] == "join", frame
+        self.joins.append((socket, frame))
+
+    def answer_joins(self) -> None:
+        for socket, frame in self.joins:
+            socket.send(json.dumps({"type": "joined", "room": frame["room"], "ref": frame["ref"]}))
+        self.joins.clear()
+
+
+def until(page: Page, condition: Callable[[], bool]) -> None:
+    """Let Playwright deliver the page's frames to the handlers until ``condition`` holds."""
+    for _ in range(STEP_TIMEOUT_MS // POLL_MS):
+        if condition():
+            return
+        page.wait_for_timeout(POLL_MS)
+    raise AssertionError("the page did not send what was expected")
+
+
+def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them(
+    browser: Browser, shots: Shots
+) -> None:
+    server = ScriptedServer()
+    page = browser.new_context().new_page()
+    page.route(f"{ORIGIN}/**", lambda route: route.fulfill(path=PAGE, content_type="text/html"))
+    page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
+    page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1&room=general")
+    expect(page.locator("#instance")).to_have_text("one")
+    expect(room_item(page, "general")).to_have_count(0)
+    until(page, lambda: len(server.joins) == 1)
+    assert server.joins[0][1]["room"] == "general"
+    server.answer_joins()
+    expect(room_item(page, "general")).to_have_attribute("data-state", "joined")
+
+    server.sockets[0].close(code=1012, reason="instance draining")
+    expect(page.locator("#instance")).to_have_text("two")
+    expect(page.locator("#reconnects")).to_have_text("1")
+    # Connected again, the join sent and not answered yet: the room is not joined.
+    expect(room_item(page, "general")).to_have_attribute("data-state", "rejoining")
+    rejoined = page.locator('#log .entry[data-kind="system"]', has_text="re-joined #general")
+    expect(rejoined).to_have_count(0)
+    shots.take(page, "rejoining")
+    until(page, lambda: len(server.joins) == 1)
+    assert server.joins[0][1]["room"] == "general"
+    assert server.joins[0][0] is server.sockets[1]
+    server.answer_joins()
+    expect(room_item(page, "general")).to_have_attribute("data-state", "joined")
+    expect(rejoined).to_have_count(1)
+    shots.take(page, "rejoined")
