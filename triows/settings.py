@@ -75,6 +75,7 @@ class Settings:
     send_burst: int = field(default=50, metadata={"env": "TRIOWS_SEND_BURST"})
     ping_interval: float = field(default=20.0, metadata={"env": "TRIOWS_PING_INTERVAL"})
     test_echo: bool = field(default=False, metadata={"env": "TRIOWS_TEST_ECHO"})
+    sse_heartbeat: float = field(default=15.0, metadata={"env": "TRIOWS_SSE_HEARTBEAT"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -115,6 +116,11 @@ class Settings:
             raise SettingsError(
                 f"TRIOWS_PING_INTERVAL must not be negative (0 turns pings off), "
                 f"got {self.ping_interval}"
+            )
+        if self.sse_heartbeat < 0:
+            raise SettingsError(
+                f"TRIOWS_SSE_HEARTBEAT must not be negative (0 turns it off), "
+                f"got {self.sse_heartbeat}"
             )
         if self.heartbeat < 0 or self.retry_after < 0:
             raise SettingsError("TRIOWS_HEARTBEAT and TRIOWS_RETRY_AFTER must not be negative")
