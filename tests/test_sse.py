@@ -436,7 +436,7 @@ class HttpStream:
         return self._blocks.pop(0)
 
     async def rest(self) -> list[Block]:
-        blocks = []
+        """Every block until the server ends the response."""
         with trio.fail_after(STEP_TIMEOUT):
             async for chunk in self._bytes:
                 self._blocks += self._parser.feed(chunk)
