@@ -1,7 +1,10 @@
-"""One WebSocket connection's outbound side: a bounded queue and its writer.
+"""One client connection's outbound side: a bounded queue and its writer.
 
 The router offers each frame without waiting; a connection whose queue is
-full is closed with 4001 rather than slowing anyone else down. A connection
+full is closed with 4001 rather than slowing anyone else down. The same
+connection serves both transports: the writer is given the ASGI ``send`` and
+a function that turns one frame into the ASGI message carrying it (a
+WebSocket text frame, or a Server-Sent Events chunk, see :mod:`triows.sse`). A connection
 is a handful of slots, a deque and, only while its writer waits, one
 ``trio.Event``: no task or channel of its own (see bench/README.md, "Where
 an idle socket's bytes go").
@@ -10,6 +13,7 @@ an idle socket's bytes go").
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,10 +25,17 @@ from triows.protocol import CLOSE_SLOW_CONSUMER
 _ids = itertools.count(1)
 
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+# One frame as the ASGI message that writes it (module-level functions: no object per socket).
+FrameMessage = Callable[[str], dict[str, Any]]
+
+
+def websocket_text(frame: str) -> dict[str, Any]:
+    """One frame as a WebSocket text message."""
+    return {"type": "websocket.send", "text": frame}
 
 
 class Connection:
-    """A local WebSocket of ``user``; ``close_code`` is set once we start closing it.
+    """A local WebSocket or event stream of ``user``; ``close_code`` is set once closing starts.
 
     ``stopped`` is set once no more frames will be written: we started closing
     it, or its peer went away (then ``close_code`` stays None).
@@ -101,18 +112,35 @@ class Connection:
             self._wakeup.set()
             self._wakeup = None
 
-    async def run_writer(self, send: ASGISend) -> None:
-        """Write queued frames as ASGI ``websocket.send`` until closing has flushed the queue."""
+    async def run_writer(
+        self,
+        send: ASGISend,
+        message: FrameMessage = websocket_text,
+        *,
+        idle_after: float = math.inf,
+        idle_message: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """Write queued frames as ``send(message(frame))`` until closing has flushed the queue.
+
+        When ``idle_message`` is given, it is written whenever ``idle_after``
+        seconds pass with no frame to write (the event stream's heartbeat).
+        """
         queue = self._queue
         try:
             while True:
                 while queue:
-                    await send({"type": "websocket.send", "text": queue.popleft()})
+                    await send(message(queue.popleft()))
                 if self.stopped:
                     self.flushed = True
                     return
                 self._wakeup = wakeup = trio.Event()
-                await wakeup.wait()
+                if idle_message is None:
+                    await wakeup.wait()
+                    continue
+                with trio.move_on_after(idle_after) as idle:
+                    await wakeup.wait()
+                if idle.cancelled_caught:
+                    await send(idle_message())
         finally:
             # However the writer ends (peer gone, cancelled), nothing more will be written.
             self.stop()

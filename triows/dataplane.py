@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 import trio
 from wsproto.extensions import PerMessageDeflate
 
+from triows import sse
 from triows.auth import AuthError, Identity, identify
 from triows.backend import BrokerUnavailable, Outcome
 from triows.connection import Connection
@@ -80,6 +81,8 @@ class DataPlane:
             await self.post_send(scope, receive, send)
         elif kind == "websocket" and path == "/events":
             await self.events(scope, receive, send)
+        elif kind == "http" and path == "/events":
+            await sse.serve_event_stream(self, scope, receive, send)
         elif kind == "websocket" and path == "/_echo" and self.settings.test_echo:
             await echo(receive, send)
         else:

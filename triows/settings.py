@@ -77,6 +77,7 @@ class Settings:
     test_echo: bool = field(default=False, metadata={"env": "TRIOWS_TEST_ECHO"})
     # Rooms one connection may be in at once: each is a broker subscription at most.
     max_rooms: int = field(default=32, metadata={"env": "TRIOWS_MAX_ROOMS"})
+    sse_heartbeat: float = field(default=15.0, metadata={"env": "TRIOWS_SSE_HEARTBEAT"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -118,6 +119,11 @@ class Settings:
             raise SettingsError(
                 f"TRIOWS_PING_INTERVAL must not be negative (0 turns pings off), "
                 f"got {self.ping_interval}"
+            )
+        if self.sse_heartbeat < 0:
+            raise SettingsError(
+                f"TRIOWS_SSE_HEARTBEAT must not be negative (0 turns it off), "
+                f"got {self.sse_heartbeat}"
             )
         if self.heartbeat < 0 or self.retry_after < 0:
             raise SettingsError("TRIOWS_HEARTBEAT and TRIOWS_RETRY_AFTER must not be negative")

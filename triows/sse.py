@@ -1,0 +1,314 @@
+"""``GET /events`` as Server-Sent Events: the WebSocket's frames where WebSockets are blocked.
+
+Same credentials, same routing and the same :class:`~triows.connection.Connection`
+(bounded queue, slow-consumer rule, drain, token expiry, the shared
+``TRIOWS_MAX_CONNECTIONS`` slots) as the WebSocket; only the writer's framing
+differs. Each frame is one event::
+
+    id: <message id>          (message frames only)
+    data: <the JSON frame>
+
+There is no ``event:`` field: a browser's ``EventSource.onmessage`` sees every
+frame and dispatches on its ``type``, exactly as a WebSocket client does. The
+stream opens with ``retry:`` (``TRIOWS_RETRY_AFTER``), carries a ``: ping``
+comment after ``TRIOWS_SSE_HEARTBEAT`` seconds without a frame, and when the
+server ends it (drain, token expiry, slow consumer) a last comment says why
+with the WebSocket's close code (``: close 1012 ...``) next to a ``retry:``.
+Messages are not stored, so ``Last-Event-ID`` is ignored: nothing is replayed.
+Sending stays ``POST /send``.
+
+The encoders here are pure functions over strings (tested without sockets);
+:func:`serve_event_stream` is the ASGI handler the data plane dispatches to.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+import re
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import trio
+
+from triows import dataplane
+from triows.auth import AuthError, identify
+from triows.backend import BrokerUnavailable
+from triows.connection import Connection
+from triows.logs import log_event
+from triows.protocol import (
+    CLOSE_DRAINING,
+    CLOSE_TOKEN_EXPIRED,
+    InvalidInput,
+    check_room_name,
+    hello_frame,
+)
+
+if TYPE_CHECKING:
+    from triows.dataplane import DataPlane, Receive, Scope, Send
+
+EVENT_STREAM = "text/event-stream"
+# Every frame triows writes starts so; the id is read without parsing the JSON.
+_MESSAGE_PREFIX = '{"type":"message","id":"'
+# SSE ends a line at CR, LF or CRLF; a forged delivery may hold raw line breaks
+# between JSON tokens, so a frame is split the same way into data lines.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# A field value may not hold a line break; an id with NUL is ignored by browsers.
+_BAD_IN_ID = re.compile(r"[\r\n\0]")
+_ALLOW_GET = [(b"allow", b"GET")]
+
+
+def wants_event_stream(accept: str) -> bool:
+    """Whether an ``Accept`` header names ``text/event-stream`` (with q above 0).
+
+    Only the explicit type counts, not ``*/*``: ``/events`` is the WebSocket
+    endpoint first, and a plain GET without the header is most likely a
+    WebSocket handshake whose ``Upgrade`` a proxy dropped, better told so (406)
+    than answered with a stream.
+    """
+    for media_range in accept.split(","):
+        media_type, *parameters = (part.strip() for part in media_range.split(";"))
+        if media_type.lower() != EVENT_STREAM:
+            continue
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            return True
+    return False
+
+
+def requested_rooms(query_string: bytes) -> list[str]:
+    """The rooms named by ``?room=`` (repeatable), in order, without repeats.
+
+    Raises :class:`InvalidInput` for a name outside the user-name rules (a room
+    is the key ``room.<name>``, with the same rules as a user's).
+    """
+    rooms: list[str] = []
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name != "room":
+            continue
+        try:
+            check_room_name(value)
+        except InvalidInput:
+            raise InvalidInput(f"room {value!r}: room names follow the user-name rules") from None
+        if value not in rooms:
+            rooms.append(value)
+    return rooms
+
+
+def message_id(frame: str) -> str | None:
+    """The ``id`` of a ``message`` frame (None for other frames, or an id unfit for ``id:``)."""
+    if frame.startswith(_MESSAGE_PREFIX):
+        end = frame.find('"', len(_MESSAGE_PREFIX))
+        candidate = frame[len(_MESSAGE_PREFIX) : end]
+        if end > 0 and "\\" not in candidate:
+            return candidate
+    elif not frame.startswith('{"type":"hello"'):
+        # Not laid out as triows writes it (a forged but valid delivery): parse it.
+        try:
+            value = json.loads(frame)
+        except ValueError:
+            return None
+        if isinstance(value, dict) and value.get("type") == "message":
+            found = value.get("id")
+            if isinstance(found, str) and not _BAD_IN_ID.search(found):
+                return found
+    return None
+
+
+def encode_event(frame: str) -> bytes:
+    """One frame as one SSE event: ``id:`` for a message frame, then ``data:`` line(s)."""
+    found = message_id(frame)
+    head = f"id: {found}\n" if found is not None else ""
+    if "\n" in frame or "\r" in frame:
+        data = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(frame))
+    else:
+        data = f"data: {frame}\n"
+    return f"{head}{data}\n".encode()
+
+
+def event_message(frame: str) -> dict[str, Any]:
+    """One frame as the ASGI body chunk that carries it (the connection's writer calls this)."""
+    return {"type": "http.response.body", "body": encode_event(frame), "more_body": True}
+
+
+def heartbeat_message() -> dict[str, Any]:
+    """A comment: ignored by ``EventSource``, it keeps proxies from cutting an idle stream."""
+    return {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
+
+
+def closing_chunk(code: int, reason: str, retry_ms: int) -> bytes:
+    """The last bytes of a stream the server ends: why (as a comment) and when to come back."""
+    reason = _LINE_BREAK.sub(" ", reason)
+    return f": close {code} {reason}\nretry: {retry_ms}\n\n".encode()
+
+
+async def serve_event_stream(plane: DataPlane, scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /events`` with ``Accept: text/event-stream`` (any other plain HTTP request too).
+
+    Refusals are problem details: 405 not GET, 406 no ``text/event-stream`` in
+    ``Accept``, 400 a bad dev-mode user name or room, 401 bad credentials, 503
+    + ``Retry-After`` when the instance holds ``TRIOWS_MAX_CONNECTIONS``. A
+    draining instance answers a stream that ends at once with ``retry:``, so
+    a browser comes back (through the load balancer, elsewhere) by itself.
+    """
+    settings = plane.settings
+    if scope["method"] != "GET":
+        await dataplane.respond_problem(send, 405, "use GET", headers=_ALLOW_GET)
+        return
+    headers = dict(scope["headers"])
+    if not wants_event_stream(headers.get(b"accept", b"").decode("latin-1")):
+        await dataplane.respond_problem(
+            send,
+            406,
+            "GET /events is a WebSocket, or Server-Sent Events with Accept: text/event-stream",
+            kind="not-acceptable",
+        )
+        return
+    args = dataplane.query_args(scope)
+    try:
+        identity = identify(
+            settings.secret,
+            dataplane.auth_headers(headers),
+            args,
+            dev_user=args.get("user"),
+            leeway=settings.jwt_leeway,
+        )
+        rooms = requested_rooms(scope.get("query_string", b""))
+    except InvalidInput as error:
+        await dataplane.respond_problem(send, 400, str(error), kind="invalid")
+        return
+    except AuthError as error:
+        log_event("auth_failed", path="/events", transport="sse", reason=str(error))
+        await dataplane.respond_problem(
+            send, 401, str(error), kind="unauthorized", headers=[(b"www-authenticate", b"Bearer")]
+        )
+        return
+    if len(rooms) > settings.max_rooms:
+        await dataplane.respond_problem(
+            send, 400, f"at most {settings.max_rooms} rooms per stream", kind="invalid"
+        )
+        return
+    refused = [room for room in rooms if not identity.may_use_room(room)]
+    if refused:
+        await dataplane.respond_problem(
+            send, 403, f"the token does not allow room {refused[0]!r}", kind="forbidden"
+        )
+        return
+    retry_ms = 1000 * settings.retry_after
+    if plane.app.draining:
+        await start_stream(send)
+        await end_stream(send, closing_chunk(CLOSE_DRAINING, "instance draining", retry_ms))
+        return
+    if plane.slots_taken >= settings.max_connections:
+        log_event(
+            "connection_refused", level=logging.WARNING, reason="max_connections", transport="sse"
+        )
+        await dataplane.respond_problem(
+            send,
+            503,
+            f"this instance holds its maximum of {settings.max_connections} connections",
+            kind="too-many-connections",
+            headers=[(b"retry-after", str(settings.retry_after).encode())],
+        )
+        return
+    plane.slots_taken += 1
+    try:
+        await start_stream(send, f"retry: {retry_ms}\n\n".encode())
+        await run_stream(plane, identity.user, identity.expires_at, rooms, receive, send)
+    finally:
+        plane.slots_taken -= 1
+
+
+async def run_stream(
+    plane: DataPlane,
+    user: str,
+    expires_at: float | None,
+    rooms: list[str],
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Run one accepted event stream, a member of ``rooms``, until it ends, whoever ends it."""
+    settings = plane.settings
+    connection = Connection(user, settings.send_queue)
+    connection.offer(hello_frame(user, settings.instance_id))
+    heartbeat = settings.sse_heartbeat
+    try:
+        async with plane.app.router.attached(connection):
+            try:
+                for room in rooms:
+                    await plane.app.router.join(connection, room)
+            except BrokerUnavailable:
+                # Only while draining: the stream ends with 1012 like the others.
+                connection.close(CLOSE_DRAINING, "instance draining, reconnect")
+            log_event("connect", user=user, connection=connection.id, transport="sse")
+            async with trio.open_nursery() as nursery:
+                writer = functools.partial(
+                    connection.run_writer,
+                    send,
+                    event_message,
+                    idle_after=heartbeat or math.inf,
+                    idle_message=heartbeat_message if heartbeat else None,
+                )
+                nursery.start_soon(writer)
+                with trio.CancelScope(deadline=dataplane.trio_deadline(expires_at)) as reading:
+                    connection.read_under(reading)
+                    await wait_for_disconnect(receive)
+                if reading.cancelled_caught and not connection.stopped:
+                    connection.close(CLOSE_TOKEN_EXPIRED, "token expired")
+                # The peer went away if nobody started closing: stop writing.
+                connection.stop()
+                nursery.cancel_scope.deadline = trio.current_time() + settings.close_timeout
+        if connection.flushed and connection.close_code is not None:
+            retry_ms = 1000 * settings.retry_after
+            if connection.close_code == CLOSE_DRAINING:
+                # Jittered up to double: a drained instance's browsers do not all return at once.
+                retry_ms = random.randint(retry_ms, 2 * retry_ms)
+            chunk = closing_chunk(connection.close_code, connection.close_reason, retry_ms)
+            with trio.move_on_after(settings.close_timeout):
+                await end_stream(send, chunk)
+    finally:
+        log_event(
+            "disconnect",
+            user=user,
+            connection=connection.id,
+            transport="sse",
+            code=connection.close_code or "client",
+            reason=connection.close_reason,
+        )
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Read the request to its end and wait for ``http.disconnect`` (a body is discarded)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def start_stream(send: Send, first: bytes = b"") -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-store"),
+                # nginx buffers proxied responses unless told not to.
+                (b"x-accel-buffering", b"no"),
+            ],
+        }
+    )
+    if first:
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+
+
+async def end_stream(send: Send, last: bytes) -> None:
+    await send({"type": "http.response.body", "body": last, "more_body": False})
