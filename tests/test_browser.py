@@ -15,6 +15,7 @@ documents (``#state``, ``#instance``, ``#reconnects``, ``#room-list``,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import re
@@ -138,10 +139,18 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     executable = chromium_path()
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    # trio_asyncio (imported by the amqp091 backend's tests) installs an event
+    # loop policy whose loops run inside Trio; Playwright's sync API needs a
+    # plain asyncio loop of its own, so it gets the default policy meanwhile.
+    trio_policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            yield browser
+            browser.close()
+    finally:
+        asyncio.set_event_loop_policy(trio_policy)
 
 
 @pytest.fixture
