@@ -1,0 +1,156 @@
+"""Bad days, short: every fault of ``bench/faults.py`` for a few seconds, guarantees asserted.
+
+Each test runs real ``triows serve`` processes behind a generated HAProxy,
+under steady traffic, against a real broker (DESIGN §6, issue 13). What is
+asserted is correctness only: no instance exits, open sockets stay open,
+no 2xx for a message that a connected recipient never got, delivery resumes
+for every user. How long anything took is reported by ``nox -s faults``
+(bench/results/faults.md), never asserted here.
+
+RabbitMQ is never taken down here (tests/test_across_instances.py covers its
+outage, and it is shared with every other test); ActiveMQ's outage is, under
+its outage lock. Network faults go through a proxy in front of one
+instance's broker connection, which disturbs nobody else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.faults import (
+    ci_options,
+    run_case,
+    run_churn,
+    run_dead_client,
+    run_fanout,
+)
+from bench.targets import TARGETS, Target
+from tests.brokers import require_broker
+
+pytestmark = pytest.mark.broker
+
+BROKER_TARGETS = [target for name, target in TARGETS.items() if name != "memory"]
+RABBITMQ = TARGETS["amqp091-rabbitmq"]
+ACTIVEMQ = TARGETS["stomp-activemq"]
+# How long a dead client may go unnoticed before the test gives up on it.
+DEAD_CLIENT_WAIT = 20.0
+CHURN_CYCLES = 300
+FANOUT_SOCKETS = 100
+# Growth allowed after churn, once settled: a few descriptors for pools and
+# logs, and the allocator's high-water mark from up to 20 sockets at once.
+FD_SLACK = 10
+RSS_SLACK_MIB = 20.0
+
+
+async def run(target: Target, fault: str) -> dict[str, Any]:
+    await require_broker(target.script_name)
+    return await run_case(target, fault, ci_options())
+
+
+def assert_survived_intact(row: dict[str, Any]) -> None:
+    """The guarantees every broker fault keeps (DESIGN §6.1-6.3)."""
+    assert row["status"] == "ok", row
+    assert row["unexpected_exits"] == {}, row["unexpected_exits"]
+    # Open sockets stay open through a broker fault.
+    assert row["sockets_closed"] == [], row["sockets_closed"]
+    total = row["accounting"]["total"]
+    # The only losses are messages that never got a 2xx.
+    assert total.get("2xx_lost_while_connected", 0) == 0, row["accounting"]
+    assert total.get("duplicated", 0) == 0, row["accounting"]
+    assert total.get("reordered", 0) == 0, row["accounting"]
+    # Delivery resumed, with every user's subscription restored.
+    assert row["users_resumed"] == row["users"], row
+    assert row["recovery"]["all_ready_s"] is not None, row["recovery"]
+
+
+@pytest.mark.parametrize("target", BROKER_TARGETS, ids=lambda target: target.name)
+async def test_broker_connection_dropped_under_traffic(target: Target) -> None:
+    assert_survived_intact(await run(target, "drop"))
+
+
+async def test_broker_closes_the_connection_under_traffic() -> None:
+    assert_survived_intact(await run(RABBITMQ, "close"))
+
+
+@pytest.mark.parametrize("target", [RABBITMQ, ACTIVEMQ], ids=lambda target: target.name)
+async def test_half_open_broker_path_is_detected_and_recovered(target: Target) -> None:
+    row = await run(target, "halfopen")
+    assert_survived_intact(row)
+    # The heartbeat noticed the silent path: the instance went unready meanwhile.
+    assert row["details"]["a_unready_after_s"] is not None, row["details"]
+
+
+async def test_slow_broker_path_loses_nothing() -> None:
+    row = await run(RABBITMQ, "slow")
+    assert_survived_intact(row)
+    assert row["accounting"]["total"].get("2xx_lost", 0) == 0, row["accounting"]
+
+
+async def test_activemq_outage_under_traffic() -> None:
+    row = await run(ACTIVEMQ, "outage")
+    assert_survived_intact(row)
+    during = row["accounting"]["during"]
+    assert during.get("refused_503", 0) + during.get("refused_503_lb", 0) > 0, during
+
+
+async def test_drain_under_load_moves_sockets_to_the_other_instance() -> None:
+    row = await run(RABBITMQ, "drain")
+    assert row["status"] == "ok", row
+    details = row["details"]
+    assert details["exit_code"] == 0, details
+    assert details["sockets_on_a"] > 0, row["sockets_before"]
+    assert details["close_codes"] == [1012], row["sockets_closed"]
+    assert details["readyz_503_before_first_close"] is True, details
+    assert row["unexpected_exits"] == {}, row["unexpected_exits"]
+    total = row["accounting"]["total"]
+    # A recipient connected to the instance that stayed up loses nothing.
+    assert total.get("2xx_lost_on_b", 0) == 0, row["accounting"]
+    # Nor does one on the draining instance: what the broker delivered is
+    # flushed before its socket closes (DESIGN §6.4).
+    assert total.get("2xx_lost_while_connected", 0) == 0, row["accounting"]
+    assert row["users_resumed"] == row["users"], row
+
+
+async def test_instance_death_is_forgotten_by_the_broker() -> None:
+    row = await run(RABBITMQ, "death")
+    assert row["status"] == "ok", row
+    assert row["unexpected_exits"] == {}, row["unexpected_exits"]
+    details = row["details"]
+    # RabbitMQ dropped the dead instance's queue and its bindings.
+    assert details["broker_after"]["queue"] == 0, details
+    assert details["broker_after"]["bindings"] < details["broker_before"]["bindings"], details
+    # A user who was only there is offline now.
+    assert details["pinned_first_404_s"] is not None, details
+    # The others reconnected through HAProxy to the survivor and get messages.
+    assert row["users_resumed"] == row["users"], row
+    assert row["accounting"]["total"].get("2xx_lost_on_b", 0) == 0, row["accounting"]
+
+
+async def test_dead_clients_release_their_subscriptions() -> None:
+    await require_broker(RABBITMQ.script_name)
+    row = await run_dead_client(RABBITMQ, ci_options(), DEAD_CLIENT_WAIT)
+    assert row["alive"], row
+    assert (row["killed_before"], row["ghost_before"]) == (202, 202), row
+    assert row["killed_released_s"] is not None, row
+    # No FIN, no RST: only a ping timeout can notice this one.
+    assert row["half_open_released_s"] is not None, row
+
+
+async def test_churn_leaves_no_growth() -> None:
+    await require_broker(RABBITMQ.script_name)
+    row = await run_churn(RABBITMQ, CHURN_CYCLES, ci_options())
+    assert row["alive"] and row["failures"] == 0, row
+    baseline, settled = row["baseline"], row["settled"]
+    for label in ("a", "b"):
+        assert settled[label]["fds"] <= baseline[label]["fds"] + FD_SLACK, row
+        assert settled[label]["rss_mib"] <= baseline[label]["rss_mib"] + RSS_SLACK_MIB, row
+    assert settled["broker_bindings"] == baseline["broker_bindings"], row
+
+
+async def test_one_user_with_many_sockets_gets_every_message_on_each() -> None:
+    await require_broker(RABBITMQ.script_name)
+    row = await run_fanout(RABBITMQ, FANOUT_SOCKETS, 10, ci_options())
+    assert row["sends_2xx"] == 10, row
+    assert row["sockets_complete_in_order"] == FANOUT_SOCKETS, row
