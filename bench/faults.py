@@ -29,6 +29,7 @@ versions and asserts the guarantees (never times).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -48,7 +49,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import fcntl
 import httpx
 import psutil
 import trio
@@ -130,7 +130,7 @@ async def run_script_checked(*args: str) -> None:
 
 @asynccontextmanager
 async def outage_lock(target: Target) -> AsyncIterator[None]:
-    """Hold the broker family's outage lock exclusively (tests/brokers.py's broker_outage does too)."""
+    """Hold the broker family's outage lock exclusively, as tests/brokers.py's outage does."""
     fd = os.open(outage_lock_path(target), os.O_WRONLY | os.O_CREAT, 0o666)
     try:
         await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=True)
@@ -552,7 +552,9 @@ class Clock:
 FaultRun = Callable[[Cluster, Traffic, Clock, Options], Awaitable[dict[str, Any]]]
 
 
-async def fault_outage(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_outage(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """The broker stopped gracefully for ``opts.duration`` seconds, then started."""
     target = cluster.target
     if target.broker == "garagemq":
@@ -576,7 +578,9 @@ async def fault_outage(cluster: Cluster, traffic: Traffic, clock: Clock, opts: O
     return {"how": f"deploy/brokers.sh outage-begin {family}; sleep; outage-end {family}"}
 
 
-async def fault_kill(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_kill(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """SIGKILL the broker process, restart it after ``opts.kill_down`` s (ActiveMQ, GarageMQ)."""
     target = cluster.target
     if target.broker == "rabbitmq":
@@ -617,7 +621,9 @@ async def rabbitmq_connection_pids(ports: list[int]) -> list[str]:
     return pids
 
 
-async def fault_close(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_close(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """The broker closes instance A's connection (``rabbitmqctl close_connection``)."""
     if cluster.target.broker != "rabbitmq":
         raise NotPossible(
@@ -635,10 +641,15 @@ async def fault_close(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Op
     for pid in pids:
         await rabbitmqctl("close_connection", pid, "triows fault harness")
     clock.ended(window=opts.instant_window)
-    return {"how": 'rabbitmqctl close_connection "<pid>" reason (pid by peer_port)', "closed": len(pids)}
+    return {
+        "how": 'rabbitmqctl close_connection "<pid>" reason (pid by peer_port)',
+        "closed": len(pids),
+    }
 
 
-async def fault_drop(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_drop(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """Instance A's broker connection closed at TCP level (the proxy closes both sides)."""
     clock.began()
     cluster.nodes["a"].proxy.cut()
@@ -646,7 +657,9 @@ async def fault_drop(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Opt
     return {"how": "proxy closes instance A's broker connection (FIN both ways)"}
 
 
-async def fault_halfopen(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_halfopen(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """Instance A's path to the broker goes silent (no FIN, no RST) for ``opts.stall`` s."""
     proxy = cluster.nodes["a"].proxy
     clock.began()
@@ -661,7 +674,9 @@ async def fault_halfopen(cluster: Cluster, traffic: Traffic, clock: Clock, opts:
     }
 
 
-async def fault_slow(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_slow(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """Both instances' broker paths delay every chunk by ``opts.latency`` s each way."""
     clock.began()
     for node in cluster.nodes.values():
@@ -673,7 +688,9 @@ async def fault_slow(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Opt
     return {"how": f"proxy adds {opts.latency * 1000:g} ms each way for {opts.duration:g} s"}
 
 
-async def fault_drain(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_drain(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """SIGTERM instance A under traffic; it drains and exits."""
     node = cluster.nodes["a"]
     on_a = [s.user for s in traffic.sockets if s.instance == "a" and s.closed is None]
@@ -730,7 +747,9 @@ async def broker_side_count(cluster: Cluster, instance_id: str) -> dict[str, int
     }
 
 
-async def fault_death(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options) -> dict[str, Any]:
+async def fault_death(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
     """SIGKILL instance A under traffic; the broker must forget what it held for A."""
     node = cluster.nodes["a"]
     before = await broker_side_count(cluster, node.instance_id)
@@ -752,7 +771,11 @@ async def fault_death(cluster: Cluster, traffic: Traffic, clock: Clock, opts: Op
                 await trio.sleep(0.2)
     pinned = [u for u, label in traffic.pinned.items() if label == "a"]
     first_404 = min(
-        (s.t1 for s in traffic.sends if s.user in pinned and s.status == 404 and s.t0 >= clock.begin),
+        (
+            s.t1
+            for s in traffic.sends
+            if s.user in pinned and s.status == 404 and s.t0 >= clock.begin
+        ),
         default=None,
     )
     return {
@@ -794,7 +817,12 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
             try:
                 details = await FAULT_RUNS[fault](cluster, traffic, clock, opts)
             except NotPossible as why:
-                return {"target": target.name, "fault": fault, "status": "not possible", "why": str(why)}
+                return {
+                    "target": target.name,
+                    "fault": fault,
+                    "status": "not possible",
+                    "why": str(why),
+                }
             if clock.during_until > now():
                 await trio.sleep_until(clock.during_until)
             traffic.phase = "after"
@@ -808,11 +836,18 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 if cluster.nodes[label].process.returncode is not None
             }
             closed_sockets = [
-                {"user": s.user, "instance": s.instance, "code": s.code, "at_s": round(s.closed - clock.begin, 3)}
+                {
+                    "user": s.user,
+                    "instance": s.instance,
+                    "code": s.code,
+                    "at_s": round(s.closed - clock.begin, 3),
+                }
                 for s in traffic.sockets
                 if s.closed is not None and s.closed >= clock.begin
             ]
-            stats = {label: process_stats(cluster.nodes[label]) for label in alive if label not in exited}
+            stats = {
+                label: process_stats(cluster.nodes[label]) for label in alive if label not in exited
+            }
             sent_at = {(s.user, s.seq): s.t0 for s in traffic.sends}
             resumed = sorted(
                 user
@@ -847,7 +882,10 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
 
 async def run_fanout(target: Target, sockets: int, messages: int, opts: Options) -> dict[str, Any]:
     """One user with ``sockets`` sockets on instance B; messages POSTed to A reach each socket."""
-    async with open_cluster(target, opts) as cluster, httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
+    async with (
+        open_cluster(target, opts) as cluster,
+        httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http,
+    ):
         b = cluster.nodes["b"]
         counts: list[list[int]] = []
         async with trio.open_nursery() as nursery:
@@ -878,7 +916,7 @@ async def run_fanout(target: Target, sockets: int, messages: int, opts: Options)
                 )
                 statuses.append(response.status_code)
             with trio.move_on_after(STEP_TIMEOUT):
-                while sum(len(c) for c in counts) < sockets * messages:
+                while sum(len(c) for c in counts) < sockets * messages:  # noqa: ASYNC110
                     await trio.sleep(POLL)
             done.set()
             nursery.cancel_scope.cancel()
@@ -905,16 +943,19 @@ async def settled_stats(cluster: Cluster) -> dict[str, Any]:
     return stats
 
 
-async def run_churn(target: Target, cycles: int, opts: Options, concurrency: int = 20) -> dict[str, Any]:
-    """``cycles`` connect/disconnect cycles over both instances (users u0..u9, many sockets each)."""
+async def run_churn(
+    target: Target, cycles: int, opts: Options, concurrency: int = 20
+) -> dict[str, Any]:
+    """``cycles`` connect/disconnect cycles over both instances (users u0..u9, many sockets)."""
     async with open_cluster(target, opts) as cluster:
         urls = [node.base_url for node in cluster.nodes.values()]
+
         # Warm up first: the first connections allocate what later ones reuse.
         async def cycle(n: int) -> None:
             async with open_events(urls[n % 2], user=f"u{n % 10}"):
                 pass
 
-        for n in range(min(200, cycles)):
+        for n in range(min(50, cycles)):
             await cycle(n)
         baseline = await settled_stats(cluster)
         failures = 0
@@ -955,7 +996,10 @@ async def run_dead_client(target: Target, opts: Options, wait: float) -> dict[st
     stalls. Reports how long until the broker reports each user offline (404
     on ``routed`` targets) and whether that happened within ``wait`` seconds.
     """
-    async with open_cluster(target, opts) as cluster, httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http:
+    async with (
+        open_cluster(target, opts) as cluster,
+        httpx.AsyncClient(timeout=HTTP_TIMEOUT) as http,
+    ):
         b = cluster.nodes["b"]
         b_port = urlsplit(b.base_url).port or 0
         result: dict[str, Any] = {"target": target.name, "fault": "dead-client", "status": "ok"}
@@ -1016,7 +1060,9 @@ async def run_dead_client(target: Target, opts: Options, wait: float) -> dict[st
 # ------------------------------------------------------------------ results
 
 
-def merge_results(rows: list[dict[str, Any]], path: Path = RESULTS_DIR / "faults.json") -> list[dict[str, Any]]:
+def merge_results(
+    rows: list[dict[str, Any]], path: Path = RESULTS_DIR / "faults.json"
+) -> list[dict[str, Any]]:
     """Merge ``rows`` into ``path`` by (target, fault); return all rows."""
     try:
         existing = json.loads(path.read_text())["rows"]
@@ -1063,20 +1109,25 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             )
             continue
         if row["fault"] in ("fanout", "churn", "dead-client"):
-            lines.append(f"| {row['target']} | {row['fault']} | | | | | | | | | | "
-                         f"{_fmt(row.get('alive', True))} | {_extra_notes(row)} | {command} |")
+            lines.append(
+                f"| {row['target']} | {row['fault']} | | | | | | | | | | "
+                f"{_fmt(row.get('alive', True))} | {_extra_notes(row)} | {command} |"
+            )
             continue
         total = row["accounting"]["total"]
+        recovered = row["recovery"]
         during = row["accounting"].get("during", {})
         two = total.get("2xx_routed", 0) + total.get("2xx_accepted", 0)
         refused = " / ".join(
-            str(during.get(k, 0)) for k in ("refused_503", "refused_503_lb", "refused_404", "transport_error")
+            str(during.get(k, 0))
+            for k in ("refused_503", "refused_503_lb", "refused_404", "transport_error")
         )
         lines.append(
-            f"| {row['target']} | {row['fault']} | {row['rate']:g} | {two} | {total.get('delivered', 0)} | "
-            f"{total.get('2xx_lost', 0)} ({total.get('2xx_lost_while_connected', 0)}) | {refused} | "
-            f"{total.get('duplicated', 0)} | {total.get('reordered', 0)} | "
-            f"{_fmt(row['recovery']['first_delivery_s'])} | {_fmt(row['recovery']['all_ready_s'])} | "
+            f"| {row['target']} | {row['fault']} | {row['rate']:g} | {two} "
+            f"| {total.get('delivered', 0)} "
+            f"| {total.get('2xx_lost', 0)} ({total.get('2xx_lost_while_connected', 0)}) "
+            f"| {refused} | {total.get('duplicated', 0)} | {total.get('reordered', 0)} "
+            f"| {_fmt(recovered['first_delivery_s'])} | {_fmt(recovered['all_ready_s'])} | "
             f"{'yes' if not row['unexpected_exits'] else 'NO ' + str(row['unexpected_exits'])} | "
             f"{_extra_notes(row)} | {command} |"
         )
@@ -1086,29 +1137,42 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def _extra_notes(row: dict[str, Any]) -> str:
     fault = row["fault"]
     if fault == "fanout":
-        return (f"{row['sockets']} sockets × {row['messages']} msgs: {row['sockets_complete_in_order']} "
-                f"sockets got all in order; RSS {row['instance_b']['rss_mib']} MiB")
+        return (
+            f"{row['sockets']} sockets x {row['messages']} msgs: "
+            f"{row['sockets_complete_in_order']} "
+            f"sockets got all in order; RSS {row['instance_b']['rss_mib']} MiB"
+        )
     if fault == "churn":
         b, s = row["baseline"], row["settled"]
         parts = [f"{row['cycles']} cycles, {row['failures']} failed"]
         for label in ("a", "b"):
             parts.append(
-                f"{label}: fds {b[label]['fds']}→{s[label]['fds']}, RSS {b[label]['rss_mib']}→{s[label]['rss_mib']} MiB"
+                f"{label}: fds {b[label]['fds']}→{s[label]['fds']}, "
+                f"RSS {b[label]['rss_mib']}→{s[label]['rss_mib']} MiB"
             )
         if "broker_bindings" in s:
             parts.append(f"bindings {b['broker_bindings']}→{s['broker_bindings']}")
         return "; ".join(parts)
     if fault == "dead-client":
-        return (f"killed client released after {_fmt(row['killed_released_s'])} s; half-open client "
-                f"after {_fmt(row['half_open_released_s'])} s (waited {row['waited_s']} s)")
+        return (
+            f"killed client released after {_fmt(row['killed_released_s'])} s; half-open client "
+            f"after {_fmt(row['half_open_released_s'])} s (waited {row['waited_s']} s)"
+        )
     details = row.get("details", {})
     closed = row.get("sockets_closed", [])
     notes = [f"sockets closed: {len(closed)}"]
     codes = sorted({c["code"] for c in closed if c["code"] is not None})
     if codes:
         notes[-1] += f" (codes {codes})"
-    for key in ("exit_code", "exit_s", "readyz_503_before_first_close", "a_unready_after_s",
-                "broker_forgot_s", "pinned_first_404_s", "heartbeat_s"):
+    for key in (
+        "exit_code",
+        "exit_s",
+        "readyz_503_before_first_close",
+        "a_unready_after_s",
+        "broker_forgot_s",
+        "pinned_first_404_s",
+        "heartbeat_s",
+    ):
         if key in details:
             notes.append(f"{key}={_fmt(details[key])}")
     return "; ".join(notes)
@@ -1118,12 +1182,16 @@ def _extra_notes(row: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.faults", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--target", action="append", choices=[t for t in TARGETS if t != "memory"])
     parser.add_argument(
         "--fault", action="append", choices=[*FAULTS, "dead-client", "churn", "fanout"]
     )
-    parser.add_argument("--rate", type=float, help="messages/s over all users (default 30 %% of direct)")
+    parser.add_argument(
+        "--rate", type=float, help="messages/s over all users (default 30 %% of direct)"
+    )
     parser.add_argument("--quick", action="store_true", help="short phases (seconds each)")
     parser.add_argument("--cycles", type=int, default=10_000, help="churn cycles")
     parser.add_argument("--sockets", type=int, default=1000, help="fanout sockets")
@@ -1133,14 +1201,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ci_options() -> Options:
     """The shortest phases that still show each fault (tests/test_faults.py)."""
-    return Options(rate=30.0, users=4, before=1.0, duration=3.0, stall=9.0,
-                   instant_window=2.0, after=2.0, grace=1.5, heartbeat=1, kill_down=1.0)
+    return Options(
+        rate=30.0,
+        users=4,
+        before=1.0,
+        duration=3.0,
+        stall=9.0,
+        instant_window=1.5,
+        after=2.0,
+        grace=1.0,
+        heartbeat=1,
+        kill_down=1.0,
+    )
 
 
 def quick_options(rate: float | None = None) -> Options:
     # aiormq notices a silent peer after (heartbeat + 1) * 3 s: 6 s at 1 s.
-    return Options(rate=rate or 40.0, users=4, before=2.0, duration=4.0, stall=9.0,
-                   instant_window=2.0, after=4.0, grace=3.0, heartbeat=1, kill_down=1.0)
+    return Options(
+        rate=rate or 40.0,
+        users=4,
+        before=2.0,
+        duration=4.0,
+        stall=9.0,
+        instant_window=2.0,
+        after=4.0,
+        grace=3.0,
+        heartbeat=1,
+        kill_down=1.0,
+    )
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -1162,7 +1250,7 @@ async def main(argv: list[str] | None = None) -> None:
                     row = await run_dead_client(target, opts, args.dead_client_wait)
                 else:
                     row = await run_case(target, fault, opts)
-            except Exception as error:  # noqa: BLE001 -- one failed case is one error row
+            except Exception as error:
                 if os.environ.get("TRIOWS_FAULTS_RAISE"):
                     raise
                 row = {"target": name, "fault": fault, "status": "error", "why": repr(error)[:300]}

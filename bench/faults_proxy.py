@@ -137,4 +137,3 @@ async def open_fault_proxy(target_port: int, *, port: int = 0) -> AsyncIterator[
             yield proxy
         finally:
             nursery.cancel_scope.cancel()
-
