@@ -68,6 +68,9 @@ RUN_DIR = Path(os.environ.get("TRIOWS_BROKERS_RUN_DIR", "/var/tmp/triows-brokers
 ASSUMED_DIRECT_RATE = 300.0
 DEFAULT_RATE_SHARE = 0.30
 POLL = 0.05
+# What one sender loop (one request at a time, through HAProxy) is asked to
+# carry, in messages/s; more loops per user make up a higher rate.
+LANE_RATE = 8
 # Hang guards only.
 STEP_TIMEOUT = 60.0
 OUTAGE_TIMEOUT = 300.0
@@ -306,6 +309,7 @@ class Send:
     status: int  # 0: transport error
     outcome: str = ""  # routed / accepted for a 2xx
     from_lb: bool = False  # a 503 HAProxy gave itself (no instance in rotation)
+    lane: int = 0  # which of the user's sender loops: order is per (user, lane)
 
 
 @dataclass
@@ -327,7 +331,11 @@ class Traffic:
         self.pinned: dict[str, str] = {}  # user -> label: connected there directly, no reconnect
         self.phase = "before"
         self.sends: list[Send] = []
-        self.receipts: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        # user -> (lane, seq, received at), in the order the user's sockets got them
+        self.receipts: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
+        # Sender loops per user: each sends one request at a time, so enough of
+        # them to reach the rate at the latency a loaded machine gives.
+        self.lanes = max(1, -(-int(rate) // (users * LANE_RATE)))
         self.sockets: list[Socket] = []
         self.connect_failures = 0
         self.ready: dict[str, list[tuple[float, int]]] = defaultdict(list)
@@ -358,7 +366,8 @@ class Traffic:
                         while True:
                             frame = await events.receive()
                             if frame.get("type") == "message":
-                                self.receipts[user].append((frame["message"]["s"], now()))
+                                body = frame["message"]
+                                self.receipts[user].append((body["l"], body["s"], now()))
                     except ConnectionClosed as closed:
                         sock.code = int(closed.reason.code) if closed.reason else 1005
                     finally:
@@ -371,17 +380,19 @@ class Traffic:
                 return
             await trio.sleep(0.1)
 
-    async def sender(self, http: httpx.AsyncClient, user: str) -> None:
-        interval = len(self.all_users) / self.rate
+    async def sender(self, http: httpx.AsyncClient, user: str, lane: int) -> None:
+        loops = len(self.all_users) * self.lanes
+        interval = loops / self.rate
         seq = 0
-        next_at = now() + interval * (self.all_users.index(user) / len(self.all_users))
+        index = self.all_users.index(user) * self.lanes + lane
+        next_at = now() + interval * index / loops
         while self._sending:
             await trio.sleep_until(next_at)
             if not self._sending:
                 return
             phase, t0 = self.phase, now()
-            body = {"to": user, "from": "faults", "message": {"s": seq}}
-            record = Send(user, seq, t0, t0, phase, 0)
+            body = {"to": user, "from": "faults", "message": {"s": seq, "l": lane}}
+            record = Send(user, seq, t0, t0, phase, 0, lane=lane)
             try:
                 response = await http.post(f"{self.cluster.lb_url}/send", json=body)
                 record.status = response.status_code
@@ -414,7 +425,7 @@ class Traffic:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=len(self.all_users) + 4)
+        limits = httpx.Limits(max_connections=len(self.all_users) * self.lanes + 4)
         async with (
             httpx.AsyncClient(timeout=HTTP_TIMEOUT, limits=limits) as http,
             httpx.AsyncClient(timeout=HTTP_TIMEOUT) as probes,
@@ -426,7 +437,8 @@ class Traffic:
                 for user in self.all_users:
                     await nursery.start(self.receiver, user)
             for user in self.all_users:
-                nursery.start_soon(self.sender, http, user)
+                for lane in range(self.lanes):
+                    nursery.start_soon(self.sender, http, user, lane)
             try:
                 yield
             finally:
@@ -449,17 +461,17 @@ def account(traffic: Traffic) -> dict[str, dict[str, int]]:
     received: dict[tuple[str, int], int] = defaultdict(int)
     reordered = 0
     for user, seqs in traffic.receipts.items():
-        highest = -1
-        for seq, _ in seqs:
-            received[(user, seq)] += 1
-            if received[(user, seq)] == 1:
-                if seq < highest:
+        highest: dict[int, int] = defaultdict(lambda: -1)
+        for lane, seq, _ in seqs:
+            received[(user, lane, seq)] += 1
+            if received[(user, lane, seq)] == 1:
+                if seq < highest[lane]:
                     reordered += 1
-                highest = max(highest, seq)
+                highest[lane] = max(highest[lane], seq)
     phases: dict[str, dict[str, int]] = {}
     for send in traffic.sends:
         row = phases.setdefault(send.phase, defaultdict(int))
-        count = received.get((send.user, send.seq), 0)
+        count = received.get((send.user, send.lane, send.seq), 0)
         row["sent"] += 1
         if send.status == 202:
             row[f"2xx_{send.outcome}"] += 1
@@ -496,12 +508,12 @@ def account(traffic: Traffic) -> dict[str, dict[str, int]]:
 
 def recovery(traffic: Traffic, fault_end: float, alive: list[str]) -> dict[str, float | None]:
     """Seconds from ``fault_end`` to the first delivery sent after it, and to all-ready."""
-    sent_at = {(s.user, s.seq): s.t0 for s in traffic.sends}
+    sent_at = {(s.user, s.lane, s.seq): s.t0 for s in traffic.sends}
     firsts = [
         t
         for user, seqs in traffic.receipts.items()
-        for seq, t in seqs
-        if sent_at.get((user, seq), -1.0) >= fault_end
+        for lane, seq, t in seqs
+        if sent_at.get((user, lane, seq), -1.0) >= fault_end
     ]
     first_delivery = round(min(firsts) - fault_end, 3) if firsts else None
     ready_at: list[float] = []
@@ -512,6 +524,12 @@ def recovery(traffic: Traffic, fault_end: float, alive: list[str]) -> dict[str, 
         ready_at.append(max(transitions[-1][0], fault_end))
     all_ready = round(max(ready_at) - fault_end, 3) if ready_at else None
     return {"first_delivery_s": first_delivery, "all_ready_s": all_ready}
+
+
+def sent_rate(traffic: Traffic) -> float:
+    """The rate the senders achieved (they fall behind when requests are slow)."""
+    times = [send.t0 for send in traffic.sends]
+    return round(len(times) / (max(times) - min(times)), 1) if len(times) > 1 else 0.0
 
 
 def first_unready(traffic: Traffic, label: str, since: float) -> float | None:
@@ -848,17 +866,19 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
             stats = {
                 label: process_stats(cluster.nodes[label]) for label in alive if label not in exited
             }
-            sent_at = {(s.user, s.seq): s.t0 for s in traffic.sends}
+            sent_at = {(s.user, s.lane, s.seq): s.t0 for s in traffic.sends}
             resumed = sorted(
                 user
                 for user, seqs in traffic.receipts.items()
-                if any(sent_at.get((user, seq), -1.0) >= clock.end for seq, _ in seqs)
+                if any(sent_at.get((user, lane, seq), -1.0) >= clock.end for lane, seq, _ in seqs)
             )
             return {
                 "target": target.name,
                 "fault": fault,
                 "status": "ok",
                 "rate": rate,
+                "sent_per_s": sent_rate(traffic),
+                "lanes": traffic.lanes,
                 "options": asdict(opts),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
                 "fault_s": round(clock.end - clock.begin, 3),
@@ -1095,7 +1115,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Recovery: seconds from the fault's end to the first delivery of a message sent "
         "after it, and to /readyz 200 on every surviving instance.",
         "",
-        "| target | fault | rate msg/s | 2xx | delivered | 2xx-but-lost (connected) | "
+        "| target | fault | rate msg/s asked / sent | 2xx | delivered | 2xx-but-lost (connected) | "
         "refused during: 503 / lb503 / 404 / err | dup | reord | first delivery s | all ready s | "
         "alive | notes | command |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|---|",
@@ -1123,7 +1143,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             for k in ("refused_503", "refused_503_lb", "refused_404", "transport_error")
         )
         lines.append(
-            f"| {row['target']} | {row['fault']} | {row['rate']:g} | {two} "
+            f"| {row['target']} | {row['fault']} | {row['rate']:g} / {row.get('sent_per_s', 0):g} "
+            f"| {two} "
             f"| {total.get('delivered', 0)} "
             f"| {total.get('2xx_lost', 0)} ({total.get('2xx_lost_while_connected', 0)}) "
             f"| {refused} | {total.get('duplicated', 0)} | {total.get('reordered', 0)} "
