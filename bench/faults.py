@@ -629,8 +629,13 @@ class NotPossible(Exception):
     """This fault cannot be provoked on this target here; the message says why."""
 
 
-async def rabbitmq_connection_pids(ports: list[int]) -> list[str]:
-    out = await rabbitmqctl("list_connections", "pid", "peer_port")
+async def rabbitmq_connection_pids(ports: list[int], backend: str) -> list[str]:
+    # STOMP connections are listed by their own command; ``connection`` is the
+    # pid of the connection the plugin opened inside the broker for it.
+    if backend == "stomp":
+        out = await rabbitmqctl("list_stomp_connections", "connection", "peer_port")
+    else:
+        out = await rabbitmqctl("list_connections", "pid", "peer_port")
     pids = []
     for line in out.splitlines():
         fields = line.split()
@@ -649,8 +654,14 @@ async def fault_close(
             "connection (ActiveMQ: JMX is not exposed by this setup; GarageMQ: none); "
             "the 'drop' row closes it at TCP level instead"
         )
+    if cluster.target.backend == "amqp10":
+        raise NotPossible(
+            "RabbitMQ 3.10 lists AMQP 1.0 connections (list_amqp10_connections) without "
+            "their peer port, so one instance's connection cannot be told apart from other "
+            "clients' on this shared broker; the 'drop' row closes it at TCP level instead"
+        )
     node = cluster.nodes["a"]
-    pids = await rabbitmq_connection_pids(node.proxy.upstream_ports)
+    pids = await rabbitmq_connection_pids(node.proxy.upstream_ports, cluster.target.backend)
     if not pids:
         raise RuntimeError(
             f"rabbitmqctl lists no connection from ports {node.proxy.upstream_ports}"
