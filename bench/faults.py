@@ -68,6 +68,8 @@ RUN_DIR = Path(os.environ.get("TRIOWS_BROKERS_RUN_DIR", "/var/tmp/triows-brokers
 ASSUMED_DIRECT_RATE = 300.0
 DEFAULT_RATE_SHARE = 0.30
 POLL = 0.05
+# The death case's user connected to instance A only, directly, never reconnecting.
+PINNED_USER = "pinned-a"
 # What one sender loop (one request at a time, through HAProxy) is asked to
 # carry, in messages/s; more loops per user make up a higher rate.
 LANE_RATE = 8
@@ -724,18 +726,23 @@ async def fault_drain(
     node = cluster.nodes["a"]
     on_a = [s.user for s in traffic.sockets if s.instance == "a" and s.closed is None]
     unready: float | None = None
+    # When each /readyz that answered 200 was asked, since SIGTERM.
+    ready_asked: list[float] = []
 
     async def poll_readyz() -> None:
         # Back to back, not every POLL: the first socket may close within milliseconds.
         nonlocal unready
         async with httpx.AsyncClient(timeout=2.0) as http:
             while unready is None:
+                asked = now()
                 try:
                     status = (await http.get(f"{node.base_url}/readyz")).status_code
                 except httpx.HTTPError:
                     status = 0
                 if status != 200:
                     unready = now()
+                else:
+                    ready_asked.append(asked)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poll_readyz)
@@ -759,6 +766,11 @@ async def fault_drain(
         "readyz_503_before_first_close": (
             None if unready is None or first_close is None else unready <= first_close
         ),
+        # Decidable from outside, whatever the latencies: a /readyz asked after a
+        # client had already seen its socket closed, answered 200 all the same.
+        "readyz_200_after_first_close": (
+            first_close is not None and any(asked > first_close for asked in ready_asked)
+        ),
         "readyz_503_s": None if unready is None else round(unready - clock.begin, 3),
         "first_close_s": None if first_close is None else round(first_close - clock.begin, 3),
     }
@@ -769,10 +781,16 @@ async def broker_side_count(cluster: Cluster, instance_id: str) -> dict[str, int
     if cluster.target.broker != "rabbitmq":
         return None
     queues = await rabbitmqctl("list_queues", "name")
-    bindings = await rabbitmqctl("list_bindings", "source_name")
+    bindings = [
+        line.split("\t")
+        for line in (await rabbitmqctl("list_bindings", "source_name", "routing_key")).splitlines()
+    ]
+    ours = [fields for fields in bindings if fields[0] == cluster.exchange]
     return {
         "queue": sum(1 for line in queues.split() if instance_id in line),
-        "bindings": sum(1 for line in bindings.split() if line.strip() == cluster.exchange),
+        "bindings": len(ours),
+        # The pinned user of the death case is subscribed on instance A only.
+        "pinned_bindings": sum(1 for fields in ours if fields[-1] == f"user.{PINNED_USER}"),
     }
 
 
@@ -794,7 +812,7 @@ async def fault_death(
             while True:
                 after = await broker_side_count(cluster, node.instance_id)
                 assert after is not None
-                if after["queue"] == 0 and after["bindings"] < before["bindings"]:
+                if after["queue"] == 0 and after["pinned_bindings"] == 0:
                     forgotten_s = round(now() - clock.begin, 3)
                     break
                 await trio.sleep(0.2)
@@ -835,7 +853,7 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
     async with open_cluster(target, opts) as cluster:
         traffic = Traffic(cluster, rate, opts.users)
         if fault == "death":
-            traffic.pinned["pinned-a"] = "a"
+            traffic.pinned[PINNED_USER] = "a"
         async with traffic.running():
             await trio.sleep(opts.before)
             before_sockets = {
