@@ -340,6 +340,7 @@ class Traffic:
         self.lanes = max(1, -(-int(rate) // (users * LANE_RATE)))
         self.sockets: list[Socket] = []
         self.connect_failures = 0
+        self.errors: list[str] = []  # the first few unexpected 5xx answers
         self.ready: dict[str, list[tuple[float, int]]] = defaultdict(list)
         self._sending = True
 
@@ -402,6 +403,8 @@ class Traffic:
                     record.outcome = response.json().get("status", "")
                 elif response.status_code == 503:
                     record.from_lb = "problem+json" not in response.headers.get("content-type", "")
+                elif response.status_code >= 500 and len(self.errors) < 5:
+                    self.errors.append(f"{response.status_code} {response.text[:300]}")
             except httpx.HTTPError:
                 pass
             record.t1 = now()
@@ -526,6 +529,20 @@ def recovery(traffic: Traffic, fault_end: float, alive: list[str]) -> dict[str, 
         ready_at.append(max(transitions[-1][0], fault_end))
     all_ready = round(max(ready_at) - fault_end, 3) if ready_at else None
     return {"first_delivery_s": first_delivery, "all_ready_s": all_ready}
+
+
+def log_tails(cluster: Cluster, lines: int = 15) -> dict[str, list[str]]:
+    """The last warnings and errors each instance logged."""
+    tails = {}
+    for label, node in cluster.nodes.items():
+        logged = node.log.read_text(errors="replace").splitlines()
+        # Long lines are tracebacks: their end says what went wrong.
+        tails[label] = [
+            line if len(line) <= 800 else f"{line[:300]} ... {line[-500:]}"
+            for line in logged
+            if '"info"' not in line
+        ][-lines:]
+    return tails
 
 
 def sent_rate(traffic: Traffic) -> float:
@@ -901,6 +918,7 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 for user, seqs in traffic.receipts.items()
                 if any(sent_at.get((user, lane, seq), -1.0) >= clock.end for lane, seq, _ in seqs)
             )
+            resumed_all = set(traffic.users) <= set(resumed)
             return {
                 "target": target.name,
                 "fault": fault,
@@ -923,6 +941,9 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 "recovery": recovery(traffic, clock.end, alive),
                 "instances": stats,
                 "details": details,
+                "errors": traffic.errors,
+                # What the instances logged, kept when something went wrong.
+                "log_tail": log_tails(cluster) if traffic.errors or not resumed_all else {},
             }
 
 
