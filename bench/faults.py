@@ -68,6 +68,9 @@ RUN_DIR = Path(os.environ.get("TRIOWS_BROKERS_RUN_DIR", "/var/tmp/triows-brokers
 ASSUMED_DIRECT_RATE = 300.0
 DEFAULT_RATE_SHARE = 0.30
 POLL = 0.05
+# Hang guards for the after phase (until recovered) and for the last deliveries.
+SETTLE_TIMEOUT = 60.0
+DELIVERY_TIMEOUT = 10.0
 # The death case's user connected to instance A only, directly, never reconnecting.
 PINNED_USER = "pinned-a"
 # What one sender loop (one request at a time, through HAProxy) is asked to
@@ -531,6 +534,57 @@ def recovery(traffic: Traffic, fault_end: float, alive: list[str]) -> dict[str, 
     return {"first_delivery_s": first_delivery, "all_ready_s": all_ready}
 
 
+def users_resumed(traffic: Traffic, since: float) -> set[str]:
+    """The users who got a message sent at or after ``since``."""
+    sent_at = {(s.user, s.lane, s.seq): s.t0 for s in traffic.sends}
+    return {
+        user
+        for user, seqs in traffic.receipts.items()
+        if any(sent_at.get((user, lane, seq), -1.0) >= since for lane, seq, _ in seqs)
+    }
+
+
+def recovered(traffic: Traffic, fault_end: float, alive: list[str], pinned_404: bool) -> bool:
+    """Every user got a message sent after the fault, every surviving instance is ready,
+    and (``pinned_404``) a send to a user who was only on the dead instance got a 404."""
+    if not set(traffic.users) <= users_resumed(traffic, fault_end):
+        return False
+    for label in alive:
+        transitions = traffic.ready.get(label, [])
+        if not transitions or transitions[-1][1] != 200:
+            return False
+    if pinned_404:
+        return any(
+            s.user in traffic.pinned and s.status == 404 and s.t0 >= fault_end
+            for s in traffic.sends
+        )
+    return True
+
+
+async def wait_delivered(traffic: Traffic, timeout: float) -> None:
+    """Wait (at most ``timeout``) until every message answered 2xx has been received."""
+    with trio.move_on_after(timeout):
+        while True:
+            received = {
+                (user, lane, seq)
+                for user, seqs in traffic.receipts.items()
+                for lane, seq, _ in seqs
+            }
+            if all((s.user, s.lane, s.seq) in received for s in traffic.sends if s.status == 202):
+                return
+            await trio.sleep(0.1)
+
+
+def first_404(traffic: Traffic, since: float) -> float | None:
+    """Seconds from ``since`` to the first 404 for a pinned user (one only on the dead instance)."""
+    answered = [
+        s.t1
+        for s in traffic.sends
+        if s.user in traffic.pinned and s.status == 404 and s.t0 >= since
+    ]
+    return round(min(answered) - since, 3) if answered else None
+
+
 def log_tails(cluster: Cluster, lines: int = 15) -> dict[str, list[str]]:
     """The last warnings and errors each instance logged."""
     tails = {}
@@ -833,21 +887,11 @@ async def fault_death(
                     forgotten_s = round(now() - clock.begin, 3)
                     break
                 await trio.sleep(0.2)
-    pinned = [u for u, label in traffic.pinned.items() if label == "a"]
-    first_404 = min(
-        (
-            s.t1
-            for s in traffic.sends
-            if s.user in pinned and s.status == 404 and s.t0 >= clock.begin
-        ),
-        default=None,
-    )
     return {
         "how": "kill -KILL <instance A>",
         "broker_before": before,
         "broker_after": after,
         "broker_forgot_s": forgotten_s,
-        "pinned_first_404_s": None if first_404 is None else round(first_404 - clock.begin, 3),
     }
 
 
@@ -891,9 +935,20 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 await trio.sleep_until(clock.during_until)
             traffic.phase = "after"
             await trio.sleep(opts.after)
+            alive = [label for label in cluster.nodes if label not in cluster.stopped]
+            # The after phase lasts until the system has recovered (or a hang
+            # guard), so that what is counted never depends on how fast that was.
+            waiting_for_404 = fault == "death" and target.backend == "amqp091"
+            settled_after = now()
+            with trio.move_on_after(SETTLE_TIMEOUT):
+                while not recovered(traffic, clock.end, alive, waiting_for_404):  # noqa: ASYNC110
+                    await trio.sleep(POLL)
+            settled_after = round(now() - settled_after, 3)
             traffic.stop_sending()
             await trio.sleep(opts.grace)
-            alive = [label for label in cluster.nodes if label not in cluster.stopped]
+            await wait_delivered(traffic, DELIVERY_TIMEOUT)
+            if fault == "death":
+                details["pinned_first_404_s"] = first_404(traffic, clock.begin)
             exited = {
                 label: cluster.nodes[label].process.returncode
                 for label in alive
@@ -929,6 +984,7 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 "options": asdict(opts),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
                 "fault_s": round(clock.end - clock.begin, 3),
+                "after_extended_s": settled_after,
                 "sockets_before": before_sockets,
                 "unexpected_exits": exited,
                 "sockets_closed": closed_sockets,
