@@ -54,6 +54,8 @@ def assert_survived_intact(row: dict[str, Any]) -> None:
     """The guarantees every broker fault keeps (DESIGN §6.1-6.3)."""
     assert row["status"] == "ok", row
     assert row["unexpected_exits"] == {}, row["unexpected_exits"]
+    # Refusals are 503 (or 404), never an internal error (a dead backend).
+    assert row["errors"] == [], (row["errors"], row["log_tail"])
     # Open sockets stay open through a broker fault.
     assert row["sockets_closed"] == [], row["sockets_closed"]
     total = row["accounting"]["total"]
@@ -118,6 +120,7 @@ async def test_drain_under_load_moves_sockets_to_the_other_instance() -> None:
     # client saw its socket close answered 200.
     assert details["readyz_200_after_first_close"] is False, details
     assert row["unexpected_exits"] == {}, row["unexpected_exits"]
+    assert row["errors"] == [], (row["errors"], row["log_tail"])
     total = row["accounting"]["total"]
     # A recipient connected to the instance that stayed up loses nothing.
     assert total.get("2xx_lost_on_b", 0) == 0, row["accounting"]
@@ -131,6 +134,7 @@ async def test_instance_death_is_forgotten_by_the_broker() -> None:
     row = await run(RABBITMQ, "death")
     assert row["status"] == "ok", row
     assert row["unexpected_exits"] == {}, row["unexpected_exits"]
+    assert row["errors"] == [], (row["errors"], row["log_tail"])
     details = row["details"]
     # RabbitMQ dropped the dead instance's queue and its bindings.
     assert details["broker_before"]["pinned_bindings"] == 1, details
