@@ -36,7 +36,7 @@ BROKER_TARGETS = [target for name, target in TARGETS.items() if name != "memory"
 RABBITMQ = TARGETS["amqp091-rabbitmq"]
 ACTIVEMQ = TARGETS["stomp-activemq"]
 # How long a dead client may go unnoticed before the test gives up on it.
-DEAD_CLIENT_WAIT = 20.0
+DEAD_CLIENT_WAIT = 15.0
 CHURN_CYCLES = 300
 FANOUT_SOCKETS = 100
 # Growth allowed after churn, once settled: a few descriptors for pools and
