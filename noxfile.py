@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix, faults."""
+"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix, faults, cluster."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-BROKERS_SCRIPT = "deploy/brokers.sh"
+BROKERS_SCRIPT = "deploy/brokers.py"
 
 
 def install(session: nox.Session, *extras: str) -> None:
@@ -19,7 +19,7 @@ def install(session: nox.Session, *extras: str) -> None:
 
 
 def brokers(session: nox.Session, *args: str, **kwargs: Any) -> None:
-    session.run("bash", BROKERS_SCRIPT, *args, external=True, **kwargs)
+    session.run("python3", BROKERS_SCRIPT, *args, external=True, **kwargs)
 
 
 @nox.session
@@ -92,3 +92,13 @@ def faults(session: nox.Session) -> None:
     install(session, "test", "bench")
     brokers(session, "start")
     session.run("python", "-m", "bench.faults", *session.posargs)
+
+
+@nox.session
+def cluster(session: nox.Session) -> None:
+    """Brokers, 3 instances on 8001-8003 and HAProxy on 8000 (``-- --backend stomp``...).
+
+    Runs ``python -m triows.cluster`` (see its ``--help``); Ctrl-C stops everything it started.
+    """
+    install(session)
+    session.run("python", "-m", "triows.cluster", *session.posargs)

@@ -31,14 +31,14 @@ A Trio task moves each delivery onto the bounded ``incoming`` stream and only
 then acknowledges it, so a server that stops reading stops acking, and the
 broker stops delivering and queues for it: backpressure end to end.
 
-Reconnect. A connection lost or refused (the exceptions in
-:data:`BROKER_LOST`, and nothing else) makes ``ready`` false, and ``publish``
-then raises :class:`BrokerUnavailable` at once. The backend reconnects forever
-with capped, jittered exponential backoff (``settings.reconnect_max_delay``),
-declares the exchange and queue again, re-binds every key it holds, consumes,
-and only then is ``ready`` again. Every broker operation waits at most
-``settings.publish_timeout``. A session also ends, and is rebuilt the same way,
-when the broker closes our channel (e.g. NOT_FOUND after an operator deleted
+Reconnect. Held keys, readiness, the reconnect loop, timeouts and error
+classes are :mod:`backends.supervisor`'s; this module's own transient errors
+are :data:`backends.amqp091_aio.SESSION_BROKEN`, a refused login (:data:`REFUSED_LOGIN`) and an
+exchange declared with another type are permanent. After each reconnect the
+exchange and queue are declared again, every held key is re-bound (in batches
+of :data:`REBIND_BATCH`), and only then is ``ready`` true. A session also
+ends, and is rebuilt the same way, when the broker closes our channel (e.g.
+NOT_FOUND after an operator deleted
 the exchange) or cancels our consumer (our queue was deleted). Limitation: an
 instance learns that the exchange was deleted only when it publishes, so until
 then the bindings it held are gone and sends to its users answer 404.
@@ -46,12 +46,11 @@ then the bindings it held are gone and sends to its users answer 404.
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import aiormq
 import aiormq.abc
@@ -59,57 +58,44 @@ import anyio
 import trio
 import trio_asyncio
 from aiormq.exceptions import (
-    AMQPChannelError,
-    AMQPConnectionError,
-    ChannelInvalidStateError,
-    ChannelLockedResource,
-    DeliveryError,
-    PublishError,
+    AuthenticationError,
+    ChannelPreconditionFailed,
+    ConnectionNotAllowed,
+    ProbableAuthenticationError,
 )
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from yarl import URL
 
-from triows.backend import BrokerUnavailable, Delivery, Outcome
-from triows.backoff import Backoff
-from triows.logs import log_event
+from backends.amqp091_aio import (
+    SESSION_BROKEN,
+    AioSession,
+    AioSessionLost,
+    bind_pipelined,
+    call_aio,
+    close_connection,
+    closed,
+)
+from backends.broker_url import parse_broker_url
+from backends.supervisor import BrokerRejected, Supervised, run_supervised
+from triows.backend import Outcome
 from triows.settings import Settings
 
-
-class ConnectionLost(ConnectionError):
-    """The session's connection or channel is gone, or the broker dropped our consumer.
-
-    Also what an aiormq operation's ``asyncio.CancelledError`` becomes: aiormq
-    rejects the pending operations of a closing connection that way, and
-    trio-asyncio passes it through unchanged when no Trio scope was cancelled,
-    so there it means "the broker went away".
-    """
-
-
-BROKER_LOST: tuple[type[BaseException], ...] = (
-    # Refused, reset or unreachable sockets, DNS failures, socket timeouts.
-    ConnectionError,
-    OSError,
-    # The broker closed the connection or failed the handshake (includes
-    # aiormq's ConnectionClosed family: CONNECTION_FORCED on shutdown, ...).
-    AMQPConnectionError,
-    # An operation on a channel whose connection already closed.
-    ChannelInvalidStateError,
-    # After a network loss the broker may still hold our old connection, and
-    # with it our exclusive queue, until its heartbeat expires: retry later.
-    ChannelLockedResource,
-    # Our own bound on a broker operation (connect, declare, bind, confirm).
-    trio.TooSlowError,
+REFUSED_LOGIN: tuple[type[BaseException], ...] = (
+    # No mechanism in common; ACCESS_REFUSED (403) during the handshake; the
+    # virtual host refused (NOT_ALLOWED, 530). Permanent (BrokerRejected).
+    AuthenticationError,
+    ProbableAuthenticationError,
+    ConnectionNotAllowed,
 )
-"""What a lost or unreachable broker raises; anything else propagates."""
 
-SESSION_BROKEN: tuple[type[BaseException], ...] = (*BROKER_LOST, AMQPChannelError)
-"""What ends one session but not the backend: a lost broker, or the broker
-closing our channel (e.g. NOT_FOUND when an operator deleted the exchange).
-Either way the reconnect declares and binds everything again."""
 
+SCHEMES = {"amqp": (5672, False), "amqps": (5671, True)}
+"""aiormq makes the connection (TLS included); the URL is parsed here to check it."""
+
+ACK_INTERVAL = 0.02
+"""At most this long between a delivery and its (batched) ack while traffic is light."""
 
 REBIND_BATCH = 1000
-"""Bindings restored per round trip (and per ``publish_timeout``) after a reconnect."""
+"""Bindings restored per round trip (and per ``broker_timeout``) after a reconnect."""
 
 
 @dataclass(frozen=True)
@@ -150,225 +136,123 @@ def connection_url(settings: Settings) -> URL:
     return url.update_query(heartbeat=settings.heartbeat)
 
 
-class _Session:
-    """One live connection with its channel, set up and consuming."""
-
-    def __init__(
-        self,
-        loop: Any,
-        connection: aiormq.abc.AbstractConnection,
-        channel: aiormq.abc.AbstractChannel,
-        queue: str,
-    ) -> None:
-        self.loop = loop
-        self.connection = connection
-        self.channel = channel
-        self.queue = queue
-
-    async def call(
-        self, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
-    ) -> Any:
-        """Await an aiormq operation from Trio."""
-        return await _call_aio(self.loop, operation, *args, **kwargs)
-
-
-async def _call_aio(
-    loop: Any, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
-) -> Any:
-    try:
-        return await trio_asyncio.aio_as_trio(operation, loop=loop)(*args, **kwargs)
-    except asyncio.CancelledError as error:
-        raise ConnectionLost("the broker connection closed during the operation") from error
-
-
-class Amqp091Backend:
-    """The trio-side :class:`triows.backend.Backend` over one AMQP 0-9-1 connection.
+class Amqp091Backend(Supervised[AioSession]):
+    """The AMQP 0-9-1 protocol under :class:`backends.supervisor.Supervised`.
 
     Create it with :func:`open_amqp091_backend`; it is usable (``subscribe``
     records keys, ``publish`` raises :class:`BrokerUnavailable`) before the
     broker first answers.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        loop: Any,
-        incoming_send: ObjectSendStream[Delivery],
-        incoming_receive: ObjectReceiveStream[Delivery],
-    ) -> None:
-        self._settings = settings
+    LOST = SESSION_BROKEN
+    # Each batch of publishes waits at most TRIOWS_PUBLISH_TIMEOUT for its confirms.
+    PUBLISH_BOUNDED = True
+
+    def __init__(self, settings: Settings, loop: Any) -> None:
+        self._url = connection_url(settings)
+        super().__init__(settings, str(parse_broker_url(settings.broker_url, SCHEMES)))
         self._loop = loop
-        self._incoming_send = incoming_send
-        self._incoming_receive = incoming_receive
         self._queue = queue_name(settings.instance_id)
         self._connections_made = 0
-        self._url = connection_url(settings)
-        self._keys: set[str] = set()
-        # Serialises every bind/unbind with the re-binding after a reconnect,
-        # so the broker's bindings end up equal to ``_keys`` whatever the
-        # interleaving of subscribe, unsubscribe and reconnect.
-        self._bindings_lock = trio.Lock()
-        self._session: _Session | None = None
-        self._ready_changed = trio.Event()
-
-    @property
-    def ready(self) -> bool:
-        """Connected, every held key bound, and consuming."""
-        return self._session is not None
-
-    @property
-    def incoming(self) -> ObjectReceiveStream[Delivery]:
-        """``(key, body)`` for the keys this instance holds, in broker order (bounded)."""
-        return self._incoming_receive
 
     @property
     def queue(self) -> str:
         """The name of this instance's queue (of its current connection, if any)."""
-        session = self._session
+        session = self._following
         return self._queue if session is None else session.queue
 
-    async def wait_ready(self, ready: bool = True) -> None:
-        """Return once :attr:`ready` equals ``ready`` (for start-up probes and tests)."""
-        while self.ready != ready:
-            await self._ready_changed.wait()
+    async def _publish_on(self, session: AioSession, key: str, body: bytes) -> Outcome:
+        return await session.publish(key, body)
 
-    async def publish(self, key: str, body: bytes) -> Outcome:
-        """Publish ``body`` verbatim to ``key`` and wait for the broker's confirm.
+    async def _subscribe_on(self, session: AioSession, key: str) -> None:
+        await session.call(
+            session.channel.queue_bind, session.queue, self._settings.exchange, routing_key=key
+        )
 
-        Returns ``ROUTED`` if a queue took it and ``UNROUTED`` if the broker
-        returned it (nobody holds the key). Raises :class:`BrokerUnavailable`
-        at once while disconnected, and when the broker nacks, the connection
-        drops, or no confirm comes within ``settings.publish_timeout``. On
-        cancellation the message may or may not have been published.
-        """
-        session = self._session
-        if session is None:
-            raise BrokerUnavailable("not connected to the AMQP broker")
-        try:
-            # ``wait=False``: do not hold aiormq's channel lock until the frame
-            # has been written to the socket, so concurrent publishes pipeline
-            # (about three times the throughput at 16 concurrent senders); the
-            # broker's confirm, awaited all the same, is what a 2xx promises.
-            with trio.fail_after(self._settings.publish_timeout):
+    async def _unsubscribe_on(self, session: AioSession, key: str) -> None:
+        await session.call(
+            session.channel.queue_unbind, session.queue, self._settings.exchange, routing_key=key
+        )
+
+    async def _restore(self, session: AioSession, keys: list[str]) -> None:
+        for start in range(0, len(keys), REBIND_BATCH):
+            with anyio.fail_after(self._broker_timeout):
                 await session.call(
-                    session.channel.basic_publish,
-                    body,
-                    exchange=self._settings.exchange,
-                    routing_key=key,
-                    mandatory=True,
-                    wait=False,
-                )
-        except PublishError:
-            return Outcome.UNROUTED
-        except DeliveryError as error:
-            raise BrokerUnavailable(f"the broker refused the message: {error}") from None
-        except trio.TooSlowError:
-            raise BrokerUnavailable(
-                f"no confirm from the broker within {self._settings.publish_timeout}s"
-            ) from None
-        except SESSION_BROKEN as error:
-            raise BrokerUnavailable(f"lost the AMQP broker: {error!r}") from None
-        return Outcome.ROUTED
-
-    async def subscribe(self, key: str) -> None:
-        """Bind ``key`` to this instance's queue; held across reconnects. Never raises
-        :class:`BrokerUnavailable`: while disconnected the key is bound on reconnect."""
-        async with self._bindings_lock:
-            self._keys.add(key)
-            await self._change_binding("queue_bind", key)
-
-    async def unsubscribe(self, key: str) -> None:
-        """Unbind ``key``; while disconnected it is simply not bound again."""
-        async with self._bindings_lock:
-            self._keys.discard(key)
-            await self._change_binding("queue_unbind", key)
-
-    async def _change_binding(self, method: str, key: str) -> None:
-        session = self._session
-        if session is None:
-            return
-        try:
-            with trio.fail_after(self._settings.publish_timeout):
-                await session.call(
-                    getattr(session.channel, method),
+                    bind_pipelined,
+                    session.channel,
                     session.queue,
                     self._settings.exchange,
-                    routing_key=key,
+                    keys[start : start + REBIND_BATCH],
                 )
-        except SESSION_BROKEN as error:
-            # The session is gone or going; the reconnect makes the broker's
-            # bindings equal to ``_keys`` again. A broker that does not answer
-            # at all is treated as lost, so that the reconnect restores a
-            # known state instead of guessing whether this change happened.
-            log_event(
-                "broker_binding_deferred",
-                logging.WARNING,
-                operation=method,
-                key=key,
-                error=repr(error),
-            )
-            await _close_connection(self._loop, session.connection, self._settings.close_timeout)
 
-    async def maintain_connection(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Connect, and reconnect after every loss, until cancelled."""
-        backoff = Backoff(max_delay=self._settings.reconnect_max_delay)
-        task_status.started()
-        while True:
-            try:
-                await self._run_session(backoff)
-            except BROKER_LOST as error:
-                await backoff.wait_after_loss(_safe_url(self._url), error)
+    def _abandon(self, session: AioSession) -> None:
+        session.abandoned.set()
 
-    async def _run_session(self, backoff: Backoff) -> NoReturn:
+    async def _close(self, session: AioSession) -> None:
+        await close_connection(self._loop, session.connection, self._settings.close_timeout)
+
+    def _describe(self, session: AioSession) -> dict[str, Any]:
+        return {"queue": session.queue}
+
+    async def _session(self, up: Callable[[AioSession], Awaitable[None]]) -> None:
         """Connect, set up, consume until the connection is lost; raise what lost it."""
         settings = self._settings
-        try:
-            with trio.fail_after(settings.publish_timeout):
-                connection = await _call_aio(
-                    self._loop,
-                    aiormq.connect,
-                    self._url,
-                    client_properties={"connection_name": f"triows {settings.instance_id}"},
-                )
-        except StopAsyncIteration as error:
-            # aiormq's frame reader ends this way when the broker closes the
-            # socket in the middle of the handshake (seen while RabbitMQ shuts
-            # down): the same loss as a refused connection.
-            raise ConnectionLost("the broker closed the connection during the handshake") from error
+        connection = await self._connect()
         try:
             buffer_send, buffer_receive = trio.open_memory_channel[aiormq.abc.DeliveredMessage](
                 settings.prefetch
             )
             consumer_cancelled = trio.Event()
             session = await self._set_up(connection, buffer_send, consumer_cancelled)
-            backoff.reset()
-            log_event("broker_connected", broker=_safe_url(self._url), queue=session.queue)
             lost: BaseException
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, session, buffer_receive)
+                publishing = trio.CancelScope()
+                nursery.start_soon(self._publish, session, publishing)
                 try:
+                    await up(session)
                     lost = await self._wait_broken(session, consumer_cancelled)
                 finally:
-                    self._set_session(None)
+                    self._lost(session)
+                    # Publishes still waiting for this session's confirms fail now.
+                    publishing.cancel()
                     # No more deliveries can come. The forwarder hands over
                     # what is buffered (the senders were told "routed") and
                     # then ends, unless the backend itself is being closed.
                     buffer_send.close()
             raise lost
         finally:
-            self._set_session(None)
-            await _close_connection(self._loop, connection, settings.close_timeout)
+            await close_connection(self._loop, connection, settings.close_timeout)
+
+    async def _connect(self) -> aiormq.abc.AbstractConnection:
+        try:
+            with anyio.fail_after(self._broker_timeout):
+                connection: aiormq.abc.AbstractConnection = await call_aio(
+                    self._loop,
+                    aiormq.connect,
+                    self._url,
+                    client_properties={"connection_name": f"triows {self._settings.instance_id}"},
+                )
+                return connection
+        except StopAsyncIteration as error:
+            # aiormq's frame reader ends this way when the broker closes the
+            # socket in the middle of the handshake (seen while RabbitMQ shuts
+            # down): the same loss as a refused connection.
+            raise AioSessionLost("the broker closed the connection during the handshake") from error
+        except REFUSED_LOGIN as error:
+            raise BrokerRejected(
+                "authentication", f"the broker refused the login: {error}", user=self._url.user
+            ) from error
 
     async def _wait_broken(
-        self, session: _Session, consumer_cancelled: trio.Event
+        self, session: AioSession, consumer_cancelled: trio.Event
     ) -> BaseException:
         """Wait until the session cannot carry messages any more; return why.
 
         That is: the connection closed, the broker closed our channel (after
         which aiormq keeps the connection open, and publishing would fail
-        forever), or the broker cancelled our consumer (our queue was deleted).
+        forever), the broker cancelled our consumer (our queue was deleted),
+        or a subscription change failed (:meth:`_abandon`).
         """
         reason: BaseException | None = None
 
@@ -377,27 +261,33 @@ class Amqp091Backend:
         ) -> None:
             nonlocal reason
             try:
-                # Resolved without an error only by a close we asked for (a
-                # binding change that timed out): a loss all the same.
-                await session.call(_closed, closable)
-                reason = ConnectionLost(f"the {what} was closed")
+                # Resolved without an error only by a close we asked for.
+                await session.call(closed, closable)
+                reason = AioSessionLost(f"the {what} was closed")
             except SESSION_BROKEN as error:
                 # Reported as a loss even when it was the broker's verdict on
                 # our channel: the remedy is the same reconnect.
-                reason = ConnectionLost(f"the {what} was closed: {error!r}")
+                reason = AioSessionLost(f"the {what} was closed: {error!r}")
                 reason.__cause__ = error
             nursery.cancel_scope.cancel()
 
-        async def watch_consumer() -> None:
+        async def watch_event(event: trio.Event, why: str) -> None:
             nonlocal reason
-            await consumer_cancelled.wait()
-            reason = ConnectionLost("the broker cancelled the consumer (queue deleted?)")
+            await event.wait()
+            reason = AioSessionLost(why)
             nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_closing, session.connection, "broker connection")
             nursery.start_soon(watch_closing, session.channel, "channel")
-            nursery.start_soon(watch_consumer)
+            nursery.start_soon(
+                watch_event,
+                consumer_cancelled,
+                "the broker cancelled the consumer (queue deleted?)",
+            )
+            nursery.start_soon(
+                watch_event, session.abandoned, "dropped after a subscription change failed"
+            )
         assert reason is not None  # the nursery ends only after a watcher set it
         return reason
 
@@ -406,22 +296,17 @@ class Amqp091Backend:
         connection: aiormq.abc.AbstractConnection,
         deliveries: trio.MemorySendChannel[aiormq.abc.DeliveredMessage],
         consumer_cancelled: trio.Event,
-    ) -> _Session:
+    ) -> AioSession:
         settings = self._settings
         self._connections_made += 1
         product = str(connection.server_properties.get("product", "")).lower()
         quirks = BROKER_QUIRKS.get(product, BrokerQuirks())
         exclusive = quirks.exclusive_queue
         queue = self._queue if exclusive else f"{self._queue}.{self._connections_made}"
-        with trio.fail_after(settings.publish_timeout):
-            channel = await _call_aio(self._loop, connection.channel, publisher_confirms=True)
-            session = _Session(self._loop, connection, channel, queue)
-            await session.call(
-                channel.exchange_declare,
-                exchange=settings.exchange,
-                exchange_type=quirks.exchange_type,
-                durable=False,
-            )
+        with anyio.fail_after(self._broker_timeout):
+            channel = await call_aio(self._loop, connection.channel, publisher_confirms=True)
+            session = AioSession(self._loop, connection, channel, queue)
+            await self._declare_exchange(session, quirks.exchange_type)
             await session.call(
                 channel.queue_declare,
                 queue,
@@ -441,105 +326,86 @@ class Amqp091Backend:
 
             channel.on_consumer_cancel_callbacks.add(on_consumer_cancel)
             await session.call(channel.basic_consume, queue, on_delivery, no_ack=False)
-        async with self._bindings_lock:
-            keys = sorted(self._keys)
-            for start in range(0, len(keys), REBIND_BATCH):
-                with trio.fail_after(settings.publish_timeout):
-                    await session.call(
-                        _bind_pipelined,
-                        channel,
-                        queue,
-                        settings.exchange,
-                        keys[start : start + REBIND_BATCH],
-                    )
-            # Published while the lock is held, so no subscribe or unsubscribe
-            # can slip between the re-binding and ``ready``.
-            self._set_session(session)
         return session
+
+    async def _declare_exchange(self, session: AioSession, exchange_type: str) -> None:
+        exchange = self._settings.exchange
+        try:
+            await session.call(
+                session.channel.exchange_declare,
+                exchange=exchange,
+                exchange_type=exchange_type,
+                durable=False,
+            )
+        except ChannelPreconditionFailed as error:
+            # Declared by someone else with other arguments: no reconnect
+            # soon will change that, only an operator (issue 9 item 6).
+            text = str(error)
+            current = re.search(r"current is '([^']*)'", text)
+            raise BrokerRejected(
+                "configuration",
+                f"exchange {exchange!r} exists with other arguments: {text}",
+                exchange=exchange,
+                wanted_type=exchange_type,
+                current_type=current.group(1) if current else "unknown",
+            ) from error
+
+    async def _publish(self, session: AioSession, scope: trio.CancelScope) -> None:
+        with scope:
+            await session.run_publisher(self._settings.exchange, self._settings.publish_timeout)
 
     async def _forward(
         self,
-        session: _Session,
+        session: AioSession,
         deliveries: trio.MemoryReceiveChannel[aiormq.abc.DeliveredMessage],
     ) -> None:
-        # Acks go out with ``multiple`` whenever the buffer runs empty (or every
-        # half prefetch), so a burst costs a few acks, not one per message.
+        # Acks go out with ``multiple``: at once every half prefetch, else
+        # within ACK_INTERVAL, so a steady stream costs a few acks a second
+        # rather than one per message (py-spy: one ack write per delivery was
+        # ~15 % of a receiving instance's CPU).
         batch = max(1, self._settings.prefetch // 2)
         unacked = 0
-        last_tag = 0
-        async for message in deliveries:
-            key = message.routing_key or ""
-            await self._incoming_send.send((key, message.body))
-            last_tag = message.delivery_tag or last_tag  # always set on a basic.deliver
-            unacked += 1
-            if unacked >= batch or deliveries.statistics().current_buffer_used == 0:
-                unacked = 0
-                # If the connection is gone, so is the queue: nothing to ack.
-                with suppress(*BROKER_LOST):
-                    await session.call(
-                        session.channel.basic_ack, last_tag, multiple=True, wait=False
-                    )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._ack_periodically, session)
+            async for message in deliveries:
+                delivery = (message.routing_key or "", message.body)
+                try:
+                    self._incoming_send.send_nowait(delivery)
+                except anyio.WouldBlock:
+                    await self._incoming_send.send(delivery)
+                # Always set on a basic.deliver.
+                session.delivered_tag = message.delivery_tag or session.delivered_tag
+                unacked += 1
+                if unacked >= batch:
+                    unacked = 0
+                    await session.ack()
+                else:
+                    session.ack_wanted.set()
+            nursery.cancel_scope.cancel()
 
-    def _set_session(self, session: _Session | None) -> None:
-        if (session is None) == (self._session is None):
-            self._session = session
-            return
-        self._session = session
-        log_event("broker_ready" if session else "broker_not_ready")
-        self._ready_changed.set()
-        self._ready_changed = trio.Event()
-
-
-async def _bind_pipelined(
-    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, keys: list[str]
-) -> None:
-    # Runs on the asyncio side, so a batch costs one Trio-asyncio crossing.
-    # Every bind but the last goes out with ``nowait``; the last waits for its
-    # reply. The broker handles a channel's methods in order, so that reply
-    # means the whole batch is in place (a failed bind closes the channel,
-    # and the last call raises).
-    if not keys:
-        return
-    for key in keys[:-1]:
-        await channel.queue_bind(queue, exchange, routing_key=key, nowait=True)
-    await channel.queue_bind(queue, exchange, routing_key=keys[-1])
+    async def _ack_periodically(self, session: AioSession) -> None:
+        while True:
+            await session.ack_wanted.wait()
+            await trio.sleep(ACK_INTERVAL)
+            session.ack_wanted = trio.Event()
+            await session.ack()
 
 
-async def _closed(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:
-    # ``closing`` is a fresh observer future that aiormq resolves (with the
-    # reason as its exception, for a loss) when the connection or channel
-    # closes; cancelling the observer does not close anything.
-    await closable.closing
-
-
-async def _close_connection(
-    loop: Any, connection: aiormq.abc.AbstractConnection, grace: float
-) -> None:
-    # Shielded: this also runs while the backend is being cancelled, and the
-    # broker should see a clean close (it deletes our exclusive queue at once).
-    with trio.CancelScope(shield=True), trio.move_on_after(grace), suppress(*BROKER_LOST):
-        await _call_aio(loop, connection.close)
-
-
-def _safe_url(url: URL) -> str:
-    """The broker URL without its password, for logs."""
-    return str(url.with_password(None).with_query(None))
+def check_settings(settings: Settings) -> None:
+    """Refuse a malformed broker URL at start-up (raises ``SettingsError``)."""
+    parse_broker_url(settings.broker_url, SCHEMES)
 
 
 @asynccontextmanager
 async def open_amqp091_backend(settings: Settings) -> AsyncIterator[Amqp091Backend]:
     """Open the AMQP 0-9-1 backend and keep it connected until the block exits.
 
-    Returns at once, whether or not the broker answers: :attr:`~Amqp091Backend.ready`
-    turns true once the broker is connected, set up and consuming. On exit the
+    Returns after the first connection attempt: :attr:`~Amqp091Backend.ready`
+    if the broker is up, otherwise retrying in the background. On exit the
     connection is closed (the broker then deletes this instance's queue).
     """
-    send, receive = anyio.create_memory_object_stream[Delivery](settings.incoming_queue)
-    async with send, receive, trio_asyncio.open_loop() as loop:
-        backend = Amqp091Backend(settings, loop, send, receive)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(backend.maintain_connection)
-            try:
-                yield backend
-            finally:
-                nursery.cancel_scope.cancel()
+    async with (
+        trio_asyncio.open_loop() as loop,
+        run_supervised(Amqp091Backend(settings, loop)) as backend,
+    ):
+        yield backend

@@ -4,7 +4,8 @@ RabbitMQ's STOMP plugin routes ``/exchange/<name>/<key>`` through an existing
 exchange and never creates it: a SEND or SUBSCRIBE to a missing one gets
 ``ERROR message:not_found`` ("NOT_FOUND - no exchange 'triows' in vhost '/'").
 STOMP has no frame to declare an exchange, so the STOMP backend declares it
-here once per connection, speaking just enough AMQP 0-9-1 through pamqp's
+here once per connection (and so does the ``amqp10`` backend), speaking just
+enough AMQP 0-9-1 through pamqp's
 sans-IO codec (already installed as aiormq's) over an anyio TCP stream: no
 second client library, no asyncio, no threads.
 
@@ -16,46 +17,41 @@ means it exists, and is accepted.
 
 from __future__ import annotations
 
-import ssl
 import struct
 from typing import TypeVar
 
-import anyio
 from anyio.abc import ByteStream
 from pamqp import base, commands, frame, header
+
+from backends.broker_url import BrokerAddress, connect_stream
+from backends.supervisor import BrokerRejected
 
 PRECONDITION_FAILED = 406
 _FRAME_HEADER = 7  # type (1), channel (2), payload size (4)
 T = TypeVar("T")
 
 
-class ExchangeDeclareError(Exception):
-    """RabbitMQ refused to declare the exchange (e.g. access refused)."""
+class ExchangeDeclareError(BrokerRejected):
+    """RabbitMQ refused to declare the exchange (access refused, a login it rejects ...)."""
+
+    def __init__(self, message: str, exchange: str) -> None:
+        super().__init__("configuration", message, exchange=exchange)
 
 
-async def declare_direct_exchange(
-    host: str,
-    port: int,
-    *,
-    login: str,
-    passcode: str,
-    vhost: str,
-    exchange: str,
-    tls: bool = False,
-) -> None:
-    """Make sure direct exchange ``exchange`` exists in ``vhost``.
+async def declare_direct_exchange(address: BrokerAddress, *, port: int, exchange: str) -> None:
+    """Make sure direct exchange ``exchange`` exists in ``address``'s virtual host.
 
-    Raises :class:`OSError` (and anyio stream errors) when the AMQP port does
-    not answer, :class:`ExchangeDeclareError` when RabbitMQ refuses. Callers
-    bound the time with a cancel scope.
+    Logs in as ``address``'s user (``guest`` without one) on ``port``, over
+    TLS if ``address`` uses it. Raises a stream error (:data:`TRANSIENT`) when
+    the AMQP port does not answer, :class:`ExchangeDeclareError` when RabbitMQ
+    refuses. Callers bound the time with a cancel scope.
     """
-    stream: ByteStream
-    if tls:
-        stream = await anyio.connect_tcp(host, port, ssl_context=ssl.create_default_context())
-    else:
-        stream = await anyio.connect_tcp(host, port)
+    login = address.user or "guest"
+    passcode = address.password or ("guest" if address.user is None else "")
+    vhost = address.vhost
+    stream = await connect_stream(address.host, port, tls=address.tls)
     async with stream:
-        session = _AmqpSession(stream)
+        session = _AmqpSession(stream, exchange)
         await stream.send(frame.marshal(header.ProtocolHeader(), 0))
         await session.expect(commands.Connection.Start)
         await session.send(
@@ -82,10 +78,13 @@ async def declare_direct_exchange(
         if isinstance(answer, commands.Channel.Close):
             if answer.reply_code != PRECONDITION_FAILED:
                 raise ExchangeDeclareError(
-                    f"RabbitMQ refused to declare exchange {exchange!r}: {answer.reply_text}"
+                    f"RabbitMQ refused to declare exchange {exchange!r}: {answer.reply_text}",
+                    exchange,
                 )
         elif not isinstance(answer, commands.Exchange.DeclareOk):
-            raise ExchangeDeclareError(f"unexpected answer to exchange.declare: {answer!r}")
+            raise ExchangeDeclareError(
+                f"unexpected answer to exchange.declare: {answer!r}", exchange
+            )
         await session.send(
             commands.Connection.Close(reply_code=200, reply_text="done", class_id=0, method_id=0)
         )
@@ -95,8 +94,9 @@ async def declare_direct_exchange(
 class _AmqpSession:
     """Just enough of an AMQP 0-9-1 client to send methods and read the answers."""
 
-    def __init__(self, stream: ByteStream) -> None:
+    def __init__(self, stream: ByteStream, exchange: str) -> None:
         self._stream = stream
+        self._exchange = exchange
         self._buffer = b""
 
     async def send(self, method: base.Frame, *, channel: int = 0) -> None:
@@ -110,13 +110,17 @@ class _AmqpSession:
         consumed, _channel, value = frame.unmarshal(self._buffer)
         self._buffer = self._buffer[consumed:]
         if isinstance(value, commands.Connection.Close):
-            raise ExchangeDeclareError(f"RabbitMQ closed the connection: {value.reply_text}")
+            raise ExchangeDeclareError(
+                f"RabbitMQ closed the connection: {value.reply_text}", self._exchange
+            )
         return value
 
     async def expect(self, kind: type[T]) -> T:
         value = await self.receive()
         if not isinstance(value, kind):
-            raise ExchangeDeclareError(f"expected {kind.__name__}, RabbitMQ sent {value!r}")
+            raise ExchangeDeclareError(
+                f"expected {kind.__name__}, RabbitMQ sent {value!r}", self._exchange
+            )
         return value
 
 

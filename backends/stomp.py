@@ -17,10 +17,11 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   default ``triows``), anything else ``/topic/<exchange>.{key}``.
 - Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
   we send ours, and a broker silent for twice its interval counts as dead.
-- A lost connection (listed in :data:`CONNECTION_LOST`) is retried forever
-  with capped, jittered backoff; every held key is subscribed again before
-  the backend reports ready. While down, ``publish`` raises
-  :class:`~triows.backend.BrokerUnavailable` at once.
+- Reconnects, held keys, readiness, timeouts and error classes are
+  :mod:`backends.supervisor`'s; every held key is subscribed again before
+  the backend reports ready. An ``ERROR`` answer to ``CONNECT`` (login or
+  virtual host refused) is permanent; the protocol's own transient errors
+  are :attr:`StompBackend.LOST`.
 
 Broker URL: ``stomp://login:passcode@host:port/vhost`` (port 61613 and vhost
 ``/`` by default). The vhost goes in the ``host`` header, which RabbitMQ reads
@@ -35,23 +36,23 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, ObjectReceiveStream, ObjectSendStream, TaskGroup, TaskStatus
+from anyio.abc import ByteStream, ObjectSendStream, TaskGroup
 
-from backends.rabbitmq_exchange import ExchangeDeclareError, declare_direct_exchange
+from backends.broker_url import BrokerAddress, connect_stream, parse_broker_url, query_int
+from backends.rabbitmq_exchange import declare_direct_exchange
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
+from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
 from triows.backend import BrokerUnavailable, Delivery, Outcome
-from triows.backoff import Backoff
 from triows.logs import log_event
-from triows.settings import Settings, SettingsError
+from triows.settings import Settings
 
-DEFAULT_PORT = 61613
+SCHEMES = {"stomp": (61613, False), "stomp+ssl": (61613, True)}
 DEFAULT_AMQP_PORT = 5672
 READ_SIZE = 65536
 MIN_BODY_BOUND = 65536
@@ -79,57 +80,6 @@ class HeartbeatTimeout(Exception):
 
 class ConnectionClosedByUs(Exception):
     """A write was interrupted half-way, so the connection had to be dropped."""
-
-
-CONNECTION_LOST: tuple[type[BaseException], ...] = (
-    OSError,  # refused, reset, unreachable, TLS errors, connect timeouts
-    anyio.BrokenResourceError,
-    anyio.EndOfStream,
-    anyio.ClosedResourceError,
-    StompProtocolError,
-    StompBrokerError,
-    HeartbeatTimeout,
-    ConnectionClosedByUs,
-    ExchangeDeclareError,
-)
-"""What a broker that went away looks like; anything else is a bug and propagates."""
-
-CLOSE_FAILURES: tuple[type[BaseException], ...] = (BrokerUnavailable, *CONNECTION_LOST)
-
-
-@dataclass(frozen=True)
-class StompUrl:
-    """The parts of ``stomp://login:passcode@host:port/vhost``."""
-
-    host: str
-    port: int
-    login: str
-    passcode: str
-    vhost: str
-    tls: bool
-    amqp_port: int
-
-
-def parse_stomp_url(url: str) -> StompUrl:
-    """Parse a broker URL; raise :class:`SettingsError` naming what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("stomp", "stomp+ssl"):
-        raise SettingsError(f"TRIOWS_BROKER_URL {url!r} must start with stomp:// or stomp+ssl://")
-    try:
-        port = parts.port or DEFAULT_PORT
-        amqp_port = int(parse_qs(parts.query).get("amqp_port", [DEFAULT_AMQP_PORT])[0])
-    except ValueError as error:
-        raise SettingsError(f"TRIOWS_BROKER_URL {url!r} has an invalid port: {error}") from None
-    path = unquote(parts.path)
-    return StompUrl(
-        host=parts.hostname or "127.0.0.1",
-        port=port,
-        login=unquote(parts.username or ""),
-        passcode=unquote(parts.password or ""),
-        vhost=path[1:] if len(path) > 1 else "/",
-        tls=parts.scheme == "stomp+ssl",
-        amqp_port=amqp_port,
-    )
 
 
 def default_destination_template(server: str, exchange: str) -> str:
@@ -225,7 +175,7 @@ class _StompConnection:
         return subscription_id
 
     async def read_frames(self, incoming: ObjectSendStream[Delivery]) -> None:
-        """Read until the connection fails; raises one of :data:`CONNECTION_LOST`."""
+        """Read until the connection fails; raises what ended it."""
         # Twice the agreed interval: the broker's timer and ours are not in step.
         timeout = 2 * self.receive_interval if self.receive_interval else math.inf
         while True:
@@ -270,117 +220,34 @@ class _StompConnection:
             await self._write_bytes(b"\n")
 
 
-class StompBackend:
-    """The STOMP broker as seen by the router; see the module docstring."""
+class StompBackend(Supervised[_StompConnection]):
+    """The STOMP protocol under :class:`backends.supervisor.Supervised` (module docstring)."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        send: ObjectSendStream[Delivery],
-        receive: ObjectReceiveStream[Delivery],
-    ) -> None:
-        self._settings = settings
-        self._url = parse_stomp_url(settings.broker_url)
-        self._send = send
-        self._receive = receive
-        self._keys: set[str] = set()
-        # Serialises subscription changes with the re-subscription after a
-        # reconnect, so the broker's set and ``_keys`` cannot drift apart.
-        self._subscription_lock = anyio.Lock()
-        self._connection: _StompConnection | None = None
+    LOST = (StompProtocolError, StompBrokerError, HeartbeatTimeout, ConnectionClosedByUs)
+
+    def __init__(self, settings: Settings) -> None:
+        self._url = parse_url(settings.broker_url)
+        self._amqp_port = query_int(self._url, "amqp_port", DEFAULT_AMQP_PORT)
+        super().__init__(settings, str(self._url))
         self._template = settings.address_template
-        self._ready_changed = anyio.Event()
-        self._closing = False
-
-    @property
-    def ready(self) -> bool:
-        """Connected, and every held key subscribed."""
-        return self._connection is not None
-
-    @property
-    def incoming(self) -> ObjectReceiveStream[Delivery]:
-        return self._receive
 
     @property
     def server(self) -> str:
         """The ``server`` header of the current connection ('' while down)."""
-        return self._connection.server if self._connection is not None else ""
-
-    async def wait_ready(self) -> None:
-        """Return once the backend is connected and consuming."""
-        while not self.ready:
-            await self._ready_changed.wait()
-
-    async def wait_ready_change(self) -> None:
-        """Return at the next change of :attr:`ready` (for tests and probes)."""
-        await self._ready_changed.wait()
+        return self._following.server if self._following is not None else ""
 
     def destination(self, key: str) -> str:
         """The STOMP destination of ``key`` (template of the broker connected last)."""
         return self._template.replace("{key}", key)
 
-    async def publish(self, key: str, body: bytes) -> Outcome:
-        """Send ``body`` for ``key``; return once the broker's ``RECEIPT`` arrives.
-
-        Raises :class:`BrokerUnavailable` at once while disconnected, when the
-        connection fails before the receipt, or when no receipt arrives within
-        ``TRIOWS_PUBLISH_TIMEOUT``; :class:`StompBrokerError` (a subclass) when
-        the broker answers with ``ERROR``.
-        """
-        connection = self._connection
-        if connection is None:
-            raise BrokerUnavailable("STOMP broker is not connected")
-        frame = Frame("SEND", {"destination": self.destination(key)}, body)
-        try:
-            with anyio.fail_after(self._settings.publish_timeout):
-                await connection.request(frame)
-        except BrokerUnavailable:
-            raise
-        except TimeoutError:
-            raise BrokerUnavailable(
-                f"STOMP broker sent no RECEIPT within {self._settings.publish_timeout} s"
-            ) from None
-        except CONNECTION_LOST as error:
-            raise BrokerUnavailable(f"STOMP connection lost: {error!r}") from None
+    async def _publish_on(self, connection: _StompConnection, key: str, body: bytes) -> Outcome:
+        # STOMP cannot tell whether anyone holds the key.
+        await connection.request(Frame("SEND", {"destination": self.destination(key)}, body))
         return Outcome.ACCEPTED
 
-    async def subscribe(self, key: str) -> None:
-        """Hold ``key``; while connected, return once the broker confirmed it."""
-        async with self._subscription_lock:
-            if key in self._keys:
-                return
-            self._keys.add(key)
-            connection = self._connection
-            if connection is None:
-                return  # restored by the next connection
-            try:
-                with anyio.fail_after(self._settings.publish_timeout):
-                    await self._subscribe_on(connection, key)
-            except CONNECTION_LOST as error:
-                self._drop(connection, "subscribe", error)
-
-    async def unsubscribe(self, key: str) -> None:
-        """Release ``key``; while connected, return once the broker confirmed it."""
-        async with self._subscription_lock:
-            if key not in self._keys:
-                return
-            self._keys.discard(key)
-            connection = self._connection
-            if connection is None:
-                return
-            try:
-                with anyio.fail_after(self._settings.publish_timeout):
-                    await self._unsubscribe_on(connection, key)
-            except CONNECTION_LOST as error:
-                self._drop(connection, "unsubscribe", error)
-
-    def _drop(self, connection: _StompConnection, operation: str, error: BaseException) -> None:
-        # The key set is already updated; a connection that failed half-way
-        # through a change is dropped so that the next one restores the set.
-        log_event(f"stomp {operation} interrupted", logging.WARNING, error=repr(error))
-        connection.task_group.cancel_scope.cancel()
-
     async def _subscribe_on(self, connection: _StompConnection, key: str) -> None:
+        if key in connection.subscription_ids:
+            return  # two subscriptions would deliver every message twice
         subscription_id = connection.new_subscription_id(key)
         headers = {"id": subscription_id, "destination": self.destination(key), "ack": ACK_MODE}
         await connection.request(Frame("SUBSCRIBE", headers))
@@ -394,60 +261,36 @@ class StompBackend:
         await connection.request(Frame("UNSUBSCRIBE", {"id": subscription_id}))
         connection.subscription_keys.pop(subscription_id, None)
 
-    def _set_connection(self, connection: _StompConnection | None) -> None:
-        self._connection = connection
-        self._ready_changed.set()
-        self._ready_changed = anyio.Event()
+    async def _restore(self, connection: _StompConnection, keys: list[str]) -> None:
+        for key in keys:
+            with anyio.fail_after(self._broker_timeout):
+                await self._subscribe_on(connection, key)
 
-    async def maintain_connection(self, *, task_status: TaskStatus[None]) -> None:
-        """Connect, serve, and reconnect forever (the backend's background task).
+    def _abandon(self, connection: _StompConnection) -> None:
+        connection.task_group.cancel_scope.cancel()
 
-        Reports started after the first attempt, successful or not, so that a
-        broker that is up at start-up is ready as soon as the backend opens.
-        """
-        backoff = Backoff(self._settings.reconnect_max_delay)
-        started = False
+    async def _close(self, connection: _StompConnection) -> None:
+        await connection.request(Frame("DISCONNECT"))
 
-        def on_ready() -> None:
-            nonlocal started
-            backoff.reset()
-            if not started:
-                started = True
-                task_status.started()
+    def _describe(self, connection: _StompConnection) -> dict[str, Any]:
+        return {
+            "server": connection.server,
+            "destination": self.destination("{key}"),
+            "heartbeat_s": [connection.send_interval, connection.receive_interval],
+        }
 
-        while True:
-            error: BaseException
-            try:
-                await self._session(on_ready)
-                error = ConnectionClosedByUs("connection dropped after a failed operation")
-            except* CONNECTION_LOST as group:
-                error = group.exceptions[0]
-            if not started:
-                started = True
-                task_status.started()
-            if self._closing:
-                # Closing: the DISCONNECT ended the connection on purpose.
-                await anyio.sleep_forever()
-            await backoff.wait_after_loss(f"{self._url.host}:{self._url.port}", error)
-
-    async def _session(self, on_ready: Callable[[], None]) -> None:
+    async def _session(self, up: Callable[[_StompConnection], Awaitable[None]]) -> None:
         """One connection, from TCP connect until it fails or is dropped."""
         url = self._url
         settings = self._settings
-        stream: ByteStream
-        with anyio.fail_after(settings.publish_timeout):
-            if url.tls:
-                stream = await anyio.connect_tcp(
-                    url.host, url.port, ssl_context=ssl.create_default_context()
-                )
-            else:
-                stream = await anyio.connect_tcp(url.host, url.port)
+        with anyio.fail_after(self._broker_timeout):
+            stream = await connect_stream(url.host, url.port, tls=url.tls)
         async with stream:
             # Bodies triows publishes are at most TRIOWS_MAX_MESSAGE_BYTES; the
             # floor leaves room for a broker's ERROR text.
             parser = FrameParser(max_body_bytes=max(settings.max_message_bytes, MIN_BODY_BOUND))
             heartbeat_ms = settings.heartbeat * 1000
-            with anyio.fail_after(settings.publish_timeout):
+            with anyio.fail_after(self._broker_timeout):
                 connected = await _handshake(stream, parser, url, heartbeat_ms)
             server = connected.headers.get("server", "")
             send_ms, receive_ms = _negotiate_heartbeats(
@@ -460,19 +303,7 @@ class StompBackend:
                 )
                 task_group.start_soon(self._read, connection)
                 task_group.start_soon(connection.send_heartbeats)
-                async with self._subscription_lock:
-                    for key in sorted(self._keys):
-                        with anyio.fail_after(settings.publish_timeout):
-                            await self._subscribe_on(connection, key)
-                    self._set_connection(connection)
-                log_event(
-                    "stomp connected",
-                    server=server,
-                    destination=self.destination("{key}"),
-                    keys=len(self._keys),
-                    heartbeat_ms=[send_ms, receive_ms],
-                )
-                on_ready()
+                await up(connection)
                 # The reader and heart-beat tasks run until the connection fails.
 
     async def _prepare_destinations(self, server: str) -> None:
@@ -480,61 +311,39 @@ class StompBackend:
         if not settings.address_template:
             template = default_destination_template(server, settings.exchange)
             if template != self._template:
-                log_event("stomp destination chosen", server=server, template=template)
+                log_event("stomp_destination_chosen", server=server, template=template)
             self._template = template
         if server.startswith("RabbitMQ") and self._template.startswith(
             f"/exchange/{settings.exchange}/"
         ):
             try:
-                with anyio.fail_after(settings.publish_timeout):
+                with anyio.fail_after(self._broker_timeout):
                     await declare_direct_exchange(
-                        self._url.host,
-                        self._url.amqp_port,
-                        login=self._url.login,
-                        passcode=self._url.passcode,
-                        vhost=self._url.vhost,
-                        exchange=settings.exchange,
-                        tls=self._url.tls,
+                        self._url, port=self._amqp_port, exchange=settings.exchange
                     )
-            except CONNECTION_LOST as error:
+            except TRANSIENT as error:
                 # Not fatal: the exchange may exist already (declared by an
                 # operator or by the amqp091 backend). If it does not,
-                # RabbitMQ's ERROR on SUBSCRIBE/SEND says so in the log.
+                # RabbitMQ's ERROR on SUBSCRIBE/SEND says so in the log. A
+                # refusal (ExchangeDeclareError) is a BrokerRejected instead.
                 log_event(
-                    "stomp could not declare the RabbitMQ exchange; it must exist",
+                    "broker_exchange_not_declared",
                     logging.WARNING,
                     exchange=settings.exchange,
-                    amqp=f"{self._url.host}:{self._url.amqp_port}",
+                    amqp=f"{self._url.host}:{self._amqp_port}",
                     error=repr(error),
                 )
 
     async def _read(self, connection: _StompConnection) -> None:
         try:
-            await connection.read_frames(self._send)
+            await connection.read_frames(self._incoming_send)
         finally:
-            if self._connection is connection:
-                self._set_connection(None)
+            self._lost(connection)
             connection.fail_pending(BrokerUnavailable("STOMP connection lost"))
-
-    async def aclose(self) -> None:
-        """Send ``DISCONNECT`` and wait (``TRIOWS_CLOSE_TIMEOUT``) for its receipt.
-
-        Safe to call twice; publishing fails with BrokerUnavailable from now on.
-        """
-        self._closing = True
-        connection = self._connection
-        if connection is None:
-            return
-        self._set_connection(None)
-        with anyio.move_on_after(self._settings.close_timeout):
-            try:
-                await connection.request(Frame("DISCONNECT"))
-            except CLOSE_FAILURES as error:
-                log_event("stomp disconnect failed", logging.WARNING, error=repr(error))
 
 
 async def _handshake(
-    stream: ByteStream, parser: FrameParser, url: StompUrl, heartbeat_ms: int
+    stream: ByteStream, parser: FrameParser, url: BrokerAddress, heartbeat_ms: int
 ) -> Frame:
     """Send CONNECT and return the broker's CONNECTED frame."""
     headers = {
@@ -542,15 +351,19 @@ async def _handshake(
         "host": url.vhost,
         "heart-beat": f"{heartbeat_ms},{heartbeat_ms}",
     }
-    if url.login:
-        headers.update(login=url.login, passcode=url.passcode)
+    if url.user:
+        headers.update(login=url.user, passcode=url.password or "")
     await stream.send(encode_frame(Frame("CONNECT", headers)))
     while not (frames := parser.feed(await stream.receive(READ_SIZE))):
         pass
     frame = frames[0]
     if frame.command == "ERROR":
         detail = frame.headers.get("message", "") or frame.body.decode("utf-8", "replace")
-        raise StompBrokerError(f"STOMP broker refused CONNECT: {detail}")
+        # RabbitMQ and ActiveMQ answer a wrong login or an unknown virtual
+        # host this way: retrying soon will not change their mind.
+        raise BrokerRejected(
+            "authentication", f"STOMP broker refused CONNECT: {detail}", login=url.user or ""
+        )
     if frame.command != "CONNECTED":
         raise StompProtocolError(f"expected CONNECTED, got {frame.command}")
     if frame.headers.get("version") != "1.2":
@@ -560,24 +373,26 @@ async def _handshake(
     return frame
 
 
+def parse_url(url: str) -> BrokerAddress:
+    """``stomp[+ssl]://login:passcode@host:port/vhost[?amqp_port=N]``."""
+    return parse_broker_url(url, SCHEMES)
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse a malformed broker URL at start-up (raises :class:`SettingsError`)."""
+    query_int(parse_url(settings.broker_url), "amqp_port", DEFAULT_AMQP_PORT)
+
+
 @asynccontextmanager
 async def open_stomp_backend(settings: Settings) -> AsyncIterator[StompBackend]:
-    """Open the STOMP backend; its connection task lives in its own task group.
+    """Open the STOMP backend; returns after the first connection attempt.
 
-    Returns after the first connection attempt: ready if the broker is up,
-    otherwise not ready and retrying in the background. On exit it sends
-    ``DISCONNECT`` (bounded by ``TRIOWS_CLOSE_TIMEOUT``) and stops its tasks.
+    Ready if the broker is up, otherwise not ready and retrying in the
+    background. On exit it sends ``DISCONNECT`` (bounded by
+    ``TRIOWS_CLOSE_TIMEOUT``) and stops its tasks.
     """
-    send, receive = anyio.create_memory_object_stream[Delivery](settings.incoming_queue)
-    async with send, receive, anyio.create_task_group() as task_group:
-        backend = StompBackend(settings, send, receive)
-        await task_group.start(backend.maintain_connection)
-        try:
-            yield backend
-        finally:
-            with anyio.CancelScope(shield=True):
-                await backend.aclose()
-            task_group.cancel_scope.cancel()
+    async with run_supervised(StompBackend(settings)) as backend:
+        yield backend
 
 
 def _negotiate_heartbeats(ours_ms: int, theirs: str) -> tuple[int, int]:

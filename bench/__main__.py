@@ -2,6 +2,8 @@
 
     python -m bench direct --backend amqp091-rabbitmq      one scenario, one target
     python -m bench direct latency --backend stomp         a backend name means all its brokers
+    python -m bench direct --backend amqp091-rabbitmq --backend peer-socketio
+    python -m bench scaleout [--instances 2,4,6]           triows (amqp091) and the peer
     python -m bench --matrix [--quick]                     every scenario on every target
 
 Exit status 1 if any row is an error or any message was lost or duplicated.
@@ -23,22 +25,29 @@ import trio
 
 from bench.machine import machine_facts
 from bench.report import write
-from bench.scenarios import SCENARIOS, TRAFFIC_SCENARIOS, Options, run_target
-from bench.targets import TARGETS, Target
+from bench.scenarios import MATRIX_SCENARIOS, SCENARIOS, TRAFFIC_SCENARIOS, Options, run_target
+from bench.targets import PEER_TARGETS, TARGETS, Target
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Quick runs prove the bench works; their figures are not results.
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 
 
-def _targets(names: list[str] | None) -> list[Target]:
+# scaleout alone, without --backend: triows on its reference broker, and the peer.
+SCALEOUT_TARGETS = ("amqp091-rabbitmq", "peer-socketio")
+
+
+def _targets(names: list[str] | None, scenarios: list[str] | None = None) -> list[Target]:
+    every = {**TARGETS, **PEER_TARGETS}
+    if not names and scenarios == ["scaleout"]:
+        names = list(SCALEOUT_TARGETS)
     if not names:
-        return list(TARGETS.values())
+        return list(every.values())
     chosen: list[Target] = []
     for name in names:
-        matches = [t for t in TARGETS.values() if name in (t.name, t.backend)]
+        matches = [t for t in every.values() if name in (t.name, t.backend)]
         if not matches:
-            known = ", ".join([*TARGETS, *sorted({t.backend for t in TARGETS.values()})])
+            known = ", ".join([*every, *sorted({t.backend for t in every.values()})])
             raise SystemExit(f"bench: unknown target or backend {name!r}; known: {known}")
         chosen += [target for target in matches if target not in chosen]
     return chosen
@@ -55,9 +64,11 @@ def _failed(rows: list[dict[str, Any]]) -> list[str]:
     problems = []
     for row in rows:
         where = f"{row['target']}/{row['scenario']}"
+        if row.get("status") == "n/a":
+            continue
         if row.get("status") != "ok":
             problems.append(f"{where}: {row.get('error')}")
-        elif row["scenario"] in (*TRAFFIC_SCENARIOS, "ceiling") and (
+        elif row["scenario"] in (*TRAFFIC_SCENARIOS, "ceiling", "scaleout") and (
             row["lost"] or row["duplicated"] or row["out_of_order"]
         ):
             problems.append(
@@ -92,6 +103,8 @@ async def run(
 
 
 def _one_line(row: dict[str, Any]) -> str:
+    if row.get("status") == "n/a":
+        return f"{row['scenario']}: n/a ({row['error']})"
     if row.get("status") != "ok":
         return f"{row['scenario']}: ERROR {row['error']}"
     if row["scenario"] == "idle":
@@ -100,8 +113,14 @@ def _one_line(row: dict[str, Any]) -> str:
             f"{row['rss_kib_per_connection']} KiB each, {row['idle_cpu_percent']} % CPU"
         )
     latency = row["latency_ms"]
+    server = ""
+    if "server_cpu_ms_per_message" in row:
+        server = (
+            f"{row['params']['instances']} instances, "
+            f"server CPU {row['server_cpu_ms_per_message']} ms/msg, "
+        )
     return (
-        f"{row['scenario']}: {row['msg_per_s']} msg/s, delivered {row['delivered']}, "
+        f"{row['scenario']}: {row['msg_per_s']} msg/s, {server}delivered {row['delivered']}, "
         f"lost {row['lost']}, dup {row['duplicated']}, ooo {row['out_of_order']}, "
         f"p50 {latency.get('p50')} p99 {latency.get('p99')} ms, "
         f"load generator {100 * row['loadgen_cpu_share']:.0f} % of a core"
@@ -121,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         "--backend",
         action="append",
         metavar="TARGET",
-        help=f"a target ({', '.join(TARGETS)}) or a backend name; repeatable; default: all",
+        help=(
+            f"a target ({', '.join([*TARGETS, *PEER_TARGETS])}) or a backend name; "
+            "repeatable; default: all (scaleout alone: " + ", ".join(SCALEOUT_TARGETS) + ")"
+        ),
     )
     parser.add_argument("--quick", action="store_true", help="brief runs that prove it works")
     parser.add_argument("--duration", type=float, help="seconds of measured traffic per scenario")
@@ -129,14 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--receivers", type=int, help="receiving users on instance B")
     parser.add_argument("--connections", type=int, help="idle: WebSocket connections")
     parser.add_argument("--rate", type=float, help="latency: msg/s (default: 20%% of direct)")
+    parser.add_argument("--batch-size", type=int, help="batch: messages per POST (100)")
+    parser.add_argument(
+        "--instances", help="scaleout: instance counts, comma-separated (default 2,4,6)"
+    )
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
-    scenarios = list(SCENARIOS) if args.matrix else args.scenarios
+    scenarios = list(MATRIX_SCENARIOS) if args.matrix else args.scenarios
     if not scenarios:
         parser.error("name at least one scenario, or --matrix")
-    unknown = [name for name in scenarios if name not in SCENARIOS]
-    if unknown:
-        parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
     unknown = [name for name in scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(SCENARIOS)}")
@@ -146,9 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
         "receivers": args.receivers,
         "idle_connections": args.connections,
+        "batch_size": args.batch_size,
     }
+    if args.instances:
+        try:
+            counts = tuple(int(count) for count in args.instances.split(","))
+        except ValueError:
+            parser.error(f"--instances takes numbers like 2,4,6, not {args.instances!r}")
+        if min(counts) < 2:
+            parser.error("--instances: scaleout needs at least 2 instances (senders, receivers)")
+        overrides["scaleout_instances"] = counts
     options = dataclasses.replace(options, **{k: v for k, v in overrides.items() if v})
-    targets = _targets(args.backend)
+    targets = _targets(args.backend, scenarios)
     _raise_file_limit()
 
     started = datetime.now(UTC)

@@ -55,14 +55,14 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
 from bench.faults_proxy import FaultProxy, open_fault_proxy
-from bench.targets import BROKERS_SCRIPT, TARGETS, Target, ensure_broker, outage_lock_path
+from bench.targets import TARGETS, Target, ensure_broker
+from deploy.brokers import BROKERS, RUN_DIR, SCRIPT, SCRIPT_NAME
 from triows.client import open_events
 from triows.process import Instance, free_port, serve_instance, wait_for_status
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy.cfg"
-RUN_DIR = Path(os.environ.get("TRIOWS_BROKERS_RUN_DIR", "/var/tmp/triows-brokers"))
 
 # When bench/results/matrix.json has no direct rate for a target.
 ASSUMED_DIRECT_RATE = 300.0
@@ -125,7 +125,7 @@ def now() -> float:
 
 async def run_script(*args: str) -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
-        ["bash", str(BROKERS_SCRIPT), *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, str(SCRIPT), *args], capture_stdout=True, capture_stderr=True, check=False
     )
 
 
@@ -133,14 +133,14 @@ async def run_script_checked(*args: str) -> None:
     result = await run_script(*args)
     if result.returncode != 0:
         raise RuntimeError(
-            f"deploy/brokers.sh {' '.join(args)}: {result.stderr.decode(errors='replace').strip()}"
+            f"{SCRIPT_NAME} {' '.join(args)}: {result.stderr.decode(errors='replace').strip()}"
         )
 
 
 @asynccontextmanager
 async def outage_lock(target: Target) -> AsyncIterator[None]:
     """Hold the broker family's outage lock exclusively, as tests/brokers.py's outage does."""
-    fd = os.open(outage_lock_path(target), os.O_WRONLY | os.O_CREAT, 0o666)
+    fd = os.open(BROKERS[target.broker].lock_path, os.O_WRONLY | os.O_CREAT, 0o666)
     try:
         await trio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX, abandon_on_cancel=True)
         yield
@@ -149,7 +149,8 @@ async def outage_lock(target: Target) -> AsyncIterator[None]:
 
 
 def broker_family(target: Target) -> str:
-    return target.script_name.split("-")[0]
+    """The name ``outage-begin`` takes for the target's broker (its family's)."""
+    return BROKERS[target.broker].outage_name or target.family
 
 
 async def rabbitmqctl(*args: str) -> str:
@@ -228,7 +229,7 @@ async def open_cluster(
 ) -> AsyncIterator[Cluster]:
     """Two ready instances, each through its own fault proxy to the broker, behind HAProxy.
 
-    The broker must be running (``deploy/brokers.sh start``; the CLI does that).
+    The broker must be running (``deploy/brokers.py start``; the CLI does that).
     """
     broker_port = urlsplit(target.broker_url).port or 5672
     exchange = f"triows-faults-{secrets.token_hex(4)}"
@@ -649,14 +650,14 @@ async def fault_outage(
 ) -> dict[str, Any]:
     """The broker stopped gracefully for ``opts.duration`` seconds, then started."""
     target = cluster.target
-    if target.broker == "garagemq":
+    if target.family == "garagemq":
         # The script has no outage for GarageMQ; stop/start is the same (its own process).
         clock.began()
         await run_script_checked("stop", "garagemq")
         await trio.sleep(opts.duration)
         await run_script_checked("start", "garagemq")
         clock.ended()
-        return {"how": "deploy/brokers.sh stop garagemq; sleep; start garagemq"}
+        return {"how": "deploy/brokers.py stop garagemq; sleep; start garagemq"}
     family = broker_family(target)
     async with outage_lock(target):
         clock.began()
@@ -667,7 +668,7 @@ async def fault_outage(
             with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
                 await run_script_checked("outage-end", family)
         clock.ended()
-    return {"how": f"deploy/brokers.sh outage-begin {family}; sleep; outage-end {family}"}
+    return {"how": f"deploy/brokers.py outage-begin {family}; sleep; outage-end {family}"}
 
 
 async def fault_kill(
@@ -675,14 +676,14 @@ async def fault_kill(
 ) -> dict[str, Any]:
     """SIGKILL the broker process, restart it after ``opts.kill_down`` s (ActiveMQ, GarageMQ)."""
     target = cluster.target
-    if target.broker == "rabbitmq":
+    if target.family == "rabbitmq":
         raise NotPossible(
-            "RabbitMQ is the machine's shared node, not started by deploy/brokers.sh: "
+            "RabbitMQ is the machine's shared node, not started by deploy/brokers.py: "
             "a SIGKILL would need its service manager to restart it"
         )
     name = target.broker
     pid = spawned_pid(name)
-    if target.broker == "activemq":
+    if target.family == "activemq":
         async with outage_lock(target):
             clock.began()
             os.kill(pid, signal.SIGKILL)
@@ -696,7 +697,7 @@ async def fault_kill(
         await trio.sleep(opts.kill_down)
         await run_script_checked("start", name)
         clock.ended()
-    return {"how": f"kill -KILL $(cat {RUN_DIR}/{name}/{name}.pid); deploy/brokers.sh start {name}"}
+    return {"how": f"kill -KILL $(cat {RUN_DIR}/{name}/{name}.pid); deploy/brokers.py start {name}"}
 
 
 class NotPossible(Exception):
@@ -722,9 +723,9 @@ async def fault_close(
     cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
 ) -> dict[str, Any]:
     """The broker closes instance A's connection (``rabbitmqctl close_connection``)."""
-    if cluster.target.broker != "rabbitmq":
+    if cluster.target.family != "rabbitmq":
         raise NotPossible(
-            f"{cluster.target.broker} has no command-line tool here that closes one client "
+            f"{cluster.target.family} has no command-line tool here that closes one client "
             "connection (ActiveMQ: JMX is not exposed by this setup; GarageMQ: none); "
             "the 'drop' row closes it at TCP level instead"
         )
@@ -850,7 +851,7 @@ async def fault_drain(
 
 async def broker_side_count(cluster: Cluster, instance_id: str) -> dict[str, int] | None:
     """What the broker holds for instance ``instance_id`` and for the exchange (RabbitMQ only)."""
-    if cluster.target.broker != "rabbitmq":
+    if cluster.target.family != "rabbitmq":
         return None
     queues = await rabbitmqctl("list_queues", "name")
     bindings = [
@@ -868,7 +869,7 @@ async def broker_side_count(cluster: Cluster, instance_id: str) -> dict[str, int
 
 async def bound_keys(cluster: Cluster) -> set[str] | None:
     """The routing keys bound on the cluster's exchange (RabbitMQ only, else None)."""
-    if cluster.target.broker != "rabbitmq":
+    if cluster.target.family != "rabbitmq":
         return None
     listed = await rabbitmqctl("list_bindings", "source_name", "routing_key")
     return {
@@ -1178,7 +1179,7 @@ async def run_dead_client(target: Target, opts: Options, wait: float) -> dict[st
             gone: dict[str, float | None] = {"ghost": None, "killed": None}
             # Released: the broker says offline (404, amqp091) or, on RabbitMQ,
             # holds no binding for the user's key any more (every backend there).
-            observable = target.backend == "amqp091" or target.broker == "rabbitmq"
+            observable = target.backend == "amqp091" or target.family == "rabbitmq"
             result["release_observable"] = observable
             with trio.move_on_after(wait if observable else 0):
                 while any(v is None for v in gone.values()):

@@ -49,7 +49,7 @@ def _library_versions() -> dict[str, str]:
 
 
 def _broker_versions() -> dict[str, str]:
-    """Debian package versions (the brokers deploy/brokers.sh installs)."""
+    """Debian package versions (the brokers deploy/brokers.py installs)."""
     try:
         result = subprocess.run(
             ["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", *BROKER_PACKAGES],

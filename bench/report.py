@@ -37,6 +37,8 @@ def _number(value: float | None, digits: int = 0) -> str:
 def _cell(row: dict[str, Any] | None, render: Any) -> str:
     if row is None:
         return "not run"
+    if row.get("status") == "n/a":
+        return "n/a"
     if not _ok(row):
         return "**error**"
     text: str = render(row)
@@ -61,6 +63,132 @@ def _percent_of_ceiling(direct: dict[str, Any] | None, ceiling: dict[str, Any] |
     return f"{100 * direct['msg_per_s'] / ceiling['msg_per_s']:.0f} %"
 
 
+# The scenarios of the main table (the others have tables of their own).
+MAIN_SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling")
+PEER = "peer-socketio"
+
+
+def _is_peer(target: str) -> bool:
+    return target.startswith("peer-")
+
+
+def _server_cpu(row: dict[str, Any]) -> str:
+    return _number(row.get("server_cpu_ms_per_message"), 3)
+
+
+def _server_ms(row: dict[str, Any]) -> float | None:
+    value: float | None = row.get("server_cpu_ms_per_message")
+    return value
+
+
+def _instance_cpus(row: dict[str, Any]) -> str:
+    return ", ".join(_number(value) for value in row["instance_cpu_percent"].values())
+
+
+def _ratio(ours: float | None, theirs: float | None, digits: int = 2) -> str:
+    if not ours or not theirs:
+        return "-"
+    return f"{ours / theirs:.{digits}f}x"
+
+
+def _vs_peer(rows: Rows) -> list[str]:
+    """triows and the peer side by side in ``direct``, with triows / peer ratios."""
+    peer = _find(rows, PEER, "direct")
+    ours = [t for t in _targets(rows) if not _is_peer(t) and _find(rows, t, "direct")]
+    if peer is None or not ours:
+        return []
+    lines = [
+        "",
+        "`direct` against the peer (python-socketio + aio-pika on uvicorn), same run:",
+        "",
+        "| target | direct msg/s | server CPU ms per delivered message (all instances) "
+        "| lost/dup/out-of-order |",
+        "|---|--:|--:|--:|",
+    ]
+    for target in [*ours, PEER]:
+        row = _find(rows, target, "direct")
+        lines.append(
+            f"| {target} | {_cell(row, lambda r: _number(r['msg_per_s']))} "
+            f"| {_cell(row, _server_cpu)} | {_cell(row, _losses)} |"
+        )
+    for target in ours:
+        row = _find(rows, target, "direct")
+        if _ok(row) and _ok(peer):
+            assert row is not None and peer is not None
+            lines.append(
+                f"| **{target} / peer** | {_ratio(row['msg_per_s'], peer['msg_per_s'])} "
+                f"| {_ratio(_server_ms(row), _server_ms(peer))} "
+                "| |"
+            )
+    lines += ["", "msg/s ratio > 1: triows faster; CPU ratio < 1: triows lighter."]
+    return lines
+
+
+def _batch(rows: Rows) -> list[str]:
+    targets = [t for t in _targets(rows) if _find(rows, t, "batch")]
+    if not targets:
+        return []
+    lines = [
+        "",
+        "`batch`: JSON arrays to `POST /send`, against single POSTs (`direct`) in the same run:",
+        "",
+        "| target | direct msg/s | batch msg/s | batch size | batch / direct "
+        "| batch server CPU ms/msg | batch lost/dup/out-of-order |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for target in targets:
+        direct, batch = _find(rows, target, "direct"), _find(rows, target, "batch")
+        ratio = "-"
+        if _ok(direct) and _ok(batch):
+            assert direct is not None and batch is not None
+            ratio = _ratio(batch["msg_per_s"], direct["msg_per_s"])
+        lines.append(
+            f"| {target} | {_cell(direct, lambda r: _number(r['msg_per_s']))} "
+            f"| {_cell(batch, lambda r: _number(r['msg_per_s']))} "
+            f"| {_cell(batch, lambda r: str(r['params']['batch_size']))} | {ratio} "
+            f"| {_cell(batch, _server_cpu)} | {_cell(batch, _losses)} |"
+        )
+    return lines
+
+
+def _scaleout_rows(rows: Rows) -> list[dict[str, Any]]:
+    return [row for row in rows if row["scenario"] == "scaleout" and "instances" in row]
+
+
+def _scaleout(rows: Rows) -> list[str]:
+    scaleout = _scaleout_rows(rows)
+    if not scaleout:
+        return []
+    lines = [
+        "",
+        "`scaleout`: senders on the first instance, receivers on the second, the others "
+        "running without users:",
+        "",
+        "| target | instances | delivered msg/s | CPU % of a core per instance (A, B, idle ...) "
+        "| server CPU ms per delivered message (all instances) | lost/dup/out-of-order |",
+        "|---|--:|--:|--|--:|--:|",
+    ]
+    for row in scaleout:
+        lines.append(
+            f"| {row['target']} | {row['instances']} "
+            f"| {_cell(row, lambda r: _number(r['msg_per_s']))} "
+            f"| {_cell(row, _instance_cpus)} "
+            f"| {_cell(row, _server_cpu)} | {_cell(row, _losses)} |"
+        )
+    peer = {row["instances"]: row for row in scaleout if _is_peer(row["target"]) and _ok(row)}
+    for row in scaleout:
+        theirs = peer.get(row["instances"])
+        if _is_peer(row["target"]) or not _ok(row) or theirs is None:
+            continue
+        lines.append(
+            f"| **{row['target']} / peer** | {row['instances']} "
+            f"| {_ratio(row['msg_per_s'], theirs['msg_per_s'])} | "
+            f"| {_ratio(row['server_cpu_ms_per_message'], theirs['server_cpu_ms_per_message'])} "
+            "| |"
+        )
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The run as Markdown: the matrix, CPU per 1,000 messages, and every error."""
     rows: Rows = result["rows"]
@@ -69,6 +197,46 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['run_seconds']:.0f} s, on {result['machine']['cpu_model']} "
         f"with {result['machine']['logical_cores']} logical cores: load generator, instances "
         "and broker share them. Command: `" + result["command"] + "`",
+    ]
+    if any(row["scenario"] in MAIN_SCENARIOS for row in rows):
+        lines += _main_table(rows)
+    lines += _vs_peer(rows) + _batch(rows) + _scaleout(rows)
+    lines += [
+        "",
+        "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "
+        "the bottleneck. *other processes*: CPU that everything outside this run used "
+        f"meanwhile (of {result['machine']['logical_cores']} cores), i.e. how noisy the "
+        "machine was.",
+        "",
+        "CPU seconds per 1,000 delivered messages (from the OS, user + system):",
+        "",
+        "| target | scenario | instance A | instance B | broker | load generator "
+        "| load generator CPU | other processes |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        if not _ok(row) or "cpu_per_1000" not in row:
+            continue
+        per = row["cpu_per_1000"]
+        scenario = row["scenario"]
+        if "instances" in row:
+            scenario += f", {row['instances']} instances"
+        lines.append(
+            f"| {row['target']} | {scenario} | "
+            + " | ".join(_number(per.get(role), 3) for role in ROLES)
+            + f" | {100 * row['loadgen_cpu_share']:.0f} % of a core"
+            + (" ⚠" if row["loadgen_saturated"] else "")
+            + f" | {_number(row.get('other_cpu_cores'), 2)} cores |"
+        )
+    errors = [row for row in rows if not _ok(row) and row.get("status") != "n/a"]
+    if errors:
+        lines += ["", "Errors:", ""]
+        lines += [f"- {row['target']} / {row['scenario']}: {row['error']}" for row in errors]
+    return "\n".join(lines) + "\n"
+
+
+def _main_table(rows: Rows) -> list[str]:
+    lines = [
         "",
         "| target | direct msg/s | direct p50 / p99 ms | direct-ws msg/s | latency @ msg/s "
         "| latency p50 / p99 / max ms | lost/dup/out-of-order (direct · ws · latency) "
@@ -110,35 +278,7 @@ def markdown(result: dict[str, Any]) -> str:
             _percent_of_ceiling(direct, ceiling),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "
-        "the bottleneck. *other processes*: CPU that everything outside this run used "
-        f"meanwhile (of {result['machine']['logical_cores']} cores), i.e. how noisy the "
-        "machine was.",
-        "",
-        "CPU seconds per 1,000 delivered messages (from the OS, user + system):",
-        "",
-        "| target | scenario | instance A | instance B | broker | load generator "
-        "| load generator CPU | other processes |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        if not _ok(row) or "cpu_per_1000" not in row:
-            continue
-        per = row["cpu_per_1000"]
-        lines.append(
-            f"| {row['target']} | {row['scenario']} | "
-            + " | ".join(_number(per.get(role), 3) for role in ROLES)
-            + f" | {100 * row['loadgen_cpu_share']:.0f} % of a core"
-            + (" ⚠" if row["loadgen_saturated"] else "")
-            + f" | {_number(row.get('other_cpu_cores'), 2)} cores |"
-        )
-    errors = [row for row in rows if not _ok(row)]
-    if errors:
-        lines += ["", "Errors:", ""]
-        lines += [f"- {row['target']} / {row['scenario']}: {row['error']}" for row in errors]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def chart(result: dict[str, Any], path: Path) -> None:
@@ -192,13 +332,59 @@ def chart(result: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def scaleout_chart(result: dict[str, Any], path: Path) -> None:
+    """``scaleout``: delivered msg/s and server CPU per message against N, one line per target."""
+    rows = [row for row in _scaleout_rows(result["rows"]) if _ok(row)]
+    figure, (throughput, cpu) = plt.subplots(1, 2, figsize=(13, 5.5))
+    for target in _targets(rows):
+        mine = sorted(
+            (row for row in rows if row["target"] == target), key=lambda r: r["instances"]
+        )
+        counts = [row["instances"] for row in mine]
+        throughput.plot(counts, [row["msg_per_s"] for row in mine], marker="o", label=target)
+        cpu.plot(
+            counts,
+            [row["server_cpu_ms_per_message"] or 0.0 for row in mine],
+            marker="o",
+            label=target,
+        )
+    throughput.set_title("delivered msg/s (senders on 1 instance, receivers on 1)")
+    cpu.set_title("server CPU ms per delivered message, all instances")
+    for axes in (throughput, cpu):
+        axes.set_xticks(sorted({row["instances"] for row in rows}))
+        axes.set_xlabel("instances")
+        axes.set_ylim(bottom=0)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.suptitle(
+        f"triows bench scaleout {result['started']} · {result['machine']['cpu_model']} · "
+        f"{result['machine']['logical_cores']} cores shared by everything"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def write(result: dict[str, Any], directory: Path, stem: str) -> list[Path]:
-    """Write ``STEM.json``, ``STEM.md`` and ``STEM.png`` into ``directory``."""
+    """Write ``STEM.json``, ``STEM.md`` and ``STEM.png`` into ``directory``.
+
+    A run with ``scaleout`` rows draws them in ``STEM.png`` if that is all it ran,
+    else in ``STEM-scaleout.png`` beside the usual chart.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     json_path = directory / f"{stem}.json"
     json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     md_path = directory / f"{stem}.md"
     md_path.write_text(markdown(result), encoding="utf-8")
     png_path = directory / f"{stem}.png"
+    paths = [json_path, md_path, png_path]
+    rows: Rows = result["rows"]
+    if all(row["scenario"] == "scaleout" for row in rows):
+        scaleout_chart(result, png_path)
+        return paths
     chart(result, png_path)
-    return [json_path, md_path, png_path]
+    if _scaleout_rows(rows):
+        scaleout_path = directory / f"{stem}-scaleout.png"
+        scaleout_chart(result, scaleout_path)
+        paths.append(scaleout_path)
+    return paths

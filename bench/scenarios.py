@@ -1,10 +1,14 @@
-"""The scenarios, each selectable by name: direct, direct-ws, latency, idle, ceiling.
+"""The scenarios, each selectable by name: direct, direct-ws, latency, idle, ceiling,
+batch, scaleout.
 
 One target (backend on broker) at a time: ``direct``, ``direct-ws`` and
 ``latency`` share one pair of instances A and B (fresh users each); ``idle``
 gets a fresh instance of its own so that its memory figure starts clean;
 ``ceiling`` opens two backends inside the load generator, with no HTTP or
-WebSocket layer at all. Any failure becomes an error row, never a missing one.
+WebSocket layer at all; ``batch`` runs on the pair too; ``scaleout`` starts
+2, 4, 6 instances of its own. Any failure becomes an error row, never a
+missing one; a scenario that does not apply to a target (the memory backend
+across instances, triows-only scenarios on the peer) is an ``n/a`` row.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from __future__ import annotations
 import json
 import secrets
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -22,22 +26,36 @@ import psutil
 import trio
 
 from bench.cpu import CpuMeter, CpuWindow
+from bench.peer import open_socketio, serve_peer
 from bench.tally import Tally
 from bench.targets import (
+    PEER_SCENARIOS,
     BrokerNotRunning,
     Target,
     broker_processes,
     ensure_broker,
     holding_broker,
 )
-from bench.traffic import Recorder, Schedule, post_stream, receive_into, websocket_stream
+from bench.traffic import (
+    BatchConnection,
+    OpenReceiver,
+    Recorder,
+    Schedule,
+    batch_stream,
+    open_batch_connection,
+    post_stream,
+    receive_into,
+    websocket_stream,
+)
 from triows.backend import Backend, Outcome, open_backend
 from triows.client import EventsClient, SendConnection, open_events, open_send_connection
 from triows.process import Instance, serve_instance
 from triows.settings import Settings
 
-SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling")
-TRAFFIC_SCENARIOS = ("direct", "direct-ws", "latency")
+SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling", "batch", "scaleout")
+# --matrix: batch needs a server that takes batches, scaleout is a run of its own.
+MATRIX_SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling")
+TRAFFIC_SCENARIOS = ("direct", "direct-ws", "latency", "batch")
 
 # Hang guards, not measurements.
 SCENARIO_TIMEOUT = 180.0
@@ -67,17 +85,26 @@ class Options:
     latency_rate: float = 100.0  # msg/s when no direct figure of the same target exists
     idle_connections: int = 5000
     idle_window: float = 5.0
+    batch_size: int = 100
+    scaleout_instances: tuple[int, ...] = (2, 4, 6)
 
     @classmethod
     def quick_options(cls) -> Options:
-        return cls(quick=True, duration=1.5, warmup=0.3, idle_connections=200, idle_window=1.0)
+        return cls(
+            quick=True,
+            duration=1.5,
+            warmup=0.3,
+            idle_connections=200,
+            idle_window=1.0,
+            scaleout_instances=(2, 3),
+        )
 
 
 def _row(target: Target, scenario: str, **figures: Any) -> dict[str, Any]:
     return {
         "target": target.name,
         "backend": target.backend,
-        "broker": target.broker,
+        "broker": target.family,
         "scenario": scenario,
         **figures,
     }
@@ -85,6 +112,14 @@ def _row(target: Target, scenario: str, **figures: Any) -> dict[str, Any]:
 
 def error_row(target: Target, scenario: str, error: str) -> dict[str, Any]:
     return _row(target, scenario, status="error", error=error)
+
+
+def not_applicable_row(target: Target, scenario: str, reason: str) -> dict[str, Any]:
+    return _row(target, scenario, status="n/a", error=reason)
+
+
+def _open_receiver(target: Target) -> OpenReceiver:
+    return open_socketio if target.server == "peer" else open_events
 
 
 def _cpu_figures(window: CpuWindow, delivered: int) -> dict[str, Any]:
@@ -97,6 +132,23 @@ def _cpu_figures(window: CpuWindow, delivered: int) -> dict[str, Any]:
         # Cores' worth of CPU that processes outside this run used meanwhile.
         "other_cpu_cores": round(window.other / window.wall, 2) if window.wall else None,
         "loadgen_saturated": window.loadgen_saturated,
+    }
+
+
+def _server_figures(window: CpuWindow, delivered: int) -> dict[str, Any]:
+    """Each instance's CPU (% of one core) and all instances' CPU per delivered message."""
+    instances = {
+        role: spent
+        for role, spent in window.seconds.items()
+        if role.startswith("instance_") and spent is not None
+    }
+    total = sum(instances.values())
+    return {
+        "instance_cpu_percent": {
+            role: round(100 * spent / window.wall, 1) if window.wall else None
+            for role, spent in instances.items()
+        },
+        "server_cpu_ms_per_message": round(1000 * total / delivered, 4) if delivered else None,
     }
 
 
@@ -116,13 +168,16 @@ async def _instances(
     async with AsyncExitStack() as stack:
         instances: list[Instance] = []
         for _ in range(count):
-            instance = await stack.enter_async_context(
-                serve_instance(
+            serving = (
+                serve_peer(broker_url=target.broker_url, channel=exchange)
+                if target.server == "peer"
+                else serve_instance(
                     target.backend,
                     broker_url=target.broker_url or None,
                     env=_instance_env(exchange, **env),
                 )
             )
+            instance = await stack.enter_async_context(serving)
             if target.fragile:
                 await instance.wait_ready(READY_TIMEOUT)
             instances.append(instance)
@@ -132,12 +187,23 @@ async def _instances(
 
 
 class Pair:
-    """Instances A (senders) and B (receivers); the memory backend has one for both."""
+    """Instances A (senders) and B (receivers); the memory backend has one for both.
 
-    def __init__(self, target: Target, a: Instance, b: Instance) -> None:
+    ``idle``: more instances of the same cluster that hold no users (``scaleout``);
+    their CPU roles are ``instance_c``, ``instance_d``, ...
+    """
+
+    def __init__(
+        self, target: Target, a: Instance, b: Instance, idle: Sequence[Instance] = ()
+    ) -> None:
         self.target = target
         self.a = a
         self.b = b
+        self.idle = list(idle)
+
+    @property
+    def instance_count(self) -> int:
+        return (1 if self.a is self.b else 2) + len(self.idle)
 
     def meter(self) -> CpuMeter:
         roles: dict[str, list[psutil.Process]] = {
@@ -145,6 +211,8 @@ class Pair:
             "instance_b": [] if self.a is self.b else [psutil.Process(self.b.process.pid)],
             "broker": broker_processes(self.target),
         }
+        for index, instance in enumerate(self.idle):
+            roles[f"instance_{chr(ord('c') + index)}"] = [psutil.Process(instance.process.pid)]
         return CpuMeter(roles)
 
 
@@ -165,16 +233,21 @@ async def run_traffic(
     tag = secrets.token_hex(3)
     receivers = [f"r{index}-{tag}" for index in range(options.receivers)]
     recorder = Recorder()
+    opener = _open_receiver(pair.target)
     async with trio.open_nursery() as receiving, AsyncExitStack() as senders:
         for index, user in enumerate(receivers):
-            await receiving.start(receive_into, pair.b.base_url, index, user, recorder)
+            await receiving.start(receive_into, pair.b.base_url, index, user, recorder, opener)
         clients: list[EventsClient] = []
         connections: list[SendConnection] = []
+        batches: list[BatchConnection] = []
         for stream in range(options.concurrency):
             if scenario == "direct-ws":
                 user = f"sender{stream}-{tag}"
                 opening = open_events(pair.a.base_url, user=user)
                 clients.append(await senders.enter_async_context(opening))
+            elif scenario == "batch":
+                opened_batch = open_batch_connection(pair.a.base_url)
+                batches.append(await senders.enter_async_context(opened_batch))
             else:
                 opened = open_send_connection(pair.a.base_url)
                 connections.append(await senders.enter_async_context(opened))
@@ -194,6 +267,16 @@ async def run_traffic(
                             schedule,
                             options.ws_window,
                         )
+                    elif scenario == "batch":
+                        sending.start_soon(
+                            batch_stream,
+                            batches[stream],
+                            stream,
+                            receivers,
+                            tally,
+                            schedule,
+                            options.batch_size,
+                        )
                     else:
                         sending.start_soon(
                             post_stream, connections[stream], stream, receivers, tally, schedule
@@ -209,6 +292,9 @@ async def run_traffic(
         window = meter.stop()
         receiving.cancel_scope.cancel()
     summary = tally.summary()
+    if scenario == "batch" and summary["failed_sends"] and not summary["delivered"]:
+        reasons = "; ".join(sorted(summary["failed_sends"]))
+        return error_row(pair.target, scenario, f"no batch was taken: {reasons}")
     figures: dict[str, Any] = {
         "status": "ok",
         **summary,
@@ -217,13 +303,16 @@ async def run_traffic(
             "duration": options.duration,
             "concurrency": options.concurrency,
             "receivers": options.receivers,
-            "instances": 1 if pair.a is pair.b else 2,
+            "instances": pair.instance_count,
         },
+        **_server_figures(window, summary["delivered"]),
     }
     if rate is not None:
         figures["params"]["rate"] = round(rate, 1)
     if scenario == "direct-ws":
         figures["params"]["ws_window"] = options.ws_window
+    if scenario == "batch":
+        figures["params"]["batch_size"] = options.batch_size
     return _row(pair.target, scenario, **figures)
 
 
@@ -231,6 +320,7 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
     """N idle WebSockets (distinct users) on one fresh instance: RSS per connection, idle CPU."""
     count = options.idle_connections
     tag = secrets.token_hex(3)
+    opener = _open_receiver(target)
     async with _instances(target, exchange, 1) as (instance,):
         server = psutil.Process(instance.process.pid)
         rss_before = server.memory_info().rss
@@ -243,7 +333,7 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
             await handshakes.acquire()
             released = False
             try:
-                async with open_events(instance.base_url, user=f"idle{index}-{tag}"):
+                async with opener(instance.base_url, user=f"idle{index}-{tag}"):
                     handshakes.release()
                     released = True
                     connected += 1
@@ -287,7 +377,7 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
         idle_cpu_percent=round(100 * instance_cpu / window.wall, 2),
         broker_idle_cpu_percent=(
             None
-            if broker_cpu is None or not target.script_name
+            if broker_cpu is None or not target.broker
             else round(100 * broker_cpu / window.wall, 2)
         ),
         params={"connections": count, "idle_window": options.idle_window},
@@ -413,6 +503,13 @@ async def _run_scenarios(
 ) -> list[dict[str, Any]]:
     exchange = f"triows-bench-{secrets.token_hex(4)}"
     rows: list[dict[str, Any]] = []
+    if target.server == "peer":
+        rows += [
+            not_applicable_row(target, scenario, "a triows scenario: the peer has no such path")
+            for scenario in scenarios
+            if scenario not in PEER_SCENARIOS
+        ]
+        scenarios = [scenario for scenario in scenarios if scenario in PEER_SCENARIOS]
     traffic = [scenario for scenario in TRAFFIC_SCENARIOS if scenario in scenarios]
     if traffic:
         direct_rate: float | None = rates.get(target.name)
@@ -441,8 +538,30 @@ async def _run_scenarios(
     if "ceiling" in scenarios:
         run_ceiling_here = partial(run_ceiling, target, exchange, options)
         rows.append(await _guarded(target, "ceiling", run_ceiling_here))
+    if "scaleout" in scenarios:
+        rows += await run_scaleout(target, exchange, options)
     return rows
 
 
-def options_dict(options: Options) -> dict[str, Any]:
-    return asdict(options)
+async def run_scaleout(target: Target, exchange: str, options: Options) -> list[dict[str, Any]]:
+    """``direct`` across N instances for each N: senders on the first, receivers on the second,
+    the rest running without users. One row per N, each with a fresh cluster."""
+    if target.single_instance:
+        return [not_applicable_row(target, "scaleout", "one process: nothing to scale out")]
+    rows = []
+    for count in options.scaleout_instances:
+
+        async def run(count: int = count) -> dict[str, Any]:
+            async with _instances(
+                target,
+                f"{exchange}-n{count}",
+                count,
+                TRIOWS_SEND_QUEUE=str(RECEIVER_SEND_QUEUE),
+            ) as instances:
+                pair = Pair(target, instances[0], instances[1], instances[2:])
+                return await run_traffic(pair, "scaleout", options, None)
+
+        row = await _guarded(target, "scaleout", run)
+        row["instances"] = count
+        rows.append(row)
+    return rows

@@ -1,27 +1,29 @@
 """The brokers a benchmark runs on: one *target* per backend and broker pair.
 
-Each target names the backend, its broker URL, the name ``deploy/brokers.sh``
-knows the broker by (so the bench starts it with the project's one script),
-and how to find the broker's OS processes for CPU accounting.
+Each target comes from the broker table (``deploy/brokers.py``): the backend,
+the broker URL, and the table's name for the broker, so that the bench starts
+it with the project's one script, holds its outage lock, and finds its OS
+processes for CPU accounting.
 """
 
 from __future__ import annotations
 
 import fcntl
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import trio
 
-BROKERS_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "brokers.sh"
-# deploy/brokers.sh waits up to 90 s for RabbitMQ itself; this only guards a hang.
+from deploy.brokers import BROKERS, LOCK_TIMEOUT, SCRIPT, SCRIPT_NAME
+
+# The table's script waits up to 90 s for RabbitMQ itself; this only guards a hang.
 BROKER_START_TIMEOUT = 300.0
-# As long as deploy/brokers.sh waits for an outage test to end.
-OUTAGE_LOCK_TIMEOUT = 300.0
+# As long as the table's script waits for an outage test to end.
+OUTAGE_LOCK_TIMEOUT = LOCK_TIMEOUT
 OUTAGE_LOCK_POLL = 0.2
 
 
@@ -31,12 +33,17 @@ class Target:
 
     name: str
     backend: str
-    broker: str  # a short label for tables: rabbitmq, garagemq, activemq, or "-"
+    # The broker table's name (deploy/brokers.py NAME); empty for the embedded memory backend.
+    broker: str = ""
+    # The broker (node or process) it runs on, a short label for tables and
+    # CPU accounting: rabbitmq, garagemq, activemq, or "-".
+    family: str = "-"
     broker_url: str = ""
-    script_name: str = ""  # deploy/brokers.sh NAME; empty for the embedded memory backend
     # GarageMQ quirks (see its entry below): instances connect one after the
     # other, and are stopped gracefully rather than killed.
     fragile: bool = False
+    # "triows", or "peer": bench/peer_socketio.py, the python-socketio alternative.
+    server: str = "triows"
 
     @property
     def single_instance(self) -> bool:
@@ -44,52 +51,52 @@ class Target:
         return self.backend == "memory"
 
 
+def broker_target(name: str, *, fragile: bool = False) -> Target:
+    """The target of the table's broker ``name``, with the backend that speaks its protocol."""
+    broker = BROKERS[name]
+    return Target(
+        f"{broker.backend}-{broker.family}",
+        broker.backend,
+        broker.name,
+        broker.family,
+        broker.url,
+        fragile=fragile,
+    )
+
+
 TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
-        Target("memory", "memory", "-"),
-        Target(
-            "amqp091-rabbitmq",
-            "amqp091",
-            "rabbitmq",
-            "amqp://guest:guest@127.0.0.1:5672/",
-            "rabbitmq",
-        ),
+        Target("memory", "memory"),
+        broker_target("rabbitmq"),
         # GarageMQ (Debian's build) hangs for good when two connections declare
         # the same exchange and their queues at the same moment, and (before the
         # amqp091 backend stopped using exclusive queues there) when a consumer
         # of an exclusive queue disconnected: stopped gracefully all the same.
+        broker_target("garagemq", fragile=True),
+        broker_target("rabbitmq-amqp10"),
+        broker_target("rabbitmq-stomp"),
+        broker_target("activemq"),
+    )
+}
+
+
+# Not triows: the alternative it is measured against, on the same broker in the same run.
+PEER_TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
         Target(
-            "amqp091-garagemq",
-            "amqp091",
-            "garagemq",
-            "amqp://guest:guest@127.0.0.1:5673/",
-            "garagemq",
-            fragile=True,
-        ),
-        Target(
-            "amqp10-rabbitmq",
-            "amqp10",
-            "rabbitmq",
-            "amqp://guest:guest@127.0.0.1:5672",
-            "rabbitmq-amqp10",
-        ),
-        Target(
-            "stomp-rabbitmq",
-            "stomp",
-            "rabbitmq",
-            "stomp://guest:guest@127.0.0.1:61613",
-            "rabbitmq-stomp",
-        ),
-        Target(
-            "stomp-activemq",
-            "stomp",
-            "activemq",
-            "stomp://guest:guest@127.0.0.1:61614",
-            "activemq",
+            "peer-socketio",
+            "socketio",
+            broker="rabbitmq",
+            family=BROKERS["rabbitmq"].family,
+            broker_url=BROKERS["rabbitmq"].url,
+            server="peer",
         ),
     )
 }
+# The scenarios the peer takes part in (direct-ws and ceiling are triows' own).
+PEER_SCENARIOS = ("direct", "latency", "idle", "batch", "scaleout")
 
 
 class BrokerNotRunning(Exception):
@@ -97,12 +104,13 @@ class BrokerNotRunning(Exception):
 
 
 def ensure_broker(target: Target) -> None:
-    """Start the target's broker with ``deploy/brokers.sh start`` (idempotent)."""
-    if not target.script_name:
+    """Start the target's broker with the table's ``start`` (idempotent)."""
+    if not target.broker:
         return
+    command = f"{SCRIPT_NAME} start {target.broker}"
     try:
         result = subprocess.run(
-            ["bash", str(BROKERS_SCRIPT), "start", target.script_name],
+            [sys.executable, str(SCRIPT), "start", target.broker],
             capture_output=True,
             text=True,
             timeout=BROKER_START_TIMEOUT,
@@ -110,18 +118,12 @@ def ensure_broker(target: Target) -> None:
         )
     except subprocess.TimeoutExpired:
         raise BrokerNotRunning(
-            f"deploy/brokers.sh start {target.script_name} did not finish in "
-            f"{BROKER_START_TIMEOUT:.0f} s"
+            f"{command} did not finish in {BROKER_START_TIMEOUT:.0f} s"
         ) from None
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {result.returncode}"
-        raise BrokerNotRunning(f"deploy/brokers.sh start {target.script_name} failed: {reason}")
-
-
-def outage_lock_path(target: Target) -> Path:
-    """The lock outage tests hold (exclusively) while the target's broker family is down."""
-    return Path(f"/tmp/triows-{target.script_name.split('-')[0]}-outage.lock")
+        raise BrokerNotRunning(f"{command} failed: {reason}")
 
 
 @asynccontextmanager
@@ -133,10 +135,10 @@ async def holding_broker(target: Target) -> AsyncIterator[None]:
     flight during an outage are lost by design; holding the lock shared makes
     an outage test wait until the bench is done instead of spoiling its figures.
     """
-    if not target.script_name:
+    if not target.broker:
         yield
         return
-    with open(outage_lock_path(target), "a") as lock:  # noqa: ASYNC230 -- a lock file
+    with open(BROKERS[target.broker].lock_path, "a") as lock:  # noqa: ASYNC230 -- a lock file
         with trio.fail_after(OUTAGE_LOCK_TIMEOUT):
             while True:
                 try:
@@ -150,15 +152,15 @@ async def holding_broker(target: Target) -> AsyncIterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def _is_broker_process(broker: str, process: psutil.Process) -> bool:
+def _is_broker_process(family: str, process: psutil.Process) -> bool:
     name = process.info["name"] or ""
     cmdline = " ".join(process.info["cmdline"] or [])
-    if broker == "rabbitmq":
+    if family == "rabbitmq":
         # The Erlang VM does the work; epmd and the port helpers are idle.
         return name == "beam.smp" and "rabbit" in cmdline
-    if broker == "activemq":
+    if family == "activemq":
         return name == "java" and "activemq" in cmdline
-    if broker == "garagemq":
+    if family == "garagemq":
         return name == "garagemq"
     return False
 
@@ -168,5 +170,5 @@ def broker_processes(target: Target) -> list[psutil.Process]:
     return [
         process
         for process in psutil.process_iter(["name", "cmdline"])
-        if _is_broker_process(target.broker, process)
+        if _is_broker_process(target.family, process)
     ]

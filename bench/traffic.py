@@ -9,14 +9,26 @@ order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
+import h11
 import trio
 from trio_websocket import ConnectionClosed
 
 from bench.tally import Tally
 from triows.client import EventsClient, SendConnection, open_events
+
+# The outcomes of a batch item that mean "published" (DESIGN.md §4).
+BATCH_ITEM_OK = ("routed", "accepted")
+RECEIVE_SIZE = 65536
+
+
+# open_events(base_url, user=...) or the peer's open_socketio(base_url, user=...).
+OpenReceiver = Callable[..., AbstractAsyncContextManager[Any]]
 
 
 class Recorder:
@@ -56,11 +68,12 @@ async def receive_into(
     index: int,
     user: str,
     recorder: Recorder,
+    open_receiver: OpenReceiver = open_events,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Hold ``user``'s WebSocket open and record every message frame until cancelled."""
-    async with open_events(base_url, user=user) as client:
+    async with open_receiver(base_url, user=user) as client:
         task_status.started()
         try:
             while True:
@@ -125,3 +138,99 @@ async def websocket_stream(
         for _ in range(window):
             await in_flight.acquire()
         nursery.cancel_scope.cancel()
+
+
+class BatchConnection:
+    """One keep-alive HTTP/1.1 connection that POSTs JSON arrays to ``/send``, one at a time."""
+
+    def __init__(self, stream: trio.SocketStream, host: str) -> None:
+        self._stream = stream
+        self._http = h11.Connection(h11.CLIENT)
+        self._headers = [("Host", host), ("Content-Type", "application/json")]
+
+    async def send(self, items: list[dict[str, Any]]) -> tuple[int, bytes]:
+        """``POST /send`` with ``items`` as a JSON array; the status and the response body."""
+        body = json.dumps(items, separators=(",", ":")).encode()
+        request = h11.Request(
+            method="POST",
+            target="/send",
+            headers=[*self._headers, ("Content-Length", str(len(body)))],
+        )
+        await self._stream.send_all(
+            b"".join(
+                self._http.send(event) or b""
+                for event in (request, h11.Data(data=body), h11.EndOfMessage())
+            )
+        )
+        status = 0
+        chunks: list[bytes] = []
+        while True:
+            event = self._http.next_event()
+            if event is h11.NEED_DATA:
+                self._http.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self._http.start_next_cycle()
+                return status, b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("the server closed the connection")
+
+
+@asynccontextmanager
+async def open_batch_connection(base_url: str) -> AsyncIterator[BatchConnection]:
+    parts = urlsplit(base_url)
+    assert parts.hostname is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+    async with stream:
+        yield BatchConnection(stream, parts.netloc)
+
+
+def _item_outcome(item: Any) -> str:
+    if isinstance(item, dict):
+        status = item.get("status")
+        if status in BATCH_ITEM_OK:
+            return "ok"
+        return f"item {status} {item.get('title', '')}".strip()
+    return "item not an object"
+
+
+async def batch_stream(
+    connection: BatchConnection,
+    stream: int,
+    receivers: Sequence[str],
+    tally: Tally,
+    schedule: Schedule,
+    size: int,
+) -> None:
+    """One HTTP stream of batches: ``size`` messages per ``POST /send``, one request at a time.
+
+    Message ``n`` of the stream goes to the same receiver as in ``post_stream``,
+    so order is checked the same way. A refused batch ends the stream: the
+    server does not take batches (its row becomes an error).
+    """
+    number = 0
+    sender = f"sender{stream}"
+    while await schedule.next_send():
+        first = number
+        items = []
+        for _ in range(size):
+            to = receivers[(stream + number) % len(receivers)]
+            items.append({"to": to, "message": _message(tally, stream, number), "from": sender})
+            number += 1
+        status, body = await connection.send(items)
+        if status not in (200, 207):
+            tally.fail(f"HTTP {status}: {body[:120].decode(errors='replace')}")
+            return
+        outcomes = json.loads(body)
+        if not isinstance(outcomes, list) or len(outcomes) != size:
+            tally.fail(f"HTTP {status}: not one outcome per item")
+            return
+        for offset, item in enumerate(outcomes):
+            outcome = _item_outcome(item)
+            if outcome == "ok":
+                tally.confirm(stream, first + offset)
+            else:
+                tally.fail(outcome)

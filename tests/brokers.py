@@ -1,9 +1,11 @@
-"""The tests' way to the real brokers: all through ``deploy/brokers.sh``.
+"""The tests' way to the real brokers: the broker table, ``deploy/brokers.py``.
 
-Tests never start, stop or probe a broker themselves; they ask the one broker
-script, so the commands live in one place. Broker names are the script's:
+Names, ports, URLs and outage locks come from the table (``deploy.brokers``);
+tests never start, stop or probe a broker themselves, they run the table's
+script, so the commands live in one place. Broker names are the table's:
 ``rabbitmq``, ``rabbitmq-amqp10``, ``rabbitmq-stomp``, ``activemq``,
-``garagemq``.
+``garagemq``. A port is moved with the table's environment variable
+(``TRIOWS_BROKERS_<NAME>_PORT``), which the script sees too.
 """
 
 from __future__ import annotations
@@ -11,42 +13,30 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
 
-BROKERS_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "brokers.sh"
-BROKER_NAMES = ("rabbitmq", "rabbitmq-amqp10", "rabbitmq-stomp", "activemq", "garagemq")
-# Brokers a test may take down with broker_outage, and the broker family each
-# belongs to (the family names the lock file, as in brokers.sh).
-OUTAGE_NAMES = ("rabbitmq", "activemq")
+from deploy.brokers import BROKERS, OUTAGE_NAMES, SCRIPT, start_hint
+
+BROKER_NAMES = tuple(BROKERS)
 # A hang guard for bringing a broker back; the script bounds its own waits.
 OUTAGE_END_TIMEOUT = 180
 
 
-def outage_lock_path(name: str) -> Path:
-    """The lock that every outage of ``name``'s broker family is taken under.
-
-    RabbitMQ's is ``/tmp/triows-rabbitmq-outage.lock``, shared by everything
-    on the machine that stops RabbitMQ's app.
-    """
-    family = name.split("-", 1)[0]
-    return Path(f"/tmp/triows-{family}-outage.lock")
-
-
 async def run_brokers_script(*args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run ``deploy/brokers.sh ARGS...`` and return its result (never raises on exit status)."""
+    """Run ``deploy/brokers.py ARGS...`` and return its result (never raises on exit status)."""
     return await trio.run_process(
-        [str(BROKERS_SCRIPT), *args], capture_stdout=True, capture_stderr=True, check=False
+        [sys.executable, str(SCRIPT), *args], capture_stdout=True, capture_stderr=True, check=False
     )
 
 
 def _script_message(result: subprocess.CompletedProcess[bytes]) -> str:
     text = (result.stderr or result.stdout).decode(errors="replace").strip()
-    return text or f"deploy/brokers.sh exited with {result.returncode}"
+    return text or f"deploy/brokers.py exited with {result.returncode}"
 
 
 async def require_broker(name: str) -> None:
@@ -59,9 +49,8 @@ async def require_broker(name: str) -> None:
     result = await run_brokers_script("check", name)
     if result.returncode != 0:
         message = _script_message(result)
-        hint = f"start it with: deploy/brokers.sh start {name}"
-        if hint not in message:
-            message = f"{message}; {hint}"
+        if start_hint(name) not in message:
+            message = f"{message}; {start_hint(name)}"
         pytest.fail(message, pytrace=False)
 
 
@@ -71,18 +60,19 @@ async def broker_outage(name: str) -> AsyncIterator[None]:
 
     ``name`` is ``rabbitmq`` (its app is stopped; the AMQP 1.0 and STOMP
     plugins go down with it) or ``activemq`` (the process is stopped). The
-    broker family's outage lock is held from before the broker goes down until
-    it answers again, so concurrent test runs never overlap their outages and
-    ``deploy/brokers.sh start``/``check`` wait for the outage to end. The broker
-    is brought back even when the block raises or is cancelled. Inside the
-    block, do not call :func:`require_broker` for the same broker family: it
-    waits for the lock this holds. ``deploy/brokers.sh status NAME`` does not.
+    broker family's outage lock (``Broker.lock_path``) is held from before the
+    broker goes down until it answers again, so concurrent test runs never
+    overlap their outages and ``deploy/brokers.py start``/``check`` wait for the
+    outage to end. The broker is brought back even when the block raises or is
+    cancelled. Inside the block, do not call :func:`require_broker` for the
+    same broker family: it waits for the lock this holds.
+    ``deploy/brokers.py status NAME`` does not.
     """
     if name not in OUTAGE_NAMES:
         raise ValueError(f"broker_outage supports {OUTAGE_NAMES}, not {name!r}")
     # O_CLOEXEC (Python's default): the brokers the script starts must not
     # inherit the lock.
-    lock_fd = os.open(outage_lock_path(name), os.O_WRONLY | os.O_CREAT, 0o666)
+    lock_fd = os.open(BROKERS[name].lock_path, os.O_WRONLY | os.O_CREAT, 0o666)
     try:
         # flock blocks, so it waits in a thread; on cancellation the thread is
         # abandoned, and closing the descriptor below drops the lock it may

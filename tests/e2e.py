@@ -16,6 +16,7 @@ from typing import Any, Literal
 import httpx
 import trio
 
+from deploy.brokers import BROKERS
 from triows.client import EventsClient, post_send
 from triows.process import Instance, serve_instance
 
@@ -29,21 +30,37 @@ RECONNECT_MAX = "1"
 
 
 @dataclass(frozen=True)
-class BrokerTarget:
-    """One backend on one broker, as the end-to-end tests run it."""
+class Target:
+    """One backend on one broker, as the end-to-end tests run it.
 
-    name: str
-    backend: str
-    broker_url: str
-    # The name tests.brokers.require_broker (and deploy/brokers.sh) knows the broker by.
+    Everything but ``confirmed_as`` comes from the broker table
+    (``deploy/brokers.py``), ports and URLs included.
+    """
+
+    # The broker table's name for the broker (what tests.brokers.require_broker takes).
     broker: str
-    # What tests.brokers.broker_outage takes down to stop this broker; None where
-    # the broker script has no outage for it.
-    outage: str | None
     # What a confirmed /send answers: "routed" where the broker tells the
     # backend whether anyone was subscribed (an offline recipient is then 404),
     # "accepted" where it cannot (an offline recipient is then 202 accepted too).
     confirmed_as: Literal["routed", "accepted"]
+
+    @property
+    def name(self) -> str:
+        """``<backend>-<broker family>``, e.g. ``amqp10-rabbitmq`` (as the bench names it)."""
+        return f"{self.backend}-{BROKERS[self.broker].family}"
+
+    @property
+    def backend(self) -> str:
+        return BROKERS[self.broker].backend
+
+    @property
+    def broker_url(self) -> str:
+        return BROKERS[self.broker].url
+
+    @property
+    def outage(self) -> str | None:
+        """What tests.brokers.broker_outage takes down to stop this broker, if it can."""
+        return BROKERS[self.broker].outage_name
 
     @property
     def offline_is_404(self) -> bool:
@@ -52,52 +69,17 @@ class BrokerTarget:
 
 
 TARGETS = (
-    BrokerTarget(
-        "amqp091-rabbitmq",
-        backend="amqp091",
-        broker_url="amqp://guest:guest@127.0.0.1:5672/",
-        broker="rabbitmq",
-        outage="rabbitmq",
-        confirmed_as="routed",
-    ),
+    Target("rabbitmq", confirmed_as="routed"),
     # GarageMQ returns unroutable mandatory messages, so offline is 404 there
     # too. It answers each publisher confirm about 20 ms late, so one socket
     # sending one message after another (each acked before the next) is slow.
-    BrokerTarget(
-        "amqp091-garagemq",
-        backend="amqp091",
-        broker_url="amqp://guest:guest@127.0.0.1:5673/",
-        broker="garagemq",
-        outage=None,
-        confirmed_as="routed",
-    ),
+    Target("garagemq", confirmed_as="routed"),
     # RabbitMQ 3.x's AMQP 1.0 plugin settles a message "accepted" whether or
     # not a queue took it.
-    BrokerTarget(
-        "amqp10-rabbitmq",
-        backend="amqp10",
-        broker_url="amqp://guest:guest@127.0.0.1:5672",
-        broker="rabbitmq-amqp10",
-        outage="rabbitmq",
-        confirmed_as="accepted",
-    ),
+    Target("rabbitmq-amqp10", confirmed_as="accepted"),
     # STOMP has no way to tell whether anyone is subscribed.
-    BrokerTarget(
-        "stomp-rabbitmq",
-        backend="stomp",
-        broker_url="stomp://guest:guest@127.0.0.1:61613",
-        broker="rabbitmq-stomp",
-        outage="rabbitmq",
-        confirmed_as="accepted",
-    ),
-    BrokerTarget(
-        "stomp-activemq",
-        backend="stomp",
-        broker_url="stomp://guest:guest@127.0.0.1:61614",
-        broker="activemq",
-        outage="activemq",
-        confirmed_as="accepted",
-    ),
+    Target("rabbitmq-stomp", confirmed_as="accepted"),
+    Target("activemq", confirmed_as="accepted"),
 )
 TARGETS_BY_NAME = {target.name: target for target in TARGETS}
 
@@ -109,7 +91,7 @@ def unique_exchange() -> str:
 
 @asynccontextmanager
 async def serve_target(
-    target: BrokerTarget,
+    target: Target,
     exchange: str,
     *,
     broker_url: str | None = None,
@@ -133,7 +115,7 @@ async def serve_target(
 
 @asynccontextmanager
 async def ready_instances(
-    target: BrokerTarget,
+    target: Target,
     count: int = 2,
     *,
     exchange: str | None = None,
@@ -158,7 +140,7 @@ async def ready_instances(
 
 
 async def send_confirmed(
-    http: httpx.AsyncClient, target: BrokerTarget, base_url: str, to: str, message: Any
+    http: httpx.AsyncClient, target: Target, base_url: str, to: str, message: Any
 ) -> str:
     """Anne's ``POST /send``; assert the 202 ``target`` gives a confirmed message; return its id."""
     response = await post_send(http, base_url, to, message, sender="Anne")
@@ -169,7 +151,7 @@ async def send_confirmed(
 
 
 async def assert_offline_answer(
-    http: httpx.AsyncClient, target: BrokerTarget, base_url: str, to: str
+    http: httpx.AsyncClient, target: Target, base_url: str, to: str
 ) -> None:
     """Assert what ``/send`` answers on ``target`` for a user connected nowhere."""
     if target.offline_is_404:

@@ -23,7 +23,7 @@ from tests.e2e import (
     POLL_INTERVAL,
     STEP_TIMEOUT,
     TARGETS,
-    BrokerTarget,
+    Target,
     assert_next_message,
     assert_offline_answer,
     collect_frames,
@@ -44,12 +44,12 @@ targets_with_an_outage = pytest.mark.parametrize(
 
 
 @pytest.fixture(autouse=True)
-async def broker_running(target: BrokerTarget) -> None:
+async def broker_running(target: Target) -> None:
     await require_broker(target.broker)
 
 
 @every_target
-async def test_core_scenario_bob_on_b_gets_annes_send_to_a_once(target: BrokerTarget) -> None:
+async def test_core_scenario_bob_on_b_gets_annes_send_to_a_once(target: Target) -> None:
     async with (
         ready_instances(target) as (a, b),
         httpx.AsyncClient() as http,
@@ -73,7 +73,7 @@ async def test_core_scenario_bob_on_b_gets_annes_send_to_a_once(target: BrokerTa
 
 @every_target
 async def test_bob_on_a_and_b_gets_each_message_once_on_each_connection(
-    target: BrokerTarget,
+    target: Target,
 ) -> None:
     async with (
         ready_instances(target) as (a, b),
@@ -94,7 +94,7 @@ async def test_bob_on_a_and_b_gets_each_message_once_on_each_connection(
 
 
 @every_target
-async def test_carol_gets_only_what_is_sent_while_she_is_connected(target: BrokerTarget) -> None:
+async def test_carol_gets_only_what_is_sent_while_she_is_connected(target: Target) -> None:
     async with ready_instances(target) as (a, b), httpx.AsyncClient() as http:
         # Offline: 404 where the broker can tell, 202 accepted where it cannot.
         for instance in (a, b):
@@ -114,7 +114,7 @@ async def test_carol_gets_only_what_is_sent_while_she_is_connected(target: Broke
 
 @every_target
 async def test_2000_messages_from_anne_reach_bob_across_instances_complete_in_order(
-    target: BrokerTarget,
+    target: Target,
 ) -> None:
     count = 2000
     # Bob's bounded queue must hold what can be in flight to him while the test
@@ -141,7 +141,7 @@ async def test_2000_messages_from_anne_reach_bob_across_instances_complete_in_or
 
 @targets_with_an_outage
 async def test_broker_outage_gives_503_keeps_sockets_open_and_resumes_without_restart(
-    target: BrokerTarget,
+    target: Target,
 ) -> None:
     assert target.outage is not None
     async with (

@@ -1,13 +1,15 @@
-"""The AMQP 0-9-1 backend against the real RabbitMQ on 127.0.0.1:5672.
+"""What is specific to the AMQP 0-9-1 backend, against the real RabbitMQ on 127.0.0.1:5672.
 
-Each test uses its own exchange, so tests running at the same time (here or in
-other engineers' suites) never see each other's bindings.
+The behaviour every backend shares is tests/test_backend_contract.py's. Each
+test uses its own exchange, so tests running at the same time never see each
+other's bindings.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
@@ -18,17 +20,16 @@ import trio
 import trio_asyncio
 
 from backends.amqp091 import Amqp091Backend, open_amqp091_backend
+from deploy.brokers import BROKERS
 from tests.brokers import broker_outage, require_broker
-from tests.ready_backends import open_ready_backend
-from tests.tcp_proxy import open_tcp_proxy
+from tests.test_backend_contract import open_ready
 from triows.backend import BrokerUnavailable, Outcome
-from triows.process import free_port
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker
 
-RABBITMQ_PORT = 5672
-RABBITMQ_URL = f"amqp://guest:guest@127.0.0.1:{RABBITMQ_PORT}/"
+RABBITMQ_PORT = BROKERS["rabbitmq"].port
+RABBITMQ_URL = BROKERS["rabbitmq"].url
 POLL_INTERVAL = 0.05
 # Hang guards only; no test asserts on how long something took.
 READY_TIMEOUT = 30
@@ -53,110 +54,14 @@ def amqp_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: Any)
 @asynccontextmanager
 async def open_instances(exchange: str, count: int) -> AsyncIterator[list[Amqp091Backend]]:
     async with AsyncExitStack() as stack:
-        yield [
-            await stack.enter_async_context(open_ready_backend(amqp_settings(exchange)))
+        backends = [
+            await stack.enter_async_context(open_amqp091_backend(amqp_settings(exchange)))
             for _ in range(count)
         ]
-
-
-async def test_publish_to_a_key_held_elsewhere_is_routed_and_delivered_verbatim(
-    exchange: str,
-) -> None:
-    async with open_instances(exchange, 2) as (anne_side, bob_side):
-        await bob_side.subscribe("user.Bob")
-        body = b'{"type":"message","message":{"text":"hi \xc3\xa9"}}'
-
-        assert await anne_side.publish("user.Bob", body) == Outcome.ROUTED
-        with trio.fail_after(READY_TIMEOUT):
-            assert await bob_side.incoming.receive() == ("user.Bob", body)
-
-
-async def test_publish_to_a_key_nobody_holds_is_unrouted(exchange: str) -> None:
-    async with open_instances(exchange, 1) as (backend,):
-        assert await backend.publish("user.Carol", b"{}") == Outcome.UNROUTED
-
-
-async def test_bindings_follow_subscribe_and_unsubscribe(exchange: str) -> None:
-    async with open_instances(exchange, 2) as (sender, holder):
-        await holder.subscribe("user.Carol")
-        assert await sender.publish("user.Carol", b"1") == Outcome.ROUTED
-
-        await holder.unsubscribe("user.Carol")
-        assert await sender.publish("user.Carol", b"2") == Outcome.UNROUTED
-
-        with trio.fail_after(READY_TIMEOUT):
-            assert await holder.incoming.receive() == ("user.Carol", b"1")
-
-
-async def test_each_instance_holding_a_key_receives_each_message_once(exchange: str) -> None:
-    async with open_instances(exchange, 3) as (sender, first, second):
-        await first.subscribe("user.Bob")
-        await second.subscribe("user.Bob")
-
-        for n in range(3):
-            assert await sender.publish("user.Bob", b"%d" % n) == Outcome.ROUTED
-        await sender.subscribe("user.end")
-        await first.subscribe("user.end")
-        await second.subscribe("user.end")
-        # A marker after the messages: anything duplicated would arrive before it.
-        assert await sender.publish("user.end", b"end") == Outcome.ROUTED
-
-        with trio.fail_after(READY_TIMEOUT):
-            for holder in (first, second):
-                received = [await holder.incoming.receive() for _ in range(4)]
-                assert received == [
-                    ("user.Bob", b"0"),
-                    ("user.Bob", b"1"),
-                    ("user.Bob", b"2"),
-                    ("user.end", b"end"),
-                ]
-
-
-async def test_2000_messages_arrive_complete_in_order_through_small_buffers(
-    exchange: str,
-) -> None:
-    # Small prefetch and incoming bounds so that the consumer's backpressure
-    # (ack only after handing over) is exercised, not just the happy path.
-    count = 2000
-    async with (
-        open_ready_backend(amqp_settings(exchange)) as sender,
-        open_ready_backend(amqp_settings(exchange, prefetch=8, incoming_queue=4)) as receiver,
-    ):
-        await receiver.subscribe("user.Bob")
-        received: list[bytes] = []
-
-        async def receive_all() -> None:
-            while len(received) < count:
-                key, body = await receiver.incoming.receive()
-                assert key == "user.Bob"
-                received.append(body)
-
-        with trio.fail_after(OUTAGE_TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(receive_all)
-                for n in range(count):
-                    assert await sender.publish("user.Bob", b"%d" % n) == Outcome.ROUTED
-
-        assert received == [b"%d" % n for n in range(count)]
-
-
-async def test_broker_unreachable_at_open_then_ready_when_it_appears(exchange: str) -> None:
-    port = free_port()
-    async with open_amqp091_backend(
-        amqp_settings(exchange, port=port, reconnect_max_delay=0.5)
-    ) as backend:
-        assert not backend.ready
-        with pytest.raises(BrokerUnavailable):
-            await backend.publish("user.Bob", b"{}")
-        # Held while down, bound once connected.
-        await backend.subscribe("user.Bob")
-
-        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
+        for backend in backends:
             with trio.fail_after(READY_TIMEOUT):
                 await backend.wait_ready()
-            assert await backend.publish("user.Bob", b"hello") == Outcome.ROUTED
-            with trio.fail_after(READY_TIMEOUT):
-                assert await backend.incoming.receive() == ("user.Bob", b"hello")
+        yield backends
 
 
 async def test_a_broker_closing_the_socket_during_the_handshake_is_retried(
@@ -187,35 +92,6 @@ async def test_a_broker_closing_the_socket_during_the_handshake_is_retried(
             with pytest.raises(BrokerUnavailable):
                 await backend.publish("user.Bob", b"{}")
         nursery.cancel_scope.cancel()
-
-
-async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange: str) -> None:
-    async with (
-        open_tcp_proxy(RABBITMQ_PORT) as proxy,
-        open_ready_backend(amqp_settings(exchange)) as sender,
-        open_ready_backend(
-            amqp_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)
-        ) as holder,
-    ):
-        await holder.subscribe("user.Bob")
-        await holder.subscribe("user.Gone")
-
-        proxy.cut()
-        with trio.fail_after(READY_TIMEOUT):
-            await holder.wait_ready(False)
-        with pytest.raises(BrokerUnavailable):
-            await holder.publish("user.Bob", b"{}")
-        await holder.unsubscribe("user.Gone")
-        await holder.subscribe("user.New")
-
-        with trio.fail_after(READY_TIMEOUT):
-            await holder.wait_ready()
-        assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
-        assert await sender.publish("user.New", b"2") == Outcome.ROUTED
-        assert await sender.publish("user.Gone", b"3") == Outcome.UNROUTED
-        with trio.fail_after(READY_TIMEOUT):
-            assert await holder.incoming.receive() == ("user.Bob", b"1")
-            assert await holder.incoming.receive() == ("user.New", b"2")
 
 
 async def publish_until_routed(backend: Amqp091Backend, key: str, body: bytes) -> None:
@@ -268,8 +144,8 @@ async def test_rabbitmq_restart_makes_backend_unavailable_then_restores_it(
 
         with trio.fail_after(OUTAGE_TIMEOUT):
             async with broker_outage("rabbitmq"):
-                await holder.wait_ready(False)
-                await sender.wait_ready(False)
+                await holder.wait_not_ready()
+                await sender.wait_not_ready()
                 with pytest.raises(BrokerUnavailable):
                     await sender.publish("user.Bob", b"{}")
                 await holder.subscribe("user.Dana")
@@ -285,8 +161,70 @@ async def test_rabbitmq_restart_makes_backend_unavailable_then_restores_it(
 
 async def test_closing_the_backend_deletes_its_queue(exchange: str) -> None:
     async with open_instances(exchange, 1) as (sender,):
-        async with open_ready_backend(amqp_settings(exchange)) as holder:
+        async with open_ready(amqp_settings(exchange)) as holder:
             await holder.subscribe("user.Bob")
             assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
         # The exclusive queue and its bindings went with the connection.
         assert await sender.publish("user.Bob", b"2") == Outcome.UNROUTED
+
+
+class Rejections(logging.Handler):
+    """Collects the fields of every ``broker_rejected`` event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: list[dict[str, object]] = []
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "broker_rejected":
+            self.fields.append(getattr(record, "fields", {}))
+            self.seen.set()
+
+
+@pytest.fixture
+def rejections() -> Iterator[Rejections]:
+    handler = Rejections()
+    logger = logging.getLogger("triows")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def operator_call(method: str, *args: object, **kwargs: object) -> None:
+    """One exchange operation as an operator would do it, on its own connection."""
+    async with trio_asyncio.open_loop():
+        operator = await trio_asyncio.aio_as_trio(aiormq.connect)(RABBITMQ_URL)
+        channel = await trio_asyncio.aio_as_trio(operator.channel)()
+        await trio_asyncio.aio_as_trio(getattr(channel, method))(*args, **kwargs)
+        await trio_asyncio.aio_as_trio(operator.close)()
+
+
+async def test_an_exchange_of_another_type_is_reported_once_and_retried_until_it_is_gone(
+    exchange: str, rejections: Rejections
+) -> None:
+    # Issue 9 item 6: PRECONDITION_FAILED used to end the backend's task for
+    # good (a live process with a dead backend).
+    await operator_call("exchange_declare", exchange=exchange, exchange_type="fanout")
+    settings = amqp_settings(exchange, reconnect_max_delay=0.05)
+    async with open_amqp091_backend(settings) as backend:
+        with trio.fail_after(READY_TIMEOUT):
+            await rejections.seen.wait()
+        # Several retries later: still alive, not ready, and reported once.
+        for _ in range(5):
+            await trio.sleep(settings.reconnect_max_delay)
+        assert not backend.ready
+        assert len(rejections.fields) == 1
+        fields = rejections.fields[0]
+        assert (fields["kind"], fields["exchange"]) == ("configuration", exchange)
+        assert (fields["wanted_type"], fields["current_type"]) == ("direct", "fanout")
+
+        await backend.subscribe("user.Bob")
+        await operator_call("exchange_delete", exchange)
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+        assert await backend.publish("user.Bob", b"at last") == Outcome.ROUTED
+        with trio.fail_after(READY_TIMEOUT):
+            assert await backend.incoming.receive() == ("user.Bob", b"at last")

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 
+from deploy.brokers import BROKERS
 from tests.brokers import require_broker
 from tests.e2e import (
     STEP_TIMEOUT,
@@ -29,7 +30,7 @@ from triows.process import free_port, wait_for_status
 pytestmark = pytest.mark.broker
 
 RABBITMQ = TARGETS_BY_NAME["amqp091-rabbitmq"]
-RABBITMQ_PORT = 5672
+RABBITMQ_PORT = BROKERS["rabbitmq"].port
 
 
 @pytest.fixture(autouse=True)

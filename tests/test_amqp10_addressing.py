@@ -5,13 +5,10 @@ from __future__ import annotations
 import pytest
 from proton import symbol
 
-from backends.amqp10 import (
-    ANONYMOUS_RELAY,
-    BrokerTarget,
-    LinkRefused,
-    choose_addressing,
-)
-from triows.settings import Settings
+from backends.amqp10 import check_settings
+from backends.amqp10_addressing import ANONYMOUS_RELAY, choose_addressing, parse_url
+from backends.supervisor import BrokerRejected
+from triows.settings import Settings, SettingsError
 
 
 def open_properties(product: str, version: str = "1.0.0") -> dict[object, object]:
@@ -59,18 +56,20 @@ def test_the_template_setting_wins_over_the_broker_default() -> None:
 
 
 def test_a_broker_without_relay_and_a_template_without_a_target_is_refused() -> None:
-    with pytest.raises(LinkRefused, match="anonymous relay"):
+    # A configuration error: reported once and retried slowly, not a lost link.
+    with pytest.raises(BrokerRejected, match="anonymous relay"):
         choose_addressing(Settings(), open_properties("Qpid Broker-J"), None)
 
 
 def test_broker_url_parts_are_read_with_defaults() -> None:
-    target = BrokerTarget.from_url("amqps://us%40r:p%3Ass@broker.example/tenant")
+    target = parse_url("amqps://us%40r:p%3Ass@broker.example/tenant")
     assert (target.host, target.port, target.tls) == ("broker.example", 5671, True)
     assert (target.user, target.password, target.vhost) == ("us@r", "p:ss", "tenant")
-    plain = BrokerTarget.from_url("amqp://127.0.0.1")
+    plain = parse_url("amqp://127.0.0.1")
     assert (plain.port, plain.tls, plain.user, plain.vhost) == (5672, False, None, "/")
 
 
 def test_a_broker_url_of_another_scheme_is_refused() -> None:
-    with pytest.raises(ValueError, match="amqp://"):
-        BrokerTarget.from_url("stomp://127.0.0.1:61613")
+    settings = Settings(backend="amqp10", broker_url="stomp://127.0.0.1:61613")
+    with pytest.raises(SettingsError, match="amqp://"):
+        check_settings(settings)

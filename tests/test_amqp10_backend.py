@@ -19,17 +19,17 @@ from typing import Any
 import anyio
 import pytest
 
-from backends.amqp10 import Amqp10Backend, open_amqp10_backend
+from backends.amqp10 import Amqp10Backend
+from deploy.brokers import BROKERS
 from tests.brokers import require_broker
-from tests.ready_backends import open_ready_backend
 from tests.tcp_proxy import open_tcp_proxy
-from triows.backend import BrokerUnavailable, Outcome
-from triows.process import free_port
+from tests.test_backend_contract import open_ready
+from triows.backend import Outcome
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker
 
-RABBITMQ_PORT = 5672
+RABBITMQ_PORT = BROKERS["rabbitmq"].port
 # Hang guards only; no test asserts on how long something took.
 READY_TIMEOUT = 30
 
@@ -80,7 +80,7 @@ async def assert_receives_exactly(holder: Amqp10Backend, keys: list[str]) -> Non
 
 
 async def test_rabbitmq_is_recognised_from_its_open_frame(exchange: str) -> None:
-    async with open_ready_backend(amqp10_settings(exchange)) as backend:
+    async with open_ready(amqp10_settings(exchange)) as backend:
         addressing = backend.addressing
         assert addressing is not None
         assert addressing.family == "rabbitmq"
@@ -89,88 +89,8 @@ async def test_rabbitmq_is_recognised_from_its_open_frame(exchange: str) -> None
         assert addressing.sender_target == f"/exchange/{exchange}"
 
 
-async def test_publish_to_a_key_held_elsewhere_is_accepted_and_delivered_verbatim(
-    exchange: str,
-) -> None:
-    async with (
-        open_ready_backend(amqp10_settings(exchange)) as sender,
-        open_ready_backend(amqp10_settings(exchange)) as holder,
-    ):
-        await holder.subscribe("user.bob")
-        body = b'{"type":"message","message":"hi \\u00e9"}'
-        with anyio.fail_after(READY_TIMEOUT):
-            # RabbitMQ 3.10 accepts routed and unroutable messages alike.
-            assert await sender.publish("user.bob", body) is Outcome.ACCEPTED
-            assert await holder.incoming.receive() == ("user.bob", body)
-
-
-async def test_publish_to_a_key_nobody_holds_is_accepted_by_rabbitmq_3(exchange: str) -> None:
-    async with open_ready_backend(amqp10_settings(exchange)) as backend:
-        with anyio.fail_after(READY_TIMEOUT):
-            assert await backend.publish("user.nobody", b"{}") is Outcome.ACCEPTED
-
-
-async def test_unsubscribe_stops_delivery_of_that_key_only(exchange: str) -> None:
-    async with open_ready_backend(amqp10_settings(exchange)) as backend:
-        with anyio.fail_after(READY_TIMEOUT):
-            await backend.subscribe("user.anne")
-            await backend.subscribe("user.bob")
-            await backend.unsubscribe("user.anne")
-            await backend.publish("user.anne", b"1")
-            await backend.publish("user.bob", b"2")
-            # Messages of one sender arrive in order, so had "1" been delivered
-            # it would come before "2".
-            assert await backend.incoming.receive() == ("user.bob", b"2")
-
-
-async def test_each_instance_holding_a_key_receives_each_message_once(exchange: str) -> None:
-    async with (
-        open_ready_backend(amqp10_settings(exchange)) as sender,
-        open_ready_backend(amqp10_settings(exchange)) as first,
-        open_ready_backend(amqp10_settings(exchange)) as second,
-    ):
-        await first.subscribe("user.bob")
-        await second.subscribe("user.bob")
-        with anyio.fail_after(READY_TIMEOUT):
-            await sender.publish("user.bob", b"1")
-            await sender.publish("user.bob", b"2")
-            for holder in (first, second):
-                assert await holder.incoming.receive() == ("user.bob", b"1")
-                assert await holder.incoming.receive() == ("user.bob", b"2")
-        await sender.publish("user.bob", b"end")
-        with anyio.fail_after(READY_TIMEOUT):
-            for holder in (first, second):
-                assert await holder.incoming.receive() == ("user.bob", b"end")
-
-
-async def test_2000_messages_arrive_complete_in_order_through_small_credit(
-    exchange: str,
-) -> None:
-    count = 2000
-    settings = amqp10_settings(exchange, prefetch=8, incoming_queue=4)
-    async with (
-        open_ready_backend(amqp10_settings(exchange)) as sender,
-        open_ready_backend(settings) as holder,
-    ):
-        await holder.subscribe("user.bob")
-        received: list[bytes] = []
-
-        async def receive_all() -> None:
-            while len(received) < count:
-                key, body = await holder.incoming.receive()
-                assert key == "user.bob"
-                received.append(body)
-
-        with anyio.fail_after(120):
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(receive_all)
-                for number in range(count):
-                    await sender.publish("user.bob", str(number).encode())
-        assert received == [str(number).encode() for number in range(count)]
-
-
 async def test_concurrent_publishes_each_get_their_outcome(exchange: str) -> None:
-    async with open_ready_backend(amqp10_settings(exchange)) as backend:
+    async with open_ready(amqp10_settings(exchange)) as backend:
         await backend.subscribe("user.bob")
         outcomes: list[Outcome] = []
 
@@ -186,47 +106,9 @@ async def test_concurrent_publishes_each_get_their_outcome(exchange: str) -> Non
         assert bodies == {str(number).encode() for number in range(200)}
 
 
-async def test_broker_unreachable_at_open_then_ready_when_it_appears(exchange: str) -> None:
-    port = free_port()
-    settings = amqp10_settings(exchange, port=port, reconnect_max_delay=0.5)
-    async with open_amqp10_backend(settings) as backend:
-        assert not backend.ready
-        await backend.subscribe("user.bob")  # held, attached once connected
-        with pytest.raises(BrokerUnavailable):
-            await backend.publish("user.bob", b"early")
-        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
-            with anyio.fail_after(READY_TIMEOUT):
-                await backend.wait_ready()
-                await backend.publish("user.bob", b"late")
-                assert await backend.incoming.receive() == ("user.bob", b"late")
-
-
-async def test_dropped_connection_reconnects_and_restores_subscriptions(exchange: str) -> None:
-    async with (
-        open_tcp_proxy(RABBITMQ_PORT) as proxy,
-        open_ready_backend(amqp10_settings(exchange)) as sender,
-        open_ready_backend(
-            amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)
-        ) as holder,
-    ):
-        await holder.subscribe("user.bob")
-        await holder.subscribe("user.anne")
-        await holder.unsubscribe("user.anne")
-        proxy.cut()
-        with anyio.fail_after(READY_TIMEOUT):
-            await holder.wait_ready(False)
-        with pytest.raises(BrokerUnavailable):
-            await holder.publish("user.bob", b"while down")
-        with anyio.fail_after(READY_TIMEOUT):
-            await holder.wait_ready()
-            await sender.publish("user.anne", b"not held")
-            await sender.publish("user.bob", b"after")
-            assert await holder.incoming.receive() == ("user.bob", b"after")
-
-
 async def test_closing_the_backend_detaches_its_links(exchange: str) -> None:
-    async with open_ready_backend(amqp10_settings(exchange)) as first:
-        async with open_ready_backend(amqp10_settings(exchange)) as second:
+    async with open_ready(amqp10_settings(exchange)) as first:
+        async with open_ready(amqp10_settings(exchange)) as second:
             await second.subscribe("user.bob")
         # The closed instance's queue is gone with its link: a later subscriber
         # of the same key gets the next message, and only that one.
@@ -241,8 +123,8 @@ async def test_300_keys_subscribed_at_once_each_receive_then_none_once_unsubscri
 ) -> None:
     keys = [f"user.crowd{number}" for number in range(300)]
     async with (
-        open_ready_backend(amqp10_settings(exchange)) as sender,
-        open_ready_backend(amqp10_settings(exchange)) as holder,
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_ready(amqp10_settings(exchange)) as holder,
     ):
         with anyio.fail_after(120):
             await call_each(holder.subscribe, keys)
@@ -288,8 +170,8 @@ async def test_a_key_refused_while_reattaching_makes_the_backend_reconnect_again
     # the one way to make a reconnect's re-attaching fail on a live connection.
     refused = "user.not/valid"
     async with (
-        open_ready_backend(amqp10_settings(exchange)) as sender,
-        open_ready_backend(amqp10_settings(exchange, reconnect_max_delay=0.5)) as holder,
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_ready(amqp10_settings(exchange, reconnect_max_delay=0.5)) as holder,
     ):
         await holder.subscribe("user.bob")
         await holder.subscribe(refused)  # refused: the connection starts over, holding it
@@ -313,10 +195,8 @@ async def test_link_changes_racing_a_reconnect_leave_exactly_the_held_keys_deliv
     held: set[str] = set()
     async with (
         open_tcp_proxy(RABBITMQ_PORT) as proxy,
-        open_ready_backend(amqp10_settings(exchange)) as sender,
-        open_ready_backend(
-            amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)
-        ) as holder,
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_ready(amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)) as holder,
     ):
         with anyio.fail_after(120):
             await call_each(holder.subscribe, settled)
@@ -337,7 +217,7 @@ async def test_link_changes_racing_a_reconnect_leave_exactly_the_held_keys_deliv
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(toggle_until_reconnected)
                 proxy.cut()
-                await holder.wait_ready(False)
+                await holder.wait_not_ready()
                 await holder.wait_ready()
                 reconnected.set()
 

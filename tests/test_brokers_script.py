@@ -1,23 +1,25 @@
-"""``deploy/brokers.sh`` really starts every broker, and the test helpers work against it."""
+"""``deploy/brokers.py`` really starts every broker, and the test helpers work against it."""
 
 from __future__ import annotations
 
-import shutil
+import random
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 
-import tests.brokers
+from deploy import brokers as table
 from tests.brokers import (
     BROKER_NAMES,
-    BROKERS_SCRIPT,
+    BROKERS,
     OUTAGE_NAMES,
     broker_outage,
     require_broker,
     run_brokers_script,
 )
+from triows.process import free_port
 
 pytestmark = pytest.mark.broker
 
@@ -44,6 +46,11 @@ async def test_start_twice_changes_nothing() -> None:
     assert b"starting" not in second.stderr
     status = await run_brokers_script("status")
     assert status.returncode == 0, status.stdout.decode()
+    # One line per broker, each with the table's port.
+    lines = status.stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == list(BROKER_NAMES)
+    for line, broker in zip(lines, BROKERS.values(), strict=True):
+        assert line.endswith(f"127.0.0.1:{broker.port}"), line
 
 
 async def test_stop_refuses_the_shared_rabbitmq() -> None:
@@ -59,31 +66,92 @@ async def test_check_of_unknown_broker_fails_with_the_known_names() -> None:
     assert b"rabbitmq" in result.stderr
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+def test_a_port_variable_moves_the_port_and_url_of_its_broker_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = {name: broker.url for name, broker in BROKERS.items()}
+    monkeypatch.setenv(BROKERS["rabbitmq"].port_variable, "5999")
+    # AMQP 0-9-1 and 1.0 share RabbitMQ's listener, so one variable moves both.
+    assert BROKERS["rabbitmq"].url == "amqp://guest:guest@127.0.0.1:5999/"
+    assert BROKERS["rabbitmq-amqp10"].url == "amqp://guest:guest@127.0.0.1:5999"
+    for name in ("rabbitmq-stomp", "activemq", "garagemq"):
+        assert BROKERS[name].url == before[name]
+
+
+def test_a_port_variable_that_is_not_a_port_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BROKERS["garagemq"].port_variable, "5673x")
+    with pytest.raises(table.Failure, match="TRIOWS_BROKERS_GARAGEMQ_PORT"):
+        _ = BROKERS["garagemq"].port
 
 
 async def test_require_broker_fails_with_how_to_start_it_when_nothing_answers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A copy of the script that looks for GarageMQ on a port where nothing
+    # The table's port variable points the script at a port where nothing
     # listens: the real brokers are left alone.
-    deploy = tmp_path / "deploy"
-    shutil.copytree(BROKERS_SCRIPT.parent, deploy)
-    script = deploy / BROKERS_SCRIPT.name
-    text = script.read_text()
-    assert "readonly GARAGEMQ_PORT=5673\n" in text
-    script.write_text(text.replace("GARAGEMQ_PORT=5673", f"GARAGEMQ_PORT={unused_port()}"))
-    monkeypatch.setattr(tests.brokers, "BROKERS_SCRIPT", script)
+    port = free_port()
+    monkeypatch.setenv(BROKERS["garagemq"].port_variable, str(port))
 
     with pytest.raises(pytest.fail.Exception) as failure:
         await require_broker("garagemq")
     message = str(failure.value)
-    assert "garagemq is not answering" in message
-    assert "start it with: deploy/brokers.sh start garagemq" in message
+    assert f"garagemq is not answering: 127.0.0.1:{port}" in message
+    assert "start it with: deploy/brokers.py start garagemq" in message
+
+
+def free_port_pair(offset: int) -> int:
+    """A port P such that neither P nor P + ``offset`` is taken on 127.0.0.1 right now."""
+    for _ in range(100):
+        port = random.randrange(20000, 65535 - offset)
+        try:
+            with socket.socket() as first, socket.socket() as second:
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free pair of ports")
+
+
+async def test_a_port_variable_starts_a_broker_of_the_script_there_and_stop_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second GarageMQ, in a runtime folder of its own: the shared one is left alone.
+    port = free_port_pair(table.GARAGEMQ_ADMIN_OFFSET)
+    monkeypatch.setenv("TRIOWS_BROKERS_RUN_DIR", str(tmp_path))
+    monkeypatch.setenv(BROKERS["garagemq"].port_variable, str(port))
+    try:
+        with trio.fail_after(START_TIMEOUT):
+            started = await run_brokers_script("start", "garagemq")
+        assert started.returncode == 0, started.stderr.decode()
+        status = await run_brokers_script("status", "garagemq")
+        assert status.stdout.decode().split() == [
+            "garagemq",
+            "up",
+            "AMQP",
+            "0-9-1",
+            f"127.0.0.1:{port}",
+        ]
+    finally:
+        stopped = await run_brokers_script("stop", "garagemq")
+    assert stopped.returncode == 0, stopped.stderr.decode()
+    after = await run_brokers_script("status", "garagemq")
+    assert b"DOWN" in after.stdout
+    monkeypatch.delenv(BROKERS["garagemq"].port_variable)
+    await require_broker("garagemq")  # the shared one, on the default port, still answers
+
+
+def test_a_spawned_broker_that_exits_is_given_up_at_once_with_its_log_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(BROKERS["garagemq"].port_variable, str(free_port()))
+    command = [sys.executable, "-c", "print('cannot open the db'); raise SystemExit(3)"]
+    table.spawn(tmp_path, "garagemq", command)
+
+    with pytest.raises(table.Failure, match=r"gave up waiting for garagemq .*: the process exited"):
+        # Far longer than the child lives: giving up must not wait it out.
+        table.wait_for_spawned(BROKERS["garagemq"], 600, tmp_path, sys.executable)
+    assert "cannot open the db" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", OUTAGE_NAMES)

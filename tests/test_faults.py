@@ -46,7 +46,7 @@ RSS_SLACK_MIB = 20.0
 
 
 async def run(target: Target, fault: str) -> dict[str, Any]:
-    await require_broker(target.script_name)
+    await require_broker(target.broker)
     return await run_case(target, fault, ci_options())
 
 
@@ -152,7 +152,7 @@ async def test_instance_death_is_forgotten_by_the_broker(target: Target) -> None
 
 
 async def test_dead_clients_release_their_subscriptions() -> None:
-    await require_broker(RABBITMQ.script_name)
+    await require_broker(RABBITMQ.broker)
     row = await run_dead_client(RABBITMQ, ci_options(), DEAD_CLIENT_WAIT)
     assert row["alive"], row
     assert (row["killed_before"], row["ghost_before"]) == (202, 202), row
@@ -165,7 +165,7 @@ async def test_dead_clients_release_their_subscriptions() -> None:
     "target", [RABBITMQ, TARGETS["amqp10-rabbitmq"]], ids=lambda target: target.name
 )
 async def test_churn_leaves_no_growth(target: Target) -> None:
-    await require_broker(target.script_name)
+    await require_broker(target.broker)
     row = await run_churn(target, CHURN_CYCLES, ci_options())
     assert row["alive"] and row["failures"] == 0, row
     baseline, settled = row["baseline"], row["settled"]
@@ -176,7 +176,7 @@ async def test_churn_leaves_no_growth(target: Target) -> None:
 
 
 async def test_one_user_with_many_sockets_gets_every_message_on_each() -> None:
-    await require_broker(RABBITMQ.script_name)
+    await require_broker(RABBITMQ.broker)
     row = await run_fanout(RABBITMQ, FANOUT_SOCKETS, 10, ci_options())
     assert row["sends_2xx"] == 10, row
     assert row["sockets_complete_in_order"] == FANOUT_SOCKETS, row

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import psutil
 import trio
 
 from triows.client import open_events, post_send
@@ -46,6 +47,21 @@ async def test_sigterm_closes_sockets_with_1012_and_exits_0() -> None:
                 assert await bob.wait_closed() == 1012
         with trio.fail_after(20):
             assert await server.process.wait() == 0
+
+
+async def test_an_instance_binds_port_0_and_reports_the_port_it_got() -> None:
+    async with serve_instance("memory") as server:
+        command = server.process.args
+        assert isinstance(command, list)
+        # The kernel chose the port: nothing picked one first (and let it go).
+        assert command[command.index("--bind") + 1] == "127.0.0.1:0"
+        port = int(server.base_url.rsplit(":", 1)[1])
+        listening = {
+            connection.laddr.port
+            for connection in psutil.Process(server.process.pid).net_connections("tcp")
+            if connection.status == psutil.CONN_LISTEN
+        }
+        assert listening == {port}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

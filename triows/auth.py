@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ from triows.protocol import InvalidInput, check_user_name
 
 ALGORITHM = "HS256"
 DEFAULT_TOKEN_TTL = 3600
+# Seconds of clock skew allowed between the token's issuer and this instance
+# for ``exp``, ``iat`` and ``nbf`` (``TRIOWS_JWT_LEEWAY``).
+DEFAULT_LEEWAY = 5.0
 
 
 class AuthError(Exception):
@@ -33,21 +37,39 @@ def mint_token(secret: str, user: str, ttl: float = DEFAULT_TOKEN_TTL) -> str:
     return jwt.encode({"sub": user, "iat": now, "exp": now + int(ttl)}, secret, ALGORITHM)
 
 
-def verify_token(secret: str, token: str) -> Identity:
-    """Check signature, algorithm (HS256 only) and expiry; return who it names."""
+def verify_token(secret: str, token: str, leeway: float = DEFAULT_LEEWAY) -> Identity:
+    """Check signature, algorithm (HS256 only) and expiry; return who it names.
+
+    ``exp``, ``iat`` and ``nbf`` are checked with ``leeway`` seconds of clock
+    skew. Any problem with the token, whatever the JWT library raises, is an
+    :class:`AuthError` (a 401), never a server error.
+    """
     try:
         claims = jwt.decode(
-            token, secret, algorithms=[ALGORITHM], options={"require": ["sub", "exp"]}
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            options={"require": ["sub", "exp"]},
+            leeway=leeway,
         )
+        expires_at = float(claims["exp"])
+        if not math.isfinite(expires_at):
+            raise AuthError("invalid token: 'exp' is not a finite number")
     except jwt.ExpiredSignatureError:
         raise AuthError("the token has expired") from None
     except jwt.InvalidTokenError as error:
         raise AuthError(f"invalid token: {error}") from None
+    except AuthError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        # A validly signed token whose claims PyJWT cannot handle: exp=10**400
+        # overflows its datetime arithmetic, a deep claim recurses.
+        raise AuthError(f"invalid token: {error.__class__.__name__}") from None
     try:
         user = check_user_name(claims["sub"])
     except InvalidInput as error:
         raise AuthError(f"invalid token subject: {error}") from None
-    return Identity(user, float(claims["exp"]))
+    return Identity(user, expires_at)
 
 
 def bearer_token(headers: Mapping[str, str], args: Mapping[str, str]) -> str | None:
@@ -60,7 +82,12 @@ def bearer_token(headers: Mapping[str, str], args: Mapping[str, str]) -> str | N
 
 
 def identify(
-    secret: str, headers: Mapping[str, str], args: Mapping[str, str], *, dev_user: str | None
+    secret: str,
+    headers: Mapping[str, str],
+    args: Mapping[str, str],
+    *,
+    dev_user: str | None,
+    leeway: float = DEFAULT_LEEWAY,
 ) -> Identity:
     """Authenticate a request; in dev mode (no secret) trust ``dev_user``.
 
@@ -74,4 +101,4 @@ def identify(
     token = bearer_token(headers, args)
     if token is None:
         raise AuthError("missing credentials: send 'Authorization: Bearer <token>' or ?token=")
-    return verify_token(secret, token)
+    return verify_token(secret, token, leeway)

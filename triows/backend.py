@@ -50,7 +50,15 @@ class Backend(Protocol):
     confirmed the change, so a message sent after ``subscribe`` returns reaches
     this instance. ``publish`` returns once the broker has taken responsibility
     for the message and raises :class:`BrokerUnavailable` at once while the
-    broker is down.
+    broker is down, or when the broker's confirm takes longer than
+    ``TRIOWS_PUBLISH_TIMEOUT`` (the backend applies that bound; callers need
+    not). ``wait_ready`` returns once ``ready`` is true; ``aclose`` closes the
+    broker connection gracefully and may be called more than once (the
+    opener's context calls it on exit).
+
+    A backend module may also define ``check_settings(settings)``, raising
+    :class:`triows.settings.SettingsError` for settings it cannot work with
+    (a malformed broker URL): ``triows serve`` calls it before starting.
     """
 
     @property
@@ -68,6 +76,10 @@ class Backend(Protocol):
     async def subscribe(self, key: str) -> None: ...
 
     async def unsubscribe(self, key: str) -> None: ...
+
+    async def wait_ready(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 BackendOpener = Callable[["Settings"], AbstractAsyncContextManager[Backend]]
@@ -104,6 +116,19 @@ def load_backend(name: str) -> BackendOpener:
     module = importlib.import_module(module_name)
     opener = getattr(module, attribute)
     return opener
+
+
+def check_backend_settings(settings: Settings) -> None:
+    """Load the backend ``settings.backend`` names and let it check its settings.
+
+    Raises :class:`UnknownBackend`, or the backend's
+    :class:`~triows.settings.SettingsError` (e.g. a malformed broker URL).
+    """
+    opener = load_backend(settings.backend)
+    module = importlib.import_module(opener.__module__)
+    check: Callable[[Settings], None] | None = getattr(module, "check_settings", None)
+    if check is not None:
+        check(settings)
 
 
 def open_backend(settings: Settings) -> AbstractAsyncContextManager[Backend]:

@@ -9,27 +9,35 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import socket
+import struct
 import sys
 from collections.abc import Sequence
+from functools import partial
 from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.utils import repr_socket_addr, wrap_app
 
-from triows.app import HYPERCORN_FRAME_LIMIT_FACTOR, create_app
+from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
-from triows.backend import UnknownBackend, load_backend
-from triows.logs import logger
+from triows.backend import UnknownBackend, check_backend_settings
+from triows.logs import log_event, logger
 from triows.protocol import InvalidInput
 from triows.settings import Settings, SettingsError
 
 # How often a worker process checks whether its parent asked it to stop.
 SHUTDOWN_POLL_INTERVAL = 0.1
+# TCP keepalive probes left unanswered before the kernel drops a connection.
+KEEPALIVE_PROBES = 3
 
 
 class StartupError(Exception):
@@ -38,7 +46,9 @@ class StartupError(Exception):
 
 def check_startup(settings: Settings) -> None:
     """Refuse settings that would be unsafe or could not work, with one clear message."""
-    load_backend(settings.backend)
+    # Imports the backend and lets it check its settings: a malformed broker
+    # URL fails here, with one line, not inside the server's lifespan.
+    check_backend_settings(settings)
     if settings.dev_mode and not settings.binds_loopback_only and not settings.insecure:
         raise StartupError(
             "refusing to start in dev mode (no TRIOWS_SECRET) on a non-loopback address "
@@ -59,33 +69,168 @@ def hypercorn_config(settings: Settings) -> Config:
     config.bind = list(settings.bind)
     config.websocket_max_message_size = settings.max_message_bytes * HYPERCORN_FRAME_LIMIT_FACTOR
     config.graceful_timeout = settings.close_timeout
+    # No Hypercorn WebSocket pings (websocket_ping_interval): they cost a task per
+    # socket and the first goes out at the handshake. Dead peers are found by TCP
+    # keepalive instead (see _tune_listener).
     config.accesslog = None
     # Hypercorn's own lines ("Running on ...", errors) become JSON lines too.
     config.errorlog = logger.getChild("hypercorn")
     return config
 
 
+def write_url_file(path: str, urls: Sequence[str]) -> None:
+    """Write the URLs served on, one a line, all at once (a reader never sees half a file)."""
+    partial_path = f"{path}.partial"
+    with open(partial_path, "w", encoding="utf-8") as file:
+        file.write("".join(f"{url}\n" for url in urls))
+    os.replace(partial_path, path)
+
+
+def _socket_urls(sockets: Sockets) -> list[str]:
+    """The URLs of bound sockets, as Hypercorn reports them (port 0 resolved)."""
+    return [
+        f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
+        for scheme, group in (("https", sockets.secure_sockets), ("http", sockets.insecure_sockets))
+        for sock in group
+    ]
+
+
+class WriteDeadlineStream(trio.abc.HalfCloseableStream):
+    """A TCP stream whose writes give up after ``timeout`` seconds and reset the connection.
+
+    Hypercorn's trio worker shields every ``send_all`` from cancellation, so no
+    timeout in the app can interrupt a write to a peer that never reads. The
+    deadline here is inside that shield: it still fires, and the connection is
+    reset (SO_LINGER 0), which ends the request or WebSocket as a lost client.
+    """
+
+    def __init__(self, stream: trio.SocketStream, timeout: float) -> None:
+        self.stream = stream
+        self.socket = stream.socket  # Hypercorn reads the addresses from it
+        self.timeout = timeout
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with trio.move_on_after(self.timeout):
+            try:
+                await self.stream.send_all(data)
+            except trio.BusyResourceError:
+                # Hypercorn's close (send_eof) raced a write, e.g. its ping task's:
+                # the connection is going; uncaught, this would end the whole server.
+                raise trio.BrokenResourceError("the connection is closing") from None
+            return
+        log_event("write_timeout", level=logging.WARNING, bytes=len(data))
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await self.stream.aclose()
+        raise trio.BrokenResourceError("the peer took no bytes within the write deadline")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def install_write_deadline(timeout: float) -> None:
+    """Give every plain TCP connection Hypercorn's trio worker accepts a write deadline.
+
+    ``worker_serve`` has no hook for the accepted stream, so the ``TCPServer``
+    name it calls is replaced by one that wraps the stream first (TLS streams
+    are left as they are: terminate TLS in front of triows).
+    """
+    from hypercorn.trio import run as hypercorn_run
+    from hypercorn.trio.tcp_server import TCPServer
+
+    original: Any = TCPServer
+
+    async def tcp_server(*args: Any) -> None:
+        *before, stream = args
+        if isinstance(stream, trio.SocketStream):
+            stream = WriteDeadlineStream(stream, timeout)
+        await original(*before, stream)
+
+    vars(hypercorn_run)["TCPServer"] = tcp_server
+
+
+def _tune_listener(sock: socket.socket, settings: Settings) -> None:
+    """Socket options that accepted connections inherit from their listening socket (Linux).
+
+    TCP keepalive probes a connection idle for ``TRIOWS_PING_INTERVAL`` seconds
+    (3 probes, a third of it apart), so a half-open peer is cut within twice the
+    interval; TCP_USER_TIMEOUT resets a connection whose sent bytes stay
+    unacknowledged (a dead peer, a window that stays shut) for that long too.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not settings.ping_interval:
+        return
+    idle = max(1, round(settings.ping_interval))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        timeout = max(settings.close_timeout, 2 * settings.ping_interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(1000 * timeout))
+
+
+def _listening_sockets(config: Config, settings: Settings, *, listen: bool) -> Sockets:
+    sockets = config.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        _tune_listener(sock, settings)
+        if listen:
+            sock.listen(config.backlog)
+    return sockets
+
+
 async def _serve_worker(
-    settings: Settings, config: Config, sockets: Sockets | None, stop: ProcessEvent | None
-) -> None:
+    settings: Settings,
+    config: Config,
+    sockets: Sockets | None,
+    stop: ProcessEvent | None,
+    url_file: str | None = None,
+) -> int:
     app = create_app(settings)
+    # A dead backend or router stops the server here, and the exit status says so.
+    app.exits_on_failure = True
+    install_write_deadline(settings.close_timeout)
+    if sockets is None:
+        sockets = _listening_sockets(config, settings, listen=True)
 
     async def drain_on_shutdown() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
                 if stop is not None:
                     nursery.start_soon(_wait_for_process_event, stop, nursery.cancel_scope)
+                nursery.start_soon(_cancel_when, app.failed, nursery.cancel_scope)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
-        await app.drain()
+        if not app.failed.is_set():
+            await app.drain()
 
-    await worker_serve(
-        wrap_app(app, config.wsgi_max_body_size, None),
-        config,
-        sockets=sockets,
-        shutdown_trigger=drain_on_shutdown,
-    )
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(
+            partial(
+                worker_serve,
+                wrap_app(app, config.wsgi_max_body_size, None),
+                config,
+                sockets=sockets,
+                shutdown_trigger=drain_on_shutdown,
+            )
+        )
+        if url_file is not None:
+            write_url_file(url_file, urls)
+    return FATAL_EXIT_CODE if app.failed.is_set() else 0
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _wait_for_process_event(event: ProcessEvent, scope: trio.CancelScope) -> None:
@@ -104,17 +249,22 @@ def _worker_process(
     # as Hypercorn's own trio_worker does (trio.SocketListener insists).
     for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
         sock.listen(config.backlog)
-    trio.run(_serve_worker, settings, config, sockets, stop)
+    sys.exit(trio.run(_serve_worker, settings, config, sockets, stop))
 
 
-def serve(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; with several workers, one process per worker."""
+def serve(settings: Settings, url_file: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; with several workers, one process per worker.
+
+    ``url_file``: once listening, write there the URL of each address served
+    on (with port 0 in a bind, the port the kernel chose).
+    """
     check_startup(settings)
     config = hypercorn_config(settings)
     if settings.workers == 1:
-        trio.run(_serve_worker, settings, config, None, None)
-        return 0
-    sockets = config.create_sockets()
+        return trio.run(_serve_worker, settings, config, None, None, url_file)
+    sockets = _listening_sockets(config, settings, listen=False)
+    if url_file is not None:
+        write_url_file(url_file, _socket_urls(sockets))
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     processes = []
@@ -155,6 +305,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--workers", type=int, help="worker processes (TRIOWS_WORKERS)")
     serve_parser.add_argument("--backend", help="broker backend (TRIOWS_BACKEND)")
     serve_parser.add_argument("--broker-url", help="broker URL (TRIOWS_BROKER_URL)")
+    serve_parser.add_argument(
+        "--url-file", help="once listening, write the URL of each bound address to this file"
+    )
     token_parser = commands.add_parser("token", help="mint a token from TRIOWS_SECRET")
     token_parser.add_argument("user")
     token_parser.add_argument(
@@ -173,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.from_env(
                 bind=bind, workers=args.workers, backend=args.backend, broker_url=args.broker_url
             )
-            return serve(settings)
+            return serve(settings, args.url_file)
         if args.command == "token":
             settings = Settings.from_env()
             if not settings.secret:

@@ -1,4 +1,9 @@
-"""Run ``triows serve`` as a child process on a free loopback port (demo, tests, bench)."""
+"""Run ``triows serve`` as a child process on a loopback port of its own (demo, tests, bench).
+
+The child binds port 0, so the kernel gives it a free port, and reports the
+port it got (``triows serve --url-file``): no other process can take the port
+between its choice and its use, as it could if it were picked here first.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,8 +25,16 @@ STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.05
 
 
+class InstanceFailed(Exception):
+    """The ``triows serve`` child exited before it listened."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now (and may, a moment later).
+
+    For a port that should stay unanswered, or that a test will listen on
+    itself; :func:`serve_instance` does not use it.
+    """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -67,35 +81,54 @@ async def serve_instance(
     port: int | None = None,
     stderr: int | None = None,
 ) -> AsyncIterator[Instance]:
-    """Start ``triows serve`` and yield it once ``/healthz`` answers; kill it on exit."""
-    port = free_port() if port is None else port
-    command = [
-        sys.executable,
-        "-m",
-        "triows",
-        "serve",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--backend",
-        backend,
-        "--workers",
-        str(workers),
-        *args,
-    ]
-    if broker_url is not None:
-        command += ["--broker-url", broker_url]
-    child_env = {**os.environ, "TRIOWS_LOG_LEVEL": "WARNING", **(env or {})}
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            partial(trio.run_process, command, env=child_env, check=False, stderr=stderr)
-        )
-        instance = Instance(f"http://127.0.0.1:{port}", process)
-        try:
-            await wait_for_status(f"{instance.base_url}/healthz", 200)
-            yield instance
-        finally:
-            with trio.CancelScope(shield=True):
-                await stop_process(process)
+    """Start ``triows serve`` and yield it once ``/healthz`` answers; kill it on exit.
+
+    It listens on 127.0.0.1:``port``, by default a port the kernel picks.
+    """
+    with tempfile.TemporaryDirectory(prefix="triows-serve-") as folder:
+        url_file = trio.Path(folder) / "url"
+        command = [
+            sys.executable,
+            "-m",
+            "triows",
+            "serve",
+            "--bind",
+            f"127.0.0.1:{port or 0}",
+            "--url-file",
+            str(url_file),
+            "--backend",
+            backend,
+            "--workers",
+            str(workers),
+            *args,
+        ]
+        if broker_url is not None:
+            command += ["--broker-url", broker_url]
+        child_env = {**os.environ, "TRIOWS_LOG_LEVEL": "WARNING", **(env or {})}
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(
+                partial(trio.run_process, command, env=child_env, check=False, stderr=stderr)
+            )
+            try:
+                instance = Instance(await _reported_url(url_file, process), process)
+                await wait_for_status(f"{instance.base_url}/healthz", 200)
+                yield instance
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stop_process(process)
+
+
+async def _reported_url(url_file: trio.Path, process: trio.Process) -> str:
+    """The URL the child wrote to ``url_file`` once listening; fail if it exits first."""
+    with trio.fail_after(START_TIMEOUT):
+        while True:
+            if await url_file.exists():  # written whole, at once
+                return (await url_file.read_text(encoding="utf-8")).split()[0]
+            if process.returncode is not None:
+                raise InstanceFailed(
+                    f"triows serve exited with status {process.returncode} before listening"
+                )
+            await trio.sleep(POLL_INTERVAL)
 
 
 async def stop_process(process: trio.Process) -> None:

@@ -24,6 +24,9 @@ DEFAULT_BROKER_URLS = {
 
 
 MIN_SECRET_BYTES = 32
+# Clock skew is seconds; a leeway of minutes would extend every token's life.
+MAX_JWT_LEEWAY = 300
+DEFAULT_PUBLISH_TIMEOUT = 10.0
 
 
 class SettingsError(Exception):
@@ -51,7 +54,13 @@ class Settings:
     incoming_queue: int = field(default=1024, metadata={"env": "TRIOWS_INCOMING_QUEUE"})
     drain_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_DRAIN_TIMEOUT"})
     close_timeout: float = field(default=5.0, metadata={"env": "TRIOWS_CLOSE_TIMEOUT"})
-    publish_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_PUBLISH_TIMEOUT"})
+    publish_timeout: float = field(
+        default=DEFAULT_PUBLISH_TIMEOUT, metadata={"env": "TRIOWS_PUBLISH_TIMEOUT"}
+    )
+    # 0: not set. Then it takes TRIOWS_PUBLISH_TIMEOUT's value, the old meaning
+    # of that setting (it bounded every broker operation); deprecated, see
+    # ``deprecations``, removed in the next release (then: 10 s).
+    broker_timeout: float = field(default=0.0, metadata={"env": "TRIOWS_BROKER_TIMEOUT"})
     reconnect_max_delay: float = field(default=15.0, metadata={"env": "TRIOWS_RECONNECT_MAX"})
     retry_after: int = field(default=2, metadata={"env": "TRIOWS_RETRY_AFTER"})
     exchange: str = field(default="triows", metadata={"env": "TRIOWS_EXCHANGE"})
@@ -59,6 +68,13 @@ class Settings:
     heartbeat: int = field(default=30, metadata={"env": "TRIOWS_HEARTBEAT"})
     address_template: str = field(default="", metadata={"env": "TRIOWS_ADDRESS_TEMPLATE"})
     log_level: str = field(default="INFO", metadata={"env": "TRIOWS_LOG_LEVEL"})
+    jwt_leeway: float = field(default=5.0, metadata={"env": "TRIOWS_JWT_LEEWAY"})
+    max_batch: int = field(default=100, metadata={"env": "TRIOWS_MAX_BATCH"})
+    max_batch_bytes: int = field(default=1048576, metadata={"env": "TRIOWS_MAX_BATCH_BYTES"})
+    send_rate: float = field(default=100.0, metadata={"env": "TRIOWS_SEND_RATE"})
+    send_burst: int = field(default=50, metadata={"env": "TRIOWS_SEND_BURST"})
+    ping_interval: float = field(default=20.0, metadata={"env": "TRIOWS_PING_INTERVAL"})
+    test_echo: bool = field(default=False, metadata={"env": "TRIOWS_TEST_ECHO"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -72,12 +88,34 @@ class Settings:
             "max_connections",
             "incoming_queue",
             "prefetch",
+            "max_batch",
+            "max_batch_bytes",
+            "send_burst",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
+        if self.broker_timeout < 0:
+            raise SettingsError(
+                f"TRIOWS_BROKER_TIMEOUT must be positive, got {self.broker_timeout}"
+            )
+        if not self.broker_timeout:
+            object.__setattr__(self, "broker_timeout", self.publish_timeout)
+            inherited = self.publish_timeout != DEFAULT_PUBLISH_TIMEOUT
+            object.__setattr__(self, "_broker_timeout_inherited", inherited)
         for name in ("drain_timeout", "close_timeout", "publish_timeout", "reconnect_max_delay"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.jwt_leeway <= MAX_JWT_LEEWAY:
+            raise SettingsError(
+                f"TRIOWS_JWT_LEEWAY must be 0-{MAX_JWT_LEEWAY} seconds, got {self.jwt_leeway}"
+            )
+        if self.send_rate <= 0:
+            raise SettingsError(f"TRIOWS_SEND_RATE must be positive, got {self.send_rate}")
+        if self.ping_interval < 0:
+            raise SettingsError(
+                f"TRIOWS_PING_INTERVAL must not be negative (0 turns pings off), "
+                f"got {self.ping_interval}"
+            )
         if self.heartbeat < 0 or self.retry_after < 0:
             raise SettingsError("TRIOWS_HEARTBEAT and TRIOWS_RETRY_AFTER must not be negative")
         if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
@@ -99,6 +137,17 @@ class Settings:
             raise SettingsError(
                 f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
             )
+
+    @property
+    def deprecations(self) -> list[str]:
+        """One line per deprecated use of a setting (logged once at start-up)."""
+        if getattr(self, "_broker_timeout_inherited", False):
+            return [
+                f"TRIOWS_PUBLISH_TIMEOUT={self.publish_timeout} also bounds broker operations "
+                "(connect, declare, bind, attach) because TRIOWS_BROKER_TIMEOUT is not set; "
+                "from the next release it bounds confirms only: set TRIOWS_BROKER_TIMEOUT"
+            ]
+        return []
 
     @property
     def dev_mode(self) -> bool:
@@ -167,9 +216,18 @@ def _split_bind(address: str) -> tuple[str, int]:
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+    """Whether ``host`` is a loopback address, or a name that resolves only to such.
+
+    A name such as ``localhost`` is resolved rather than trusted: an
+    ``/etc/hosts`` may map it to a routable address.
+    """
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        pass
+    try:
+        resolved = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
         return False
+    addresses = {str(info[4][0]).split("%")[0] for info in resolved}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)

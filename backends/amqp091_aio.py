@@ -1,0 +1,313 @@
+"""Where the AMQP 0-9-1 backend crosses from Trio into aiormq's asyncio (trio-asyncio).
+
+Every aiormq call goes through :func:`call_aio` (one crossing each), except
+the two paths every message takes, which cross once per batch: publishes
+(:class:`PublishBatcher` + :func:`publish_batch`) and acks (batched by the
+backend's forwarder); re-binds after a reconnect are one crossing per batch
+too (:func:`bind_pipelined`).
+
+Why publishes are batched by hand: each ``channel.basic_publish`` is one
+crossing from Trio into the asyncio loop (an asyncio task and a Trio wakeup)
+and one socket write, and at a few hundred messages a second those dominated
+the sending instance's broker-side CPU (py-spy: trio-asyncio's loop ~24 % of
+the sending instance). aiormq has no batch publish, so :func:`publish_batch`
+does what ``basic_publish`` does for N messages under the channel's lock — a
+delivery tag and a confirmation future per message, the message id a
+``basic.return`` is matched by — and hands the frames to aiormq's writer as one
+payload. It relies on ``Channel``'s public attributes (``lock``,
+``delivery_tag``, ``confirmations``, ``message_id_delivery_tag``,
+``write_queue``), so pyproject.toml pins aiormq to 7.x. Confirms stay per
+message: each message gets its own ack, return or nack. A batch is whatever
+is waiting when the batcher's owner task is free: never a timer, so a lone
+message goes out at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from typing import Any
+
+import aiormq
+import aiormq.abc
+import trio
+import trio_asyncio
+from aiormq.abc import ChannelFrame
+from aiormq.exceptions import (
+    AMQPChannelError,
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    ChannelLockedResource,
+    DeliveryError,
+    PublishError,
+)
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from backends.supervisor import TRANSIENT
+from triows.backend import BrokerUnavailable, Outcome
+
+
+class AioSessionLost(ConnectionError):
+    """The session's connection or channel is gone, or the broker dropped our consumer.
+
+    Also what an aiormq operation's ``asyncio.CancelledError`` becomes: aiormq
+    rejects the pending operations of a closing connection that way, and
+    trio-asyncio passes it through unchanged when no Trio scope was cancelled,
+    so there it means "the broker went away".
+    """
+
+
+SESSION_BROKEN: tuple[type[BaseException], ...] = (
+    # (Besides the sockets, DNS and timeouts of backends.supervisor.TRANSIENT.)
+    AioSessionLost,
+    # The broker closed the connection or failed the handshake (includes
+    # aiormq's ConnectionClosed family: CONNECTION_FORCED on shutdown, ...).
+    AMQPConnectionError,
+    # An operation on a channel whose connection already closed.
+    ChannelInvalidStateError,
+    # After a network loss the broker may still hold our old connection, and
+    # with it our exclusive queue, until its heartbeat expires: retry later.
+    ChannelLockedResource,
+    # The broker closed our channel (e.g. NOT_FOUND when an operator deleted
+    # the exchange): the reconnect declares and binds everything again. A
+    # conflicting exchange declaration is turned into a BrokerRejected first.
+    AMQPChannelError,
+)
+"""What ends one session but not the backend (transient; anything else propagates)."""
+
+
+class AioSession:
+    """One live connection with its channel, set up and consuming."""
+
+    def __init__(
+        self,
+        loop: Any,
+        connection: aiormq.abc.AbstractConnection,
+        channel: aiormq.abc.AbstractChannel,
+        queue: str,
+    ) -> None:
+        self.loop = loop
+        self.connection = connection
+        self.channel = channel
+        self.queue = queue
+        # Set when a subscription change failed: the session is rebuilt.
+        self.abandoned = trio.Event()
+        self.publisher = PublishBatcher()
+        # The last delivery handed to Trio, and the last one acked.
+        self.delivered_tag = 0
+        self.acked_tag = 0
+        self.ack_wanted = trio.Event()
+
+    async def call(
+        self, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Await an aiormq operation from Trio."""
+        return await call_aio(self.loop, operation, *args, **kwargs)
+
+    async def publish(self, key: str, body: bytes) -> Outcome:
+        """Publish in the next batch and wait for the broker's confirm: the one place a
+        publish crosses (see :meth:`run_publisher`)."""
+        return await self.publisher.publish(key, body)
+
+    async def run_publisher(self, exchange: str, timeout: float) -> None:
+        """Send the waiting publishes, one crossing per batch, until cancelled."""
+
+        async def send(keys: list[str], bodies: list[bytes]) -> list[BatchResult]:
+            try:
+                results: list[BatchResult] = await self.call(
+                    publish_batch, self.channel, exchange, keys, bodies, timeout
+                )
+            except SESSION_BROKEN as error:
+                return [f"lost the AMQP broker: {error!r}"] * len(keys)
+            return results
+
+        await self.publisher.run(send)
+
+    async def ack(self) -> None:
+        """Ack every delivery handed to Trio so far (``multiple``), unless done already."""
+        tag = self.delivered_tag
+        if tag <= self.acked_tag:
+            return
+        self.acked_tag = tag
+        # If the connection is gone, so is the queue: nothing to ack.
+        with suppress(*SESSION_BROKEN):
+            await self.call(self.channel.basic_ack, tag, multiple=True, wait=False)
+
+
+async def call_aio(
+    loop: Any, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+) -> Any:
+    try:
+        return await trio_asyncio.aio_as_trio(operation, loop=loop)(*args, **kwargs)
+    except asyncio.CancelledError as error:
+        raise AioSessionLost("the broker connection closed during the operation") from error
+
+
+async def bind_pipelined(
+    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, keys: list[str]
+) -> None:
+    # Runs on the asyncio side, so a batch costs one Trio-asyncio crossing.
+    # Every bind but the last goes out with ``nowait``; the last waits for its
+    # reply. The broker handles a channel's methods in order, so that reply
+    # means the whole batch is in place (a failed bind closes the channel,
+    # and the last call raises).
+    if not keys:
+        return
+    for key in keys[:-1]:
+        await channel.queue_bind(queue, exchange, routing_key=key, nowait=True)
+    await channel.queue_bind(queue, exchange, routing_key=keys[-1])
+
+
+async def closed(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:
+    # ``closing`` is a fresh observer future that aiormq resolves (with the
+    # reason as its exception, for a loss) when the connection or channel
+    # closes; cancelling the observer does not close anything.
+    await closable.closing
+
+
+async def close_connection(
+    loop: Any, connection: aiormq.abc.AbstractConnection, grace: float
+) -> None:
+    # Shielded: this also runs while the backend is being cancelled, and the
+    # broker should see a clean close (it deletes our exclusive queue at once).
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(grace),
+        suppress(*TRANSIENT, *SESSION_BROKEN),
+    ):
+        await call_aio(loop, connection.close)
+
+
+BatchResult = Outcome | str
+"""Per message: the outcome, or why the broker did not take it."""
+
+
+class _Batch:
+    """Messages that go to the broker together; ``results`` is set before ``sent``."""
+
+    __slots__ = ("bodies", "keys", "results", "sent")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.bodies: list[bytes] = []
+        self.results: list[BatchResult] = []
+        self.sent = trio.Event()
+
+
+SendBatch = Callable[[list[str], list[bytes]], Awaitable[list[BatchResult]]]
+
+
+class PublishBatcher:
+    """Collects concurrent publishes into batches for one owner task to send."""
+
+    def __init__(self) -> None:
+        self._waiting = _Batch()
+        self._wakeup = trio.Event()
+
+    async def publish(self, key: str, body: bytes) -> Outcome:
+        """Queue ``body`` for ``key``, wait for the broker's answer to it, return the outcome."""
+        batch = self._waiting
+        index = len(batch.keys)
+        batch.keys.append(key)
+        batch.bodies.append(body)
+        self._wakeup.set()
+        await batch.sent.wait()
+        result = batch.results[index]
+        if isinstance(result, str):
+            raise BrokerUnavailable(result)
+        return result
+
+    async def run(self, send: SendBatch, *, lost: str = "lost the AMQP broker") -> None:
+        """Send batches with ``send`` until cancelled; a batch per task, so they overlap.
+
+        On cancellation every waiting publisher gets :class:`BrokerUnavailable`.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    batch, self._waiting = self._waiting, _Batch()
+                    nursery.start_soon(self._send, send, batch, lost)
+        finally:
+            self._fail(self._waiting, lost)
+
+    async def _send(self, send: SendBatch, batch: _Batch, lost: str) -> None:
+        try:
+            batch.results = await send(batch.keys, batch.bodies)
+        finally:
+            self._fail(batch, lost)
+
+    @staticmethod
+    def _fail(batch: _Batch, reason: str) -> None:
+        if not batch.sent.is_set():
+            if len(batch.results) != len(batch.keys):
+                batch.results = [reason] * len(batch.keys)
+            batch.sent.set()
+
+
+async def publish_batch(
+    channel: aiormq.abc.AbstractChannel,
+    exchange: str,
+    keys: list[str],
+    bodies: list[bytes],
+    timeout: float,
+) -> list[BatchResult]:
+    """(asyncio side) Publish ``bodies`` with ``mandatory`` in one write; wait for each confirm.
+
+    A message without an answer within ``timeout`` seconds is reported as not taken.
+    """
+    # aiormq.Channel's attributes that basic_publish uses (not on AbstractChannel).
+    state: Any = channel
+    confirmations: list[asyncio.Future[object]] = []
+    frames: list[Any] = []
+    async with state.lock:
+        for key, body in zip(keys, bodies, strict=True):
+            state.delivery_tag += 1
+            tag: int = state.delivery_tag
+            message_id = str(tag)
+            confirmation: asyncio.Future[object] = state.create_future()
+            state.confirmations[tag] = confirmation
+            state.message_id_delivery_tag[message_id] = tag
+            confirmation.add_done_callback(_forget(state, message_id, tag))
+            confirmations.append(confirmation)
+            frames.append(spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True))
+            frames.append(
+                ContentHeader(
+                    properties=spec.Basic.Properties(delivery_mode=1, message_id=message_id),
+                    body_size=len(body),
+                )
+            )
+            frames.extend(state._split_body(body))
+        await state.write_queue.put(
+            ChannelFrame.marshall(channel_number=state.number, frames=frames)
+        )
+    await asyncio.wait(confirmations, timeout=timeout)
+    return [_result(confirmation, timeout) for confirmation in confirmations]
+
+
+def _forget(state: Any, message_id: str, tag: int) -> Callable[[asyncio.Future[object]], None]:
+    def forget(_: asyncio.Future[object]) -> None:
+        ids = state.message_id_delivery_tag
+        if ids.get(message_id) == tag:
+            del ids[message_id]
+
+    return forget
+
+
+def _result(confirmation: asyncio.Future[object], timeout: float) -> BatchResult:
+    if not confirmation.done():
+        confirmation.cancel()
+        return f"no confirm from the broker within {timeout}s"
+    if confirmation.cancelled():
+        return "the broker connection closed before the confirm"
+    error = confirmation.exception()
+    if error is None:
+        return Outcome.ROUTED
+    if isinstance(error, PublishError):
+        return Outcome.UNROUTED
+    if isinstance(error, DeliveryError):
+        return f"the broker refused the message: {error}"
+    return f"lost the AMQP broker: {error!r}"

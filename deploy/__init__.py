@@ -1,0 +1,1 @@
+"""Deployment files; ``deploy.brokers`` is the broker table the tests and bench import."""

@@ -1,0 +1,460 @@
+"""The backend contract (triows.backend.Backend), written once, run on every backend/broker pair.
+
+memory; amqp091 on RabbitMQ and GarageMQ; amqp10 on RabbitMQ; stomp on
+RabbitMQ and ActiveMQ. Each test uses its own exchange, so runs sharing a
+broker never see each other's messages. "Broker down" is shown to one backend
+only, by closing the TCP proxy it connects through (tests/tcp_proxy.py) and
+opening it again on the same port: the shared broker itself keeps running.
+Per-backend files hold only what is specific to one protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from backends.supervisor import BrokerRejected, Supervised, rejection, run_supervised
+from deploy.brokers import BROKERS, HOST, LOGIN, PASSCODE
+from tests.brokers import require_broker
+from tests.tcp_proxy import open_tcp_proxy
+from triows.backend import Backend, BrokerUnavailable, Outcome, open_backend
+from triows.cli import check_startup, main
+from triows.process import free_port
+from triows.settings import Settings, SettingsError
+
+# Hang guards only; no test asserts on how long something took.
+READY_TIMEOUT = 30
+DELIVERY_TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class Case:
+    """One backend on one broker."""
+
+    backend: str
+    broker: str | None = None  # tests/brokers.py's name; None: no broker (memory)
+    port: int = 0
+    url: str = ""  # with a {port} placeholder
+    routes: bool = True  # publish tells ROUTED/UNROUTED (else always ACCEPTED)
+
+    @property
+    def id(self) -> str:
+        return f"{self.backend}-{self.broker}" if self.broker else self.backend
+
+    def settings(self, exchange: str, *, port: int | None = None, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "backend": self.backend,
+            "exchange": exchange,
+            "instance_id": f"test-{secrets.token_hex(4)}",
+            "reconnect_max_delay": 0.5,
+        }
+        if self.broker is not None:
+            values["broker_url"] = self.url.format(port=self.port if port is None else port)
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    def outcome(self, held: bool) -> Outcome:
+        if not self.routes:
+            return Outcome.ACCEPTED
+        return Outcome.ROUTED if held else Outcome.UNROUTED
+
+
+def broker_case(name: str, *, routes: bool = True) -> Case:
+    """The case of the broker table's ``name``; its URL keeps ``{port}`` for a proxy's."""
+    broker = BROKERS[name]
+    url = broker.url_format.format(login=LOGIN, passcode=PASSCODE, host=HOST, port="{port}")
+    return Case(broker.backend, name, broker.port, url, routes=routes)
+
+
+CASES = [
+    Case("memory"),
+    broker_case("rabbitmq"),
+    broker_case("garagemq"),
+    # RabbitMQ 3.x settles an unroutable AMQP 1.0 message "accepted".
+    broker_case("rabbitmq-amqp10", routes=False),
+    # STOMP cannot tell whether anyone holds a key.
+    broker_case("rabbitmq-stomp", routes=False),
+    broker_case("activemq", routes=False),
+]
+BROKER_CASES = [case for case in CASES if case.broker is not None]
+
+
+@asynccontextmanager
+async def open_ready(settings: Settings) -> AsyncIterator[Backend]:
+    """Open the backend ``settings`` names and wait until it is ready."""
+    async with open_backend(settings) as backend:
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+        yield backend
+
+
+@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+async def case(request: pytest.FixtureRequest) -> Case:
+    chosen: Case = request.param
+    if chosen.broker is not None:
+        await require_broker(chosen.broker)
+    return chosen
+
+
+@pytest.fixture(params=BROKER_CASES, ids=[case.id for case in BROKER_CASES])
+async def broker_case(request: pytest.FixtureRequest) -> Case:
+    chosen: Case = request.param
+    assert chosen.broker is not None
+    await require_broker(chosen.broker)
+    return chosen
+
+
+@asynccontextmanager
+async def sender_and_holder(
+    case: Case, exchange: str, **overrides: object
+) -> AsyncIterator[tuple[Backend, Backend]]:
+    """Two instances on one exchange (one and the same for memory, which has no broker)."""
+    async with AsyncExitStack() as stack:
+        holder = await stack.enter_async_context(open_ready(case.settings(exchange, **overrides)))
+        if case.broker is None:
+            yield holder, holder
+            return
+        sender = await stack.enter_async_context(open_ready(case.settings(exchange)))
+        yield sender, holder
+
+
+async def receive(backend: Backend) -> tuple[str, bytes]:
+    with trio.fail_after(DELIVERY_TIMEOUT):
+        return await backend.incoming.receive()
+
+
+async def wait_not_ready(backend: Backend) -> None:
+    with trio.fail_after(READY_TIMEOUT):
+        while backend.ready:  # noqa: ASYNC110 - the contract has no "not ready" event
+            await trio.sleep(0.01)
+
+
+# --- every backend -----------------------------------------------------------
+
+
+async def test_a_subscribed_key_gets_each_published_body_verbatim(
+    case: Case, exchange: str
+) -> None:
+    body = bytes(range(256)) + '{"é": "☃"}'.encode()
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        await holder.subscribe("user.Bob")
+        assert await sender.publish("user.Bob", body) == case.outcome(held=True)
+        assert await receive(holder) == ("user.Bob", body)
+
+
+async def test_a_key_nobody_holds_gets_nothing(case: Case, exchange: str) -> None:
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        await holder.subscribe("user.Bob")
+        assert await sender.publish("user.Nobody", b"lost") == case.outcome(held=False)
+        await sender.publish("user.Bob", b"kept")
+        assert await receive(holder) == ("user.Bob", b"kept")
+
+
+async def test_many_keys_each_get_only_their_own_messages(case: Case, exchange: str) -> None:
+    keys = [f"user.U{n}" for n in range(40)]
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        for key in keys:
+            await holder.subscribe(key)
+        for key in keys:
+            await sender.publish("user.Other", b"not held")
+            assert await sender.publish(key, key.encode()) == case.outcome(held=True)
+        received = [await receive(holder) for _ in keys]
+        assert sorted(received) == sorted((key, key.encode()) for key in keys)
+
+
+async def test_unsubscribe_stops_delivery_of_that_key_only(case: Case, exchange: str) -> None:
+    async with sender_and_holder(case, exchange) as (sender, holder):
+        await holder.subscribe("user.Anne")
+        await holder.subscribe("user.Bob")
+        await holder.unsubscribe("user.Anne")
+        assert await sender.publish("user.Anne", b"gone") == case.outcome(held=False)
+        await sender.publish("user.Bob", b"here")
+        assert await receive(holder) == ("user.Bob", b"here")
+        # Subscribing again after an unsubscribe works like the first time.
+        await holder.subscribe("user.Anne")
+        await sender.publish("user.Anne", b"back")
+        assert await receive(holder) == ("user.Anne", b"back")
+
+
+async def test_messages_of_one_sender_arrive_in_order_through_small_buffers(
+    case: Case, exchange: str
+) -> None:
+    count = 1000
+    async with sender_and_holder(case, exchange, prefetch=8, incoming_queue=4) as (sender, holder):
+        await holder.subscribe("user.Bob")
+        received: list[bytes] = []
+
+        async def receive_all() -> None:
+            while len(received) < count:
+                received.append((await receive(holder))[1])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_all)
+            for n in range(count):
+                await sender.publish("user.Bob", b"%d" % n)
+        assert received == [b"%d" % n for n in range(count)]
+
+
+async def test_wait_ready_returns_once_ready_and_aclose_may_be_called_twice(
+    case: Case, exchange: str
+) -> None:
+    async with open_backend(case.settings(exchange)) as backend:
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+        assert backend.ready
+        await backend.subscribe("user.Bob")
+        await backend.aclose()
+        await backend.aclose()
+        assert not backend.ready
+        with pytest.raises(BrokerUnavailable):
+            await backend.publish("user.Bob", b"after close")
+    # ... and the context's own close on exit, a third one, is fine too.
+
+
+# --- every broker backend -----------------------------------------------------
+
+
+async def test_every_instance_holding_a_key_receives_each_message_once(
+    broker_case: Case, exchange: str
+) -> None:
+    async with (
+        open_ready(broker_case.settings(exchange)) as sender,
+        open_ready(broker_case.settings(exchange)) as first,
+        open_ready(broker_case.settings(exchange)) as second,
+    ):
+        await first.subscribe("user.Bob")
+        await second.subscribe("user.Bob")
+        await sender.publish("user.Bob", b"1")
+        await sender.publish("user.Bob", b"2")
+        for holder in (first, second):
+            assert [await receive(holder), await receive(holder)] == [
+                ("user.Bob", b"1"),
+                ("user.Bob", b"2"),
+            ]
+        # Nothing more: a third message is the next each one gets.
+        await sender.publish("user.Bob", b"3")
+        assert await receive(first) == ("user.Bob", b"3")
+        assert await receive(second) == ("user.Bob", b"3")
+
+
+async def test_unavailable_while_the_broker_is_unreachable_then_ready_when_it_appears(
+    broker_case: Case, exchange: str
+) -> None:
+    port = free_port()
+    async with open_backend(broker_case.settings(exchange, port=port)) as holder:
+        assert not holder.ready
+        with pytest.raises(BrokerUnavailable):
+            await holder.publish("user.Bob", b"{}")
+        # Held while down, subscribed once connected.
+        await holder.subscribe("user.Bob")
+        async with (
+            open_tcp_proxy(broker_case.port, port=port),
+            open_ready(broker_case.settings(exchange)) as sender,
+        ):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            assert await sender.publish("user.Bob", b"hello") == broker_case.outcome(held=True)
+            assert await receive(holder) == ("user.Bob", b"hello")
+
+
+async def test_a_reconnect_restores_exactly_the_held_keys(broker_case: Case, exchange: str) -> None:
+    port = free_port()
+    async with (
+        open_ready(broker_case.settings(exchange)) as sender,
+        open_backend(broker_case.settings(exchange, port=port)) as holder,
+    ):
+        async with open_tcp_proxy(broker_case.port, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await holder.subscribe("user.Bob")
+            await holder.subscribe("user.Gone")
+        # The proxy is closed: the connection dropped and reconnects are refused.
+        await wait_not_ready(holder)
+        with pytest.raises(BrokerUnavailable):
+            await holder.publish("user.Bob", b"{}")
+        await holder.unsubscribe("user.Gone")
+        await holder.subscribe("user.New")
+
+        async with open_tcp_proxy(broker_case.port, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            assert await sender.publish("user.Gone", b"0") == broker_case.outcome(held=False)
+            assert await sender.publish("user.Bob", b"1") == broker_case.outcome(held=True)
+            assert await sender.publish("user.New", b"2") == broker_case.outcome(held=True)
+            received = [await receive(holder), await receive(holder)]
+            assert sorted(received) == [("user.Bob", b"1"), ("user.New", b"2")]
+
+
+# --- start-up checks and the supervisor's error classes (no broker) ------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "url"),
+    [
+        ("amqp091", "stomp://127.0.0.1"),
+        ("amqp091", "amqp://127.0.0.1:notaport/"),
+        ("amqp10", "http://127.0.0.1"),
+        ("stomp", "amqp://127.0.0.1"),
+        ("stomp", "stomp://127.0.0.1/?amqp_port=x"),
+    ],
+)
+def test_a_malformed_broker_url_fails_the_start_up_check_with_one_line(
+    backend: str, url: str
+) -> None:
+    settings = Settings(backend=backend, broker_url=url, bind=("127.0.0.1:8000",))
+    with pytest.raises(SettingsError, match="TRIOWS_BROKER_URL") as failure:
+        check_startup(settings)
+    assert "\n" not in str(failure.value)
+
+
+def test_triows_serve_with_a_malformed_broker_url_exits_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--backend", "amqp10", "--broker-url", "stomp://127.0.0.1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("triows: error: TRIOWS_BROKER_URL")
+
+
+def test_broker_timeout_is_its_own_setting_and_publish_timeout_the_confirms_only() -> None:
+    settings = Settings.from_env({"TRIOWS_BROKER_TIMEOUT": "3", "TRIOWS_PUBLISH_TIMEOUT": "7"})
+    assert (settings.broker_timeout, settings.publish_timeout) == (3, 7)
+    assert settings.deprecations == []
+    assert Settings().broker_timeout == Settings().publish_timeout == 10
+
+
+def test_publish_timeout_alone_keeps_its_old_meaning_for_one_release_with_a_notice() -> None:
+    settings = Settings.from_env({"TRIOWS_PUBLISH_TIMEOUT": "4"})
+    assert settings.broker_timeout == 4
+    assert len(settings.deprecations) == 1
+    assert "TRIOWS_BROKER_TIMEOUT" in settings.deprecations[0]
+
+
+def test_tls_verification_and_refusals_are_permanent_losses_are_not() -> None:
+    verification = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    wrapped = ConnectionError("handshake failed")
+    wrapped.__cause__ = verification
+    assert rejection(verification) is not None
+    assert rejection(wrapped) is not None
+    assert rejection(BrokerRejected("authentication", "no")) is not None
+    for transient in (ConnectionRefusedError(), OSError("All connection attempts failed")):
+        assert rejection(transient) is None
+
+
+class ScriptedBackend(Supervised[str]):
+    """A protocol whose sessions fail as scripted: one error per connection attempt."""
+
+    def __init__(self, failures: list[BaseException], settings: Settings | None = None) -> None:
+        settings = settings or Settings(backend="scripted", reconnect_max_delay=0.01)
+        super().__init__(settings, "scripted://")
+        self.failures = failures
+        self.attempts = 0
+        self.done = trio.Event()
+        self.slow_changes = False  # subscribe/unsubscribe never get an answer
+        self.abandoned: list[str] = []
+
+    async def _session(self, up: Callable[[str], Awaitable[None]]) -> None:
+        self.attempts += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        self.done.set()
+        await up("connection")
+        await trio.sleep_forever()
+
+    async def _restore(self, connection: str, keys: list[str]) -> None:
+        return
+
+    async def _subscribe_on(self, connection: str, key: str) -> None:
+        if self.slow_changes:
+            await trio.sleep_forever()
+
+    async def _unsubscribe_on(self, connection: str, key: str) -> None:
+        if self.slow_changes:
+            await trio.sleep_forever()
+
+    async def _publish_on(self, connection: str, key: str, body: bytes) -> Outcome:
+        return Outcome.ACCEPTED
+
+    def _abandon(self, connection: str) -> None:
+        self.abandoned.append(connection)
+
+    async def _close(self, connection: str) -> None:
+        return
+
+
+class EventNames(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.names.append(record.getMessage())
+
+
+async def test_a_permanent_failure_is_reported_once_and_retried_until_it_goes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    refused = BrokerRejected("authentication", "login refused", user="guest")
+    backend = ScriptedBackend([refused, refused, refused, ConnectionRefusedError("down")])
+    handler = EventNames()
+    logging.getLogger("triows").addHandler(handler)
+    try:
+        async with run_supervised(backend):
+            with trio.fail_after(READY_TIMEOUT):
+                await backend.wait_ready()
+    finally:
+        logging.getLogger("triows").removeHandler(handler)
+    events = handler.names
+    assert events.count("broker_rejected") == 1
+    assert events.count("broker_unavailable") == 1
+    assert backend.attempts == 5
+
+
+async def test_an_unexpected_error_in_a_session_ends_the_backend_and_so_the_instance(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = ScriptedBackend([ConnectionRefusedError("down"), ValueError("a bug")])
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with run_supervised(backend):
+            await trio.sleep_forever()
+    assert raised.group_contains(ValueError, match="a bug")
+
+
+async def test_an_unsubscribe_cut_short_drops_the_connection_a_subscribe_does_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The broker may hold a binding the backend has forgotten: only the
+    # reconnect's restore of exactly the held keys settles it.
+    backend = ScriptedBackend([])
+    async with run_supervised(backend):
+        await backend.wait_ready()
+        await backend.subscribe("user.Bob")
+        await backend.unsubscribe("user.Bob")
+        assert backend.abandoned == []
+        backend.slow_changes = True
+        with trio.move_on_after(1):
+            await backend.subscribe("user.Anne")
+        assert backend.abandoned == []  # held; the next change or connection settles it
+        with trio.move_on_after(1):
+            await backend.unsubscribe("user.Anne")
+        assert backend.abandoned == ["connection"]
+
+
+async def test_publish_timeout_set_alone_is_logged_as_deprecated_when_a_backend_opens() -> None:
+    handler = EventNames()
+    logging.getLogger("triows").addHandler(handler)
+    try:
+        ScriptedBackend([])  # the default settings: nothing to say
+        assert "setting_deprecated" not in handler.names
+        ScriptedBackend([], Settings.from_env({"TRIOWS_PUBLISH_TIMEOUT": "4"}))
+    finally:
+        logging.getLogger("triows").removeHandler(handler)
+    assert handler.names.count("setting_deprecated") == 1

@@ -1,0 +1,116 @@
+"""``triows.cluster``: three instances behind HAProxy started from ``deploy/haproxy.cfg``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from tests.brokers import require_broker
+from tests.e2e import STEP_TIMEOUT, unique_exchange
+from triows.client import TriowsClient, open_client, post_send
+from triows.cluster import open_cluster
+from triows.process import free_port, wait_for_status
+
+
+def free_ports() -> tuple[int, list[int]]:
+    return free_port(), [free_port() for _ in range(3)]
+
+
+async def next_of_type(client: TriowsClient, kind: str) -> dict[str, Any]:
+    with trio.fail_after(STEP_TIMEOUT):
+        async for frame in client:
+            if frame["type"] == kind:
+                return frame
+    raise AssertionError(f"the client ended before a {kind!r} frame")
+
+
+async def test_behind_haproxy_users_spread_over_instances_and_survive_a_drain() -> None:
+    await require_broker("rabbitmq")
+    front, ports = free_ports()
+    env = {"TRIOWS_EXCHANGE": unique_exchange()}
+    async with (
+        open_cluster(front_port=front, instance_ports=ports, env=env) as cluster,
+        httpx.AsyncClient() as http,
+    ):
+        by_instance = {}
+        for instance in cluster.instances:
+            response = await http.get(f"{instance.base_url}/readyz")
+            assert response.status_code == 200
+        async with (
+            open_client(cluster.url, user="Anne") as anne,
+            open_client(cluster.url, user="Bob") as bob,
+        ):
+            # leastconn: the second socket goes to an instance without one.
+            assert anne.instance != bob.instance
+            ack = await anne.send(to="Bob", message="hi Bob")
+            assert ack["status"] == "routed"
+            assert (await next_of_type(bob, "message"))["message"] == "hi Bob"
+            # Find Bob's instance by its port: SIGTERM it (a drain).
+            for instance in cluster.instances:
+                hello = await _hello_of(instance.base_url)
+                by_instance[hello] = instance
+            drained = bob.instance
+            assert drained is not None
+            bob_instance = by_instance[drained]
+            bob_instance.terminate()
+            event = await next_of_type(bob, "reconnected")
+            assert event["previous_instance"] == drained
+            assert bob.instance != drained
+            ack = await anne.send(to="Bob", message="after the drain")
+            assert ack["status"] == "routed"
+            assert (await next_of_type(bob, "message"))["message"] == "after the drain"
+            response = await post_send(http, cluster.url, "Bob", "via /send", sender="Anne")
+            assert response.status_code == 202
+            assert (await next_of_type(bob, "message"))["message"] == "via /send"
+
+
+async def _hello_of(base_url: str) -> str:
+    """The id of the instance at ``base_url``, from the hello of a throwaway socket."""
+    async with open_client(base_url, user="probe") as probe:
+        assert probe.instance is not None
+        return probe.instance
+
+
+@pytest.mark.parametrize("moment", ["once_ready", "during_start_up"])
+async def test_the_cluster_command_stops_everything_it_started_on_ctrl_c(moment: str) -> None:
+    await require_broker("rabbitmq")
+    front, ports = free_ports()
+    command = [
+        sys.executable,
+        "-m",
+        "triows.cluster",
+        "--port",
+        str(front),
+        "--instance-ports",
+        ",".join(map(str, ports)),
+    ]
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                command,
+                env={**os.environ, "TRIOWS_EXCHANGE": unique_exchange()},
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        )
+        if moment == "once_ready":
+            await wait_for_status(f"http://127.0.0.1:{front}/readyz", 200, timeout=120)
+        else:
+            # The first instance serves; the others and HAProxy are not up yet.
+            await wait_for_status(f"http://127.0.0.1:{ports[0]}/healthz", 200, timeout=120)
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(120):
+            assert await process.wait() == 0
+    for port in (front, *ports):
+        with trio.socket.socket() as probe:
+            # Nothing listens any more: every port can be bound again.
+            await probe.bind(("127.0.0.1", port))

@@ -1,0 +1,472 @@
+"""The data plane: ``POST /send`` and the ``/events`` WebSocket as plain ASGI handlers.
+
+:class:`DataPlane` wraps the Quart app's ``asgi_app`` (the usual Quart/Flask
+middleware pattern): the two routes that carry every message are answered here
+without Quart's request and websocket contexts; every other request (page,
+probes, metrics, error pages) and the lifespan go on to Quart.
+
+Per WebSocket the handler task itself reads the client's frames, one writer
+task writes the outbound queue, and the token's expiry is the reader's
+deadline on the Trio clock: no other task or object per socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import trio
+from wsproto.extensions import PerMessageDeflate
+
+from triows.auth import AuthError, Identity, identify
+from triows.backend import BrokerUnavailable, Outcome
+from triows.connection import Connection
+from triows.logs import log_event
+from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
+from triows.protocol import (
+    CLOSE_INVALID_FRAME,
+    CLOSE_TOKEN_EXPIRED,
+    CLOSE_TOO_LARGE,
+    InvalidInput,
+    InvalidSendFrame,
+    MessageTooLarge,
+    ProtocolViolation,
+    SendRequest,
+    ack_frame,
+    error_frame,
+    hello_frame,
+    parse_client_frame,
+    parse_send_batch,
+    parse_send_body,
+)
+
+if TYPE_CHECKING:
+    from triows.app import TriowsApp
+
+Scope = MutableMapping[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]
+
+# Items of one batch published at the same time (each waits for its broker confirm).
+BATCH_CONCURRENCY = 16
+JSON_CONTENT_TYPE = b"application/json"
+
+
+class DataPlane:
+    """ASGI middleware answering ``/send`` and ``/events`` in front of ``inner`` (Quart)."""
+
+    def __init__(self, app: TriowsApp, inner: ASGIApp) -> None:
+        self.app = app
+        self.inner = inner
+        self.settings = app.settings
+        # WebSocket slots taken, counted from the check on: a handshake reserves
+        # its slot before its first await, so concurrent ones cannot overshoot.
+        self.slots_taken = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind, path = scope["type"], scope.get("path")
+        if kind == "http" and path == "/send":
+            await self.post_send(scope, receive, send)
+        elif kind == "websocket" and path == "/events":
+            await self.events(scope, receive, send)
+        elif kind == "websocket" and path == "/_echo" and self.settings.test_echo:
+            await echo(receive, send)
+        else:
+            await self.inner(scope, receive, send)
+
+    # POST /send
+
+    async def post_send(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = self.settings
+        limit = max(settings.max_message_bytes, settings.max_batch_bytes)
+        # The body is always read (up to the limit) before any answer, so an
+        # early 401/415 leaves the keep-alive connection ready for the next request.
+        raw = await read_body(receive, limit)
+        if raw is None:
+            await respond_problem(
+                send, 413, f"the body is limited to {limit} bytes", kind="too-large", close=True
+            )
+            return
+        if scope["method"] != "POST":
+            await respond_problem(send, 405, "use POST", headers=[(b"allow", b"POST")])
+            return
+        headers = dict(scope["headers"])
+        mimetype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        if mimetype != JSON_CONTENT_TYPE:
+            await respond_problem(send, 415, "send a JSON body with Content-Type: application/json")
+            return
+        identity: Identity | None = None
+        if not settings.dev_mode:
+            try:
+                identity = identify(
+                    settings.secret,
+                    auth_headers(headers),
+                    query_args(scope),
+                    dev_user=None,
+                    leeway=settings.jwt_leeway,
+                )
+            except AuthError as error:
+                log_event("auth_failed", path="/send", reason=str(error))
+                await respond_problem(
+                    send,
+                    401,
+                    str(error),
+                    kind="unauthorized",
+                    headers=[(b"www-authenticate", b"Bearer")],
+                )
+                return
+        try:
+            batch = parse_send_batch(raw, dev_mode=settings.dev_mode, max_items=settings.max_batch)
+            if batch is None:
+                if len(raw) > settings.max_message_bytes:
+                    raise MessageTooLarge(
+                        f"the body is {len(raw)} bytes; the limit is {settings.max_message_bytes}"
+                    )
+                single = parse_send_body(raw, dev_mode=settings.dev_mode)
+        except MessageTooLarge as error:
+            await respond_problem(send, 413, str(error), kind="too-large")
+            return
+        except InvalidInput as error:
+            await respond_problem(send, 400, str(error), kind="invalid")
+            return
+        user = identity.user if identity is not None else None
+        if batch is not None:
+            outcomes = await self.send_batch(user, batch)
+            await respond(send, 207, json.dumps(outcomes).encode(), JSON_CONTENT_TYPE)
+            return
+        send_request, dev_sender = single
+        status, document = await self.send_one(user or dev_sender, send_request)
+        if status == 202:
+            await respond(send, 202, json.dumps(document).encode(), JSON_CONTENT_TYPE)
+            return
+        extra = [(b"retry-after", str(settings.retry_after).encode())] if status == 503 else []
+        await respond(
+            send, status, json.dumps(document).encode(), PROBLEM_CONTENT_TYPE.encode(), extra
+        )
+
+    async def send_one(self, sender: str | None, request: SendRequest) -> tuple[int, Message]:
+        """Publish one message: (202, id and outcome) or (4xx/503, problem details)."""
+        try:
+            message_id, outcome = await self.app.router.send(sender, request)
+        except MessageTooLarge as error:
+            return 413, problem_document(413, str(error), kind="too-large")
+        except InvalidInput as error:
+            return 400, problem_document(400, str(error), kind="invalid")
+        except BrokerUnavailable as error:
+            detail = f"the broker is unavailable: {error}"
+            return 503, problem_document(503, detail, kind="broker-unavailable")
+        if outcome is Outcome.UNROUTED:
+            return 404, problem_document(404, f"{request.to} is not connected", kind="offline")
+        return 202, {"id": message_id, "status": outcome.value}
+
+    async def send_batch(
+        self, user: str | None, batch: list[tuple[SendRequest, str | None] | InvalidInput]
+    ) -> list[Message]:
+        """Publish a batch, ``BATCH_CONCURRENCY`` at a time; each item's outcome, in order."""
+        outcomes: list[Message] = [{} for _ in batch]
+
+        async def publish(indices: Iterator[int]) -> None:
+            for index in indices:
+                item = batch[index]
+                if isinstance(item, InvalidInput):
+                    document = problem_document(400, str(item), kind="invalid")
+                    outcomes[index] = {"status": 400, "error": document}
+                    continue
+                request, dev_sender = item
+                status, document = await self.send_one(user or dev_sender, request)
+                if status != 202:
+                    document = {"status": status, "error": document}
+                outcomes[index] = document
+
+        indices = iter(range(len(batch)))
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(BATCH_CONCURRENCY, len(batch))):
+                nursery.start_soon(publish, indices)
+        return outcomes
+
+    # GET /events (WebSocket)
+
+    async def events(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The "websocket.connect" message is skipped by the reader (Quart's test client sends none).
+        settings = self.settings
+        args = query_args(scope)
+        try:
+            identity = identify(
+                settings.secret,
+                auth_headers(dict(scope["headers"])),
+                args,
+                dev_user=args.get("user"),
+                leeway=settings.jwt_leeway,
+            )
+        except InvalidInput as error:
+            await refuse(scope, send, 400, str(error), kind="invalid")
+            return
+        except AuthError as error:
+            log_event("auth_failed", path="/events", reason=str(error))
+            await refuse(scope, send, 401, str(error), kind="unauthorized")
+            return
+        if self.app.draining:
+            await refuse(scope, send, 503, "this instance is draining", kind="draining")
+            return
+        if self.slots_taken >= settings.max_connections:
+            log_event("connection_refused", level=logging.WARNING, reason="max_connections")
+            await refuse(
+                scope,
+                send,
+                503,
+                f"this instance holds its maximum of {settings.max_connections} connections",
+                kind="too-many-connections",
+                headers=[(b"retry-after", str(settings.retry_after).encode())],
+            )
+            return
+        self.slots_taken += 1
+        try:
+            await send({"type": "websocket.accept"})
+            await self.serve_connection(identity, receive, send)
+        finally:
+            self.slots_taken -= 1
+
+    async def serve_connection(self, identity: Identity, receive: Receive, send: Send) -> None:
+        """Run one accepted WebSocket until it closes, whoever closes it."""
+        settings = self.settings
+        connection = Connection(identity.user, settings.send_queue)
+        connection.offer(hello_frame(identity.user, settings.instance_id))
+        deadline = trio_deadline(identity.expires_at)
+        try:
+            async with self.app.router.attached(connection):
+                log_event("connect", user=identity.user, connection=connection.id)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(connection.run_writer, send)
+                    with trio.CancelScope(deadline=deadline) as reading:
+                        connection.read_under(reading)
+                        await self.read_frames(connection, receive)
+                    if reading.cancelled_caught and not connection.stopped:
+                        connection.close(CLOSE_TOKEN_EXPIRED, "token expired")
+                    # The peer went away if nobody started closing: stop writing.
+                    connection.stop()
+                    nursery.cancel_scope.deadline = trio.current_time() + settings.close_timeout
+            if connection.flushed and connection.close_code is not None:
+                with trio.move_on_after(settings.close_timeout):
+                    await send(
+                        {
+                            "type": "websocket.close",
+                            "code": connection.close_code,
+                            "reason": connection.close_reason,
+                        }
+                    )
+        finally:
+            log_event(
+                "disconnect",
+                user=identity.user,
+                connection=connection.id,
+                code=connection.close_code or "client",
+                reason=connection.close_reason,
+            )
+
+    async def read_frames(self, connection: Connection, receive: Receive) -> None:
+        """Read the client's frames and answer each ``send`` with an ``ack`` or ``error``.
+
+        One frame is handled at a time (its publish is awaited before the next
+        frame is read), and at most ``TRIOWS_SEND_RATE`` frames per second with
+        bursts of ``TRIOWS_SEND_BURST``: a client that sends faster is slowed
+        by TCP back-pressure on its own socket, never anyone else's.
+        """
+        settings = self.settings
+        limit = settings.max_message_bytes
+        rate, burst = settings.send_rate, float(settings.send_burst)
+        tokens, refilled = burst, trio.current_time()
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.connect":
+                continue
+            if message["type"] != "websocket.receive":
+                return  # websocket.disconnect: the peer is gone
+            data = message.get("text")
+            if data is None:
+                connection.close(CLOSE_INVALID_FRAME, "binary frames are not part of the protocol")
+                return
+            # A character is at most 4 bytes in UTF-8: encode only a frame that could be over.
+            if len(data) > limit or (len(data) * 4 > limit and len(data.encode()) > limit):
+                log_event("frame_too_large", level=logging.WARNING, user=connection.user)
+                connection.close(CLOSE_TOO_LARGE, f"frames are limited to {limit} bytes")
+                return
+            now = trio.current_time()
+            tokens = min(burst, tokens + (now - refilled) * rate)
+            refilled = now
+            if tokens < 1:
+                await trio.sleep((1 - tokens) / rate)
+                tokens, refilled = 1.0, trio.current_time()
+            tokens -= 1
+            try:
+                send_request = parse_client_frame(data)
+            except ProtocolViolation as error:
+                log_event(
+                    "invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error)
+                )
+                connection.close(CLOSE_INVALID_FRAME, str(error))
+                return
+            except InvalidSendFrame as error:
+                connection.offer(error_frame(error.ref, "invalid", str(error)))
+                continue
+            connection.offer(await self.answer_send(connection.user, send_request))
+
+    async def answer_send(self, sender: str, send_request: SendRequest) -> str:
+        """Publish a WebSocket ``send`` and return the ``ack`` or ``error`` frame for it."""
+        ref = send_request.ref
+        try:
+            message_id, outcome = await self.app.router.send(sender, send_request)
+        except MessageTooLarge as error:
+            return error_frame(ref, "too_large", str(error))
+        except InvalidInput as error:
+            return error_frame(ref, "invalid", str(error))
+        except BrokerUnavailable as error:
+            return error_frame(ref, "unavailable", f"the broker is unavailable: {error}")
+        if outcome is Outcome.UNROUTED:
+            return error_frame(ref, "offline", f"{send_request.to} is not connected")
+        return ack_frame(ref, message_id, outcome.value)
+
+
+async def echo(receive: Receive, send: Send) -> None:
+    """``/_echo`` (``TRIOWS_TEST_ECHO=1`` only): send every frame back, for conformance runs."""
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.connect":
+            continue
+        if message["type"] != "websocket.receive":
+            return
+        text = message.get("text")
+        if text is not None:
+            await send({"type": "websocket.send", "text": text})
+        else:
+            await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
+
+
+def trio_deadline(expires_at: float | None) -> float:
+    """A token's expiry (unix seconds) as a deadline on the Trio clock."""
+    if expires_at is None:
+        return math.inf
+    return trio.current_time() + max(0.0, expires_at - time.time())
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it is over ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # http.disconnect
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def query_args(scope: Scope) -> dict[str, str]:
+    """The query string's arguments, the first value of each name."""
+    args: dict[str, str] = {}
+    query = scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        args.setdefault(name, value)
+    return args
+
+
+def auth_headers(headers: dict[bytes, bytes]) -> dict[str, str]:
+    """The one header :func:`triows.auth.identify` reads, under the name it looks up."""
+    value = headers.get(b"authorization")
+    return {} if value is None else {"Authorization": value.decode("latin-1")}
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_problem(
+    send: Send,
+    status: int,
+    detail: str,
+    *,
+    kind: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    close: bool = False,
+) -> None:
+    """Answer with problem details; ``close`` ends the connection (the body was not all read)."""
+    extra = [*(headers or []), *([(b"connection", b"close")] if close else [])]
+    body = json.dumps(problem_document(status, detail, kind=kind)).encode()
+    await respond(send, status, body, PROBLEM_CONTENT_TYPE.encode(), extra)
+
+
+async def refuse(
+    scope: Scope,
+    send: Send,
+    status: int,
+    detail: str,
+    *,
+    kind: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Refuse a WebSocket handshake with an HTTP problem (or a bare close without the extension)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": detail[:120]})
+        return
+    body = json.dumps(problem_document(status, detail, kind=kind)).encode()
+    await send(
+        {
+            "type": "websocket.http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+class _RefusedDeflate(PerMessageDeflate):
+    """permessage-deflate that never agrees: the offer is declined in the handshake."""
+
+    def accept(self, offer: str) -> bool | str | None:
+        return None
+
+
+def refuse_permessage_deflate() -> None:
+    """Make Hypercorn decline permessage-deflate on every WebSocket of this process.
+
+    Hypercorn offers no setting for it: its handshake builds ``[PerMessageDeflate()]``
+    from the module's global on every accept, so that global is replaced. Inflation in
+    wsproto is not bounded by any size limit (a compression bomb); our frames are small
+    JSON, so compression is not worth a zlib context per socket either.
+    """
+    from hypercorn.protocol import ws_stream
+
+    vars(ws_stream)["PerMessageDeflate"] = _RefusedDeflate
