@@ -33,7 +33,6 @@ import fcntl
 import json
 import os
 import re
-import resource
 import secrets
 import signal
 import subprocess
@@ -59,6 +58,7 @@ from bench.targets import TARGETS, Target, ensure_broker
 from deploy.brokers import BROKERS, RUN_DIR, SCRIPT, SCRIPT_NAME
 from triows.client import open_events
 from triows.process import Instance, free_port, serve_instance, wait_for_status
+from triows.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -80,6 +80,7 @@ LANE_RATE = 8
 STEP_TIMEOUT = 60.0
 OUTAGE_TIMEOUT = 300.0
 HTTP_TIMEOUT = 20.0
+DEFAULT_CLOSE_TIMEOUT = Settings().close_timeout
 
 BROKER_FAULTS = ("outage", "kill", "close", "drop", "halfopen", "slow")
 INSTANCE_FAULTS = ("drain", "death")
@@ -102,6 +103,9 @@ class Options:
     latency: float = 0.2  # the slow network's added one-way delay per direction
     kill_down: float = 2.0  # how long a SIGKILLed broker stays dead before its restart
     forget_timeout: float = 60.0  # how long the death case waits for the broker to forget A
+    # TRIOWS_PING_INTERVAL for every instance: a vanished client is cut within
+    # about twice this (TCP keepalive / TCP_USER_TIMEOUT, triows/cli.py).
+    ping_interval: float = 2.0
 
 
 def direct_rate(target: Target) -> float:
@@ -202,14 +206,9 @@ class Cluster:
         return "?"
 
 
-def haproxy_config(port: int, servers: dict[str, int]) -> str:
-    """``deploy/haproxy.cfg`` with this run's frontend port and instance ports."""
+def haproxy_config(servers: dict[str, int]) -> str:
+    """``deploy/haproxy.cfg`` with this run's instances (the bind comes from the environment)."""
     text = HAPROXY_CFG.read_text()
-    text = re.sub(r"bind 127\.0\.0\.1:\d+", f"bind 127.0.0.1:{port}", text)
-    # HAProxy needs about 2 fds per connection and refuses to start when the
-    # process's fd limit cannot hold maxconn; keep within this shell's limit.
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    text = re.sub(r"maxconn \d+", f"maxconn {min(50000, max(256, soft // 2 - 100))}", text)
     text = re.sub(r"^\s*server .*\n", "", text, flags=re.M)
     lines = "".join(f"    server {name} 127.0.0.1:{p} check\n" for name, p in servers.items())
     return text.rstrip("\n") + "\n" + lines
@@ -252,6 +251,7 @@ async def open_cluster(
                             "TRIOWS_INSTANCE_ID": instance_id,
                             "TRIOWS_RECONNECT_MAX": "1",
                             "TRIOWS_HEARTBEAT": str(opts.heartbeat),
+                            "TRIOWS_PING_INTERVAL": str(opts.ping_interval),
                             "TRIOWS_LOG_LEVEL": "INFO",
                             **(env or {}),
                         },
@@ -280,15 +280,14 @@ async def open_cluster(
             lb_port = free_port()
             cfg = tmp / "haproxy.cfg"
             cfg.write_text(
-                haproxy_config(
-                    lb_port, {n.label: urlsplit(n.base_url).port or 0 for n in nodes.values()}
-                )
+                haproxy_config({n.label: urlsplit(n.base_url).port or 0 for n in nodes.values()})
             )
             nursery = await stack.enter_async_context(trio.open_nursery())
             haproxy: trio.Process = await nursery.start(
                 partial(
                     trio.run_process,
                     ["haproxy", "-db", "-f", str(cfg)],
+                    env={**os.environ, "TRIOWS_HAPROXY_BIND": f"127.0.0.1:{lb_port}"},
                     check=False,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -1129,6 +1128,26 @@ async def run_churn(
         }
 
 
+# What is sent to the dead clients meanwhile: a few of these fill the tight
+# proxy's window, after which the instance's writes to the silent socket
+# wait, as they would towards a vanished peer.
+DEAD_CLIENT_PADDING = "x" * 8192
+
+
+def dead_client_wait(opts: Options) -> float:
+    """How long a vanished client may go unnoticed before giving up (a hang guard).
+
+    Written to, the silent socket is cut by the instance's write deadline
+    (TRIOWS_CLOSE_TIMEOUT, default 5 s; measured: 7-8 s to the broker's 404,
+    whatever the ping interval) or by TCP_USER_TIMEOUT (twice the ping
+    interval); idle, by TCP keepalive after the ping interval plus 3 probes
+    (twice the interval). The idle path cannot be shown through a loopback
+    proxy: the proxy's kernel answers the probes. Three times the larger bound
+    leaves room for a loaded machine.
+    """
+    return 3 * max(DEFAULT_CLOSE_TIMEOUT, 2 * opts.ping_interval)
+
+
 async def run_dead_client(target: Target, opts: Options, wait: float) -> dict[str, Any]:
     """A client whose socket goes silent (half-open) and one whose process is killed.
 
@@ -1143,7 +1162,7 @@ async def run_dead_client(target: Target, opts: Options, wait: float) -> dict[st
         b = cluster.nodes["b"]
         b_port = urlsplit(b.base_url).port or 0
         result: dict[str, Any] = {"target": target.name, "fault": "dead-client", "status": "ok"}
-        async with open_fault_proxy(b_port) as proxy, trio.open_nursery() as nursery:
+        async with open_fault_proxy(b_port, tight=True) as proxy, trio.open_nursery() as nursery:
             ready = trio.Event()
 
             async def silent_client() -> None:
@@ -1188,7 +1207,7 @@ async def run_dead_client(target: Target, opts: Options, wait: float) -> dict[st
                         if gone[user] is None:
                             response = await http.post(
                                 f"{cluster.nodes['a'].base_url}/send",
-                                json={"to": user, "message": "x"},
+                                json={"to": user, "message": DEAD_CLIENT_PADDING},
                             )
                             unbound = keys is not None and f"user.{user}" not in keys
                             if response.status_code == 404 or unbound:
@@ -1344,7 +1363,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short phases (seconds each)")
     parser.add_argument("--cycles", type=int, default=10_000, help="churn cycles")
     parser.add_argument("--sockets", type=int, default=1000, help="fanout sockets")
-    parser.add_argument("--dead-client-wait", type=float, default=120.0)
+    parser.add_argument(
+        "--dead-client-wait", type=float, default=None, help="default: from the ping interval"
+    )
     return parser.parse_args(argv)
 
 
@@ -1397,7 +1418,9 @@ async def main(argv: list[str] | None = None) -> None:
                 elif fault == "churn":
                     row = await run_churn(target, args.cycles, opts)
                 elif fault == "dead-client":
-                    row = await run_dead_client(target, opts, args.dead_client_wait)
+                    row = await run_dead_client(
+                        target, opts, args.dead_client_wait or dead_client_wait(opts)
+                    )
                 else:
                     row = await run_case(target, fault, opts)
             except Exception as error:

@@ -9,6 +9,11 @@ a broker connection meets in the wild that a clean close does not show:
   held, unanswered, until the stall ends (a SYN that reaches nobody).
   What was written meanwhile is forwarded when the stall ends, as TCP's
   retransmissions would.
+  With ``tight=True`` the proxy also stops reading while stalled and its
+  connections to the target take a small receive buffer, so the target's
+  writes meet a shut TCP window within a few kilobytes: what a peer that
+  vanished looks like to the target's kernel (no acks, TCP_USER_TIMEOUT),
+  as near as loopback gets without a firewall.
 - **slow** (:attr:`FaultProxy.delay`): every chunk is forwarded ``delay``
   seconds after it arrived, in order, in both directions.
 
@@ -29,6 +34,8 @@ CHUNK = 65536
 # Chunks read ahead of the writer per direction; beyond that TCP's own flow
 # control pushes back on the sender, as on a real path.
 QUEUED_CHUNKS = 256
+# The receive buffer of a tight proxy's connections to the target (the kernel doubles it).
+TIGHT_RCVBUF = 4096
 
 
 @dataclass
@@ -38,6 +45,8 @@ class FaultProxy:
     port: int
     target_port: int
     delay: float = 0.0
+    # See the module docstring: shut the window on the target while stalled.
+    tight: bool = False
     _flowing: trio.Event = field(default_factory=trio.Event)
     _links: dict[trio.CancelScope, int] = field(default_factory=dict)
     accepted: int = 0
@@ -81,7 +90,7 @@ class FaultProxy:
                 try:
                     await self._flowing.wait()
                     try:
-                        server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                        server = await self._connect()
                     except OSError:
                         return
                     async with server:
@@ -92,6 +101,19 @@ class FaultProxy:
                 finally:
                     del self._links[link]
 
+    async def _connect(self) -> trio.SocketStream:
+        if not self.tight:
+            return await trio.open_tcp_stream("127.0.0.1", self.target_port)
+        sock = trio.socket.socket()
+        try:
+            # Before connect, so that the window it advertises is small from the start.
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, TIGHT_RCVBUF)
+            await sock.connect(("127.0.0.1", self.target_port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+
     async def _pump(
         self, source: trio.SocketStream, sink: trio.SocketStream, link: trio.CancelScope
     ) -> None:
@@ -100,7 +122,12 @@ class FaultProxy:
         async def read() -> None:
             async with send:
                 try:
-                    while data := await source.receive_some(CHUNK):
+                    while True:
+                        while self.tight and not self._flowing.is_set():
+                            await self._flowing.wait()
+                        data = await source.receive_some(CHUNK)
+                        if not data:
+                            break
                         await send.send((trio.current_time(), data))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
@@ -126,11 +153,13 @@ class FaultProxy:
 
 
 @asynccontextmanager
-async def open_fault_proxy(target_port: int, *, port: int = 0) -> AsyncIterator[FaultProxy]:
+async def open_fault_proxy(
+    target_port: int, *, port: int = 0, tight: bool = False
+) -> AsyncIterator[FaultProxy]:
     """Listen on ``127.0.0.1:port`` (0: any free port) and forward to ``target_port``."""
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     bound_port = listeners[0].socket.getsockname()[1]
-    proxy = FaultProxy(bound_port, target_port)
+    proxy = FaultProxy(bound_port, target_port, tight=tight)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, proxy._forward, listeners)
         try:

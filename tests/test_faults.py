@@ -22,6 +22,7 @@ import pytest
 
 from bench.faults import (
     ci_options,
+    dead_client_wait,
     run_case,
     run_churn,
     run_dead_client,
@@ -35,8 +36,6 @@ pytestmark = pytest.mark.broker
 BROKER_TARGETS = [target for name, target in TARGETS.items() if name != "memory"]
 RABBITMQ = TARGETS["amqp091-rabbitmq"]
 ACTIVEMQ = TARGETS["stomp-activemq"]
-# How long a dead client may go unnoticed before the test gives up on it.
-DEAD_CLIENT_WAIT = 15.0
 CHURN_CYCLES = 300
 FANOUT_SOCKETS = 100
 # Growth allowed after churn, once settled: a few descriptors for pools and
@@ -153,7 +152,9 @@ async def test_instance_death_is_forgotten_by_the_broker(target: Target) -> None
 
 async def test_dead_clients_release_their_subscriptions() -> None:
     await require_broker(RABBITMQ.broker)
-    row = await run_dead_client(RABBITMQ, ci_options(), DEAD_CLIENT_WAIT)
+    opts = ci_options()
+    # A hang guard derived from the instances' TRIOWS_PING_INTERVAL (opts.ping_interval).
+    row = await run_dead_client(RABBITMQ, opts, dead_client_wait(opts))
     assert row["alive"], row
     assert (row["killed_before"], row["ghost_before"]) == (202, 202), row
     assert row["killed_released_s"] is not None, row
