@@ -81,6 +81,9 @@ STEP_TIMEOUT = 60.0
 OUTAGE_TIMEOUT = 300.0
 HTTP_TIMEOUT = 20.0
 DEFAULT_CLOSE_TIMEOUT = Settings().close_timeout
+# The "expires" of deploy/brokers.py's triows-amqp10-orphans policy on
+# ^amq\.gen- queues (RabbitMQ 3.x keeps a receiver link's queue after detach).
+AMQP10_ORPHAN_EXPIRES = 60.0
 
 BROKER_FAULTS = ("outage", "kill", "close", "drop", "halfopen", "slow")
 INSTANCE_FAULTS = ("drain", "death")
@@ -102,7 +105,10 @@ class Options:
     heartbeat: int = 5  # TRIOWS_HEARTBEAT for every instance
     latency: float = 0.2  # the slow network's added one-way delay per direction
     kill_down: float = 2.0  # how long a SIGKILLed broker stays dead before its restart
-    forget_timeout: float = 60.0  # how long the death case waits for the broker to forget A
+    # How long the death and churn cases wait for the broker to forget what it
+    # held: on AMQP 1.0/RabbitMQ 3.x until the orphan policy expires the
+    # links' queues, plus heartbeat detection and the broker's expiry timer.
+    forget_timeout: float = AMQP10_ORPHAN_EXPIRES + 30.0
     # TRIOWS_PING_INTERVAL for every instance: a vanished client is cut within
     # about twice this (TCP keepalive / TCP_USER_TIMEOUT, triows/cli.py).
     ping_interval: float = 2.0
@@ -586,6 +592,21 @@ def first_404(traffic: Traffic, since: float) -> float | None:
     return round(min(answered) - since, 3) if answered else None
 
 
+def sessions_lost(cluster: Cluster) -> dict[str, list[str]]:
+    """Per instance, why each lost broker session ended, as logged (first 100 chars)."""
+    reasons: dict[str, list[str]] = {}
+    for label, node in cluster.nodes.items():
+        for line in node.log.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            # backends.supervisor via triows.backoff: one line per lost session.
+            if isinstance(entry, dict) and entry.get("event") == "broker_unavailable":
+                reasons.setdefault(label, []).append(str(entry.get("error"))[:100])
+    return reasons
+
+
 def log_tails(cluster: Cluster, lines: int = 15) -> dict[str, list[str]]:
     """The last warnings and errors each instance logged."""
     tails = {}
@@ -1013,6 +1034,7 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 "errors": traffic.errors,
                 # What the instances logged, kept when something went wrong.
                 "log_tail": log_tails(cluster) if traffic.errors or not resumed_all else {},
+                "sessions_lost": sessions_lost(cluster),
             }
 
 
@@ -1112,9 +1134,17 @@ async def run_churn(
             async with trio.open_nursery() as nursery:
                 for n in range(cycles):
                     nursery.start_soon(limited, n)
-        # Settle: the last unsubscribes reach the broker.
+        # Settle: the last unsubscribes reach the broker. On AMQP 1.0 a
+        # detached link's queue (and its binding) goes only when the expiry
+        # policy removes it (AMQP10_ORPHAN_EXPIRES): wait for that, bounded.
         await trio.sleep(2.0)
         settled = await settled_stats(cluster)
+        started = now()
+        with trio.move_on_after(opts.forget_timeout):
+            while settled.get("broker_bindings", 0) > baseline.get("broker_bindings", 0):
+                await trio.sleep(1.0)
+                settled = await settled_stats(cluster)
+        bindings_settled_s = round(now() - started, 1)
         alive = all(node.process.returncode is None for node in cluster.nodes.values())
         return {
             "target": target.name,
@@ -1125,6 +1155,7 @@ async def run_churn(
             "alive": alive,
             "baseline": baseline,
             "settled": settled,
+            "bindings_settled_s": bindings_settled_s,
         }
 
 
