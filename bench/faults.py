@@ -413,7 +413,16 @@ class Traffic:
                     record.outcome = response.json().get("status", "")
                 elif response.status_code == 503:
                     record.from_lb = "problem+json" not in response.headers.get("content-type", "")
-                elif response.status_code >= 500 and len(self.errors) < 5:
+                elif (
+                    response.status_code >= 500
+                    # HAProxy's own 502/504 for a request its instance died on
+                    # is counted (status_502), not an error: nobody could answer.
+                    and not (
+                        response.status_code in (502, 504)
+                        and "problem+json" not in response.headers.get("content-type", "")
+                    )
+                    and len(self.errors) < 5
+                ):
                     self.errors.append(f"{response.status_code} {response.text[:300]}")
             except httpx.HTTPError:
                 pass
