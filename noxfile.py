@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix, cluster."""
+"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix, faults, cluster."""
 
 from __future__ import annotations
 
@@ -80,6 +80,18 @@ def bench_matrix(session: nox.Session) -> None:
     install(session, "bench")
     brokers(session, "start", success_codes=[0, 1])
     session.run("python", "-m", "bench", "--matrix", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """Every fault case on every broker (bench/faults.py); ``-- --quick`` for short phases.
+
+    Takes RabbitMQ and ActiveMQ down (under their outage locks) and restarts
+    GarageMQ and ActiveMQ: do not run it next to other test runs.
+    """
+    install(session, "test", "bench")
+    brokers(session, "start")
+    session.run("python", "-m", "bench.faults", *session.posargs)
 
 
 @nox.session

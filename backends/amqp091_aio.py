@@ -136,6 +136,26 @@ class AioSession:
             await self.call(self.channel.basic_ack, tag, multiple=True, wait=False)
 
 
+def frame_out_of_order(error: BaseException) -> bool:
+    """Whether ``error`` is aiormq's channel reader meeting a frame out of place.
+
+    aiormq 7's ``Channel`` raises a bare ``ValueError("Unexpected frame ...")``
+    when the frame after a ``basic.deliver`` or ``basic.return`` is not its
+    content header or body (``__get_content_header``/``__get_content_frame``),
+    then closes the channel with that error: its ``closing`` future and every
+    pending operation fail with it. GarageMQ does this after a half-open cut
+    heals (bench/results/faults.md). The channel is unusable but nothing is
+    wrong with us: a lost session, rebuilt like any other. Only that message
+    counts; any other ValueError is still a bug that propagates.
+    """
+    return (
+        isinstance(error, ValueError)
+        and bool(error.args)
+        and isinstance(error.args[0], str)
+        and error.args[0].startswith("Unexpected frame ")
+    )
+
+
 async def call_aio(
     loop: Any, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
 ) -> Any:
@@ -143,6 +163,10 @@ async def call_aio(
         return await trio_asyncio.aio_as_trio(operation, loop=loop)(*args, **kwargs)
     except asyncio.CancelledError as error:
         raise AioSessionLost("the broker connection closed during the operation") from error
+    except ValueError as error:
+        if frame_out_of_order(error):
+            raise AioSessionLost(f"the broker sent a frame out of order: {error!r}") from error
+        raise
 
 
 async def bind_pipelined(

@@ -18,8 +18,10 @@ import aiormq
 import pytest
 import trio
 import trio_asyncio
+from pamqp import commands as spec
 
 from backends.amqp091 import Amqp091Backend, open_amqp091_backend
+from backends.amqp091_aio import AioSessionLost, call_aio
 from deploy.brokers import BROKERS
 from tests.brokers import broker_outage, require_broker
 from tests.test_backend_contract import open_ready
@@ -134,6 +136,45 @@ async def test_a_deleted_queue_is_declared_again_with_every_binding(exchange: st
         await publish_until_routed(sender, "user.Bob", b"again")
         with trio.fail_after(READY_TIMEOUT):
             assert await holder.incoming.receive() == ("user.Bob", b"again")
+
+
+async def test_aiormqs_frame_out_of_order_error_is_a_lost_session() -> None:
+    # What a channel's waiters get when its reader met a frame out of place
+    # (aiormq 7 channel.py); only that ValueError, no other.
+    async def fail(error: BaseException) -> None:
+        raise error
+
+    frame = spec.Basic.Deliver("none", 1, False, "x", "user.Bob")
+    async with trio_asyncio.open_loop() as loop:
+        with pytest.raises(AioSessionLost):
+            await call_aio(loop, fail, ValueError(f"Unexpected frame {frame!r}", frame))
+        with pytest.raises(ValueError, match="too long"):
+            await call_aio(loop, fail, ValueError("Routing key too long (max 255 bytes)"))
+
+
+async def test_a_frame_out_of_order_is_a_lost_session_not_a_dead_backend(exchange: str) -> None:
+    # GarageMQ, after a half-open cut heals, sends a basic.deliver where the
+    # previous one's content header belongs; aiormq's channel reader then
+    # closes the channel with a bare ValueError("Unexpected frame ...")
+    # (bench/results/faults.md). Handed the same frames here, on RabbitMQ.
+    async with open_instances(exchange, 1) as (backend,):
+        await backend.subscribe("user.Bob")
+        session = backend._following
+        assert session is not None
+        channel = session.channel
+        deliver = spec.Basic.Deliver("none", 1, False, exchange, "user.Bob")
+
+        async def hand_to_reader() -> None:
+            channel.frames.put_nowait((0, deliver))
+            channel.frames.put_nowait((0, deliver))
+
+        await session.call(hand_to_reader)
+        # The backend rebuilds its session (a new channel) and carries messages again.
+        await publish_until_routed(backend, "user.Bob", b"again")
+        with trio.fail_after(READY_TIMEOUT):
+            assert await backend.incoming.receive() == ("user.Bob", b"again")
+        assert channel.is_closed
+        assert backend._following is not session
 
 
 async def test_rabbitmq_restart_makes_backend_unavailable_then_restores_it(
