@@ -104,7 +104,11 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 def rejection(error: BaseException) -> BrokerRejected | None:
     """``error`` as a permanent failure, if it is one (TLS verification anywhere in its causes)."""
     seen: BaseException | None = error
-    while seen is not None:
+    # A chain can loop (seen on a GarageMQ restart: aiormq's connection errors
+    # end up each other's context), so every exception is looked at once.
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, BrokerRejected):
             return seen
         if isinstance(seen, ssl.SSLCertVerificationError):

@@ -349,6 +349,13 @@ def test_tls_verification_and_refusals_are_permanent_losses_are_not() -> None:
         assert rejection(transient) is None
 
 
+def test_an_exception_chain_that_loops_is_classified_not_walked_forever() -> None:
+    # Seen on a GarageMQ restart: the instance spun at full CPU in rejection().
+    first, second = ConnectionError("reset"), OSError("closed")
+    first.__context__, second.__context__ = second, first
+    assert rejection(first) is None
+
+
 class ScriptedBackend(Supervised[str]):
     """A protocol whose sessions fail as scripted: one error per connection attempt."""
 
