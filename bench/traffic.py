@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import h11
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -116,29 +115,20 @@ async def post_stream(
 async def room_stream(
     base_url: str, stream: int, room: str, tally: Tally, schedule: Schedule
 ) -> None:
-    """One HTTP stream: ``POST /send`` to ``room``, one request at a time.
-
-    One sequential sender goes past Hypercorn's ``keep_alive_max_requests``
-    (1000), after which the server closes the connection: it is opened again
-    (h11 refuses the next request before sending anything, so none is lost).
-    """
+    """One HTTP stream: ``POST /send`` to ``room``, one request at a time (a sequential
+    sender goes past Hypercorn's ``keep_alive_max_requests``: the connection opens a
+    new one by itself)."""
     number = 0
     sender = f"sender{stream}"
-    more = await schedule.next_send()
-    while more:
-        async with open_send_connection(base_url) as connection:
-            while more:
-                message = _message(tally, stream, number)
-                try:
-                    status, _ = await connection.send(None, message, sender=sender, room=room)
-                except h11.LocalProtocolError:
-                    break  # the server ended keep-alive: not sent, sent again on a new one
-                if status == 202:
-                    tally.confirm(stream, number)
-                else:
-                    tally.fail(f"HTTP {status}")
-                number += 1
-                more = await schedule.next_send()
+    async with open_send_connection(base_url) as connection:
+        while await schedule.next_send():
+            message = _message(tally, stream, number)
+            status, _ = await connection.send(None, message, sender=sender, room=room)
+            if status == 202:
+                tally.confirm(stream, number)
+            else:
+                tally.fail(f"HTTP {status}")
+            number += 1
 
 
 async def websocket_stream(

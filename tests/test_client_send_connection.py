@@ -39,3 +39,13 @@ async def test_only_plain_http_urls_are_accepted() -> None:
     with pytest.raises(ValueError, match="http://"):
         async with open_send_connection("https://example.org"):
             pass
+
+
+async def test_sends_go_on_after_the_server_ends_keep_alive() -> None:
+    # Hypercorn closes a keep-alive connection after 1,000 requests
+    # (keep_alive_max_requests); the next request opens a new connection.
+    async with serve_instance("memory") as server:
+        async with open_send_connection(server.base_url) as connection:
+            for number in range(1005):
+                status, _ = await connection.send("Nobody", number)
+                assert status == 404, number

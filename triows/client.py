@@ -139,15 +139,23 @@ class SendConnection:
     The same request as :func:`post_send`, for a caller that sends many: h11
     over a Trio stream spends a fraction of the CPU httpx's pool spends per
     request, so the bench's load generator measures the server, not itself.
-    Not safe for concurrent use: one request in flight per connection.
+    When the server ended keep-alive with its last answer (Hypercorn does
+    after ``keep_alive_max_requests``), the next request opens a new
+    connection first. Not safe for concurrent use: one request in flight.
     """
 
-    def __init__(self, stream: trio.SocketStream, host: str, token: str | None) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, address: tuple[str, int], host: str, token: str | None
+    ) -> None:
         self._stream = stream
+        self._address = address
         self._http = h11.Connection(h11.CLIENT)
         self._headers = [("Host", host), ("Content-Type", "application/json")]
         if token:
             self._headers.append(("Authorization", f"Bearer {token}"))
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
     async def send(
         self, to: str | None, message: Any, *, sender: str | None = None, room: str | None = None
@@ -162,6 +170,11 @@ class SendConnection:
         """``POST /send`` with ``body`` (a JSON object, or an array for a batch); the status
         code and the response body. Raises :class:`h11.RemoteProtocolError` if the server
         closes the connection."""
+        if self._http.our_state is not h11.IDLE:
+            # The last answer ended keep-alive: this request goes on a new connection.
+            await self._stream.aclose()
+            self._stream = await trio.open_tcp_stream(*self._address)
+            self._http = h11.Connection(h11.CLIENT)
         request = h11.Request(
             method="POST",
             target="/send",
@@ -188,7 +201,7 @@ class SendConnection:
                 if self._http.our_state is h11.DONE and self._http.their_state is h11.DONE:
                     self._http.start_next_cycle()
                 # Else the server ended keep-alive (``Connection: close``): this answer
-                # stands, and the next send raises h11.LocalProtocolError before sending.
+                # stands, and the next request goes on a new connection.
                 return status, b"".join(chunks)
             elif isinstance(event, h11.ConnectionClosed):
                 raise h11.RemoteProtocolError("the server closed the connection")
@@ -202,10 +215,12 @@ async def open_send_connection(
     parts = urlsplit(base_url)
     if parts.scheme != "http" or parts.hostname is None:
         raise ValueError(f"open_send_connection takes an http:// URL, got {base_url!r}")
-    port = parts.port or 80
-    stream = await trio.open_tcp_stream(parts.hostname, port)
-    async with stream:
-        yield SendConnection(stream, parts.netloc, token)
+    address = (parts.hostname, parts.port or 80)
+    connection = SendConnection(await trio.open_tcp_stream(*address), address, parts.netloc, token)
+    try:
+        yield connection
+    finally:
+        await connection.aclose()
 
 
 # --- A reconnecting client: open_client -------------------------------------
