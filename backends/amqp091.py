@@ -14,11 +14,24 @@ thread hop on every message, and a hand-written client on pamqp would replace
 the library the user chose.
 
 Broker mapping (DESIGN §5). One connection per instance; a non-durable
-*direct* exchange ``settings.exchange``, declared idempotently; one exclusive,
-auto-delete queue per instance named ``triows.<instance_id>`` by the client
-(GarageMQ refuses server-named queues; for its other quirks see
-:data:`BROKER_QUIRKS`); ``subscribe``/``unsubscribe`` are
-``queue.bind``/``queue.unbind`` of the key. ``publish`` uses ``mandatory`` on a
+*direct* exchange ``settings.exchange``, declared idempotently; one queue per
+process named ``triows.<instance_id>.<random>`` by the client (GarageMQ refuses
+server-named queues; for its other quirks see :data:`BROKER_QUIRKS`);
+``subscribe``/``unsubscribe`` are ``queue.bind``/``queue.unbind`` of the key.
+
+The queue outlives its connection. It is neither exclusive nor auto-delete:
+it carries ``x-expires`` = ``TRIOWS_QUEUE_EXPIRES``, so the broker deletes it
+(with its bindings) only once nothing has consumed from it for that long. A
+connection that is closed, dropped or silent therefore loses nothing the
+broker confirmed: the messages wait in the queue, deliveries the old
+connection had not acked are requeued when the broker drops it, and the
+reconnect consumes the same queue again. A redelivered message this instance
+had already handed over (its ack died with the connection) is recognised by
+its body, which holds a unique message id, and skipped. The price: when an
+instance dies without closing, its users' keys stay bound for
+``TRIOWS_QUEUE_EXPIRES`` after the broker notices, and a send to a user who
+was only there answers ``routed`` rather than 404 until then. A graceful close
+deletes the queue at once. ``publish`` uses ``mandatory`` on a
 channel in publisher-confirm mode: aiormq turns a ``basic.return`` into
 ``PublishError`` (-> ``UNROUTED``), an ack into a result (-> ``ROUTED``) and a
 nack into ``DeliveryError`` (-> :class:`BrokerUnavailable`).
@@ -47,8 +60,10 @@ then the bindings it held are gone and sends to its users answer 404.
 from __future__ import annotations
 
 import re
+import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +88,7 @@ from backends.amqp091_aio import (
     call_aio,
     close_connection,
     closed,
+    unbind_each,
 )
 from backends.broker_url import parse_broker_url
 from backends.supervisor import BrokerRejected, Supervised, run_supervised
@@ -102,7 +118,7 @@ REBIND_BATCH = 1000
 class BrokerQuirks:
     """Where the broker mapping bends for one broker, known by its ``product``."""
 
-    exclusive_queue: bool = True
+    queue_outlives_connection: bool = True
     exchange_type: str = "direct"
 
 
@@ -110,22 +126,27 @@ BROKER_QUIRKS: dict[str, BrokerQuirks] = {
     # GarageMQ 0.1 (Debian's build):
     # - it stops answering every later ``queue.declare``, from any client, once
     #   a connection that consumed from an exclusive queue closes, cleanly or
-    #   not. So the queue is non-exclusive and auto-delete (deleted when our
-    #   consumer goes, as an exclusive one would be), with a new name per
-    #   connection so that it is never shared with the consumer of a dead
-    #   connection the broker has not noticed yet;
+    #   not, and it ignores ``x-expires``. So the queue is auto-delete (deleted
+    #   when our consumer goes: what it held is lost with the connection), with
+    #   a new name per connection so that it is never shared with the consumer
+    #   of a dead connection the broker has not noticed yet;
     # - its direct exchange hands a message to only one of several queues bound
     #   with the same key, which would break "every connection of a user gets
     #   every message". Its topic exchange fans out; keys never contain ``*`` or
     #   ``#`` (user names forbid them), so topic matching stays exact.
-    "garagemq": BrokerQuirks(exclusive_queue=False, exchange_type="topic"),
+    "garagemq": BrokerQuirks(queue_outlives_connection=False, exchange_type="topic"),
 }
 """Brokers whose quirks the backend works around, by lower-cased ``product``."""
 
 
 def queue_name(instance_id: str) -> str:
-    """The queue of one instance, named by the client (not the broker)."""
-    return f"triows.{instance_id}"
+    """The queue of one backend, named by the client (not the broker).
+
+    Unique per process even when ``TRIOWS_INSTANCE_ID`` is fixed: a restarted
+    instance must not consume the queue of its dead predecessor, which may
+    still be bound to keys the new process does not hold.
+    """
+    return f"triows.{instance_id}.{secrets.token_hex(4)}"
 
 
 def connection_url(settings: Settings) -> URL:
@@ -154,6 +175,15 @@ class Amqp091Backend(Supervised[AioSession]):
         self._loop = loop
         self._queue = queue_name(settings.instance_id)
         self._connections_made = 0
+        # The bodies last handed to Trio, across connections: the broker may
+        # redeliver any of them after a reconnect (at most ``prefetch`` can be
+        # unacked there at a time).
+        self._handed_over: deque[bytes] = deque(maxlen=settings.prefetch)
+        # Keys that may be bound on ``_bound_queue`` (a change the broker did
+        # not confirm counts as bound): the queue keeps its bindings across a
+        # reconnect, so what was unsubscribed meanwhile is unbound then.
+        self._maybe_bound: set[str] = set()
+        self._bound_queue = ""
 
     @property
     def queue(self) -> str:
@@ -165,6 +195,7 @@ class Amqp091Backend(Supervised[AioSession]):
         return await session.publish(key, body)
 
     async def _subscribe_on(self, session: AioSession, key: str) -> None:
+        self._maybe_bound.add(key)
         await session.call(
             session.channel.queue_bind, session.queue, self._settings.exchange, routing_key=key
         )
@@ -173,8 +204,25 @@ class Amqp091Backend(Supervised[AioSession]):
         await session.call(
             session.channel.queue_unbind, session.queue, self._settings.exchange, routing_key=key
         )
+        self._maybe_bound.discard(key)
 
     async def _restore(self, session: AioSession, keys: list[str]) -> None:
+        if session.queue == self._bound_queue:
+            stale = sorted(self._maybe_bound.difference(keys))
+        else:
+            stale = []
+            self._bound_queue = session.queue
+        self._maybe_bound.update(keys)
+        for start in range(0, len(stale), REBIND_BATCH):
+            with anyio.fail_after(self._broker_timeout):
+                await session.call(
+                    unbind_each,
+                    session.channel,
+                    session.queue,
+                    self._settings.exchange,
+                    stale[start : start + REBIND_BATCH],
+                )
+        self._maybe_bound.difference_update(stale)
         for start in range(0, len(keys), REBIND_BATCH):
             with anyio.fail_after(self._broker_timeout):
                 await session.call(
@@ -189,6 +237,13 @@ class Amqp091Backend(Supervised[AioSession]):
         session.abandoned.set()
 
     async def _close(self, session: AioSession) -> None:
+        if session.queue == self._queue:
+            # It outlives connections (x-expires): closing for good takes it,
+            # and its bindings, away at once. (Not on GarageMQ: its auto-delete
+            # queue goes with the connection, and deleting a queue we consume
+            # from there stops it answering any later queue.declare.)
+            with suppress(*SESSION_BROKEN):
+                await session.call(session.channel.queue_delete, session.queue)
         await close_connection(self._loop, session.connection, self._settings.close_timeout)
 
     def _describe(self, session: AioSession) -> dict[str, Any]:
@@ -301,18 +356,21 @@ class Amqp091Backend(Supervised[AioSession]):
         self._connections_made += 1
         product = str(connection.server_properties.get("product", "")).lower()
         quirks = BROKER_QUIRKS.get(product, BrokerQuirks())
-        exclusive = quirks.exclusive_queue
-        queue = self._queue if exclusive else f"{self._queue}.{self._connections_made}"
+        if quirks.queue_outlives_connection:
+            queue = self._queue
+            lifetime: dict[str, Any] = {
+                "auto_delete": False,
+                "arguments": {"x-expires": round(settings.queue_expires * 1000)},
+            }
+        else:
+            queue = f"{self._queue}.{self._connections_made}"
+            lifetime = {"auto_delete": True}
         with anyio.fail_after(self._broker_timeout):
             channel = await call_aio(self._loop, connection.channel, publisher_confirms=True)
             session = AioSession(self._loop, connection, channel, queue)
             await self._declare_exchange(session, quirks.exchange_type)
             await session.call(
-                channel.queue_declare,
-                queue,
-                exclusive=exclusive,
-                auto_delete=True,
-                durable=False,
+                channel.queue_declare, queue, exclusive=False, durable=False, **lifetime
             )
             await session.call(channel.basic_qos, prefetch_count=settings.prefetch)
 
@@ -365,14 +423,21 @@ class Amqp091Backend(Supervised[AioSession]):
         # ~15 % of a receiving instance's CPU).
         batch = max(1, self._settings.prefetch // 2)
         unacked = 0
+        handed_over = self._handed_over
+        handed_over_before = frozenset(handed_over)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ack_periodically, session)
             async for message in deliveries:
-                delivery = (message.routing_key or "", message.body)
-                try:
-                    self._incoming_send.send_nowait(delivery)
-                except anyio.WouldBlock:
-                    await self._incoming_send.send(delivery)
+                body = message.body
+                # A redelivery of what an earlier connection handed over but
+                # could not ack (see the module docstring) is only acked.
+                if not (message.redelivered and body in handed_over_before):
+                    delivery = (message.routing_key or "", body)
+                    try:
+                        self._incoming_send.send_nowait(delivery)
+                    except anyio.WouldBlock:
+                        await self._incoming_send.send(delivery)
+                    handed_over.append(body)
                 # Always set on a basic.deliver.
                 session.delivered_tag = message.delivery_tag or session.delivered_tag
                 unacked += 1

@@ -4,7 +4,7 @@ Every aiormq call goes through :func:`call_aio` (one crossing each), except
 the two paths every message takes, which cross once per batch: publishes
 (:class:`PublishBatcher` + :func:`publish_batch`) and acks (batched by the
 backend's forwarder); re-binds after a reconnect are one crossing per batch
-too (:func:`bind_pipelined`).
+too (:func:`bind_pipelined`, :func:`unbind_each`).
 
 Why publishes are batched by hand: each ``channel.basic_publish`` is one
 crossing from Trio into the asyncio loop (an asyncio task and a Trio wakeup)
@@ -38,7 +38,6 @@ from aiormq.exceptions import (
     AMQPChannelError,
     AMQPConnectionError,
     ChannelInvalidStateError,
-    ChannelLockedResource,
     DeliveryError,
     PublishError,
 )
@@ -67,9 +66,6 @@ SESSION_BROKEN: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
     # An operation on a channel whose connection already closed.
     ChannelInvalidStateError,
-    # After a network loss the broker may still hold our old connection, and
-    # with it our exclusive queue, until its heartbeat expires: retry later.
-    ChannelLockedResource,
     # The broker closed our channel (e.g. NOT_FOUND when an operator deleted
     # the exchange): the reconnect declares and binds everything again. A
     # conflicting exchange declaration is turned into a BrokerRejected first.
@@ -184,6 +180,16 @@ async def bind_pipelined(
     await channel.queue_bind(queue, exchange, routing_key=keys[-1])
 
 
+async def unbind_each(
+    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, keys: list[str]
+) -> None:
+    # Runs on the asyncio side: one crossing for the batch. ``queue.unbind``
+    # has no ``nowait``, so each waits for its reply (unbinding what is not
+    # bound is not an error).
+    for key in keys:
+        await channel.queue_unbind(queue, exchange, routing_key=key)
+
+
 async def closed(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:
     # ``closing`` is a fresh observer future that aiormq resolves (with the
     # reason as its exception, for a loss) when the connection or channel
@@ -195,7 +201,7 @@ async def close_connection(
     loop: Any, connection: aiormq.abc.AbstractConnection, grace: float
 ) -> None:
     # Shielded: this also runs while the backend is being cancelled, and the
-    # broker should see a clean close (it deletes our exclusive queue at once).
+    # broker should see a clean close.
     with (
         trio.CancelScope(shield=True),
         trio.move_on_after(grace),

@@ -103,6 +103,9 @@ class Options:
     after: float = 10.0
     grace: float = 5.0  # after the last send, how long deliveries may still arrive
     heartbeat: int = 5  # TRIOWS_HEARTBEAT for every instance
+    # TRIOWS_QUEUE_EXPIRES (amqp091): an outage of one instance's broker path
+    # loses nothing while it is shorter than about this plus heartbeat detection.
+    queue_expires: float = Settings().queue_expires
     latency: float = 0.2  # the slow network's added one-way delay per direction
     kill_down: float = 2.0  # how long a SIGKILLed broker stays dead before its restart
     # How long the death and churn cases wait for the broker to forget what it
@@ -257,6 +260,7 @@ async def open_cluster(
                             "TRIOWS_INSTANCE_ID": instance_id,
                             "TRIOWS_RECONNECT_MAX": "1",
                             "TRIOWS_HEARTBEAT": str(opts.heartbeat),
+                            "TRIOWS_QUEUE_EXPIRES": str(opts.queue_expires),
                             "TRIOWS_PING_INTERVAL": str(opts.ping_interval),
                             "TRIOWS_LOG_LEVEL": "INFO",
                             **(env or {}),
@@ -1421,8 +1425,11 @@ def ci_options() -> Options:
         after=2.0,
         grace=1.0,
         heartbeat=1,
+        # Outlasts the half-open stall (the broker drops the silent connection
+        # within seconds, the path heals after ``stall``).
+        queue_expires=12.0,
         kill_down=1.0,
-        forget_timeout=10.0,
+        forget_timeout=25.0,
     )
 
 

@@ -24,8 +24,10 @@ from backends.amqp091 import Amqp091Backend, open_amqp091_backend
 from backends.amqp091_aio import AioSessionLost, call_aio
 from deploy.brokers import BROKERS
 from tests.brokers import broker_outage, require_broker
-from tests.test_backend_contract import open_ready
+from tests.tcp_proxy import open_tcp_proxy
+from tests.test_backend_contract import open_ready, receive, wait_not_ready
 from triows.backend import BrokerUnavailable, Outcome
+from triows.process import free_port
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker
@@ -205,8 +207,76 @@ async def test_closing_the_backend_deletes_its_queue(exchange: str) -> None:
         async with open_ready(amqp_settings(exchange)) as holder:
             await holder.subscribe("user.Bob")
             assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
-        # The exclusive queue and its bindings went with the connection.
+        # The queue outlives a lost connection, not a close: it and its
+        # bindings are gone at once.
         assert await sender.publish("user.Bob", b"2") == Outcome.UNROUTED
+
+
+@asynccontextmanager
+async def open_holder_behind_a_proxy(exchange: str) -> AsyncIterator[tuple[Amqp091Backend, int]]:
+    """A backend whose broker connection goes through a proxy on the returned port."""
+    port = free_port()
+    settings = amqp_settings(exchange, port=port, reconnect_max_delay=0.05)
+    async with open_amqp091_backend(settings) as holder:
+        yield holder, port
+
+
+async def test_what_the_broker_confirmed_while_the_connection_was_lost_arrives_after(
+    exchange: str,
+) -> None:
+    async with (
+        open_instances(exchange, 1) as (sender,),
+        open_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await holder.subscribe("user.Bob")
+            assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
+            assert await receive(holder) == ("user.Bob", b"1")
+        # The connection dropped and reconnects are refused meanwhile; the
+        # queue and its binding outlive it, so the broker confirms and keeps.
+        await wait_not_ready(holder)
+        assert await sender.publish("user.Bob", b"2") == Outcome.ROUTED
+        assert await sender.publish("user.Bob", b"3") == Outcome.ROUTED
+        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            assert [await receive(holder), await receive(holder)] == [
+                ("user.Bob", b"2"),
+                ("user.Bob", b"3"),
+            ]
+
+
+async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_twice(
+    exchange: str,
+) -> None:
+    async def ack_lost() -> None:
+        pass
+
+    async with (
+        open_instances(exchange, 1) as (sender,),
+        open_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await holder.subscribe("user.Bob")
+            session = holder._following
+            assert session is not None
+            # As if the connection died before the ack reached the broker.
+            session.ack = ack_lost  # type: ignore[method-assign]
+            assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
+            assert await receive(holder) == ("user.Bob", b"1")
+        await wait_not_ready(holder)
+        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            # The broker redelivers "1" (never acked) to the new connection:
+            # it was handed over already, so the next message is the next one.
+            for body in (b"2", b"3"):
+                assert await sender.publish("user.Bob", body) == Outcome.ROUTED
+                assert await receive(holder) == ("user.Bob", body)
 
 
 class Rejections(logging.Handler):

@@ -66,6 +66,10 @@ class Settings:
     exchange: str = field(default="triows", metadata={"env": "TRIOWS_EXCHANGE"})
     prefetch: int = field(default=256, metadata={"env": "TRIOWS_PREFETCH"})
     heartbeat: int = field(default=30, metadata={"env": "TRIOWS_HEARTBEAT"})
+    # AMQP 0-9-1: how long the broker keeps an instance's queue once nothing
+    # consumes from it (the x-expires argument), so that a reconnect finds
+    # what was confirmed meanwhile.
+    queue_expires: float = field(default=30.0, metadata={"env": "TRIOWS_QUEUE_EXPIRES"})
     address_template: str = field(default="", metadata={"env": "TRIOWS_ADDRESS_TEMPLATE"})
     log_level: str = field(default="INFO", metadata={"env": "TRIOWS_LOG_LEVEL"})
     jwt_leeway: float = field(default=5.0, metadata={"env": "TRIOWS_JWT_LEEWAY"})
@@ -106,7 +110,13 @@ class Settings:
             object.__setattr__(self, "broker_timeout", self.publish_timeout)
             inherited = self.publish_timeout != DEFAULT_PUBLISH_TIMEOUT
             object.__setattr__(self, "_broker_timeout_inherited", inherited)
-        for name in ("drain_timeout", "close_timeout", "publish_timeout", "reconnect_max_delay"):
+        for name in (
+            "drain_timeout",
+            "close_timeout",
+            "publish_timeout",
+            "reconnect_max_delay",
+            "queue_expires",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive, got {getattr(self, name)}")
         if not 0 <= self.jwt_leeway <= MAX_JWT_LEEWAY:
