@@ -491,11 +491,24 @@ class StompBackend(Supervised[_StompConnection]):
         try:
             await connection.request(Frame("DISCONNECT"))
         finally:
-            if self._keeps_queues(connection.server):
-                # Closing for good: nothing will consume them again.
-                queues = [*self._retired, *self._queues.values()]
-                self._retired, self._queues = [], {}
-                await self._delete_queues(queues)
+            await self._delete_every_queue()
+
+    async def aclose(self) -> None:
+        """Close as :meth:`Supervised.aclose` does, deleting this process's queues.
+
+        Also while disconnected: the AMQP port may answer when STOMP does not.
+        """
+        connected = self._following is not None
+        await super().aclose()
+        if not connected:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._settings.close_timeout):
+                await self._delete_every_queue()
+
+    async def _delete_every_queue(self) -> None:
+        # Closing for good: nothing will consume them again.
+        queues = [*self._retired, *self._queues.values()]
+        self._retired, self._queues = [], {}
+        await self._delete_queues(queues)
 
     def _describe(self, connection: _StompConnection) -> dict[str, Any]:
         return {
