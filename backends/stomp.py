@@ -362,7 +362,9 @@ class StompBackend(Supervised[_StompConnection]):
         self._queue_prefix = f"triows.{settings.instance_id}.{secrets.token_hex(4)}"
         self._queues: dict[str, str] = {}  # held key -> its queue
         self._queues_made = itertools.count(1)
-        self._retired: list[str] = []  # queues no longer consumed, to delete
+        # Queues no longer consumed, to delete; each stays listed until its
+        # deletion was tried, so that a close deletes it if the task cannot.
+        self._retired: set[str] = set()
         self._retired_added = anyio.Event()
         # The broker redelivers at most what was unacked when a connection
         # went: one ack batch and what arrived while the ACK was on its way.
@@ -444,7 +446,7 @@ class StompBackend(Supervised[_StompConnection]):
     def _retire(self, key: str) -> None:
         queue = self._queues.pop(key, None)
         if queue is not None:
-            self._retired.append(queue)
+            self._retired.add(queue)
             self._retired_added.set()
 
     async def _restore(self, connection: _StompConnection, keys: list[str]) -> None:
@@ -464,8 +466,9 @@ class StompBackend(Supervised[_StompConnection]):
         while True:
             await self._retired_added.wait()
             self._retired_added = anyio.Event()
-            queues, self._retired = self._retired, []
+            queues = sorted(self._retired)
             await self._delete_queues(queues)
+            self._retired.difference_update(queues)
 
     async def _delete_queues(self, queues: list[str]) -> None:
         if not queues:
@@ -506,8 +509,8 @@ class StompBackend(Supervised[_StompConnection]):
 
     async def _delete_every_queue(self) -> None:
         # Closing for good: nothing will consume them again.
-        queues = [*self._retired, *self._queues.values()]
-        self._retired, self._queues = [], {}
+        queues = sorted(self._retired.union(self._queues.values()))
+        self._retired, self._queues = set(), {}
         await self._delete_queues(queues)
 
     def _describe(self, connection: _StompConnection) -> dict[str, Any]:
