@@ -15,6 +15,33 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   header of ``CONNECTED``: ActiveMQ ``/topic/<exchange>.{key}``, RabbitMQ
   ``/exchange/<exchange>/{key}`` (``<exchange>`` is ``TRIOWS_EXCHANGE``,
   default ``triows``), anything else ``/topic/<exchange>.{key}``.
+- On RabbitMQ (``/exchange/`` or ``/topic/`` destinations) each
+  subscription's queue outlives its connection. ``SUBSCRIBE`` carries, as
+  RabbitMQ 3.10's STOMP plugin reads them (``rabbit_stomp_util:build_params``
+  and ``build_arguments``, ``rabbit_routing_util:queue_declare_method``):
+  ``x-queue-name`` = ``triows.<instance_id>.<random>.<n>.<key>`` (unique per
+  process and per subscription of a key, kept across reconnects),
+  ``durable:false``, ``exclusive:false``, ``auto-delete:false`` (the plugin's
+  default for these destinations is auto-delete, gone with the connection),
+  ``x-expires`` = ``TRIOWS_QUEUE_EXPIRES`` in ms, ``ack:client`` and
+  ``prefetch-count`` = ``TRIOWS_PREFETCH``. A connection that is closed,
+  dropped or silent therefore loses nothing the broker confirmed: messages
+  wait in the queues, deliveries not yet acked are requeued when the broker
+  drops the connection, and the reconnect subscribes the same queues. Acks
+  are cumulative (``client`` is ``basic.ack`` with ``multiple`` on the
+  plugin's one channel per connection): one ``ACK`` per batch or per
+  :data:`ACK_INTERVAL`, never naming a subscription whose ``UNSUBSCRIBE`` is
+  written (RabbitMQ answers that with ``ERROR`` and a close). A redelivery
+  (``redelivered:true``) of a body this instance already handed over, its ACK
+  lost with the connection, is skipped: bodies hold a unique message id. The
+  plugin keeps an ``/exchange/`` queue after ``UNSUBSCRIBE`` (it deletes only
+  durable ``/topic/`` ones), so the queues of released keys (also those
+  released while disconnected) and, on a graceful close, all of them are
+  deleted over AMQP 0-9-1 (:func:`backends.rabbitmq_exchange.delete_queues`);
+  one that cannot be deleted expires. The price: after an instance dies
+  without closing, its users' queues stay bound for ``TRIOWS_QUEUE_EXPIRES``.
+  ActiveMQ and other brokers keep non-durable topic subscriptions, ack
+  ``auto``: what was in flight to a lost connection is lost there.
 - Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
   we send ours, and a broker silent for twice its interval counts as dead.
 - Reconnects, held keys, readiness, timeouts and error classes are
@@ -29,8 +56,9 @@ Broker URL: ``stomp://login:passcode@host:port/vhost`` (port 61613 and vhost
 ``/`` by default). The vhost goes in the ``host`` header, which RabbitMQ reads
 as the virtual host. For RabbitMQ's ``/exchange/...`` destinations the
 exchange must exist and STOMP cannot create it, so the backend declares it
-over AMQP 0-9-1 (:mod:`backends.rabbitmq_exchange`) on the same host, port
-5672 unless the URL says ``?amqp_port=N``.
+(and deletes the queues above) over AMQP 0-9-1
+(:mod:`backends.rabbitmq_exchange`) on the same host, port 5672 unless the
+URL says ``?amqp_port=N``.
 """
 
 from __future__ import annotations
