@@ -31,8 +31,10 @@ from backends.stomp import (
 from backends.stomp_frames import Frame, FrameParser, encode_frame
 from deploy.brokers import BROKERS
 from tests.brokers import require_broker
-from tests.test_backend_contract import open_ready
+from tests.tcp_proxy import open_tcp_proxy
+from tests.test_backend_contract import open_ready, wait_not_ready
 from triows.backend import BrokerUnavailable
+from triows.process import free_port
 from triows.settings import Settings, SettingsError
 
 # Hang guards only; no test asserts on how long something took.
@@ -320,3 +322,136 @@ async def test_a_subscribe_cut_short_before_its_frame_went_out_is_sent_by_the_ne
         await backend.unsubscribe("user.erin")
         await backend.publish("user.erin", b"settled")  # answered before any ERROR's close
         assert backend.ready and backend._following is connection
+
+
+# --- RabbitMQ: each subscription's queue outlives its connection -----------
+
+
+async def rabbitmq_queues(instance_id: str) -> set[str]:
+    """The names of the queues RabbitMQ holds for ``instance_id``."""
+    listed = await trio.run_process(["rabbitmqctl", "list_queues", "name"], capture_stdout=True)
+    names = listed.stdout.decode().split()
+    return {name for name in names if name.startswith(f"triows.{instance_id}.")}
+
+
+async def wait_for_queues(instance_id: str, expected: set[str]) -> None:
+    with trio.fail_after(READY_TIMEOUT):
+        # Polling: rabbitmqctl is the only witness.
+        while await rabbitmq_queues(instance_id) != expected:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+
+
+@asynccontextmanager
+async def open_rabbitmq_holder_behind_a_proxy(
+    exchange: str,
+) -> AsyncIterator[tuple[StompBackend, int]]:
+    """A backend whose STOMP connection goes through a proxy on the returned port.
+
+    The test opens the proxy there; until then the backend retries every 50 ms.
+    """
+    await require_broker("rabbitmq-stomp")
+    port = free_port()
+    settings = stomp_settings(port, exchange, reconnect_max_delay=0.05)
+    async with open_stomp_backend(settings) as holder:
+        yield holder, port
+
+
+def upstream() -> int:
+    return STOMP_PORTS["rabbitmq-stomp"]
+
+
+@pytest.mark.broker
+async def test_what_rabbitmq_confirmed_while_the_connection_was_lost_arrives_after(
+    exchange: str,
+) -> None:
+    async with (
+        open_ready(stomp_settings(upstream(), exchange)) as sender,
+        open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with open_tcp_proxy(upstream(), port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await holder.subscribe("user.Bob")
+            await sender.publish("user.Bob", b"1")
+            assert await receive(holder) == ("user.Bob", b"1")
+        # The connection dropped and reconnects are refused meanwhile; the
+        # subscription's queue and its binding outlive it.
+        await wait_not_ready(holder)
+        await sender.publish("user.Bob", b"2")
+        await sender.publish("user.Bob", b"3")
+        async with open_tcp_proxy(upstream(), port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            assert [await receive(holder), await receive(holder)] == [
+                ("user.Bob", b"2"),
+                ("user.Bob", b"3"),
+            ]
+
+
+@pytest.mark.broker
+async def test_a_key_released_while_disconnected_gets_nothing_after_the_reconnect(
+    exchange: str,
+) -> None:
+    async with (
+        open_ready(stomp_settings(upstream(), exchange)) as sender,
+        open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with open_tcp_proxy(upstream(), port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await holder.subscribe("user.Bob")
+            await holder.subscribe("user.Gone")
+            queues = holder.queues
+        await wait_not_ready(holder)
+        await holder.unsubscribe("user.Gone")
+        await sender.publish("user.Gone", b"kept by its queue")
+        async with open_tcp_proxy(upstream(), port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await sender.publish("user.Gone", b"0")
+            await sender.publish("user.Bob", b"1")
+            assert await receive(holder) == ("user.Bob", b"1")
+            # Its queue is deleted, what it held with it.
+            await wait_for_queues(holder._settings.instance_id, {queues["user.Bob"]})
+
+
+@pytest.mark.broker
+async def test_closing_the_backend_deletes_its_queues_on_rabbitmq(exchange: str) -> None:
+    await require_broker("rabbitmq-stomp")
+    settings = stomp_settings(upstream(), exchange)
+    async with open_ready(settings) as holder:
+        assert isinstance(holder, StompBackend)
+        await holder.subscribe("user.Bob")
+        await holder.subscribe("user.Ann")
+        await holder.unsubscribe("user.Ann")
+        await wait_for_queues(settings.instance_id, {holder.queues["user.Bob"]})
+    assert await rabbitmq_queues(settings.instance_id) == set()
+
+
+@pytest.mark.broker
+async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_twice(
+    exchange: str,
+) -> None:
+    async with (
+        open_ready(stomp_settings(upstream(), exchange)) as sender,
+        open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with open_tcp_proxy(upstream(), port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            await holder.subscribe("user.Bob")
+            connection = holder._following
+            assert connection is not None
+            # As if the connection died before the ACK reached the broker.
+            connection._take_ack = lambda: b""  # type: ignore[method-assign]
+            await sender.publish("user.Bob", b"1")
+            assert await receive(holder) == ("user.Bob", b"1")
+        await wait_not_ready(holder)
+        async with open_tcp_proxy(upstream(), port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+            # RabbitMQ redelivers "1" (never acked) to the new connection,
+            # marked redelivered: it was handed over already, so it is skipped.
+            for body in (b"2", b"3"):
+                await sender.publish("user.Bob", body)
+                assert await receive(holder) == ("user.Bob", body)

@@ -66,9 +66,10 @@ class Settings:
     exchange: str = field(default="triows", metadata={"env": "TRIOWS_EXCHANGE"})
     prefetch: int = field(default=256, metadata={"env": "TRIOWS_PREFETCH"})
     heartbeat: int = field(default=30, metadata={"env": "TRIOWS_HEARTBEAT"})
-    # AMQP 0-9-1: how long the broker keeps an instance's queue once nothing
-    # consumes from it (the x-expires argument), so that a reconnect finds
-    # what was confirmed meanwhile.
+    # AMQP 0-9-1 and STOMP on RabbitMQ: how long the broker keeps an
+    # instance's queue (STOMP: a subscription's) once nothing consumes from
+    # it (the x-expires argument), so that a reconnect finds what was
+    # confirmed meanwhile.
     queue_expires: float = field(default=30.0, metadata={"env": "TRIOWS_QUEUE_EXPIRES"})
     address_template: str = field(default="", metadata={"env": "TRIOWS_ADDRESS_TEMPLATE"})
     log_level: str = field(default="INFO", metadata={"env": "TRIOWS_LOG_LEVEL"})
