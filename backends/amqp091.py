@@ -19,8 +19,9 @@ process named ``triows.<instance_id>.<random>`` by the client (GarageMQ refuses
 server-named queues; for its other quirks see :data:`BROKER_QUIRKS`);
 ``subscribe``/``unsubscribe`` are ``queue.bind``/``queue.unbind`` of the key.
 
-The queue outlives its connection. It is neither exclusive nor auto-delete:
-it carries ``x-expires`` = ``TRIOWS_QUEUE_EXPIRES``, so the broker deletes it
+The queue outlives its connection. It is durable (RabbitMQ 4.3 refuses
+non-durable non-exclusive queues; messages stay transient), neither exclusive
+nor auto-delete, and carries ``x-expires`` = ``TRIOWS_QUEUE_EXPIRES``, so the broker deletes it
 (with its bindings) only once nothing has consumed from it for that long. A
 connection that is closed, dropped or silent therefore loses nothing the
 broker confirmed: the messages wait in the queue, deliveries the old
@@ -358,20 +359,22 @@ class Amqp091Backend(Supervised[AioSession]):
         quirks = BROKER_QUIRKS.get(product, BrokerQuirks())
         if quirks.queue_outlives_connection:
             queue = self._queue
+            # Durable: RabbitMQ 4.3 refuses non-durable non-exclusive queues
+            # (deprecated feature transient_nonexcl_queues); its advice is a
+            # durable queue with a queue TTL. One per process: no cost per message.
             lifetime: dict[str, Any] = {
+                "durable": True,
                 "auto_delete": False,
                 "arguments": {"x-expires": round(settings.queue_expires * 1000)},
             }
         else:
             queue = f"{self._queue}.{self._connections_made}"
-            lifetime = {"auto_delete": True}
+            lifetime = {"durable": False, "auto_delete": True}
         with anyio.fail_after(self._broker_timeout):
             channel = await call_aio(self._loop, connection.channel, publisher_confirms=True)
             session = AioSession(self._loop, connection, channel, queue)
             await self._declare_exchange(session, quirks.exchange_type)
-            await session.call(
-                channel.queue_declare, queue, exclusive=False, durable=False, **lifetime
-            )
+            await session.call(channel.queue_declare, queue, exclusive=False, **lifetime)
             await session.call(channel.basic_qos, prefetch_count=settings.prefetch)
 
             def on_delivery(message: aiormq.abc.DeliveredMessage) -> None:

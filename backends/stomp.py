@@ -21,8 +21,10 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   and ``build_arguments``, ``rabbit_routing_util:queue_declare_method``):
   ``x-queue-name`` = ``triows.<instance_id>.<random>.<n>.<key>`` (unique per
   process and per subscription of a key, kept across reconnects),
-  ``durable:false``, ``exclusive:false``, ``auto-delete:false`` (the plugin's
-  default for these destinations is auto-delete, gone with the connection),
+  ``durable:true`` (RabbitMQ 4.3 refuses non-durable non-exclusive queues;
+  the messages stay transient), ``exclusive:false``, ``auto-delete:false``
+  (the plugin's default for these destinations is auto-delete, gone with the
+  connection),
   ``x-expires`` = ``TRIOWS_QUEUE_EXPIRES`` in ms, ``ack:client`` and
   ``prefetch-count`` = ``TRIOWS_PREFETCH``. A connection that is closed,
   dropped or silent therefore loses nothing the broker confirmed: messages
@@ -439,7 +441,9 @@ class StompBackend(Supervised[_StompConnection]):
                     "ack": QUEUE_ACK_MODE,
                     "prefetch-count": str(self._settings.prefetch),
                     "x-queue-name": queue,
-                    "durable": "false",
+                    # Durable: RabbitMQ 4.3 refuses non-durable non-exclusive
+                    # queues (transient_nonexcl_queues); messages stay transient.
+                    "durable": "true",
                     "exclusive": "false",
                     "auto-delete": "false",
                     "x-expires": str(round(self._settings.queue_expires * 1000)),
