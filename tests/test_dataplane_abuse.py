@@ -13,6 +13,7 @@ import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from triows.auth import mint_token
@@ -290,13 +291,52 @@ def test_accepted_connections_inherit_keepalive_from_the_listener() -> None:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 18000
 
 
-async def test_offer_after_the_writer_ended_returns_false_and_never_raises() -> None:
+async def test_offer_after_the_writer_failed_returns_false_and_never_raises() -> None:
     connection = Connection("Bob", 4)
 
     async def peer_gone(frame: object) -> None:
         raise trio.BrokenResourceError
 
-    assert connection.offer("first")
-    with pytest.raises(trio.BrokenResourceError):
-        await connection.run_writer(peer_gone)  # type: ignore[arg-type]
-    assert connection.offer("second") is False
+    async with trio.open_nursery() as nursery:
+        connection.start_writing(nursery, peer_gone)
+        assert connection.offer("first")
+        await trio.testing.wait_all_tasks_blocked()
+        assert connection.offer("second") is False
+        with pytest.raises(trio.BrokenResourceError):
+            await connection.finish(1.0)
+    assert not connection.flushed
+
+
+async def test_an_idle_connection_has_no_writer_task() -> None:
+    connection = Connection("Bob", 4)
+    written: list[str] = []
+
+    async def send(message: dict[str, str]) -> None:
+        written.append(message["text"])
+
+    async with trio.open_nursery() as nursery:
+        connection.start_writing(nursery, send)  # type: ignore[arg-type]
+        assert not nursery.child_tasks
+        assert connection.offer("first") and connection.offer("second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert written == ["first", "second"]
+        assert not nursery.child_tasks
+        await connection.finish(1.0)
+    assert connection.flushed
+
+
+async def test_finish_cuts_a_stuck_write_at_the_timeout(autojump_clock: trio.abc.Clock) -> None:
+    connection = Connection("Bob", 4)
+
+    async def stuck(message: object) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        connection.start_writing(nursery, stuck)
+        connection.offer("first")
+        connection.offer("second")
+        started = trio.current_time()
+        await connection.finish(5.0)
+        assert trio.current_time() - started == pytest.approx(5.0)
+        assert not nursery.child_tasks
+    assert not connection.flushed

@@ -174,15 +174,14 @@ def install_write_deadline(timeout: float) -> None:
     from hypercorn.trio import run as hypercorn_run
     from hypercorn.trio.tcp_server import TCPServer
 
-    original: Any = TCPServer
+    class DeadlineTCPServer(TCPServer):
+        # A subclass, not a coroutine that wraps the call: no frame of its own per connection.
+        def __init__(self, app: Any, config: Any, context: Any, state: Any, stream: Any) -> None:
+            if isinstance(stream, trio.SocketStream):
+                stream = WriteDeadlineStream(stream, timeout)
+            super().__init__(app, config, context, state, stream)
 
-    async def tcp_server(*args: Any) -> None:
-        *before, stream = args
-        if isinstance(stream, trio.SocketStream):
-            stream = WriteDeadlineStream(stream, timeout)
-        await original(*before, stream)
-
-    vars(hypercorn_run)["TCPServer"] = tcp_server
+    vars(hypercorn_run)["TCPServer"] = DeadlineTCPServer
 
 
 def _tune_listener(sock: socket.socket, settings: Settings) -> None:

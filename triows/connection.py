@@ -1,20 +1,23 @@
-"""One client connection's outbound side: a bounded queue and its writer.
+"""One client connection's outbound side: a bounded queue and, only while it holds frames, a writer.
 
 The router offers each frame without waiting; a connection whose queue is
 full is closed with 4001 rather than slowing anyone else down. The same
-connection serves both transports: the writer is given the ASGI ``send`` and
-a function that turns one frame into the ASGI message carrying it (a
-WebSocket text frame, or a Server-Sent Events chunk, see :mod:`triows.sse`). A connection
-is a handful of slots, a deque and, only while its writer waits, one
-``trio.Event``: no task or channel of its own (see bench/README.md, "Where
-an idle socket's bytes go").
+connection serves both transports: it is given the ASGI ``send`` and a
+function that turns one frame into the ASGI message carrying it (a WebSocket
+text frame, or a Server-Sent Events chunk, see :mod:`triows.sse`).
+
+An idle connection has no task of its own: the first frame offered to an
+empty queue starts a writer task in a nursery shared by all connections (the
+app's), and the writer ends as soon as the queue is empty. So one task at
+most writes to a socket, frames keep their order, and an idle socket costs a
+handful of slots and a list (see bench/README.md, "Where an idle socket's
+bytes go"). The handler that owns the connection ends it with :meth:`finish`,
+which waits for its writer, so no writer outlives its handler.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -42,10 +45,15 @@ class Connection:
     """
 
     __slots__ = (
+        "_error",
         "_limit",
+        "_message",
+        "_nursery",
         "_queue",
         "_reader",
-        "_wakeup",
+        "_send",
+        "_writer",
+        "_writer_done",
         "close_code",
         "close_reason",
         "flushed",
@@ -60,12 +68,21 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.stopped = False
-        # True once the writer wrote everything queued before closing (a close frame may follow).
+        # True once everything queued before closing was written (a close frame may follow).
         self.flushed = False
         self._limit = queue_size
-        self._queue: deque[str] = deque()
-        self._wakeup: trio.Event | None = None
+        # A list, not a deque: an empty deque is 760 bytes, an empty list 56.
+        self._queue: list[str] = []
         self._reader: trio.CancelScope | None = None
+        # Where writers run, once the transport is known; None again once a writer failed.
+        self._nursery: trio.Nursery | None = None
+        self._send: ASGISend | None = None
+        self._message: FrameMessage = websocket_text
+        # The running writer's scope (None: no writer), the event that tells
+        # :meth:`finish` it ended, and what it raised.
+        self._writer: trio.CancelScope | None = None
+        self._writer_done: trio.Event | None = None
+        self._error: Exception | None = None
 
     def offer(self, frame: str) -> bool:
         """Queue ``frame`` without waiting; on overflow close with 4001. Never raises.
@@ -79,7 +96,8 @@ class Connection:
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
             return False
         self._queue.append(frame)
-        self._wake()
+        if self._writer is None:
+            self._start_writer()
         return True
 
     def close(self, code: int, reason: str = "") -> None:
@@ -91,7 +109,7 @@ class Connection:
         self.stop()
 
     def stop(self) -> None:
-        """No more frames: the reader stops and the writer ends once the queue is written."""
+        """No more frames: the reader stops; a running writer still writes what is queued."""
         if self.stopped:
             return
         self.stopped = True
@@ -99,7 +117,6 @@ class Connection:
             self._queue.clear()
         if self._reader is not None:
             self._reader.cancel()
-        self._wake()
 
     def read_under(self, scope: trio.CancelScope) -> None:
         """``scope`` runs the reader: closing the connection cancels it."""
@@ -107,40 +124,78 @@ class Connection:
         if self.stopped:
             scope.cancel()
 
-    def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
-            self._wakeup = None
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is queued or being written."""
+        return self._writer is None and not self._queue
 
-    async def run_writer(
-        self,
-        send: ASGISend,
-        message: FrameMessage = websocket_text,
-        *,
-        idle_after: float = math.inf,
-        idle_message: Callable[[], dict[str, Any]] | None = None,
+    def start_writing(
+        self, nursery: trio.Nursery, send: ASGISend, message: FrameMessage = websocket_text
     ) -> None:
-        """Write queued frames as ``send(message(frame))`` until closing has flushed the queue.
+        """Write queued frames from now on as ``send(message(frame))``, by writers in ``nursery``.
 
-        When ``idle_message`` is given, it is written whenever ``idle_after``
-        seconds pass with no frame to write (the event stream's heartbeat).
+        ``nursery`` outlives the connection (the app's); :meth:`finish` must
+        end every connection that started writing.
         """
-        queue = self._queue
+        self._nursery = nursery
+        self._send = send
+        self._message = message
+        if self._queue:
+            self._start_writer()
+
+    async def finish(self, timeout: float) -> None:
+        """Stop, let the writer write what is queued within ``timeout`` seconds, then cut it.
+
+        Returns once no writer runs; ``flushed`` then says whether all was
+        written. If this is cancelled the writer is cut at once (and still
+        waited for). Raises what the writer raised (the peer's ``send`` failed).
+        """
+        self.stop()
+        writer = self._writer
+        if writer is not None:
+            writer.deadline = min(writer.deadline, trio.current_time() + timeout)
+            self._writer_done = done = trio.Event()
+            try:
+                await done.wait()
+            finally:
+                if self._writer is not None:
+                    writer.cancel()
+                    with trio.CancelScope(shield=True):
+                        await done.wait()
+        self.flushed = self._nursery is not None and not self._queue
+        if self._error is not None:
+            raise self._error
+
+    def _start_writer(self) -> None:
+        if self._nursery is None:
+            return
+        self._writer = scope = trio.CancelScope()
         try:
-            while True:
-                while queue:
-                    await send(message(queue.popleft()))
-                if self.stopped:
-                    self.flushed = True
-                    return
-                self._wakeup = wakeup = trio.Event()
-                if idle_message is None:
-                    await wakeup.wait()
-                    continue
-                with trio.move_on_after(idle_after) as idle:
-                    await wakeup.wait()
-                if idle.cancelled_caught:
-                    await send(idle_message())
-        finally:
-            # However the writer ends (peer gone, cancelled), nothing more will be written.
+            self._nursery.start_soon(self._write, scope)
+        except RuntimeError:
+            # The app's nursery is closed: the instance is stopping, nothing more is written.
+            self._writer = None
+            self._nursery = None
             self.stop()
+
+    async def _write(self, scope: trio.CancelScope) -> None:
+        # Runs in the shared nursery: it must never raise there (that would end
+        # every connection), so a failed send is handed to :meth:`finish`.
+        queue, send, message = self._queue, self._send, self._message
+        assert send is not None
+        wrote_all = False
+        try:
+            with scope:
+                while queue:
+                    await send(message(queue.pop(0)))
+                wrote_all = True  # inside the scope: skipped when it was cancelled
+        except Exception as error:
+            self._error = error
+        finally:
+            self._writer = None
+            if not wrote_all:
+                # Peer gone, cut at the close deadline, or cancelled: nothing more is written.
+                self._nursery = None
+                self.stop()
+            if self._writer_done is not None:
+                self._writer_done.set()

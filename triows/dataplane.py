@@ -5,9 +5,11 @@ middleware pattern): the two routes that carry every message are answered here
 without Quart's request and websocket contexts; every other request (page,
 probes, metrics, error pages) and the lifespan go on to Quart.
 
-Per WebSocket the handler task itself reads the client's frames, one writer
-task writes the outbound queue, and the token's expiry is the reader's
-deadline on the Trio clock: no other task or object per socket.
+Per WebSocket the handler task itself reads the client's frames, a writer
+task runs only while the outbound queue holds frames (in the app's nursery,
+see :mod:`triows.connection`), and the token's expiry is the reader's
+deadline on the Trio clock: an idle socket has no task, nursery or event of
+its own besides the handler.
 """
 
 from __future__ import annotations
@@ -281,16 +283,16 @@ class DataPlane:
         try:
             async with self.app.router.attached(connection):
                 log_event("connect", user=identity.user, connection=connection.id)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(connection.run_writer, send)
+                connection.start_writing(self.app.nursery, send)
+                try:
                     with trio.CancelScope(deadline=deadline) as reading:
                         connection.read_under(reading)
                         await self.read_frames(connection, receive, identity)
                     if reading.cancelled_caught and not connection.stopped:
                         connection.close(CLOSE_TOKEN_EXPIRED, "token expired")
-                    # The peer went away if nobody started closing: stop writing.
-                    connection.stop()
-                    nursery.cancel_scope.deadline = trio.current_time() + settings.close_timeout
+                finally:
+                    # If nobody started closing, the peer went away: stop writing.
+                    await connection.finish(settings.close_timeout)
             if connection.flushed and connection.close_code is not None:
                 with trio.move_on_after(settings.close_timeout):
                     await send(

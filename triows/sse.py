@@ -11,7 +11,7 @@ differs. Each frame is one event::
 There is no ``event:`` field: a browser's ``EventSource.onmessage`` sees every
 frame and dispatches on its ``type``, exactly as a WebSocket client does. The
 stream opens with ``retry:`` (``TRIOWS_RETRY_AFTER``), carries a ``: ping``
-comment after ``TRIOWS_SSE_HEARTBEAT`` seconds without a frame, and when the
+comment every ``TRIOWS_SSE_HEARTBEAT`` seconds when nothing is queued, and when the
 server ends it (drain, token expiry, slow consumer) a last comment says why
 with the WebSocket's close code (``: close 1012 ...``) next to a ``retry:``.
 Messages are not stored, so ``Last-Event-ID`` is ignored: nothing is replayed.
@@ -23,7 +23,6 @@ The encoders here are pure functions over strings (tested without sockets);
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -59,6 +58,9 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 # A field value may not hold a line break; an id with NUL is ignored by browsers.
 _BAD_IN_ID = re.compile(r"[\r\n\0]")
 _ALLOW_GET = [(b"allow", b"GET")]
+# Queued like a frame (a frame is never empty JSON), written as a ``: ping`` comment.
+HEARTBEAT = ""
+_PING = b": ping\n\n"
 
 
 def wants_event_stream(accept: str) -> bool:
@@ -137,13 +139,13 @@ def encode_event(frame: str) -> bytes:
 
 
 def event_message(frame: str) -> dict[str, Any]:
-    """One frame as the ASGI body chunk that carries it (the connection's writer calls this)."""
-    return {"type": "http.response.body", "body": encode_event(frame), "more_body": True}
+    """One frame as the ASGI body chunk that carries it (the connection's writer calls this).
 
-
-def heartbeat_message() -> dict[str, Any]:
-    """A comment: ignored by ``EventSource``, it keeps proxies from cutting an idle stream."""
-    return {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
+    :data:`HEARTBEAT` becomes a comment: ignored by ``EventSource``, it keeps
+    proxies from cutting an idle stream.
+    """
+    body = _PING if frame == HEARTBEAT else encode_event(frame)
+    return {"type": "http.response.body", "body": body, "more_body": True}
 
 
 def closing_chunk(code: int, reason: str, retry_ms: int) -> bytes:
@@ -251,23 +253,16 @@ async def run_stream(
                 # Only while draining: the stream ends with 1012 like the others.
                 connection.close(CLOSE_DRAINING, "instance draining, reconnect")
             log_event("connect", user=user, connection=connection.id, transport="sse")
-            async with trio.open_nursery() as nursery:
-                writer = functools.partial(
-                    connection.run_writer,
-                    send,
-                    event_message,
-                    idle_after=heartbeat or math.inf,
-                    idle_message=heartbeat_message if heartbeat else None,
-                )
-                nursery.start_soon(writer)
+            connection.start_writing(plane.app.nursery, send, event_message)
+            try:
                 with trio.CancelScope(deadline=dataplane.trio_deadline(expires_at)) as reading:
                     connection.read_under(reading)
-                    await wait_for_disconnect(receive)
+                    await wait_for_disconnect(receive, connection, heartbeat or math.inf)
                 if reading.cancelled_caught and not connection.stopped:
                     connection.close(CLOSE_TOKEN_EXPIRED, "token expired")
-                # The peer went away if nobody started closing: stop writing.
-                connection.stop()
-                nursery.cancel_scope.deadline = trio.current_time() + settings.close_timeout
+            finally:
+                # If nobody started closing, the peer went away: stop writing.
+                await connection.finish(settings.close_timeout)
         if connection.flushed and connection.close_code is not None:
             retry_ms = 1000 * settings.retry_after
             if connection.close_code == CLOSE_DRAINING:
@@ -287,10 +282,19 @@ async def run_stream(
         )
 
 
-async def wait_for_disconnect(receive: Receive) -> None:
-    """Read the request to its end and wait for ``http.disconnect`` (a body is discarded)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def wait_for_disconnect(receive: Receive, connection: Connection, heartbeat: float) -> None:
+    """Read the request to its end and wait for ``http.disconnect`` (a body is discarded).
+
+    Every ``heartbeat`` seconds, if nothing is queued or being written, a
+    heartbeat is queued: the stream has no writer task while idle.
+    """
+    while True:
+        with trio.move_on_after(heartbeat) as waiting:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return
+        if waiting.cancelled_caught and connection.idle:
+            connection.offer(HEARTBEAT)
 
 
 async def start_stream(send: Send, first: bytes = b"") -> None:
