@@ -214,20 +214,18 @@ class Amqp091Backend(Supervised[AioSession]):
             stale = []
             self._bound_queue = session.queue
         self._maybe_bound.update(keys)
-        for start in range(0, len(stale), REBIND_BATCH):
-            with anyio.fail_after(self._broker_timeout):
-                await session.call(
-                    unbind_each,
-                    session.channel,
-                    session.queue,
-                    self._settings.exchange,
-                    stale[start : start + REBIND_BATCH],
-                )
+        await self._in_batches(session, unbind_each, stale)
         self._maybe_bound.difference_update(stale)
+        await self._in_batches(session, bind_pipelined, keys)
+
+    async def _in_batches(
+        self, session: AioSession, change: Callable[..., Awaitable[None]], keys: list[str]
+    ) -> None:
+        """Apply ``change`` (asyncio side) to ``keys``, REBIND_BATCH per crossing and timeout."""
         for start in range(0, len(keys), REBIND_BATCH):
             with anyio.fail_after(self._broker_timeout):
                 await session.call(
-                    bind_pipelined,
+                    change,
                     session.channel,
                     session.queue,
                     self._settings.exchange,
