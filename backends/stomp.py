@@ -2,7 +2,8 @@
 
 Broker mapping (DESIGN §5). One STOMP connection per instance over an anyio
 TCP (or TLS, ``stomp+ssl://``) stream, no threads; frames go through the
-sans-IO codec in :mod:`backends.stomp_frames`.
+sans-IO codec in :mod:`backends.stomp_frames`; one connection's writes, reads,
+receipts and acks are :class:`backends.stomp_session.StompSession`.
 
 - ``subscribe(key)`` sends ``SUBSCRIBE`` for the key's destination with a
   ``receipt`` and returns once the ``RECEIPT`` arrives; the subscription id is
@@ -32,7 +33,7 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   drops the connection, and the reconnect subscribes the same queues. Acks
   are cumulative (``client`` is ``basic.ack`` with ``multiple`` on the
   plugin's one channel per connection): one ``ACK`` per batch or per
-  :data:`ACK_INTERVAL`, never naming a subscription whose ``UNSUBSCRIBE`` is
+  :data:`backends.stomp_session.ACK_INTERVAL`, never naming a subscription whose ``UNSUBSCRIBE`` is
   written (RabbitMQ answers that with ``ERROR`` and a close). A redelivery
   (``redelivered:true``) of a body this instance already handed over, its ACK
   lost with the connection, is skipped: bodies hold a unique message id. The
@@ -52,7 +53,7 @@ sans-IO codec in :mod:`backends.stomp_frames`.
   virtual host refused) is permanent; the protocol's own transient errors
   are :attr:`StompBackend.LOST`, ``ERROR`` frames included, except RabbitMQ's
   ``Subscription not found`` for a message in flight at an ``UNSUBSCRIBE``
-  (:data:`LATE_DELIVERY_MESSAGE`), after which the connection stays open.
+  (:data:`backends.stomp_session.LATE_DELIVERY_MESSAGE`), after which the connection stays open.
 
 Broker URL: ``stomp://login:passcode@host:port/vhost`` (port 61613 and vhost
 ``/`` by default). The vhost goes in the ``host`` header, which RabbitMQ reads
@@ -67,29 +68,32 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
-import re
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, ObjectSendStream, TaskGroup
+from anyio.abc import ByteStream
 
 from backends.broker_url import BrokerAddress, connect_stream, parse_broker_url, query_int
 from backends.rabbitmq_exchange import declare_direct_exchange, delete_queues
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
+from backends.stomp_session import (
+    READ_SIZE,
+    ConnectionClosedByUs,
+    HeartbeatTimeout,
+    StompBrokerError,
+    StompSession,
+)
 from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
-from triows.backend import BrokerUnavailable, Delivery, Outcome
+from triows.backend import BrokerUnavailable, Outcome
 from triows.logs import log_event
 from triows.settings import Settings
 
 SCHEMES = {"stomp": (61613, False), "stomp+ssl": (61613, True)}
 DEFAULT_AMQP_PORT = 5672
-READ_SIZE = 65536
 MIN_BODY_BOUND = 65536
 
 # Ack mode where subscriptions live as long as their connection (ActiveMQ
@@ -105,10 +109,10 @@ ACK_MODE = "auto"
 # connection goes. Ack mode ``client`` is cumulative: RabbitMQ turns its ACK
 # into ``basic.ack`` with ``multiple`` (rabbit_stomp_util:ack_mode), which
 # settles every earlier delivery of the connection's one channel, whatever
-# its subscription; one ACK per batch or per ACK_INTERVAL is enough. The
+# its subscription; one ACK per batch or per
+# :data:`backends.stomp_session.ACK_INTERVAL` is enough. The
 # window per subscription is ``prefetch-count`` = TRIOWS_PREFETCH.
 QUEUE_ACK_MODE = "client"
-ACK_INTERVAL = 0.02
 
 # RabbitMQ destinations whose SUBSCRIBE declares a queue for the subscription
 # (rabbit_routing_util:ensure_endpoint), which the headers below shape.
@@ -116,26 +120,6 @@ QUEUE_DESTINATIONS = ("/exchange/", "/topic/")
 
 # Why a deletion of queues over AMQP 0-9-1 may fail without ending anything.
 DELETE_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, BrokerRejected)
-
-# RabbitMQ's answer to a message it had already handed to its STOMP adapter
-# when our UNSUBSCRIBE of that subscription was processed (a send racing the
-# last socket of its recipient). Unlike every other ERROR it is not followed by
-# a close (rabbit_stomp_processor's send_delivery uses send_error, not error):
-# it stands for a MESSAGE in flight, which is dropped as one.
-LATE_DELIVERY_MESSAGE = "Subscription not found"
-LATE_DELIVERY_TAG = re.compile(r"no current subscription with tag 'T_s(\d+)'")
-
-
-class StompBrokerError(BrokerUnavailable):
-    """The broker answered with an ``ERROR`` frame (the connection is then closed)."""
-
-
-class HeartbeatTimeout(Exception):
-    """The broker sent nothing, not even a heart-beat, for longer than agreed."""
-
-
-class ConnectionClosedByUs(Exception):
-    """A write was interrupted half-way, so the connection had to be dropped."""
 
 
 def default_destination_template(server: str, exchange: str) -> str:
@@ -147,235 +131,7 @@ def default_destination_template(server: str, exchange: str) -> str:
     return f"/topic/{exchange}.{{key}}"
 
 
-@dataclass
-class _Pending:
-    """A frame waiting for its ``RECEIPT``."""
-
-    done: anyio.Event
-    error: BaseException | None = None
-
-
-class _StompConnection:
-    """One connected STOMP session: writes frames, reads them, matches receipts."""
-
-    def __init__(
-        self,
-        stream: ByteStream,
-        parser: FrameParser,
-        server: str,
-        send_interval: float,
-        receive_interval: float,
-        task_group: TaskGroup,
-        handed_over: deque[bytes],
-        ack_batch: int,
-    ) -> None:
-        self.stream = stream
-        self.server = server
-        self.send_interval = send_interval
-        self.receive_interval = receive_interval
-        self.task_group = task_group
-        self.subscription_keys: dict[str, str] = {}  # subscription id -> key
-        self.subscription_ids: dict[str, str] = {}  # key -> subscription id
-        self.parser = parser
-        self._write_lock = anyio.Lock()
-        self._receipts: dict[str, _Pending] = {}
-        self._receipt_ids = itertools.count(1)
-        self._subscriptions_issued = 0
-        self._broken = False
-        # Client acks (queues that outlive the connection, RabbitMQ): bodies
-        # handed over lately, across connections, and those an earlier
-        # connection had handed over, which the broker may redeliver here.
-        self.handed_over = handed_over
-        self.handed_over_before = frozenset(handed_over)
-        # Subscriptions whose UNSUBSCRIBE is not written yet: an ACK naming
-        # another is an ERROR (and a close) on RabbitMQ.
-        self.ackable: set[str] = set()
-        self._ack_id: str | None = None  # the latest delivery an ACK may name
-        self._unacked = 0
-        self._ack_batch = ack_batch
-        self._ack_wanted = anyio.Event()
-        self._ack_due = anyio.Event()
-
-    async def write(self, frame: Frame, *, unsubscribing: str | None = None) -> None:
-        """Write ``frame``; for the ``UNSUBSCRIBE`` of ``unsubscribing``, the pending ACK first."""
-        async with self._write_lock:
-            data = encode_frame(frame)
-            if unsubscribing is not None:
-                # In the same step, so that no ACK naming it follows.
-                self.ackable.discard(unsubscribing)
-                data = self._take_ack() + data
-            await self._send_locked(data)
-
-    async def _write_bytes(self, data: bytes) -> None:
-        async with self._write_lock:
-            await self._send_locked(data)
-
-    async def _send_locked(self, data: bytes) -> None:
-        if self._broken:
-            raise ConnectionClosedByUs("the STOMP connection was dropped")
-        completed = False
-        try:
-            await self.stream.send(data)
-            completed = True
-        finally:
-            if not completed:
-                # A cancelled or failed send may leave half a frame on the
-                # wire: nothing more can be written, so drop the connection.
-                self._broken = True
-                self.task_group.cancel_scope.cancel()
-
-    def _take_ack(self) -> bytes:
-        if self._ack_id is None:
-            return b""
-        ack = encode_frame(Frame("ACK", {"id": self._ack_id}))
-        self._ack_id = None
-        self._unacked = 0
-        return ack
-
-    async def send_acks(self) -> None:
-        """Ack what was handed over, at most ACK_INTERVAL late or once a batch is full."""
-        while True:
-            await self._ack_wanted.wait()
-            if self._unacked < self._ack_batch:
-                with anyio.move_on_after(ACK_INTERVAL):
-                    await self._ack_due.wait()
-            self._ack_wanted = anyio.Event()
-            self._ack_due = anyio.Event()
-            async with self._write_lock:
-                if ack := self._take_ack():
-                    await self._send_locked(ack)
-
-    async def request(
-        self,
-        frame: Frame,
-        *,
-        unsent: Callable[[], None] | None = None,
-        unsubscribing: str | None = None,
-    ) -> None:
-        """Send ``frame`` with a ``receipt`` header and wait for its ``RECEIPT``.
-
-        The caller bounds the wait. On cancellation the receipt is forgotten,
-        and ``unsent`` is called if the frame was not written (whole).
-        """
-        receipt = str(next(self._receipt_ids))
-        pending = _Pending(anyio.Event())
-        self._receipts[receipt] = pending
-        try:
-            try:
-                await self.write(
-                    Frame(frame.command, {**frame.headers, "receipt": receipt}, frame.body),
-                    unsubscribing=unsubscribing,
-                )
-            except BaseException:
-                if unsent is not None:
-                    unsent()
-                raise
-            await pending.done.wait()
-        finally:
-            self._receipts.pop(receipt, None)
-        if pending.error is not None:
-            raise pending.error
-
-    def fail_pending(self, error: BaseException) -> None:
-        """Wake every frame waiting for a receipt with ``error``."""
-        for pending in self._receipts.values():
-            pending.error = error
-            pending.done.set()
-        self._receipts.clear()
-
-    def new_subscription_id(self, key: str) -> str:
-        self._subscriptions_issued += 1
-        subscription_id = f"s{self._subscriptions_issued}"
-        self.subscription_keys[subscription_id] = key
-        self.subscription_ids[key] = subscription_id
-        return subscription_id
-
-    def forget_subscription(self, key: str, subscription_id: str) -> None:
-        """Forget a subscription whose ``SUBSCRIBE`` never reached the broker."""
-        self.subscription_keys.pop(subscription_id, None)
-        self.ackable.discard(subscription_id)
-        if self.subscription_ids.get(key) == subscription_id:
-            del self.subscription_ids[key]
-
-    def is_late_delivery(self, frame: Frame) -> bool:
-        """Whether ``frame`` is RabbitMQ's ERROR for a delivery to a subscription we ended."""
-        if frame.headers.get("message") != LATE_DELIVERY_MESSAGE:
-            return False
-        match = LATE_DELIVERY_TAG.search(frame.body.decode("utf-8", "replace"))
-        if match is None:
-            return False
-        subscription_id = f"s{match.group(1)}"
-        issued = 0 < int(match.group(1)) <= self._subscriptions_issued
-        return issued and subscription_id not in self.subscription_ids.values()
-
-    async def read_frames(self, incoming: ObjectSendStream[Delivery]) -> None:
-        """Read until the connection fails; raises what ended it."""
-        # Twice the agreed interval: the broker's timer and ours are not in step.
-        timeout = 2 * self.receive_interval if self.receive_interval else math.inf
-        while True:
-            # Only the read is timed: waiting for room in ``incoming`` is our
-            # own back-pressure, not the broker's silence.
-            with anyio.move_on_after(timeout) as scope:
-                data = await self.stream.receive(READ_SIZE)
-            if scope.cancelled_caught:
-                raise HeartbeatTimeout(f"STOMP broker silent for {timeout:.1f} s")
-            for frame in self.parser.feed(data):
-                await self._handle(frame, incoming)
-
-    async def _handle(self, frame: Frame, incoming: ObjectSendStream[Delivery]) -> None:
-        if frame.command == "MESSAGE":
-            subscription_id = frame.headers.get("subscription", "")
-            key = self.subscription_keys.get(subscription_id)
-            body = frame.body
-            # Only subscriptions with client acks carry an ``ack`` header.
-            ack_id = frame.headers.get("ack")
-            # None: a message already in flight when we unsubscribed. A
-            # redelivery of what an earlier connection handed over but could
-            # not ack (see the module docstring) is only acked.
-            if key is not None and not (
-                frame.headers.get("redelivered") == "true" and body in self.handed_over_before
-            ):
-                await incoming.send((key, body))
-                if ack_id is not None:
-                    self.handed_over.append(body)
-            if ack_id is not None:
-                # A cumulative ACK of a later delivery also settles one whose
-                # subscription ended.
-                if subscription_id in self.ackable:
-                    self._ack_id = ack_id
-                self._unacked += 1
-                self._ack_wanted.set()
-                if self._unacked >= self._ack_batch:
-                    self._ack_due.set()
-        elif frame.command == "RECEIPT":
-            pending = self._receipts.pop(frame.headers.get("receipt-id", ""), None)
-            if pending is not None:
-                pending.done.set()
-        elif frame.command == "ERROR":
-            if self.is_late_delivery(frame):
-                return  # the connection stays open: see LATE_DELIVERY_MESSAGE
-            detail = frame.headers.get("message", "")
-            if frame.body:
-                detail = f"{detail}: {frame.body.decode('utf-8', 'replace').strip()}"
-            error = StompBrokerError(f"STOMP broker error: {detail}")
-            # The broker closes the connection after an ERROR (STOMP 1.2), and
-            # RabbitMQ's carry no receipt-id: fail everything waiting.
-            self.fail_pending(error)
-            raise error
-        else:
-            raise StompProtocolError(f"unexpected {frame.command} frame from the broker")
-
-    async def send_heartbeats(self) -> None:
-        if not self.send_interval:
-            return
-        while True:
-            # Twice per interval, so a late timer on either side cannot make
-            # the broker see a gap.
-            await anyio.sleep(self.send_interval / 2)
-            await self._write_bytes(b"\n")
-
-
-class StompBackend(Supervised[_StompConnection]):
+class StompBackend(Supervised[StompSession]):
     """The STOMP protocol under :class:`backends.supervisor.Supervised` (module docstring)."""
 
     LOST = (StompProtocolError, StompBrokerError, HeartbeatTimeout, ConnectionClosedByUs)
@@ -414,7 +170,7 @@ class StompBackend(Supervised[_StompConnection]):
         """The STOMP destination of ``key`` (template of the broker connected last)."""
         return self._template.replace("{key}", key)
 
-    async def _publish_on(self, connection: _StompConnection, key: str, body: bytes) -> Outcome:
+    async def _publish_on(self, connection: StompSession, key: str, body: bytes) -> Outcome:
         # STOMP cannot tell whether anyone holds the key.
         await connection.request(Frame("SEND", {"destination": self.destination(key)}, body))
         return Outcome.ACCEPTED
@@ -423,7 +179,7 @@ class StompBackend(Supervised[_StompConnection]):
         """Whether subscriptions get queues that outlive the connection (module docstring)."""
         return server.startswith("RabbitMQ") and self._template.startswith(QUEUE_DESTINATIONS)
 
-    async def _subscribe_on(self, connection: _StompConnection, key: str) -> None:
+    async def _subscribe_on(self, connection: StompSession, key: str) -> None:
         if key in connection.subscription_ids:
             return  # two subscriptions would deliver every message twice
         subscription_id = connection.new_subscription_id(key)
@@ -458,7 +214,7 @@ class StompBackend(Supervised[_StompConnection]):
             unsent=lambda: connection.forget_subscription(key, subscription_id),
         )
 
-    async def _unsubscribe_on(self, connection: _StompConnection, key: str) -> None:
+    async def _unsubscribe_on(self, connection: StompSession, key: str) -> None:
         subscription_id = connection.subscription_ids.pop(key, None)
         if subscription_id is None:
             return
@@ -481,7 +237,7 @@ class StompBackend(Supervised[_StompConnection]):
             self._retired.add(queue)
             self._retired_added.set()
 
-    async def _restore(self, connection: _StompConnection, keys: list[str]) -> None:
+    async def _restore(self, connection: StompSession, keys: list[str]) -> None:
         # Keys released while no connection followed them: their queues still
         # hold (and receive) their messages, and nothing consumes them again.
         for key in sorted(set(self._queues).difference(keys)):
@@ -519,10 +275,10 @@ class StompBackend(Supervised[_StompConnection]):
                 error=repr(error),
             )
 
-    def _abandon(self, connection: _StompConnection) -> None:
+    def _abandon(self, connection: StompSession) -> None:
         connection.task_group.cancel_scope.cancel()
 
-    async def _close(self, connection: _StompConnection) -> None:
+    async def _close(self, connection: StompSession) -> None:
         try:
             await connection.request(Frame("DISCONNECT"))
         finally:
@@ -545,7 +301,7 @@ class StompBackend(Supervised[_StompConnection]):
         self._retired, self._queues = set(), {}
         await self._delete_queues(queues)
 
-    def _describe(self, connection: _StompConnection) -> dict[str, Any]:
+    def _describe(self, connection: StompSession) -> dict[str, Any]:
         return {
             "server": connection.server,
             "destination": self.destination("{key}"),
@@ -553,7 +309,7 @@ class StompBackend(Supervised[_StompConnection]):
             "heartbeat_s": [connection.send_interval, connection.receive_interval],
         }
 
-    async def _session(self, up: Callable[[_StompConnection], Awaitable[None]]) -> None:
+    async def _session(self, up: Callable[[StompSession], Awaitable[None]]) -> None:
         """One connection, from TCP connect until it fails or is dropped."""
         url = self._url
         settings = self._settings
@@ -572,7 +328,7 @@ class StompBackend(Supervised[_StompConnection]):
             )
             await self._prepare_destinations(server)
             async with anyio.create_task_group() as task_group:
-                connection = _StompConnection(
+                connection = StompSession(
                     stream,
                     parser,
                     server,
@@ -616,7 +372,7 @@ class StompBackend(Supervised[_StompConnection]):
                     error=repr(error),
                 )
 
-    async def _read(self, connection: _StompConnection) -> None:
+    async def _read(self, connection: StompSession) -> None:
         try:
             await connection.read_frames(self._incoming_send)
         finally:

@@ -1,0 +1,279 @@
+"""One STOMP 1.2 session on a connected stream: frames out, frames in, receipts, acks.
+
+:class:`StompSession` is what :class:`backends.stomp.StompBackend` runs per
+broker connection: it writes frames under one lock (a write cut short drops
+the connection, since half a frame may be on the wire), matches ``RECEIPT``
+frames to the requests waiting for them, maps each ``MESSAGE`` back to its key,
+acks cumulatively where subscriptions use client acks (never naming a
+subscription whose ``UNSUBSCRIBE`` is written), skips redeliveries of bodies an
+earlier session handed over, and sends and checks heart-beats. The broker
+mapping, reconnects and queue bookkeeping are :mod:`backends.stomp`'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import ByteStream, ObjectSendStream, TaskGroup
+
+from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
+from triows.backend import BrokerUnavailable, Delivery
+
+READ_SIZE = 65536
+
+# At most this long between a delivery and its (cumulative) ACK while traffic is light.
+ACK_INTERVAL = 0.02
+
+# RabbitMQ's answer to a message it had already handed to its STOMP adapter
+# when our UNSUBSCRIBE of that subscription was processed (a send racing the
+# last socket of its recipient). Unlike every other ERROR it is not followed by
+# a close (rabbit_stomp_processor's send_delivery uses send_error, not error):
+# it stands for a MESSAGE in flight, which is dropped as one.
+LATE_DELIVERY_MESSAGE = "Subscription not found"
+LATE_DELIVERY_TAG = re.compile(r"no current subscription with tag 'T_s(\d+)'")
+
+
+class StompBrokerError(BrokerUnavailable):
+    """The broker answered with an ``ERROR`` frame (the connection is then closed)."""
+
+
+class HeartbeatTimeout(Exception):
+    """The broker sent nothing, not even a heart-beat, for longer than agreed."""
+
+
+class ConnectionClosedByUs(Exception):
+    """A write was interrupted half-way, so the connection had to be dropped."""
+
+
+@dataclass
+class _Pending:
+    """A frame waiting for its ``RECEIPT``."""
+
+    done: anyio.Event
+    error: BaseException | None = None
+
+
+class StompSession:
+    """One connected STOMP session: writes frames, reads them, matches receipts."""
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        parser: FrameParser,
+        server: str,
+        send_interval: float,
+        receive_interval: float,
+        task_group: TaskGroup,
+        handed_over: deque[bytes],
+        ack_batch: int,
+    ) -> None:
+        self.stream = stream
+        self.server = server
+        self.send_interval = send_interval
+        self.receive_interval = receive_interval
+        self.task_group = task_group
+        self.subscription_keys: dict[str, str] = {}  # subscription id -> key
+        self.subscription_ids: dict[str, str] = {}  # key -> subscription id
+        self.parser = parser
+        self._write_lock = anyio.Lock()
+        self._receipts: dict[str, _Pending] = {}
+        self._receipt_ids = itertools.count(1)
+        self._subscriptions_issued = 0
+        self._broken = False
+        # Client acks (queues that outlive the connection, RabbitMQ): bodies
+        # handed over lately, across connections, and those an earlier
+        # connection had handed over, which the broker may redeliver here.
+        self.handed_over = handed_over
+        self.handed_over_before = frozenset(handed_over)
+        # Subscriptions whose UNSUBSCRIBE is not written yet: an ACK naming
+        # another is an ERROR (and a close) on RabbitMQ.
+        self.ackable: set[str] = set()
+        self._ack_id: str | None = None  # the latest delivery an ACK may name
+        self._unacked = 0
+        self._ack_batch = ack_batch
+        self._ack_wanted = anyio.Event()
+        self._ack_due = anyio.Event()
+
+    async def write(self, frame: Frame, *, unsubscribing: str | None = None) -> None:
+        """Write ``frame``; for the ``UNSUBSCRIBE`` of ``unsubscribing``, the pending ACK first."""
+        async with self._write_lock:
+            data = encode_frame(frame)
+            if unsubscribing is not None:
+                # In the same step, so that no ACK naming it follows.
+                self.ackable.discard(unsubscribing)
+                data = self._take_ack() + data
+            await self._send_locked(data)
+
+    async def _write_bytes(self, data: bytes) -> None:
+        async with self._write_lock:
+            await self._send_locked(data)
+
+    async def _send_locked(self, data: bytes) -> None:
+        if self._broken:
+            raise ConnectionClosedByUs("the STOMP connection was dropped")
+        completed = False
+        try:
+            await self.stream.send(data)
+            completed = True
+        finally:
+            if not completed:
+                # A cancelled or failed send may leave half a frame on the
+                # wire: nothing more can be written, so drop the connection.
+                self._broken = True
+                self.task_group.cancel_scope.cancel()
+
+    def _take_ack(self) -> bytes:
+        if self._ack_id is None:
+            return b""
+        ack = encode_frame(Frame("ACK", {"id": self._ack_id}))
+        self._ack_id = None
+        self._unacked = 0
+        return ack
+
+    async def send_acks(self) -> None:
+        """Ack what was handed over, at most ACK_INTERVAL late or once a batch is full."""
+        while True:
+            await self._ack_wanted.wait()
+            if self._unacked < self._ack_batch:
+                with anyio.move_on_after(ACK_INTERVAL):
+                    await self._ack_due.wait()
+            self._ack_wanted = anyio.Event()
+            self._ack_due = anyio.Event()
+            async with self._write_lock:
+                if ack := self._take_ack():
+                    await self._send_locked(ack)
+
+    async def request(
+        self,
+        frame: Frame,
+        *,
+        unsent: Callable[[], None] | None = None,
+        unsubscribing: str | None = None,
+    ) -> None:
+        """Send ``frame`` with a ``receipt`` header and wait for its ``RECEIPT``.
+
+        The caller bounds the wait. On cancellation the receipt is forgotten,
+        and ``unsent`` is called if the frame was not written (whole).
+        """
+        receipt = str(next(self._receipt_ids))
+        pending = _Pending(anyio.Event())
+        self._receipts[receipt] = pending
+        try:
+            try:
+                await self.write(
+                    Frame(frame.command, {**frame.headers, "receipt": receipt}, frame.body),
+                    unsubscribing=unsubscribing,
+                )
+            except BaseException:
+                if unsent is not None:
+                    unsent()
+                raise
+            await pending.done.wait()
+        finally:
+            self._receipts.pop(receipt, None)
+        if pending.error is not None:
+            raise pending.error
+
+    def fail_pending(self, error: BaseException) -> None:
+        """Wake every frame waiting for a receipt with ``error``."""
+        for pending in self._receipts.values():
+            pending.error = error
+            pending.done.set()
+        self._receipts.clear()
+
+    def new_subscription_id(self, key: str) -> str:
+        self._subscriptions_issued += 1
+        subscription_id = f"s{self._subscriptions_issued}"
+        self.subscription_keys[subscription_id] = key
+        self.subscription_ids[key] = subscription_id
+        return subscription_id
+
+    def forget_subscription(self, key: str, subscription_id: str) -> None:
+        """Forget a subscription whose ``SUBSCRIBE`` never reached the broker."""
+        self.subscription_keys.pop(subscription_id, None)
+        self.ackable.discard(subscription_id)
+        if self.subscription_ids.get(key) == subscription_id:
+            del self.subscription_ids[key]
+
+    def is_late_delivery(self, frame: Frame) -> bool:
+        """Whether ``frame`` is RabbitMQ's ERROR for a delivery to a subscription we ended."""
+        if frame.headers.get("message") != LATE_DELIVERY_MESSAGE:
+            return False
+        match = LATE_DELIVERY_TAG.search(frame.body.decode("utf-8", "replace"))
+        if match is None:
+            return False
+        subscription_id = f"s{match.group(1)}"
+        issued = 0 < int(match.group(1)) <= self._subscriptions_issued
+        return issued and subscription_id not in self.subscription_ids.values()
+
+    async def read_frames(self, incoming: ObjectSendStream[Delivery]) -> None:
+        """Read until the connection fails; raises what ended it."""
+        # Twice the agreed interval: the broker's timer and ours are not in step.
+        timeout = 2 * self.receive_interval if self.receive_interval else math.inf
+        while True:
+            # Only the read is timed: waiting for room in ``incoming`` is our
+            # own back-pressure, not the broker's silence.
+            with anyio.move_on_after(timeout) as scope:
+                data = await self.stream.receive(READ_SIZE)
+            if scope.cancelled_caught:
+                raise HeartbeatTimeout(f"STOMP broker silent for {timeout:.1f} s")
+            for frame in self.parser.feed(data):
+                await self._handle(frame, incoming)
+
+    async def _handle(self, frame: Frame, incoming: ObjectSendStream[Delivery]) -> None:
+        if frame.command == "MESSAGE":
+            subscription_id = frame.headers.get("subscription", "")
+            key = self.subscription_keys.get(subscription_id)
+            body = frame.body
+            # Only subscriptions with client acks carry an ``ack`` header.
+            ack_id = frame.headers.get("ack")
+            # None: a message already in flight when we unsubscribed. A
+            # redelivery of what an earlier connection handed over but could
+            # not ack (see the module docstring) is only acked.
+            if key is not None and not (
+                frame.headers.get("redelivered") == "true" and body in self.handed_over_before
+            ):
+                await incoming.send((key, body))
+                if ack_id is not None:
+                    self.handed_over.append(body)
+            if ack_id is not None:
+                # A cumulative ACK of a later delivery also settles one whose
+                # subscription ended.
+                if subscription_id in self.ackable:
+                    self._ack_id = ack_id
+                self._unacked += 1
+                self._ack_wanted.set()
+                if self._unacked >= self._ack_batch:
+                    self._ack_due.set()
+        elif frame.command == "RECEIPT":
+            pending = self._receipts.pop(frame.headers.get("receipt-id", ""), None)
+            if pending is not None:
+                pending.done.set()
+        elif frame.command == "ERROR":
+            if self.is_late_delivery(frame):
+                return  # the connection stays open: see LATE_DELIVERY_MESSAGE
+            detail = frame.headers.get("message", "")
+            if frame.body:
+                detail = f"{detail}: {frame.body.decode('utf-8', 'replace').strip()}"
+            error = StompBrokerError(f"STOMP broker error: {detail}")
+            # The broker closes the connection after an ERROR (STOMP 1.2), and
+            # RabbitMQ's carry no receipt-id: fail everything waiting.
+            self.fail_pending(error)
+            raise error
+        else:
+            raise StompProtocolError(f"unexpected {frame.command} frame from the broker")
+
+    async def send_heartbeats(self) -> None:
+        if not self.send_interval:
+            return
+        while True:
+            # Twice per interval, so a late timer on either side cannot make
+            # the broker see a gap.
+            await anyio.sleep(self.send_interval / 2)
+            await self._write_bytes(b"\n")
