@@ -110,17 +110,16 @@ class WriteDeadlineStream(trio.abc.HalfCloseableStream):
         self.timeout = timeout
         self._waiting = False
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._waiting:
-            # Another write is waiting for the socket: trio reports the conflict.
-            await self._send_within_deadline(data)
-            return
-        # Fast path: a write that fits the socket's buffer (nearly all of them)
-        # is one non-blocking write(2), with no deadline, scheduler round trip
-        # or conflict detector. py-spy put trio's send_all with its deadline at
-        # 11 % of a sending instance's CPU (three writes per HTTP response).
-        # Hypercorn calls this under its own send lock and shield, so skipping
-        # the checkpoint changes nothing it relies on.
+    def write_now(self, data: bytes | bytearray | memoryview) -> memoryview | None:
+        """Write what the socket takes at once (one non-blocking ``write(2)``); return the rest.
+
+        None when all was written. Raises ``BrokenResourceError`` (or
+        ``ClosedResourceError``) as ``send_all`` would. Never waits: it is the
+        fast path of every write (py-spy put trio's ``send_all`` with its
+        deadline at 11 % of a sending instance's CPU, three writes per HTTP
+        response), and the caller must hold off other writers until the rest,
+        if any, is sent.
+        """
         try:
             sent = os.write(self.socket.fileno(), data) if data else 0
         except BlockingIOError:
@@ -129,11 +128,19 @@ class WriteDeadlineStream(trio.abc.HalfCloseableStream):
             if self.socket.fileno() == -1:
                 raise trio.ClosedResourceError("the connection is closed") from None
             raise trio.BrokenResourceError(f"the write failed: {error!r}") from error
-        if sent == len(data):
+        return None if sent == len(data) else memoryview(data)[sent:]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._waiting:
+            # Another write is waiting for the socket: trio reports the conflict.
+            await self._send_within_deadline(data)
+            return
+        rest = self.write_now(data)
+        if rest is None:
             return
         self._waiting = True
         try:
-            await self._send_within_deadline(memoryview(data)[sent:])
+            await self._send_within_deadline(rest)
         finally:
             self._waiting = False
 
@@ -168,9 +175,13 @@ def install_write_deadline(timeout: float) -> None:
     """Give every plain TCP connection Hypercorn's trio worker accepts a write deadline.
 
     ``worker_serve`` has no hook for the accepted stream, so the ``TCPServer``
-    name it calls is replaced by one that wraps the stream first (TLS streams
-    are left as they are: terminate TLS in front of triows).
+    name it calls is replaced by a subclass that wraps the stream first (TLS
+    streams are left as they are: terminate TLS in front of triows) and writes
+    what the socket takes at once without Hypercorn's lock and shield. It
+    relies on ``TCPServer``'s ``stream``, ``send_lock`` and ``protocol``
+    (hypercorn is pinned below 0.19 in pyproject.toml).
     """
+    from hypercorn.events import Closed, RawData
     from hypercorn.trio import run as hypercorn_run
     from hypercorn.trio.tcp_server import TCPServer
 
@@ -180,6 +191,32 @@ def install_write_deadline(timeout: float) -> None:
             if isinstance(stream, trio.SocketStream):
                 stream = WriteDeadlineStream(stream, timeout)
             super().__init__(app, config, context, state, stream)
+
+        async def protocol_send(self, event: Any) -> None:
+            # Hypercorn sends every write under its send lock (a scheduler round
+            # trip) inside a shielded cancel scope. A write the socket takes at
+            # once needs neither: nothing can come between, as nothing awaits.
+            stream = self.stream
+            if (
+                type(event) is not RawData
+                or not isinstance(stream, WriteDeadlineStream)
+                or self.send_lock.locked()
+            ):
+                await super().protocol_send(event)
+                return
+            try:
+                rest = stream.write_now(event.data)
+                if rest is None:
+                    return
+                # Part was written: the rest goes before any other write.
+                self.send_lock.acquire_nowait()
+                try:
+                    with trio.CancelScope(shield=True):
+                        await stream.send_all(rest)
+                finally:
+                    self.send_lock.release()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self.protocol.handle(Closed())
 
     vars(hypercorn_run)["TCPServer"] = DeadlineTCPServer
 
