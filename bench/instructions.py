@@ -1,7 +1,8 @@
 """Instructions per message, counted by callgrind: a figure the machine's load cannot move.
 
-``python -m bench.instructions [--tree DIR] [--few 50] [--many 450]`` runs
-``triows serve`` (memory backend, dev mode) under ``valgrind --tool=callgrind``
+``python -m bench.instructions [--tree DIR] [--few 50] [--many 450] [--backend
+memory]`` runs ``triows serve`` (dev mode; with a broker backend the one
+instance publishes to the broker and receives its own messages) under ``valgrind --tool=callgrind``
 twice, once for ``--few`` and once for ``--many`` messages: each a ``POST
 /send`` on one keep-alive connection to a user whose WebSocket reads it. The
 difference of the two totals, divided by the difference of the counts, is the
@@ -37,7 +38,7 @@ START_TIMEOUT = 300.0
 STEP_TIMEOUT = 120.0
 
 
-def count(tree: Path, messages: int) -> int:
+def count(tree: Path, messages: int, backend: str = "memory") -> int:
     """Total instructions of one ``triows serve`` run that carries ``messages`` messages."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -46,6 +47,7 @@ def count(tree: Path, messages: int) -> int:
         "TRIOWS_SEND_RATE": "100000",
         "TRIOWS_SEND_BURST": "100000",
         "TRIOWS_LOG_LEVEL": "WARNING",
+        "TRIOWS_BACKEND": backend,
     }
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "callgrind.out"
@@ -119,10 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", action="append", type=Path, help="a checkout (repeatable)")
     parser.add_argument("--few", type=int, default=50)
     parser.add_argument("--many", type=int, default=450)
+    parser.add_argument(
+        "--backend", default="memory", help="a broker backend sends each message through its broker"
+    )
     args = parser.parse_args(argv)
     trees = args.tree or [Path(__file__).resolve().parent.parent]
     for tree in trees:
-        few, many = count(tree, args.few), count(tree, args.many)
+        few, many = count(tree, args.few, args.backend), count(tree, args.many, args.backend)
         per_message = (many - few) / (args.many - args.few)
         print(f"{tree}: {per_message:,.0f} instructions per message ({few:,} / {many:,} in all)")
 
