@@ -110,6 +110,31 @@ class DataPlane:
         else:
             await self.inner(scope, receive, send)
 
+    def reserve_slot(self, transport: str) -> bool:
+        """Take a WebSocket/SSE slot, or log and return False when all are taken.
+
+        No await between the check and the count, so concurrent handshakes
+        cannot overshoot; the caller gives the slot back (``slots_taken -= 1``).
+        """
+        if self.slots_taken >= self.settings.max_connections:
+            log_event(
+                "connection_refused",
+                level=logging.WARNING,
+                reason="max_connections",
+                transport=transport,
+            )
+            return False
+        self.slots_taken += 1
+        return True
+
+    def full_detail(self) -> str:
+        return f"this instance holds its maximum of {self.settings.max_connections} connections"
+
+    def full_refusal(self) -> dict[str, Any]:
+        """The problem kind and headers of a refusal for want of a slot."""
+        retry_after = str(self.settings.retry_after).encode()
+        return {"kind": "too-many-connections", "headers": [(b"retry-after", retry_after)]}
+
     # POST /send
 
     async def post_send(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -256,18 +281,9 @@ class DataPlane:
         if self.app.draining:
             await refuse(scope, send, 503, "this instance is draining", kind="draining")
             return
-        if self.slots_taken >= settings.max_connections:
-            log_event("connection_refused", level=logging.WARNING, reason="max_connections")
-            await refuse(
-                scope,
-                send,
-                503,
-                f"this instance holds its maximum of {settings.max_connections} connections",
-                kind="too-many-connections",
-                headers=[(b"retry-after", str(settings.retry_after).encode())],
-            )
+        if not self.reserve_slot("websocket"):
+            await refuse(scope, send, 503, self.full_detail(), **self.full_refusal())
             return
-        self.slots_taken += 1
         try:
             await send({"type": "websocket.accept"})
             await self.serve_connection(identity, receive, send)

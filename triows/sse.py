@@ -24,7 +24,6 @@ The encoders here are pure functions over strings (tested without sockets);
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import re
@@ -211,19 +210,9 @@ async def serve_event_stream(plane: DataPlane, scope: Scope, receive: Receive, s
         await start_stream(send)
         await end_stream(send, closing_chunk(CLOSE_DRAINING, "instance draining", retry_ms))
         return
-    if plane.slots_taken >= settings.max_connections:
-        log_event(
-            "connection_refused", level=logging.WARNING, reason="max_connections", transport="sse"
-        )
-        await dataplane.respond_problem(
-            send,
-            503,
-            f"this instance holds its maximum of {settings.max_connections} connections",
-            kind="too-many-connections",
-            headers=[(b"retry-after", str(settings.retry_after).encode())],
-        )
+    if not plane.reserve_slot("sse"):
+        await dataplane.respond_problem(send, 503, plane.full_detail(), **plane.full_refusal())
         return
-    plane.slots_taken += 1
     try:
         await start_stream(send, f"retry: {retry_ms}\n\n".encode())
         await run_stream(plane, identity.user, identity.expires_at, rooms, receive, send)
