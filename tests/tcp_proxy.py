@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from triows.backend import Backend
+
+# A hang guard only.
+READY_TIMEOUT = 30.0
 CHUNK = 65536
 
 
@@ -73,3 +77,18 @@ async def open_tcp_proxy(target_port: int, *, port: int = 0) -> AsyncIterator[Tc
             yield proxy
         finally:
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def reachable(
+    backend: Backend, target_port: int, port: int, *, timeout: float = READY_TIMEOUT
+) -> AsyncIterator[None]:
+    """Open the proxy on ``port`` in front of ``target_port`` and wait until ``backend`` is ready.
+
+    When the block ends the backend's connection drops, and its reconnects are
+    refused until the proxy is opened again.
+    """
+    async with open_tcp_proxy(target_port, port=port):
+        with trio.fail_after(timeout):
+            await backend.wait_ready()
+        yield

@@ -24,7 +24,7 @@ from backends.amqp091 import Amqp091Backend, open_amqp091_backend
 from backends.amqp091_aio import AioSessionLost, call_aio
 from deploy.brokers import BROKERS
 from tests.brokers import broker_outage, require_broker
-from tests.tcp_proxy import open_tcp_proxy
+from tests.tcp_proxy import reachable
 from tests.test_backend_contract import open_ready, receive, wait_not_ready
 from triows.backend import BrokerUnavailable, Outcome
 from triows.process import free_port
@@ -228,9 +228,7 @@ async def test_what_the_broker_confirmed_while_the_connection_was_lost_arrives_a
         open_instances(exchange, 1) as (sender,),
         open_holder_behind_a_proxy(exchange) as (holder, port),
     ):
-        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, RABBITMQ_PORT, port):
             await holder.subscribe("user.Bob")
             assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
             assert await receive(holder) == ("user.Bob", b"1")
@@ -239,9 +237,7 @@ async def test_what_the_broker_confirmed_while_the_connection_was_lost_arrives_a
         await wait_not_ready(holder)
         assert await sender.publish("user.Bob", b"2") == Outcome.ROUTED
         assert await sender.publish("user.Bob", b"3") == Outcome.ROUTED
-        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, RABBITMQ_PORT, port):
             assert [await receive(holder), await receive(holder)] == [
                 ("user.Bob", b"2"),
                 ("user.Bob", b"3"),
@@ -258,9 +254,7 @@ async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_
         open_instances(exchange, 1) as (sender,),
         open_holder_behind_a_proxy(exchange) as (holder, port),
     ):
-        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, RABBITMQ_PORT, port):
             await holder.subscribe("user.Bob")
             session = holder._following
             assert session is not None
@@ -269,9 +263,7 @@ async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_
             assert await sender.publish("user.Bob", b"1") == Outcome.ROUTED
             assert await receive(holder) == ("user.Bob", b"1")
         await wait_not_ready(holder)
-        async with open_tcp_proxy(RABBITMQ_PORT, port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, RABBITMQ_PORT, port):
             # The broker redelivers "1" (never acked) to the new connection:
             # it was handed over already, so the next message is the next one.
             for body in (b"2", b"3"):

@@ -7,29 +7,21 @@ import signal
 import subprocess
 import sys
 from functools import partial
-from typing import Any
 
 import httpx
 import pytest
 import trio
 
 from tests.brokers import require_broker
-from tests.e2e import STEP_TIMEOUT, unique_exchange
-from triows.client import TriowsClient, open_client, post_send
+from tests.e2e import unique_exchange
+from tests.test_client import next_of_type
+from triows.client import open_client, post_send
 from triows.cluster import open_cluster
 from triows.process import free_port, wait_for_status
 
 
 def free_ports() -> tuple[int, list[int]]:
     return free_port(), [free_port() for _ in range(3)]
-
-
-async def next_of_type(client: TriowsClient, kind: str) -> dict[str, Any]:
-    with trio.fail_after(STEP_TIMEOUT):
-        async for frame in client:
-            if frame["type"] == kind:
-                return frame
-    raise AssertionError(f"the client ended before a {kind!r} frame")
 
 
 async def test_behind_haproxy_users_spread_over_instances_and_survive_a_drain() -> None:

@@ -31,7 +31,7 @@ from backends.stomp import (
 from backends.stomp_frames import Frame, FrameParser, encode_frame
 from deploy.brokers import BROKERS
 from tests.brokers import require_broker
-from tests.tcp_proxy import open_tcp_proxy
+from tests.tcp_proxy import reachable
 from tests.test_backend_contract import open_ready, wait_not_ready
 from triows.backend import BrokerUnavailable
 from triows.process import free_port
@@ -368,9 +368,7 @@ async def test_what_rabbitmq_confirmed_while_the_connection_was_lost_arrives_aft
         open_ready(stomp_settings(upstream(), exchange)) as sender,
         open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
     ):
-        async with open_tcp_proxy(upstream(), port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, upstream(), port):
             await holder.subscribe("user.Bob")
             await sender.publish("user.Bob", b"1")
             assert await receive(holder) == ("user.Bob", b"1")
@@ -379,9 +377,7 @@ async def test_what_rabbitmq_confirmed_while_the_connection_was_lost_arrives_aft
         await wait_not_ready(holder)
         await sender.publish("user.Bob", b"2")
         await sender.publish("user.Bob", b"3")
-        async with open_tcp_proxy(upstream(), port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, upstream(), port):
             assert [await receive(holder), await receive(holder)] == [
                 ("user.Bob", b"2"),
                 ("user.Bob", b"3"),
@@ -396,18 +392,14 @@ async def test_a_key_released_while_disconnected_gets_nothing_after_the_reconnec
         open_ready(stomp_settings(upstream(), exchange)) as sender,
         open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
     ):
-        async with open_tcp_proxy(upstream(), port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, upstream(), port):
             await holder.subscribe("user.Bob")
             await holder.subscribe("user.Gone")
             queues = holder.queues
         await wait_not_ready(holder)
         await holder.unsubscribe("user.Gone")
         await sender.publish("user.Gone", b"kept by its queue")
-        async with open_tcp_proxy(upstream(), port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, upstream(), port):
             await sender.publish("user.Gone", b"0")
             await sender.publish("user.Bob", b"1")
             assert await receive(holder) == ("user.Bob", b"1")
@@ -436,9 +428,7 @@ async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_
         open_ready(stomp_settings(upstream(), exchange)) as sender,
         open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
     ):
-        async with open_tcp_proxy(upstream(), port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, upstream(), port):
             await holder.subscribe("user.Bob")
             connection = holder._following
             assert connection is not None
@@ -447,9 +437,7 @@ async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_
             await sender.publish("user.Bob", b"1")
             assert await receive(holder) == ("user.Bob", b"1")
         await wait_not_ready(holder)
-        async with open_tcp_proxy(upstream(), port=port):
-            with trio.fail_after(READY_TIMEOUT):
-                await holder.wait_ready()
+        async with reachable(holder, upstream(), port):
             # RabbitMQ redelivers "1" (never acked) to the new connection,
             # marked redelivered: it was handed over already, so it is skipped.
             for body in (b"2", b"3"):
