@@ -1046,7 +1046,9 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 "details": details,
                 "errors": traffic.errors,
                 # What the instances logged, kept when something went wrong.
-                "log_tail": log_tails(cluster) if traffic.errors or not resumed_all else {},
+                "log_tail": (
+                    log_tails(cluster) if traffic.errors or exited or not resumed_all else {}
+                ),
                 "sessions_lost": sessions_lost(cluster),
             }
 

@@ -65,7 +65,7 @@ async def run(target: Target, fault: str) -> dict[str, Any]:
 def assert_survived(row: dict[str, Any]) -> None:
     """The guarantees every broker fault keeps (DESIGN §6.1-6.3), the known gap aside."""
     assert row["status"] == "ok", row
-    assert row["unexpected_exits"] == {}, row["unexpected_exits"]
+    assert row["unexpected_exits"] == {}, (row["unexpected_exits"], row["log_tail"])
     # Refusals are 503 (or 404), never an internal error (a dead backend).
     assert row["errors"] == [], (row["errors"], row["log_tail"])
     # Open sockets stay open through a broker fault.
