@@ -1422,16 +1422,19 @@ def ci_options() -> Options:
         users=4,
         before=1.0,
         duration=3.0,
-        stall=9.0,
+        # Longer than aiormq's detection of a silent broker, (heartbeat + 1) * 3 s.
+        stall=12.0,
         instant_window=1.5,
         after=2.0,
         grace=1.0,
-        heartbeat=1,
+        # 2 s, not 1: at 1 s AMQP 1.0 sessions timed out on their own (local
+        # idle timeout) while this shared VM ran at a quarter of its speed.
+        heartbeat=2,
         # Outlasts the half-open stall (the broker drops the silent connection
         # within seconds, the path heals after ``stall``).
-        queue_expires=12.0,
+        queue_expires=20.0,
         kill_down=1.0,
-        forget_timeout=25.0,
+        forget_timeout=35.0,
     )
 
 

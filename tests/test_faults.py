@@ -167,7 +167,7 @@ async def test_drain_under_load_moves_sockets_to_the_other_instance() -> None:
 
 async def test_instance_death_is_forgotten_by_the_broker() -> None:
     # AMQP 0-9-1: the queue expires TRIOWS_QUEUE_EXPIRES after the connection
-    # (12 s here). (On AMQP 1.0/RabbitMQ 3.x a link's queue lasts until the
+    # (20 s here). (On AMQP 1.0/RabbitMQ 3.x a link's queue lasts until the
     # orphan policy expires it, 60 s: full run.)
     row = await run(RABBITMQ, "death")
     assert row["status"] == "ok", row
