@@ -707,14 +707,22 @@ async def fault_outage(
 async def fault_kill(
     cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
 ) -> dict[str, Any]:
-    """SIGKILL the broker process, restart it after ``opts.kill_down`` s (ActiveMQ, GarageMQ)."""
+    """SIGKILL the broker process, restart it after ``opts.kill_down`` s."""
     target = cluster.target
-    if target.family == "rabbitmq":
-        raise NotPossible(
-            "RabbitMQ is the machine's shared node, not started by deploy/brokers.py: "
-            "a SIGKILL would need its service manager to restart it"
-        )
     name = target.broker
+    if target.family == "rabbitmq":
+        # The node's Erlang VM, asked of the node itself; brokers.py start
+        # boots it again (rabbitmq-server -detached) with the plugins and
+        # policies it had, which RabbitMQ keeps on disk.
+        async with outage_lock(target):
+            pid = int((await rabbitmqctl("eval", "os:getpid().")).strip().strip('"'))
+            clock.began()
+            os.kill(pid, signal.SIGKILL)
+            await trio.sleep(opts.kill_down)
+            with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
+                await run_script_checked("start", name)
+            clock.ended()
+        return {"how": f"kill -KILL <RabbitMQ's beam.smp>; deploy/brokers.py start {name}"}
     pid = spawned_pid(name)
     if target.family == "activemq":
         async with outage_lock(target):
