@@ -14,16 +14,41 @@ A key's *address* comes from ``settings.address_template`` (``{key}`` and
 How keys become addresses, how messages are sent and what each outcome
 means is the pure policy of :mod:`backends.amqp10_addressing`; the links of
 one connection are kept by :mod:`backends.amqp10_links`; this module runs the
-connection and handles proton's events. On RabbitMQ a *source* address makes
-the broker declare a server-named queue, bind it to the direct exchange with
-the key, and consume from it. Closing the link only cancels that consumer:
-RabbitMQ 3.x (3.10.8 measured) keeps the queue, still bound, until the broker
-restarts (rabbitmq-server issue 2588), so each subscribe leaves one queue
-behind; a queue policy with ``expires`` for the ``amq.gen-`` queues bounds
-that. RabbitMQ never creates the exchange (a link to a missing one ends the
-whole session with ``amqp:not-found``) and AMQP 1.0 cannot declare one on 3.x,
-so the backend declares it over AMQP 0-9-1 on the same port
-(:mod:`backends.rabbitmq_exchange`).
+connection and handles proton's events. RabbitMQ never creates the exchange
+(a link to a missing one ends the whole session with ``amqp:not-found``) and
+AMQP 1.0 cannot declare one on 3.x, so the backend declares it over AMQP
+0-9-1 on the same port (:mod:`backends.rabbitmq_exchange`).
+
+Queues that outlive the connection (RabbitMQ, ``/exchange/X/{key}``
+addresses). RabbitMQ 3.10's plugin gives a ``/exchange/X/K`` *source* a
+server-named ``amq.gen-`` queue (``rabbit_amqp1_0_outgoing_link:ensure_source``
+through ``rabbit_routing_util:ensure_endpoint``: no name can be asked for,
+the terminus's ``expiry-policy`` and the link name are ignored, the attach
+answer does not say which queue), which outlives the link (rabbitmq-server
+issue 2588) but cannot be found again: what a lost connection's links had
+queued was stranded. So each held key gets a queue named by the backend,
+``triows.<instance_id>.<random>.<n>.<key>`` (unique per process and per
+subscription of a key, kept across reconnects), declared and bound to the
+exchange with the key over AMQP 0-9-1 (durable, as RabbitMQ 4.3 refuses
+non-durable non-exclusive queues, messages transient; neither exclusive nor
+auto-delete; ``x-expires`` = ``TRIOWS_QUEUE_EXPIRES``), and consumed by a
+receiver link whose source is ``/amq/queue/<name>`` (which consumes an
+existing queue, declaring nothing). Deliveries are unsettled until handed
+over (below), so when a connection is closed, dropped or silent the broker
+requeues what it had not seen settled, and the reconnect attaches to the
+same queues: what the broker confirmed meanwhile waits there. A redelivery
+(``first-acquirer`` false) of a body this instance already handed over, its
+settlement lost with the connection, is skipped: bodies hold a unique
+message id, and per queue the digests of the last ``prefetch`` bodies handed
+over are kept (the broker can have at most one credit window unsettled on a
+link). The queues of released keys (also those released while disconnected)
+and, on a graceful close, all of them are deleted over AMQP 0-9-1; one that
+cannot be deleted expires. The price: after an instance dies without
+closing, its users' queues stay bound for ``TRIOWS_QUEUE_EXPIRES``, and each
+first subscribe of a key costs one AMQP 0-9-1 connection (a reconnect
+declares every held key's queue on one). Other brokers keep the
+connection-bound links of the key's address: what was in flight to a lost
+connection is lost there.
 
 Receiving. Each receiver link has at most ``settings.prefetch`` credit out.
 Complete deliveries go to a backlog (bounded by the credit); one task moves
@@ -34,20 +59,23 @@ server that stops reading therefore stops granting credit, and the broker
 stops sending: backpressure end to end.
 
 Reconnect, readiness, held keys, timeouts and errors are
-:mod:`backends.supervisor`'s; after each reconnect a receiver link is attached
-for every held key before ``ready``. Heartbeats: the connection's idle
+:mod:`backends.supervisor`'s; after each reconnect every held key's queue is
+declared and its receiver link attached before ``ready``. Heartbeats: the connection's idle
 timeout is ``settings.heartbeat`` seconds (0 disables it); the broker sends
 empty frames at half that, and a broker silent for longer is treated as lost.
 
 Link changes. ``subscribe`` and ``unsubscribe`` of different keys run
 concurrently, up to :data:`LINK_CHANGES_IN_FLIGHT` waiting for the broker at
 once; no backend-wide lock is held across the broker's answer (which on
-RabbitMQ includes declaring and binding the link's queue). One synchronous step
-of the set-up reads the held keys and makes the connection the one changes
-follow (the supervisor's ``_following``): a change made before that step only edits the held
-keys, which the set-up then attaches; a change made after it opens or closes
-its own link on that connection. Nothing awaits between reading that state and
-acting on it, so it needs no lock. The router serialises the changes of one key.
+RabbitMQ includes declaring and binding the key's queue). One synchronous step
+of the set-up reads the held keys, makes the connection the one changes
+follow (the supervisor's ``_following``) and makes a subscription for every
+key (its link attached once its queue is declared): a change made before that
+step only edits the held keys, which the set-up then restores; a change made
+after it finds or makes the key's subscription on that connection, or drops
+it (a subscription dropped before its link was attached gets none). Nothing
+awaits between reading that state and acting on it, so it needs no lock. The
+router serialises the changes of one key.
 """
 
 from __future__ import annotations

@@ -189,6 +189,9 @@ class Amqp10Connection:
         """Wake every task waiting for a link's answer (the session or connection changed)."""
         for subscription in self.by_link.values():
             subscription.changed.kick()
+        for subscription in self.subscriptions.values():
+            if subscription.link is None:  # waiting for its queue, not in ``by_link``
+                subscription.changed.kick()
 
     async def send(self, key: str, body: bytes) -> PendingPublish:
         """Send ``body`` for ``key`` once the sender has credit; return its disposition.
