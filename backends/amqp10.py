@@ -14,16 +14,41 @@ A key's *address* comes from ``settings.address_template`` (``{key}`` and
 How keys become addresses, how messages are sent and what each outcome
 means is the pure policy of :mod:`backends.amqp10_addressing`; the links of
 one connection are kept by :mod:`backends.amqp10_links`; this module runs the
-connection and handles proton's events. On RabbitMQ a *source* address makes
-the broker declare a server-named queue, bind it to the direct exchange with
-the key, and consume from it. Closing the link only cancels that consumer:
-RabbitMQ 3.x (3.10.8 measured) keeps the queue, still bound, until the broker
-restarts (rabbitmq-server issue 2588), so each subscribe leaves one queue
-behind; a queue policy with ``expires`` for the ``amq.gen-`` queues bounds
-that. RabbitMQ never creates the exchange (a link to a missing one ends the
-whole session with ``amqp:not-found``) and AMQP 1.0 cannot declare one on 3.x,
-so the backend declares it over AMQP 0-9-1 on the same port
-(:mod:`backends.rabbitmq_exchange`).
+connection and handles proton's events. RabbitMQ never creates the exchange
+(a link to a missing one ends the whole session with ``amqp:not-found``) and
+AMQP 1.0 cannot declare one on 3.x, so the backend declares it over AMQP
+0-9-1 on the same port (:mod:`backends.rabbitmq_exchange`).
+
+Queues that outlive the connection (RabbitMQ, ``/exchange/X/{key}``
+addresses). RabbitMQ 3.10's plugin gives a ``/exchange/X/K`` *source* a
+server-named ``amq.gen-`` queue (``rabbit_amqp1_0_outgoing_link:ensure_source``
+through ``rabbit_routing_util:ensure_endpoint``: no name can be asked for,
+the terminus's ``expiry-policy`` and the link name are ignored, the attach
+answer does not say which queue), which outlives the link (rabbitmq-server
+issue 2588) but cannot be found again: what a lost connection's links had
+queued was stranded. So each held key gets a queue named by the backend,
+``triows.<instance_id>.<random>.<n>.<key>`` (unique per process and per
+subscription of a key, kept across reconnects), declared and bound to the
+exchange with the key over AMQP 0-9-1 (durable, as RabbitMQ 4.3 refuses
+non-durable non-exclusive queues, messages transient; neither exclusive nor
+auto-delete; ``x-expires`` = ``TRIOWS_QUEUE_EXPIRES``), and consumed by a
+receiver link whose source is ``/amq/queue/<name>`` (which consumes an
+existing queue, declaring nothing). Deliveries are unsettled until handed
+over (below), so when a connection is closed, dropped or silent the broker
+requeues what it had not seen settled, and the reconnect attaches to the
+same queues: what the broker confirmed meanwhile waits there. A redelivery
+(``first-acquirer`` false) of a body this instance already handed over, its
+settlement lost with the connection, is skipped: bodies hold a unique
+message id, and per queue the digests of the last ``prefetch`` bodies handed
+over are kept (the broker can have at most one credit window unsettled on a
+link). The queues of released keys (also those released while disconnected)
+and, on a graceful close, all of them are deleted over AMQP 0-9-1; one that
+cannot be deleted expires. The price: after an instance dies without
+closing, its users' queues stay bound for ``TRIOWS_QUEUE_EXPIRES``, and each
+first subscribe of a key costs one AMQP 0-9-1 connection (a reconnect
+declares every held key's queue on one). Other brokers keep the
+connection-bound links of the key's address: what was in flight to a lost
+connection is lost there.
 
 Receiving. Each receiver link has at most ``settings.prefetch`` credit out.
 Complete deliveries go to a backlog (bounded by the credit); one task moves
@@ -34,25 +59,31 @@ server that stops reading therefore stops granting credit, and the broker
 stops sending: backpressure end to end.
 
 Reconnect, readiness, held keys, timeouts and errors are
-:mod:`backends.supervisor`'s; after each reconnect a receiver link is attached
-for every held key before ``ready``. Heartbeats: the connection's idle
+:mod:`backends.supervisor`'s; after each reconnect every held key's queue is
+declared and its receiver link attached before ``ready``. Heartbeats: the connection's idle
 timeout is ``settings.heartbeat`` seconds (0 disables it); the broker sends
 empty frames at half that, and a broker silent for longer is treated as lost.
 
 Link changes. ``subscribe`` and ``unsubscribe`` of different keys run
 concurrently, up to :data:`LINK_CHANGES_IN_FLIGHT` waiting for the broker at
 once; no backend-wide lock is held across the broker's answer (which on
-RabbitMQ includes declaring and binding the link's queue). One synchronous step
-of the set-up reads the held keys and makes the connection the one changes
-follow (the supervisor's ``_following``): a change made before that step only edits the held
-keys, which the set-up then attaches; a change made after it opens or closes
-its own link on that connection. Nothing awaits between reading that state and
-acting on it, so it needs no lock. The router serialises the changes of one key.
+RabbitMQ includes declaring and binding the key's queue). One synchronous step
+of the set-up reads the held keys, makes the connection the one changes
+follow (the supervisor's ``_following``) and makes a subscription for every
+key (its link attached once its queue is declared): a change made before that
+step only edits the held keys, which the set-up then restores; a change made
+after it finds or makes the key's subscription on that connection, or drops
+it (a subscription dropped before its link was attached gets none). Nothing
+awaits between reading that state and acting on it, so it needs no lock. The
+router serialises the changes of one key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -66,15 +97,17 @@ from backends.amqp10_links import (
     LINK_ANSWERS,
     SESSION_ENDS,
     Amqp10Connection,
+    HeldQueue,
     LinkRefused,
     Received,
+    Subscription,
     condition,
     message_body,
 )
 from backends.amqp10_pump import ConnectionLost, Wakeup
 from backends.broker_url import connect_stream
-from backends.rabbitmq_exchange import declare_direct_exchange
-from backends.supervisor import BrokerRejected, Supervised, run_supervised
+from backends.rabbitmq_exchange import declare_bound_queues, declare_direct_exchange, delete_queues
+from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
 from triows.logs import log_event
 from triows.settings import Settings
@@ -88,6 +121,14 @@ not finish sooner; they would only queue at the broker, where the wait for an
 answer (bounded by ``settings.broker_timeout``) would count time spent behind
 thousands of others, and a busy broker would be taken for a lost one."""
 
+# Why a deletion of queues over AMQP 0-9-1 may fail without ending anything.
+DELETE_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, BrokerRejected)
+
+
+def digest(body: bytes) -> bytes:
+    """What is remembered of a body handed over (bodies hold a unique message id)."""
+    return hashlib.blake2b(body, digest_size=16).digest()
+
 
 class Amqp10Backend(Supervised[Amqp10Connection]):
     """The AMQP 1.0 protocol under :class:`backends.supervisor.Supervised`.
@@ -98,7 +139,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
     """
 
     LOST = (ConnectionLost, LinkRefused)
-    # Safe: ``_restore`` opens every key's link before its first await.
+    # Safe: ``_restore`` makes every key's subscription before its first await.
     CHANGES_IN_FLIGHT = LINK_CHANGES_IN_FLIGHT
 
     def __init__(self, settings: Settings) -> None:
@@ -106,6 +147,22 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         super().__init__(settings, str(self._address))
         self._backlog: deque[Received] = deque()
         self._backlog_changed = Wakeup()
+        # Queues that outlive their connection (RabbitMQ, ``/exchange/``
+        # addresses): one per held key, named by us, unique per process and per
+        # subscription of the key, so that a new process or a key subscribed
+        # again never consumes what an earlier subscription left behind.
+        self._queue_prefix = f"triows.{settings.instance_id}.{secrets.token_hex(4)}"
+        self._queues: dict[str, HeldQueue] = {}  # held key -> its queue
+        self._queues_made = itertools.count(1)
+        # Queues no longer consumed, to delete; each stays listed until its
+        # deletion was tried, so that a close deletes it if the task cannot.
+        self._retired: set[str] = set()
+        self._retired_added = anyio.Event()
+
+    @property
+    def queues(self) -> dict[str, str]:
+        """The queue of each held key, on a broker where queues outlive connections."""
+        return {key: queue.name for key, queue in self._queues.items()}
 
     @property
     def addressing(self) -> Addressing | None:
@@ -121,36 +178,149 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
             pending.state, pending.undeliverable_here, pending.condition, live.addressing
         )
 
-    async def _subscribe_on(self, live: Amqp10Connection, key: str) -> None:
-        # A link already open for the key (the set-up's, or that of a cancelled
-        # subscribe) is waited for, never doubled: two links would deliver
-        # every message twice.
-        subscription = live.subscriptions.get(key) or live.open_receiver(
-            key, self._settings.prefetch
+    def _held_queue(self, live: Amqp10Connection, key: str) -> HeldQueue | None:
+        """The key's queue (made now if it has none), where queues outlive connections."""
+        assert live.addressing is not None
+        if live.addressing.queue_exchange is None:
+            return None
+        queue = self._queues.get(key)
+        if queue is None:
+            name = f"{self._queue_prefix}.{next(self._queues_made)}.{key}"
+            queue = self._queues[key] = HeldQueue(name, deque(maxlen=self._settings.prefetch))
+        return queue
+
+    async def _declare(self, live: Amqp10Connection, subscriptions: list[Subscription]) -> None:
+        """Declare and bind the queues of ``subscriptions`` (those that have one)."""
+        exchange = live.addressing.queue_exchange if live.addressing else None
+        queues = [(s.queue.name, s.key) for s in subscriptions if s.queue is not None]
+        if exchange is None or not queues:
+            return
+        await declare_bound_queues(
+            self._address,
+            port=self._address.port,
+            exchange=exchange,
+            queues=queues,
+            expires=self._settings.queue_expires,
+            batch_timeout=self._broker_timeout,
         )
+
+    def _attach(self, live: Amqp10Connection, subscription: Subscription) -> None:
+        """Attach the subscription's link, unless it has one or is not the key's any more."""
+        if subscription.link is not None or not live.is_current(subscription):
+            return
+        assert live.addressing is not None
+        queue = subscription.queue
+        address = f"/amq/queue/{queue.name}" if queue else live.addressing.address(subscription.key)
+        live.attach(subscription, address, self._settings.prefetch)
+
+    async def _subscribe_on(self, live: Amqp10Connection, key: str) -> None:
+        # A subscription already made for the key (the set-up's, or that of a
+        # cancelled subscribe) is waited for, never doubled: two links would
+        # deliver every message twice.
+        subscription = live.subscriptions.get(key)
+        if subscription is None:
+            subscription = live.add_subscription(key, self._held_queue(live, key))
+            try:
+                await self._declare(live, [subscription])
+            except BaseException:
+                # Failed or cancelled before its link: not the key's any more.
+                if live.subscriptions.get(key) is subscription and subscription.link is None:
+                    del live.subscriptions[key]
+                    subscription.changed.kick()
+                raise
+            self._attach(live, subscription)
         await live.wait_attached(subscription)
 
     async def _unsubscribe_on(self, live: Amqp10Connection, key: str) -> None:
-        # RabbitMQ deletes the link's queue once it is detached.
         subscription = live.subscriptions.pop(key, None)
-        if subscription is None:
-            return
-        link = subscription.link
-        link.close()
-        live.pump.wake()
         try:
-            await live.wait_detached(subscription)
+            if subscription is None:
+                return
+            subscription.changed.kick()  # a subscribe of it waiting for its link
+            link = subscription.link
+            if link is None:
+                return  # unsubscribed while its queue was being declared
+            link.close()
+            live.pump.wake()
+            try:
+                await live.wait_detached(subscription)
+            finally:
+                live.by_link.pop(link.name, None)
         finally:
-            live.by_link.pop(link.name, None)
+            # Answered, failed or cut short: nothing consumes its queue any
+            # more. RabbitMQ keeps a queue after its link detaches, so it is
+            # deleted over AMQP 0-9-1 (or expires).
+            self._retire(key)
 
     async def _restore(self, live: Amqp10Connection, keys: list[str]) -> None:
-        # Attach them all at once (before any await, see CHANGES_IN_FLIGHT),
-        # then wait: one round trip, not one per key. Each answer is bounded on
-        # its own: an instance must not fail its reconnect just by holding many.
-        opened = [live.open_receiver(key, self._settings.prefetch) for key in keys]
-        for subscription in opened:
+        # Keys released while no connection followed them: their queues still
+        # hold (and receive) their messages, and nothing consumes them again.
+        for key in sorted(set(self._queues).difference(keys)):
+            self._retire(key)
+        # Every key's subscription is made before any await (see
+        # CHANGES_IN_FLIGHT): a change of a key meanwhile finds it.
+        made = [
+            live.subscriptions.get(key) or live.add_subscription(key, self._held_queue(live, key))
+            for key in keys
+        ]
+        # Each step is bounded on its own: an instance must not fail its
+        # reconnect just by holding many keys.
+        await self._declare(live, made)
+        # Then every link is attached at once, and waited for: one round trip,
+        # not one per key.
+        for subscription in made:
+            self._attach(live, subscription)
+        for subscription in made:
             with anyio.fail_after(self._broker_timeout):
                 await live.wait_attached(subscription)
+
+    def _retire(self, key: str) -> None:
+        queue = self._queues.pop(key, None)
+        if queue is not None:
+            self._retired.add(queue.name)
+            self._retired_added.set()
+
+    async def _delete_retired(self) -> None:
+        """Delete the queues of released keys, a batch per AMQP 0-9-1 connection."""
+        while True:
+            await self._retired_added.wait()
+            self._retired_added = anyio.Event()
+            queues = sorted(self._retired)
+            await self._delete_queues(queues)
+            self._retired.difference_update(queues)
+
+    async def _delete_queues(self, queues: list[str]) -> None:
+        if not queues:
+            return
+        try:
+            with anyio.fail_after(self._broker_timeout):
+                await delete_queues(self._address, port=self._address.port, queues=queues)
+        except DELETE_FAILURES as error:
+            # Not fatal: each queue expires TRIOWS_QUEUE_EXPIRES after its
+            # last consumer went (holding that key's messages until then).
+            log_event(
+                "broker_queues_not_deleted",
+                logging.WARNING,
+                queues=len(queues),
+                error=repr(error),
+            )
+
+    async def _delete_every_queue(self) -> None:
+        # Closing for good: nothing will consume them again.
+        queues = sorted(self._retired.union(queue.name for queue in self._queues.values()))
+        self._retired, self._queues = set(), {}
+        await self._delete_queues(queues)
+
+    async def aclose(self) -> None:
+        """Close as :meth:`Supervised.aclose` does, deleting this process's queues.
+
+        Also while disconnected: the broker may answer again meanwhile.
+        """
+        connected = self._following is not None
+        await super().aclose()
+        if not connected and (self._queues or self._retired):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._settings.close_timeout):
+                await self._delete_every_queue()
 
     def _abandon(self, live: Amqp10Connection) -> None:
         if not live.ended and not live.pump.connection.state & Endpoint.LOCAL_CLOSED:
@@ -158,11 +328,13 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
             live.pump.wake()
 
     async def _close(self, live: Amqp10Connection) -> None:
-        if live.ended:
-            return
-        live.pump.connection.close()
-        live.pump.wake()
-        await live.wait_ended()
+        try:
+            if not live.ended:
+                live.pump.connection.close()
+                live.pump.wake()
+                await live.wait_ended()
+        finally:
+            await self._delete_every_queue()
 
     def _describe(self, live: Amqp10Connection) -> dict[str, Any]:
         addressing = live.addressing
@@ -171,10 +343,11 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
             "family": addressing.family,
             "address_template": addressing.template,
             "sender_target": addressing.sender_target,
+            "queues_outlive_connection": addressing.queue_exchange is not None,
         }
 
     def _background(self) -> list[Callable[[], Awaitable[None]]]:
-        return [self._forward_deliveries]
+        return [self._forward_deliveries, self._delete_retired]
 
     async def _session(self, up: Callable[[Amqp10Connection], Awaitable[None]]) -> None:
         """One connection, from connect to loss; returns only after :meth:`aclose`."""
@@ -340,14 +513,15 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
                 current.update(Delivery.RELEASED)
                 current.settle()
                 continue
-            body = message_body(data)
-            if body is None:
+            decoded = message_body(data)
+            if decoded is None:
                 log_event("broker_delivery_dropped", logging.WARNING, key=subscription.key)
                 current.update(Delivery.REJECTED)
                 current.settle()
                 continue
+            body, redelivered = decoded
             subscription.outstanding += 1
-            self._backlog.append(Received(subscription, body, current, live))
+            self._backlog.append(Received(subscription, body, redelivered, current, live))
         self._backlog_changed.kick()
 
     async def _forward_deliveries(self) -> None:
@@ -358,19 +532,33 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
                 await self._backlog_changed.wait()
             received = self._backlog.popleft()
             subscription = received.subscription
-            # Messages of a connection that is gone are still handed over: the
-            # broker gave them to us (and told their senders so).
-            await self._incoming_send.send((subscription.key, received.body))
+            queue = subscription.queue
+            seen = digest(received.body) if queue is not None else b""
+            # A redelivery of what an earlier connection handed over but could
+            # not settle (see the module docstring) is only settled. One task
+            # hands over in backlog order, so whatever a lost connection had
+            # received is remembered before its redeliveries are looked at.
+            if queue is None or not (received.redelivered and seen in queue.handed_over):
+                # Messages of a connection that is gone are still handed over:
+                # the broker gave them to us (and told their senders so).
+                await self._incoming_send.send((subscription.key, received.body))
+                if queue is not None:
+                    queue.handed_over.append(seen)
             subscription.outstanding -= 1
             live, link = received.connection, subscription.link
+            assert link is not None  # deliveries come only on attached links
             if live.ended or not link.state & Endpoint.LOCAL_ACTIVE:
                 continue
-            received.delivery.update(Delivery.ACCEPTED)
-            received.delivery.settle()
+            self._accept(received)
             unused = link.credit + subscription.outstanding
             if unused <= prefetch // 2:
                 link.flow(prefetch - unused)
             live.pump.wake()
+
+    def _accept(self, received: Received) -> None:
+        """Settle a delivery handed over: the broker forgets it once this arrives."""
+        received.delivery.update(Delivery.ACCEPTED)
+        received.delivery.settle()
 
 
 def check_settings(settings: Settings) -> None:

@@ -66,6 +66,15 @@ class Addressing:
         return self.template.replace("{key}", key)
 
     @property
+    def queue_exchange(self) -> str | None:
+        """The exchange each key's own queue is bound to, where the backend keeps queues
+        that outlive connections (RabbitMQ, ``/exchange/<name>/{key}``); else None."""
+        parts = self.template.split("/")
+        if self.family != "rabbitmq" or len(parts) != 4 or parts[:2] != ["", "exchange"]:
+            return None
+        return parts[2] if parts[2] and parts[3] == "{key}" else None
+
+    @property
     def rabbitmq_exchange(self) -> str | None:
         """The RabbitMQ exchange the addresses route through, if it must be declared."""
         if self.family != "rabbitmq" or not self.template.startswith("/exchange/"):

@@ -8,6 +8,7 @@ bytes. Every engine call runs in the event loop's one thread, so no lock.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,11 +46,27 @@ class PendingPublish:
 
 
 @dataclass
+class HeldQueue:
+    """A held key's queue on RabbitMQ, named by the backend; it outlives connections."""
+
+    name: str
+    # Digests of the bodies handed over from it lately, across connections:
+    # after a lost connection the broker redelivers what it had not seen
+    # settled, at most one credit window (``prefetch``) of the latest.
+    handed_over: deque[bytes]
+
+
+@dataclass
 class Subscription:
-    """The receiver link of one held key on the current connection."""
+    """The receiver link of one held key on the current connection.
+
+    ``link`` is None while the key's queue is being declared (RabbitMQ); the
+    link is attached afterwards if the subscription is still the key's.
+    """
 
     key: str
-    link: Receiver
+    link: Receiver | None
+    queue: HeldQueue | None = None
     outstanding: int = 0  # received deliveries not yet handed to ``incoming``
     # Kicked when the broker attaches or detaches this link, or the connection
     # ends: waiting for one answer among thousands in flight wakes one task.
@@ -60,6 +77,7 @@ class Subscription:
 class Received:
     subscription: Subscription
     body: bytes
+    redelivered: bool  # not the first acquirer: the broker gave it to us before
     delivery: Delivery
     connection: Amqp10Connection
 
@@ -104,28 +122,46 @@ class Amqp10Connection:
         while not self.ended:
             await self.changed.wait()
 
-    def open_receiver(self, key: str, prefetch: int) -> Subscription:
-        """Attach a receiver link for ``key`` with ``prefetch`` credit and make it the key's
-        subscription; the broker answers later (see :meth:`wait_attached`)."""
-        assert self.addressing is not None
+    def add_subscription(self, key: str, queue: HeldQueue | None) -> Subscription:
+        """Make a subscription, with no link yet, the key's (see :meth:`attach`)."""
+        subscription = self.subscriptions[key] = Subscription(key, None, queue)
+        return subscription
+
+    def attach(self, subscription: Subscription, address: str, prefetch: int) -> None:
+        """Attach the subscription's receiver link to source ``address`` with ``prefetch``
+        credit; the broker answers later (see :meth:`wait_attached`)."""
         self.next_link += 1
-        link = self.session.receiver(f"triows:{key}:{self.next_link}")
-        link.source.address = self.addressing.address(key)
-        # We settle every delivery ourselves, with an outcome (see module docstring).
+        link = self.session.receiver(f"triows:{subscription.key}:{self.next_link}")
+        link.source.address = address
+        # We settle every delivery ourselves, with an outcome: unsettled ones
+        # stay the broker's (see the backend's module docstring).
         link.snd_settle_mode = Link.SND_UNSETTLED
         link.rcv_settle_mode = Link.RCV_FIRST
-        subscription = Subscription(key, link)
+        subscription.link = link
         self.by_link[link.name] = subscription
-        self.subscriptions[key] = subscription
         link.open()
         link.flow(prefetch)
         self.pump.wake()
-        return subscription
+        subscription.changed.kick()
+
+    def is_current(self, subscription: Subscription) -> bool:
+        """Whether ``subscription`` is still its key's (not unsubscribed) on a live connection."""
+        return not self.ended and self.subscriptions.get(subscription.key) is subscription
 
     async def wait_attached(self, subscription: Subscription) -> None:
         """Wait for the broker's attach of the subscription's link; raise :class:`LinkRefused`
-        if it refuses. Returns at once if the link was closed meanwhile (unsubscribed)."""
+        if it refuses. Returns at once if the link was closed meanwhile (unsubscribed), or
+        the subscription was dropped before its link was attached."""
+        await self.wait_for(
+            lambda: (
+                subscription.link is not None
+                or self.subscriptions.get(subscription.key) is not subscription
+            ),
+            subscription.changed,
+        )
         link = subscription.link
+        if link is None:
+            return  # unsubscribed while its queue was being declared
         await self.wait_for(
             lambda: (
                 bool(link.state & (Endpoint.REMOTE_ACTIVE | Endpoint.REMOTE_CLOSED))
@@ -145,6 +181,7 @@ class Amqp10Connection:
 
     async def wait_detached(self, subscription: Subscription) -> None:
         """Wait for the broker's answer to our close of the subscription's link."""
+        assert subscription.link is not None
         name = subscription.link.name
         await self.wait_for(lambda: name in self.detached, subscription.changed)
 
@@ -152,6 +189,9 @@ class Amqp10Connection:
         """Wake every task waiting for a link's answer (the session or connection changed)."""
         for subscription in self.by_link.values():
             subscription.changed.kick()
+        for subscription in self.subscriptions.values():
+            if subscription.link is None:  # waiting for its queue, not in ``by_link``
+                subscription.changed.kick()
 
     async def send(self, key: str, body: bytes) -> PendingPublish:
         """Send ``body`` for ``key`` once the sender has credit; return its disposition.
@@ -195,7 +235,9 @@ def condition(endpoint: Link | Session | Connection) -> str:
     return f"{condition.name}: {condition.description}" if condition else ""
 
 
-def message_body(data: bytes) -> bytes | None:
+def message_body(data: bytes) -> tuple[bytes, bool] | None:
+    """The binary body of an encoded message and whether it is a redelivery
+    (``first-acquirer`` false); None if it is not one triows sent."""
     message = Message()
     try:
         message.decode(data)
@@ -203,5 +245,5 @@ def message_body(data: bytes) -> bytes | None:
         return None
     body = message.body
     if isinstance(body, bytes | bytearray | memoryview):
-        return bytes(body)
+        return bytes(body), not message.first_acquirer
     return None

@@ -1,4 +1,5 @@
-"""Declare a RabbitMQ exchange, and delete queues, over AMQP 0-9-1, for the STOMP backend.
+"""Over AMQP 0-9-1, for the STOMP and AMQP 1.0 backends: declare a RabbitMQ exchange,
+declare and delete queues.
 
 RabbitMQ's STOMP plugin routes ``/exchange/<name>/<key>`` through an existing
 exchange and never creates it: a SEND or SUBSCRIBE to a missing one gets
@@ -20,22 +21,35 @@ of an ``UNSUBSCRIBE`` only for a durable ``/topic/`` subscription
 ``/exchange/`` ones. The STOMP backend's per-key queues outlive their
 connection (``x-expires``), so it deletes those it is done with here
 (:func:`delete_queues`).
+
+RabbitMQ 3.x's AMQP 1.0 plugin cannot name, bind or expire a queue either: a
+``/exchange/X/K`` source declares a server-named ``amq.gen-`` queue it never
+reports, and ``/queue/NAME`` declares one without arguments, bound only to the
+default exchange. The AMQP 1.0 backend therefore declares and binds its
+per-key queues here (:func:`declare_bound_queues`) and consumes each with a
+``/amq/queue/NAME`` source.
 """
 
 from __future__ import annotations
 
+import math
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import anyio
 from anyio.abc import ByteStream
 from pamqp import base, commands, frame, header
+from pamqp.common import FieldTable
 
 from backends.broker_url import BrokerAddress, connect_stream
 from backends.supervisor import BrokerRejected
 
 PRECONDITION_FAILED = 406
+DECLARE_BATCH = 500
+"""Queues declared and bound per pipelined round (both directions' bytes stay
+well within socket buffers, so neither side blocks writing while the other does)."""
 _FRAME_HEADER = 7  # type (1), channel (2), payload size (4)
 T = TypeVar("T")
 
@@ -81,6 +95,63 @@ async def declare_direct_exchange(address: BrokerAddress, *, port: int, exchange
             raise ExchangeDeclareError(
                 f"unexpected answer to exchange.declare: {answer!r}", exchange
             )
+
+
+class QueueDeclareError(BrokerRejected):
+    """RabbitMQ refused to declare or bind a queue (or to let us in to do so)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("configuration", message)
+
+
+async def declare_bound_queues(
+    address: BrokerAddress,
+    *,
+    port: int,
+    exchange: str,
+    queues: Sequence[tuple[str, str]],
+    expires: float,
+    batch_timeout: float,
+) -> None:
+    """Declare each ``(queue, key)`` of ``queues`` and bind it to ``exchange`` with ``key``.
+
+    Each queue is durable (RabbitMQ 4.3 refuses non-durable non-exclusive
+    queues; messages stay transient), neither exclusive nor auto-delete, and
+    carries ``x-expires`` = ``expires`` seconds: it outlives the connection that
+    consumes it and goes once unused that long. Idempotent for a queue that
+    exists with the same arguments. One connection for the lot, the methods
+    pipelined :data:`DECLARE_BATCH` queues at a time; the connection, each batch
+    and the close each within ``batch_timeout``. Raises like
+    :func:`declare_direct_exchange` (:class:`QueueDeclareError` when refused).
+    """
+    if not queues:
+        return
+    arguments: FieldTable = {"x-expires": round(expires * 1000)}
+    with anyio.fail_after(batch_timeout) as first:
+        async with _open_channel(address, port, QueueDeclareError) as session:
+            first.deadline = math.inf
+            for start in range(0, len(queues), DECLARE_BATCH):
+                batch = queues[start : start + DECLARE_BATCH]
+                with anyio.fail_after(batch_timeout):
+                    for queue, key in batch:
+                        await session.send(
+                            commands.Queue.Declare(queue=queue, durable=True, arguments=arguments),
+                            channel=1,
+                        )
+                        await session.send(
+                            commands.Queue.Bind(queue=queue, exchange=exchange, routing_key=key),
+                            channel=1,
+                        )
+                    for queue, _key in batch:
+                        for expected in (commands.Queue.DeclareOk, commands.Queue.BindOk):
+                            answer = await session.receive()
+                            if not isinstance(answer, expected):
+                                raise QueueDeclareError(
+                                    f"RabbitMQ did not declare and bind queue {queue!r}: "
+                                    f"{getattr(answer, 'reply_text', answer)!r}"
+                                )
+            # And the close, too.
+            first.deadline = anyio.current_time() + batch_timeout
 
 
 async def delete_queues(address: BrokerAddress, *, port: int, queues: list[str]) -> None:

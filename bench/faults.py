@@ -487,15 +487,22 @@ def connected_over(sockets: list[Socket], user: str, t0: float, t1: float) -> So
 def account(traffic: Traffic) -> dict[str, dict[str, int]]:
     """Per phase: what became of every message sent."""
     received: dict[tuple[str, int], int] = defaultdict(int)
-    reordered = 0
+    # Order is promised for confirmed messages (DESIGN §6.2). A message whose
+    # sender was refused (say, its publish timed out on a silent broker path)
+    # may still reach the broker later, after later ones: that is counted
+    # apart, as ``late_without_2xx``, not as a reordering.
+    confirmed = {(send.user, send.lane, send.seq) for send in traffic.sends if send.status == 202}
+    reordered = late_without_2xx = 0
     for user, seqs in traffic.receipts.items():
         highest: dict[int, int] = defaultdict(lambda: -1)
         for lane, seq, _ in seqs:
             received[(user, lane, seq)] += 1
-            if received[(user, lane, seq)] == 1:
+            if received[(user, lane, seq)] == 1 and (user, lane, seq) in confirmed:
                 if seq < highest[lane]:
                     reordered += 1
                 highest[lane] = max(highest[lane], seq)
+            elif received[(user, lane, seq)] == 1 and seq < highest[lane]:
+                late_without_2xx += 1
     phases: dict[str, dict[str, int]] = {}
     for send in traffic.sends:
         row = phases.setdefault(send.phase, defaultdict(int))
@@ -531,6 +538,8 @@ def account(traffic: Traffic) -> dict[str, dict[str, int]]:
         for key, value in row.items():
             total[key] += value
     total["reordered"] = reordered
+    if late_without_2xx:
+        total["late_without_2xx"] = late_without_2xx
     return {**{k: dict(v) for k, v in phases.items()}, "total": dict(total)}
 
 

@@ -3,28 +3,31 @@
 Each test uses its own exchange, so tests running at the same time (here or in
 other engineers' suites) never see each other's links.
 
-RabbitMQ 3.x settles every AMQP 1.0 publish ``accepted``, routed or not, and
-keeps the queue of a detached link (bound, with no consumer: rabbitmq-server
-issue 2588), so "routed" and "unrouted" are checked by what the holding backend
-receives, not by publish outcomes.
+RabbitMQ 3.x settles every AMQP 1.0 publish ``accepted``, routed or not, so
+"routed" and "unrouted" are checked by what the holding backend receives, not by
+publish outcomes.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
 
-from backends.amqp10 import Amqp10Backend
+from backends.amqp10 import Amqp10Backend, open_amqp10_backend
+from backends.amqp10_links import Received
 from deploy.brokers import BROKERS
 from tests.brokers import require_broker
-from tests.tcp_proxy import open_tcp_proxy
-from tests.test_backend_contract import open_ready
+from tests.tcp_proxy import open_tcp_proxy, reachable
+from tests.test_backend_contract import open_ready, wait_not_ready
+from tests.test_stomp_backend import rabbitmq_queues, wait_for_queues
 from triows.backend import Outcome
+from triows.process import free_port
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker
@@ -224,3 +227,114 @@ async def test_link_changes_racing_a_reconnect_leave_exactly_the_held_keys_deliv
             # One delivery per held key (no key has two links), none for the others.
             await publish_names(sender, settled + toggled)
             await assert_receives_exactly(holder, [*settled, *held])
+
+
+# --- queues that outlive the connection (RabbitMQ) ---------------------------
+
+
+async def receive(backend: Amqp10Backend) -> tuple[str, bytes]:
+    with anyio.fail_after(READY_TIMEOUT):
+        return await backend.incoming.receive()
+
+
+@asynccontextmanager
+async def open_holder_behind_a_proxy(exchange: str) -> AsyncIterator[tuple[Amqp10Backend, int]]:
+    """A backend whose connection goes through a proxy on the returned port.
+
+    The test opens the proxy there; until then the backend retries every 50 ms.
+    """
+    port = free_port()
+    async with open_amqp10_backend(
+        amqp10_settings(exchange, port=port, reconnect_max_delay=0.05)
+    ) as holder:
+        yield holder, port
+
+
+async def test_what_rabbitmq_confirmed_while_the_connection_was_lost_arrives_after(
+    exchange: str,
+) -> None:
+    async with (
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with reachable(holder, RABBITMQ_PORT, port):
+            await holder.subscribe("user.bob")
+            await sender.publish("user.bob", b"1")
+            assert await receive(holder) == ("user.bob", b"1")
+        # The connection dropped and reconnects are refused meanwhile; the
+        # key's queue and its binding outlive it.
+        await wait_not_ready(holder)
+        await sender.publish("user.bob", b"2")
+        await sender.publish("user.bob", b"3")
+        async with reachable(holder, RABBITMQ_PORT, port):
+            assert [await receive(holder), await receive(holder)] == [
+                ("user.bob", b"2"),
+                ("user.bob", b"3"),
+            ]
+            # Exactly once: nothing else was waiting.
+            await assert_receives_exactly(holder, [])
+
+
+async def test_a_delivery_whose_settlement_died_with_the_connection_is_not_handed_over_twice(
+    exchange: str,
+) -> None:
+    async with (
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with reachable(holder, RABBITMQ_PORT, port):
+            await holder.subscribe("user.bob")
+            # As if the connection died before the settlement reached the broker.
+            accept = holder._accept
+            holder._accept = lambda received: None  # type: ignore[method-assign]
+            await sender.publish("user.bob", b"1")
+            assert await receive(holder) == ("user.bob", b"1")
+        await wait_not_ready(holder)
+        redelivered: list[bytes] = []
+
+        def note(received: Received) -> None:
+            if received.redelivered:
+                redelivered.append(received.body)
+            accept(received)
+
+        holder._accept = note  # type: ignore[method-assign]
+        async with reachable(holder, RABBITMQ_PORT, port):
+            # RabbitMQ redelivers "1" (never settled) to the new connection, as
+            # not its first acquirer: it was handed over already, so it is skipped.
+            for body in (b"2", b"3"):
+                await sender.publish("user.bob", body)
+                assert await receive(holder) == ("user.bob", body)
+        assert redelivered == [b"1"]
+
+
+async def test_a_key_released_while_disconnected_gets_nothing_after_the_reconnect(
+    exchange: str,
+) -> None:
+    async with (
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_holder_behind_a_proxy(exchange) as (holder, port),
+    ):
+        async with reachable(holder, RABBITMQ_PORT, port):
+            await holder.subscribe("user.bob")
+            await holder.subscribe("user.gone")
+            queues = holder.queues
+        await wait_not_ready(holder)
+        await holder.unsubscribe("user.gone")
+        await sender.publish("user.gone", b"kept by its queue")
+        async with reachable(holder, RABBITMQ_PORT, port):
+            await sender.publish("user.gone", b"0")
+            await sender.publish("user.bob", b"1")
+            assert await receive(holder) == ("user.bob", b"1")
+            # Its queue is deleted, what it held with it.
+            await wait_for_queues(holder._settings.instance_id, {queues["user.bob"]})
+
+
+async def test_closing_the_backend_deletes_its_queues_on_rabbitmq(exchange: str) -> None:
+    settings = amqp10_settings(exchange)
+    async with open_ready(settings) as holder:
+        assert isinstance(holder, Amqp10Backend)
+        await holder.subscribe("user.bob")
+        await holder.subscribe("user.ann")
+        await holder.unsubscribe("user.ann")
+        await wait_for_queues(settings.instance_id, {holder.queues["user.bob"]})
+    assert await rabbitmq_queues(settings.instance_id) == set()

@@ -10,13 +10,13 @@ never asserted here.
 
 Zero 2xx-but-lost is asserted where the broker keeps what it confirmed for
 an instance whose connection was lost: RabbitMQ with AMQP 0-9-1, whose
-per-instance queue outlives the connection (``x-expires``), and with STOMP,
-whose per-subscription queues do. Not asserted elsewhere, because it does
-not hold: on AMQP 1.0, STOMP on ActiveMQ (and GarageMQ's auto-delete queue)
-what the broker had confirmed into a lost connection's subscriptions dies
-with them, so some 2xx are never delivered to recipients who stayed
-connected. That gap is measured by ``nox -s faults`` and stated in
-the README's Reliability section.
+per-instance queue outlives the connection (``x-expires``), and with STOMP
+and AMQP 1.0, whose per-key queues do. Not asserted elsewhere, because it
+does not hold: on STOMP on ActiveMQ (and GarageMQ's auto-delete queue) what
+the broker had confirmed into a lost connection's subscriptions dies with
+them, so some 2xx are never delivered to recipients who stayed connected.
+That gap is measured by ``nox -s faults`` and stated in the README's
+Reliability section.
 
 RabbitMQ is never taken down here (tests/test_across_instances.py covers its
 outage, and it is shared with every other test); ActiveMQ is stopped and
@@ -124,11 +124,20 @@ async def test_garagemq_connection_dropped_under_traffic() -> None:
     assert_survived(await run(GARAGEMQ, "drop"))
 
 
-async def test_half_open_broker_path_is_detected_and_recovered() -> None:
+async def test_a_silent_amqp10_path_is_detected_and_loses_nothing_rabbitmq_confirmed() -> None:
+    # AMQP 1.0: each key's queue outlives the connection on RabbitMQ, and the
+    # reconnect consumes the same queues again.
     row = await run(RABBITMQ_AMQP10, "halfopen")
     assert_survived(row)
     # The heartbeat noticed the silent path: the instance went unready meanwhile.
     assert row["details"]["a_unready_after_s"] is not None, row["details"]
+    assert_nothing_confirmed_was_lost(row)
+
+
+async def test_amqp10_connection_dropped_under_traffic_loses_nothing_rabbitmq_confirmed() -> None:
+    row = await run(RABBITMQ_AMQP10, "drop")
+    assert_survived(row)
+    assert_nothing_confirmed_was_lost(row)
 
 
 async def test_slow_broker_path_loses_nothing() -> None:
@@ -167,8 +176,7 @@ async def test_drain_under_load_moves_sockets_to_the_other_instance() -> None:
 
 async def test_instance_death_is_forgotten_by_the_broker() -> None:
     # AMQP 0-9-1: the queue expires TRIOWS_QUEUE_EXPIRES after the connection
-    # (20 s here). (On AMQP 1.0/RabbitMQ 3.x a link's queue lasts until the
-    # orphan policy expires it, 60 s: full run.)
+    # (20 s here), as AMQP 1.0's per-key queues do (nox -s faults).
     row = await run(RABBITMQ, "death")
     assert row["status"] == "ok", row
     assert row["unexpected_exits"] == {}, row["unexpected_exits"]
