@@ -83,12 +83,13 @@ from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode
 from backends.stomp_session import (
     READ_SIZE,
     ConnectionClosedByUs,
+    ConnectionLost,
     HeartbeatTimeout,
     StompBrokerError,
     StompSession,
 )
 from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
-from triows.backend import BrokerUnavailable, Outcome
+from triows.backend import Outcome
 from triows.logs import log_event
 from triows.settings import Settings
 
@@ -152,7 +153,15 @@ def default_destination_template(server: str, exchange: str) -> str:
 class StompBackend(Supervised[StompSession]):
     """The STOMP protocol under :class:`backends.supervisor.Supervised` (module docstring)."""
 
-    LOST = (StompProtocolError, StompBrokerError, HeartbeatTimeout, ConnectionClosedByUs)
+    # ConnectionLost: what a SUBSCRIBE waiting in a restore gets when the
+    # connection ends under it (e.g. ActiveMQ closing it for link stealing).
+    LOST = (
+        StompProtocolError,
+        StompBrokerError,
+        HeartbeatTimeout,
+        ConnectionClosedByUs,
+        ConnectionLost,
+    )
 
     def __init__(self, settings: Settings) -> None:
         self._url = parse_url(settings.broker_url)
@@ -478,7 +487,7 @@ class StompBackend(Supervised[StompSession]):
             await connection.read_frames(self._incoming_send)
         finally:
             self._lost(connection)
-            connection.fail_pending(BrokerUnavailable("STOMP connection lost"))
+            connection.fail_pending(ConnectionLost("STOMP connection lost"))
 
 
 async def _handshake(

@@ -48,6 +48,10 @@ class StompBrokerError(BrokerUnavailable):
     except after a request sent with ``survivable=True``)."""
 
 
+class ConnectionLost(BrokerUnavailable):
+    """The connection ended while a frame waited for its ``RECEIPT``."""
+
+
 class HeartbeatTimeout(Exception):
     """The broker sent nothing, not even a heart-beat, for longer than agreed."""
 
