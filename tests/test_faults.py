@@ -10,11 +10,12 @@ never asserted here.
 
 Zero 2xx-but-lost is asserted where the broker keeps what it confirmed for
 an instance whose connection was lost: RabbitMQ with AMQP 0-9-1, whose
-per-instance queue outlives the connection (``x-expires``), and with STOMP,
-whose per-subscription queues do. Not asserted elsewhere, because it does
-not hold: on AMQP 1.0, STOMP on ActiveMQ (and GarageMQ's auto-delete queue)
-what the broker had confirmed into a lost connection's subscriptions dies
-with them, so some 2xx are never delivered to recipients who stayed
+per-instance queue outlives the connection (``x-expires``), with STOMP,
+whose per-subscription queues do, and ActiveMQ with STOMP, whose durable
+topic subscriptions do (``offlineDurableSubscriberTimeout``). Not asserted
+elsewhere, because it does not hold: on AMQP 1.0 (and GarageMQ's auto-delete
+queue) what the broker had confirmed into a lost connection's subscriptions
+dies with them, so some 2xx are never delivered to recipients who stayed
 connected. That gap is measured by ``nox -s faults`` and stated in
 the README's Reliability section.
 
@@ -103,6 +104,23 @@ async def test_a_silent_stomp_path_loses_nothing_rabbitmq_confirmed() -> None:
     # queues. (A drop at this rate lost nothing even before; the drop case is
     # tests/test_stomp_backend.py's, message by message.)
     row = await run(RABBITMQ_STOMP, "halfopen")
+    assert_survived(row)
+    assert row["details"]["a_unready_after_s"] is not None, row["details"]
+    assert_nothing_confirmed_was_lost(row)
+
+
+async def test_a_dropped_activemq_connection_loses_nothing_it_confirmed() -> None:
+    # Durable subscriptions outlive the connection; unacked deliveries are
+    # redelivered to the reconnect, those handed over already skipped.
+    row = await run(ACTIVEMQ, "drop")
+    assert_survived(row)
+    assert_nothing_confirmed_was_lost(row)
+
+
+async def test_a_silent_activemq_path_loses_nothing_it_confirmed() -> None:
+    # The reconnect takes the client-id over from the connection ActiveMQ
+    # may still hold (link stealing) and resumes the durable subscriptions.
+    row = await run(ACTIVEMQ, "halfopen")
     assert_survived(row)
     assert row["details"]["a_unready_after_s"] is not None, row["details"]
     assert_nothing_confirmed_was_lost(row)
