@@ -43,8 +43,29 @@ receipts and acks are :class:`backends.stomp_session.StompSession`.
   deleted over AMQP 0-9-1 (:func:`backends.rabbitmq_exchange.delete_queues`);
   one that cannot be deleted expires. The price: after an instance dies
   without closing, its users' queues stay bound for ``TRIOWS_QUEUE_EXPIRES``.
-  ActiveMQ and other brokers keep non-durable topic subscriptions, ack
-  ``auto``: what was in flight to a lost connection is lost there.
+- On ActiveMQ Classic (``/topic/`` destinations) each subscription is a
+  durable topic subscription, for the same reason: ``CONNECT`` carries
+  ``client-id`` = ``triows.<instance_id>.<random>`` (per process, the same on
+  every reconnect; RabbitMQ's plugin ignores it), ``SUBSCRIBE``
+  ``activemq.subscriptionName`` (named as the queue above), ``ack:client`` and
+  ``activemq.prefetchSize`` = ``TRIOWS_PREFETCH``. Non-persistent messages
+  are kept for it while its connection is gone, and unacked deliveries are
+  redelivered to the reconnect (checked against ActiveMQ 5.17). ActiveMQ's
+  cumulative ``ACK`` settles only its subscription's deliveries, so one per
+  subscription; it marks no redelivery, so a body handed over before is
+  skipped on its own. A released key's subscription is ended (``UNSUBSCRIBE``
+  by id) and then removed (``UNSUBSCRIBE`` with ``activemq.subscriptionName``,
+  which only an offline one allows); one released while disconnected is
+  removed after the reconnect, and a removal ActiveMQ refuses (expired
+  meanwhile) fails alone, the connection staying open. A graceful close
+  removes all of them. The broker's configuration does the rest
+  (``deploy/activemq/activemq.xml``): ``offlineDurableSubscriberTimeout``
+  drops a dead instance's subscriptions (the bound is the broker's, not
+  ``TRIOWS_QUEUE_EXPIRES``), and ``allowLinkStealing`` lets a reconnect take
+  the client-id over from a silent old connection the broker still holds
+  (otherwise ``CONNECT`` is refused). Other brokers (Artemis ...) keep
+  non-durable topic subscriptions, ack ``auto``: what was in flight to a lost
+  connection is lost there.
 - Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
   we send ours, and a broker silent for twice its interval counts as dead.
 - Reconnects, held keys, readiness, timeouts and error classes are
