@@ -43,8 +43,29 @@ receipts and acks are :class:`backends.stomp_session.StompSession`.
   deleted over AMQP 0-9-1 (:func:`backends.rabbitmq_exchange.delete_queues`);
   one that cannot be deleted expires. The price: after an instance dies
   without closing, its users' queues stay bound for ``TRIOWS_QUEUE_EXPIRES``.
-  ActiveMQ and other brokers keep non-durable topic subscriptions, ack
-  ``auto``: what was in flight to a lost connection is lost there.
+- On ActiveMQ Classic (``/topic/`` destinations) each subscription is a
+  durable topic subscription, for the same reason: ``CONNECT`` carries
+  ``client-id`` = ``triows.<instance_id>.<random>`` (per process, the same on
+  every reconnect; RabbitMQ's plugin ignores it), ``SUBSCRIBE``
+  ``activemq.subscriptionName`` (named as the queue above), ``ack:client`` and
+  ``activemq.prefetchSize`` = ``TRIOWS_PREFETCH``. Non-persistent messages
+  are kept for it while its connection is gone, and unacked deliveries are
+  redelivered to the reconnect (checked against ActiveMQ 5.17). ActiveMQ's
+  cumulative ``ACK`` settles only its subscription's deliveries, so one per
+  subscription; it marks no redelivery, so a body handed over before is
+  skipped on its own. A released key's subscription is ended (``UNSUBSCRIBE``
+  by id) and then removed (``UNSUBSCRIBE`` with ``activemq.subscriptionName``,
+  which only an offline one allows); one released while disconnected is
+  removed after the reconnect, and a removal ActiveMQ refuses (expired
+  meanwhile) fails alone, the connection staying open. A graceful close
+  removes all of them. The broker's configuration does the rest
+  (``deploy/activemq/activemq.xml``): ``offlineDurableSubscriberTimeout``
+  drops a dead instance's subscriptions (the bound is the broker's, not
+  ``TRIOWS_QUEUE_EXPIRES``), and ``allowLinkStealing`` lets a reconnect take
+  the client-id over from a silent old connection the broker still holds
+  (otherwise ``CONNECT`` is refused). Other brokers (Artemis ...) keep
+  non-durable topic subscriptions, ack ``auto``: what was in flight to a lost
+  connection is lost there.
 - Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
   we send ours, and a broker silent for twice its interval counts as dead.
 - Reconnects, held keys, readiness, timeouts and error classes are
@@ -72,7 +93,7 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import ByteStream
@@ -83,12 +104,13 @@ from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode
 from backends.stomp_session import (
     READ_SIZE,
     ConnectionClosedByUs,
+    ConnectionLost,
     HeartbeatTimeout,
     StompBrokerError,
     StompSession,
 )
 from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
-from triows.backend import BrokerUnavailable, Outcome
+from triows.backend import Outcome
 from triows.logs import log_event
 from triows.settings import Settings
 
@@ -96,30 +118,48 @@ SCHEMES = {"stomp": (61613, False), "stomp+ssl": (61613, True)}
 DEFAULT_AMQP_PORT = 5672
 MIN_BODY_BOUND = 65536
 
-# Ack mode where subscriptions live as long as their connection (ActiveMQ
-# topic subscriptions): ``auto``. An unacknowledged message is never
-# redelivered there, so client acks would buy no reliability, only one ACK
-# frame per message. Flow control still holds without them: the reader stops
-# reading while the bounded ``incoming`` stream is full, TCP pushes back, and
-# ActiveMQ's producer flow control stops the broker from pushing further.
+# Ack mode where subscriptions live as long as their connection (other
+# brokers): ``auto``. An unacknowledged message is never redelivered there,
+# so client acks would buy no reliability, only one ACK frame per message.
+# Flow control still holds without them: the reader stops reading while the
+# bounded ``incoming`` stream is full, and TCP pushes back.
 ACK_MODE = "auto"
 
-# On RabbitMQ each subscription's queue outlives its connection (module
-# docstring), so deliveries are acked, and an unacked one is requeued when the
-# connection goes. Ack mode ``client`` is cumulative: RabbitMQ turns its ACK
-# into ``basic.ack`` with ``multiple`` (rabbit_stomp_util:ack_mode), which
-# settles every earlier delivery of the connection's one channel, whatever
-# its subscription; one ACK per batch or per
-# :data:`backends.stomp_session.ACK_INTERVAL` is enough. The
-# window per subscription is ``prefetch-count`` = TRIOWS_PREFETCH.
+# Where subscriptions outlive their connection (module docstring), deliveries
+# are acked, and an unacked one is redelivered after the connection goes.
+# Ack mode ``client`` is cumulative: RabbitMQ turns its ACK into ``basic.ack``
+# with ``multiple`` (rabbit_stomp_util:ack_mode), which settles every earlier
+# delivery of the connection's one channel, whatever its subscription;
+# ActiveMQ settles the subscription's earlier deliveries
+# (StompSubscription.onStompMessageAck). One ACK (per subscription on
+# ActiveMQ) per batch or per :data:`backends.stomp_session.ACK_INTERVAL` is
+# enough. The window per subscription is TRIOWS_PREFETCH (RabbitMQ's
+# ``prefetch-count``, ActiveMQ's ``activemq.prefetchSize``).
 QUEUE_ACK_MODE = "client"
 
 # RabbitMQ destinations whose SUBSCRIBE declares a queue for the subscription
 # (rabbit_routing_util:ensure_endpoint), which the headers below shape.
 QUEUE_DESTINATIONS = ("/exchange/", "/topic/")
 
+# How subscriptions outlive their connection: RabbitMQ queues or ActiveMQ
+# Classic durable topic subscriptions (module docstring).
+Keeping = Literal["queues", "durable subscriptions"]
+QUEUES: Keeping = "queues"
+DURABLE_SUBSCRIPTIONS: Keeping = "durable subscriptions"
+
 # Why a deletion of queues over AMQP 0-9-1 may fail without ending anything.
 DELETE_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, BrokerRejected)
+
+
+def keeping(server: str, template: str) -> Keeping | None:
+    """How a broker that calls itself ``server`` keeps subscriptions of ``template``'s
+    destinations beyond their connection, or None where they end with it."""
+    if server.startswith("RabbitMQ") and template.startswith(QUEUE_DESTINATIONS):
+        return QUEUES
+    # ActiveMQ Classic ("ActiveMQ/5.17.2"; Artemis says "ActiveMQ-Artemis/...").
+    if server.startswith("ActiveMQ/") and template.startswith("/topic/"):
+        return DURABLE_SUBSCRIPTIONS
+    return None
 
 
 def default_destination_template(server: str, exchange: str) -> str:
@@ -134,32 +174,52 @@ def default_destination_template(server: str, exchange: str) -> str:
 class StompBackend(Supervised[StompSession]):
     """The STOMP protocol under :class:`backends.supervisor.Supervised` (module docstring)."""
 
-    LOST = (StompProtocolError, StompBrokerError, HeartbeatTimeout, ConnectionClosedByUs)
+    # ConnectionLost: what a SUBSCRIBE waiting in a restore gets when the
+    # connection ends under it (e.g. ActiveMQ closing it for link stealing).
+    LOST = (
+        StompProtocolError,
+        StompBrokerError,
+        HeartbeatTimeout,
+        ConnectionClosedByUs,
+        ConnectionLost,
+    )
 
     def __init__(self, settings: Settings) -> None:
         self._url = parse_url(settings.broker_url)
         self._amqp_port = query_int(self._url, "amqp_port", DEFAULT_AMQP_PORT)
         super().__init__(settings, str(self._url))
         self._template = settings.address_template
-        # Queues that outlive their connection (RabbitMQ): one per held key,
-        # named by us, unique per process and per subscription of the key, so
-        # that a new process or a key subscribed again never consumes what an
-        # earlier subscription left behind.
+        # Queues (RabbitMQ) or durable subscriptions (ActiveMQ) that outlive
+        # their connection: one per held key, named by us, unique per process
+        # and per subscription of the key, so that a new process or a key
+        # subscribed again never consumes what an earlier subscription left
+        # behind. The prefix is also the ``client-id`` (ActiveMQ keys a
+        # durable subscription by client-id and name), stable across this
+        # process's reconnects.
         self._queue_prefix = f"triows.{settings.instance_id}.{secrets.token_hex(4)}"
-        self._queues: dict[str, str] = {}  # held key -> its queue
+        self._keeping: Keeping | None = None  # as of the latest connection
+        self._queues: dict[str, str] = {}  # held key -> its queue or durable subscription
         self._queues_made = itertools.count(1)
         # Queues no longer consumed, to delete; each stays listed until its
         # deletion was tried, so that a close deletes it if the task cannot.
         self._retired: set[str] = set()
         self._retired_added = anyio.Event()
+        # Durable subscriptions no longer consumed, to remove over STOMP on
+        # the connection (now, or after the reconnect if it is lost).
+        self._retired_subscriptions: set[str] = set()
         # The broker redelivers at most what was unacked when a connection
         # went: one ack batch and what arrived while the ACK was on its way.
         self._handed_over: deque[bytes] = deque(maxlen=2 * settings.prefetch)
 
     @property
     def queues(self) -> dict[str, str]:
-        """The queue of each held key, on a broker where queues outlive connections."""
+        """The queue (durable subscription) of each held key, where these outlive connections."""
         return dict(self._queues)
+
+    @property
+    def client_id(self) -> str:
+        """The ``client-id`` this process connects with (its durable subscriptions' owner)."""
+        return self._queue_prefix
 
     @property
     def server(self) -> str:
@@ -175,36 +235,13 @@ class StompBackend(Supervised[StompSession]):
         await connection.request(Frame("SEND", {"destination": self.destination(key)}, body))
         return Outcome.ACCEPTED
 
-    def _keeps_queues(self, server: str) -> bool:
-        """Whether subscriptions get queues that outlive the connection (module docstring)."""
-        return server.startswith("RabbitMQ") and self._template.startswith(QUEUE_DESTINATIONS)
-
     async def _subscribe_on(self, connection: StompSession, key: str) -> None:
         if key in connection.subscription_ids:
             return  # two subscriptions would deliver every message twice
         subscription_id = connection.new_subscription_id(key)
         headers = {"id": subscription_id, "destination": self.destination(key), "ack": ACK_MODE}
-        if self._keeps_queues(connection.server):
-            queue = self._queues.get(key)
-            if queue is None:
-                queue = self._queues[key] = f"{self._queue_prefix}.{next(self._queues_made)}.{key}"
-            # rabbit_stomp_util:build_params/build_arguments and
-            # rabbit_routing_util:queue_declare_method (3.10): the queue is
-            # declared with this name, neither exclusive nor auto-delete (so
-            # it outlives the connection), and expires once unused this long.
-            headers.update(
-                {
-                    "ack": QUEUE_ACK_MODE,
-                    "prefetch-count": str(self._settings.prefetch),
-                    "x-queue-name": queue,
-                    # Durable: RabbitMQ 4.3 refuses non-durable non-exclusive
-                    # queues (transient_nonexcl_queues); messages stay transient.
-                    "durable": "true",
-                    "exclusive": "false",
-                    "auto-delete": "false",
-                    "x-expires": str(round(self._settings.queue_expires * 1000)),
-                }
-            )
+        if self._keeping is not None:
+            headers.update(self._outliving_headers(self._keeping, key))
             connection.ackable.add(subscription_id)
         # Cut short before it went out (waiting behind another write), the
         # broker never saw it: the next subscribe of the key must send one, and
@@ -213,6 +250,37 @@ class StompBackend(Supervised[StompSession]):
             Frame("SUBSCRIBE", headers),
             unsent=lambda: connection.forget_subscription(key, subscription_id),
         )
+
+    def _outliving_headers(self, keeping: Keeping, key: str) -> dict[str, str]:
+        """The SUBSCRIBE headers that make the subscription of ``key`` outlive its connection."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = f"{self._queue_prefix}.{next(self._queues_made)}.{key}"
+        prefetch = str(self._settings.prefetch)
+        if keeping == DURABLE_SUBSCRIPTIONS:
+            # ProtocolConverter.onStompSubscribe sets the consumer's
+            # "activemq."-prefixed properties: a durable subscription of this
+            # client-id and name, resumed with what it kept if it exists.
+            return {
+                "ack": QUEUE_ACK_MODE,
+                "activemq.subscriptionName": queue,
+                "activemq.prefetchSize": prefetch,
+            }
+        # rabbit_stomp_util:build_params/build_arguments and
+        # rabbit_routing_util:queue_declare_method (3.10): the queue is
+        # declared with this name, neither exclusive nor auto-delete (so it
+        # outlives the connection), and expires once unused this long.
+        return {
+            "ack": QUEUE_ACK_MODE,
+            "prefetch-count": prefetch,
+            "x-queue-name": queue,
+            # Durable: RabbitMQ 4.3 refuses non-durable non-exclusive queues
+            # (transient_nonexcl_queues); messages stay transient.
+            "durable": "true",
+            "exclusive": "false",
+            "auto-delete": "false",
+            "x-expires": str(round(self._settings.queue_expires * 1000)),
+        }
 
     async def _unsubscribe_on(self, connection: StompSession, key: str) -> None:
         subscription_id = connection.subscription_ids.pop(key, None)
@@ -227,24 +295,58 @@ class StompBackend(Supervised[StompSession]):
         finally:
             # Answered, failed or cut short (the connection is then dropped):
             # nothing consumes the queue any more. The plugin keeps it after
-            # an UNSUBSCRIBE, so it is deleted over AMQP 0-9-1.
+            # an UNSUBSCRIBE, so it is deleted over AMQP 0-9-1; ActiveMQ keeps
+            # the durable subscription, offline, until it is removed by name.
             self._retire(key)
         connection.subscription_keys.pop(subscription_id, None)
+        await self._remove_subscriptions(connection)
 
     def _retire(self, key: str) -> None:
         queue = self._queues.pop(key, None)
-        if queue is not None:
+        if queue is None:
+            return
+        if self._keeping == DURABLE_SUBSCRIPTIONS:
+            self._retired_subscriptions.add(queue)
+        else:
             self._retired.add(queue)
             self._retired_added.set()
 
+    async def _remove_subscriptions(self, connection: StompSession) -> None:
+        """Remove the retired durable subscriptions (ActiveMQ), one request each.
+
+        ``UNSUBSCRIBE`` with ``activemq.subscriptionName`` removes the
+        subscription of the connection's client-id and that name for good
+        (``RemoveSubscriptionInfo``); it must be offline, i.e. its consumer's
+        ``UNSUBSCRIBE`` by id answered or its connection gone. ActiveMQ needs
+        an ``id`` (or a destination) on every ``UNSUBSCRIBE``; on this path
+        it is not looked up.
+        """
+        for name in sorted(self._retired_subscriptions):
+            frame = Frame("UNSUBSCRIBE", {"id": name, "activemq.subscriptionName": name})
+            try:
+                with anyio.fail_after(self._broker_timeout):
+                    await connection.request(frame, survivable=True)
+            except StompBrokerError as error:
+                # "No durable subscription exists": it expired while offline
+                # (offlineDurableSubscriberTimeout) or the broker restarted.
+                log_event(
+                    "broker_subscription_not_removed",
+                    logging.WARNING,
+                    subscription=name,
+                    error=str(error).partition("\n")[0],
+                )
+            self._retired_subscriptions.discard(name)
+
     async def _restore(self, connection: StompSession, keys: list[str]) -> None:
-        # Keys released while no connection followed them: their queues still
-        # hold (and receive) their messages, and nothing consumes them again.
+        # Keys released while no connection followed them: their queues
+        # (durable subscriptions) still hold (and receive) their messages,
+        # and nothing consumes them again.
         for key in sorted(set(self._queues).difference(keys)):
             self._retire(key)
         for key in keys:
             with anyio.fail_after(self._broker_timeout):
                 await self._subscribe_on(connection, key)
+        await self._remove_subscriptions(connection)
 
     def _background(self) -> list[Callable[[], Awaitable[None]]]:
         return [self._delete_retired]
@@ -280,9 +382,30 @@ class StompBackend(Supervised[StompSession]):
 
     async def _close(self, connection: StompSession) -> None:
         try:
+            if self._keeping == DURABLE_SUBSCRIPTIONS:
+                await self._remove_every_subscription(connection)
             await connection.request(Frame("DISCONNECT"))
         finally:
             await self._delete_every_queue()
+
+    async def _remove_every_subscription(self, connection: StompSession) -> None:
+        """Closing for good on ActiveMQ: end every consumer, remove every durable subscription.
+
+        Written back to back without receipts (there may be thousands): the
+        broker handles a connection's frames in order, so the ``DISCONNECT``'s
+        receipt that follows confirms them all. The retired ones, which may
+        have expired meanwhile, go one request each (:meth:`_remove_subscriptions`).
+        """
+        for key, subscription_id in list(connection.subscription_ids.items()):
+            await connection.write(
+                Frame("UNSUBSCRIBE", {"id": subscription_id}), unsubscribing=subscription_id
+            )
+            name = self._queues.pop(key, None)
+            if name is not None:
+                await connection.write(
+                    Frame("UNSUBSCRIBE", {"id": name, "activemq.subscriptionName": name})
+                )
+        await self._remove_subscriptions(connection)
 
     async def aclose(self) -> None:
         """Close as :meth:`Supervised.aclose` does, deleting this process's queues.
@@ -296,7 +419,10 @@ class StompBackend(Supervised[StompSession]):
                 await self._delete_every_queue()
 
     async def _delete_every_queue(self) -> None:
-        # Closing for good: nothing will consume them again.
+        # Closing for good: nothing will consume them again. (ActiveMQ's
+        # durable subscriptions left here, the connection lost, expire.)
+        if self._keeping != QUEUES:
+            return
         queues = sorted(self._retired.union(self._queues.values()))
         self._retired, self._queues = set(), {}
         await self._delete_queues(queues)
@@ -305,7 +431,7 @@ class StompBackend(Supervised[StompSession]):
         return {
             "server": connection.server,
             "destination": self.destination("{key}"),
-            "queues_outlive_connection": self._keeps_queues(connection.server),
+            "outlive_connection": self._keeping or "no",
             "heartbeat_s": [connection.send_interval, connection.receive_interval],
         }
 
@@ -321,7 +447,9 @@ class StompBackend(Supervised[StompSession]):
             parser = FrameParser(max_body_bytes=max(settings.max_message_bytes, MIN_BODY_BOUND))
             heartbeat_ms = settings.heartbeat * 1000
             with anyio.fail_after(self._broker_timeout):
-                connected = await _handshake(stream, parser, url, heartbeat_ms)
+                connected = await _handshake(
+                    stream, parser, url, heartbeat_ms, client_id=self._queue_prefix
+                )
             server = connected.headers.get("server", "")
             send_ms, receive_ms = _negotiate_heartbeats(
                 heartbeat_ms, connected.headers.get("heart-beat", "0,0")
@@ -337,6 +465,8 @@ class StompBackend(Supervised[StompSession]):
                     task_group,
                     self._handed_over,
                     max(1, settings.prefetch // 2),
+                    acks_per_subscription=self._keeping == DURABLE_SUBSCRIPTIONS,
+                    marks_redeliveries=self._keeping != DURABLE_SUBSCRIPTIONS,
                 )
                 task_group.start_soon(self._read, connection)
                 task_group.start_soon(connection.send_heartbeats)
@@ -351,6 +481,7 @@ class StompBackend(Supervised[StompSession]):
             if template != self._template:
                 log_event("stomp_destination_chosen", server=server, template=template)
             self._template = template
+        self._keeping = keeping(server, self._template)
         if server.startswith("RabbitMQ") and self._template.startswith(
             f"/exchange/{settings.exchange}/"
         ):
@@ -377,17 +508,20 @@ class StompBackend(Supervised[StompSession]):
             await connection.read_frames(self._incoming_send)
         finally:
             self._lost(connection)
-            connection.fail_pending(BrokerUnavailable("STOMP connection lost"))
+            connection.fail_pending(ConnectionLost("STOMP connection lost"))
 
 
 async def _handshake(
-    stream: ByteStream, parser: FrameParser, url: BrokerAddress, heartbeat_ms: int
+    stream: ByteStream, parser: FrameParser, url: BrokerAddress, heartbeat_ms: int, client_id: str
 ) -> Frame:
     """Send CONNECT and return the broker's CONNECTED frame."""
     headers = {
         "accept-version": "1.2",
         "host": url.vhost,
         "heart-beat": f"{heartbeat_ms},{heartbeat_ms}",
+        # ActiveMQ: the owner of our durable subscriptions (RabbitMQ's
+        # plugin reads no such header).
+        "client-id": client_id,
     }
     if url.user:
         headers.update(login=url.user, passcode=url.password or "")

@@ -6,7 +6,11 @@ the connection, since half a frame may be on the wire), matches ``RECEIPT``
 frames to the requests waiting for them, maps each ``MESSAGE`` back to its key,
 acks cumulatively where subscriptions use client acks (never naming a
 subscription whose ``UNSUBSCRIBE`` is written), skips redeliveries of bodies an
-earlier session handed over, and sends and checks heart-beats. The broker
+earlier session handed over, and sends and checks heart-beats. A cumulative
+``ACK`` settles what its connection received before it on RabbitMQ (one
+channel per connection), but only its own subscription's on ActiveMQ
+(``ProtocolConverter.onStompAck`` acks through the subscription of the
+message named): there one ``ACK`` per subscription with deliveries to settle. The broker
 mapping, reconnects and queue bookkeeping are :mod:`backends.stomp`'s.
 """
 
@@ -40,7 +44,12 @@ LATE_DELIVERY_TAG = re.compile(r"no current subscription with tag 'T_s(\d+)'")
 
 
 class StompBrokerError(BrokerUnavailable):
-    """The broker answered with an ``ERROR`` frame (the connection is then closed)."""
+    """The broker answered with an ``ERROR`` frame (the connection is then closed,
+    except after a request sent with ``survivable=True``)."""
+
+
+class ConnectionLost(BrokerUnavailable):
+    """The connection ended while a frame waited for its ``RECEIPT``."""
 
 
 class HeartbeatTimeout(Exception):
@@ -56,6 +65,9 @@ class _Pending:
     """A frame waiting for its ``RECEIPT``."""
 
     done: anyio.Event
+    # An ERROR naming its receipt fails only this request: the broker keeps
+    # the connection open after it (see :meth:`StompSession.request`).
+    survivable: bool = False
     error: BaseException | None = None
 
 
@@ -72,6 +84,9 @@ class StompSession:
         task_group: TaskGroup,
         handed_over: deque[bytes],
         ack_batch: int,
+        *,
+        acks_per_subscription: bool = False,
+        marks_redeliveries: bool = True,
     ) -> None:
         self.stream = stream
         self.server = server
@@ -91,10 +106,17 @@ class StompSession:
         # connection had handed over, which the broker may redeliver here.
         self.handed_over = handed_over
         self.handed_over_before = frozenset(handed_over)
+        # RabbitMQ marks a redelivery ``redelivered:true``; ActiveMQ's STOMP
+        # MESSAGE carries no such header, so there a body handed over before
+        # is skipped on its own (bodies hold a unique message id).
+        self._marks_redeliveries = marks_redeliveries
         # Subscriptions whose UNSUBSCRIBE is not written yet: an ACK naming
         # another is an ERROR (and a close) on RabbitMQ.
         self.ackable: set[str] = set()
-        self._ack_id: str | None = None  # the latest delivery an ACK may name
+        # The latest delivery an ACK may name, per subscription where a
+        # cumulative ACK settles only its own subscription's, else under "".
+        self._acks_per_subscription = acks_per_subscription
+        self._ack_ids: dict[str, str] = {}
         self._unacked = 0
         self._ack_batch = ack_batch
         self._ack_wanted = anyio.Event()
@@ -129,12 +151,12 @@ class StompSession:
                 self.task_group.cancel_scope.cancel()
 
     def _take_ack(self) -> bytes:
-        if self._ack_id is None:
-            return b""
-        ack = encode_frame(Frame("ACK", {"id": self._ack_id}))
-        self._ack_id = None
+        acks = b"".join(
+            encode_frame(Frame("ACK", {"id": ack_id})) for ack_id in self._ack_ids.values()
+        )
+        self._ack_ids.clear()
         self._unacked = 0
-        return ack
+        return acks
 
     async def send_acks(self) -> None:
         """Ack what was handed over, at most ACK_INTERVAL late or once a batch is full."""
@@ -155,14 +177,20 @@ class StompSession:
         *,
         unsent: Callable[[], None] | None = None,
         unsubscribing: str | None = None,
+        survivable: bool = False,
     ) -> None:
         """Send ``frame`` with a ``receipt`` header and wait for its ``RECEIPT``.
 
         The caller bounds the wait. On cancellation the receipt is forgotten,
         and ``unsent`` is called if the frame was not written (whole).
+        ``survivable``: an ``ERROR`` answering it (naming its receipt) raises
+        :class:`StompBrokerError` here and the connection carries on; only
+        for a command the broker fails on its own without closing (ActiveMQ:
+        "a command can fail.. but that does not invalidate the connection",
+        ``ProtocolConverter``).
         """
         receipt = str(next(self._receipt_ids))
-        pending = _Pending(anyio.Event())
+        pending = _Pending(anyio.Event(), survivable)
         self._receipts[receipt] = pending
         try:
             try:
@@ -236,9 +264,8 @@ class StompSession:
             # None: a message already in flight when we unsubscribed. A
             # redelivery of what an earlier connection handed over but could
             # not ack (see the module docstring) is only acked.
-            if key is not None and not (
-                frame.headers.get("redelivered") == "true" and body in self.handed_over_before
-            ):
+            redelivered = frame.headers.get("redelivered") == "true" or not self._marks_redeliveries
+            if key is not None and not (redelivered and body in self.handed_over_before):
                 await incoming.send((key, body))
                 if ack_id is not None:
                     self.handed_over.append(body)
@@ -246,7 +273,7 @@ class StompSession:
                 # A cumulative ACK of a later delivery also settles one whose
                 # subscription ended.
                 if subscription_id in self.ackable:
-                    self._ack_id = ack_id
+                    self._ack_ids[subscription_id if self._acks_per_subscription else ""] = ack_id
                 self._unacked += 1
                 self._ack_wanted.set()
                 if self._unacked >= self._ack_batch:
@@ -262,6 +289,12 @@ class StompSession:
             if frame.body:
                 detail = f"{detail}: {frame.body.decode('utf-8', 'replace').strip()}"
             error = StompBrokerError(f"STOMP broker error: {detail}")
+            answered = self._receipts.get(frame.headers.get("receipt-id", ""))
+            if answered is not None and answered.survivable:
+                del self._receipts[frame.headers["receipt-id"]]
+                answered.error = error
+                answered.done.set()
+                return
             # The broker closes the connection after an ERROR (STOMP 1.2), and
             # RabbitMQ's carry no receipt-id: fail everything waiting.
             self.fail_pending(error)

@@ -55,7 +55,7 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from bench.faults_proxy import FaultProxy, open_fault_proxy
 from bench.targets import TARGETS, Target, ensure_broker
-from deploy.brokers import BROKERS, RUN_DIR, SCRIPT, SCRIPT_NAME
+from deploy.brokers import ACTIVEMQ_DIR, BROKERS, RUN_DIR, SCRIPT, SCRIPT_NAME
 from triows.client import open_events
 from triows.process import Instance, free_port, serve_instance, wait_for_status
 from triows.settings import Settings
@@ -929,12 +929,45 @@ async def bound_keys(cluster: Cluster) -> set[str] | None:
     }
 
 
+# The line ActiveMQ's TopicRegion logs (INFO) when it drops a durable
+# subscription offline for longer than offlineDurableSubscriberTimeout
+# (deploy/activemq/activemq.xml); no management port is open to ask instead.
+ACTIVEMQ_LOG = ACTIVEMQ_DIR / "activemq.log"
+ACTIVEMQ_EXPIRED = "Destroying durable subscriber due to inactivity: DurableTopicSubscription-"
+
+
+def activemq_log_size() -> int:
+    try:
+        return ACTIVEMQ_LOG.stat().st_size
+    except OSError:
+        return 0
+
+
+def activemq_expired(instance_id: str, since: int) -> dict[str, int]:
+    """A's durable subscriptions that ActiveMQ's log says expired after byte ``since``.
+
+    The STOMP backend's client-id and subscription names both begin with
+    ``triows.<instance id>.``; a subscription name ends with its key.
+    """
+    with open(ACTIVEMQ_LOG, "rb") as log:
+        log.seek(since)
+        text = log.read().decode(errors="replace")
+    ours = [
+        line for line in text.splitlines() if f"{ACTIVEMQ_EXPIRED}triows.{instance_id}." in line
+    ]
+    return {
+        "expired": len(ours),
+        "pinned_expired": sum(1 for line in ours if f".user.{PINNED_USER}," in line),
+    }
+
+
 async def fault_death(
     cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
 ) -> dict[str, Any]:
     """SIGKILL instance A under traffic; the broker must forget what it held for A."""
     node = cluster.nodes["a"]
     before = await broker_side_count(cluster, node.instance_id)
+    log_start = activemq_log_size()
     clock.began()
     cluster.stopped.add("a")
     node.process.kill()
@@ -942,6 +975,15 @@ async def fault_death(
     clock.ended(window=opts.instant_window)
     forgotten_s = None
     after = before
+    if cluster.target.family == "activemq" and ACTIVEMQ_LOG.exists():
+        # Offline durable subscriptions expire after 30 s, checked every 5 s.
+        with trio.move_on_after(opts.forget_timeout):
+            while True:
+                after = activemq_expired(node.instance_id, log_start)
+                if after["pinned_expired"]:
+                    forgotten_s = round(now() - clock.begin, 3)
+                    break
+                await trio.sleep(0.5)
     if before is not None:
         with trio.move_on_after(opts.forget_timeout):
             while True:

@@ -324,7 +324,7 @@ async def test_a_subscribe_cut_short_before_its_frame_went_out_is_sent_by_the_ne
         assert backend.ready and backend._following is connection
 
 
-# --- RabbitMQ: each subscription's queue outlives its connection -----------
+# --- each subscription outlives its connection: RabbitMQ queues, ActiveMQ durable subscriptions
 
 
 async def rabbitmq_queues(instance_id: str) -> set[str]:
@@ -342,42 +342,43 @@ async def wait_for_queues(instance_id: str, expected: set[str]) -> None:
 
 
 @asynccontextmanager
-async def open_rabbitmq_holder_behind_a_proxy(
-    exchange: str,
+async def open_holder_behind_a_proxy(
+    exchange: str, broker: str = "rabbitmq-stomp"
 ) -> AsyncIterator[tuple[StompBackend, int]]:
     """A backend whose STOMP connection goes through a proxy on the returned port.
 
     The test opens the proxy there; until then the backend retries every 50 ms.
     """
-    await require_broker("rabbitmq-stomp")
+    await require_broker(broker)
     port = free_port()
     settings = stomp_settings(port, exchange, reconnect_max_delay=0.05)
     async with open_stomp_backend(settings) as holder:
         yield holder, port
 
 
-def upstream() -> int:
-    return STOMP_PORTS["rabbitmq-stomp"]
+def upstream(broker: str = "rabbitmq-stomp") -> int:
+    return STOMP_PORTS[broker]
 
 
 @pytest.mark.broker
-async def test_what_rabbitmq_confirmed_while_the_connection_was_lost_arrives_after(
-    exchange: str,
+async def test_what_the_broker_confirmed_while_the_connection_was_lost_arrives_after(
+    broker: str, exchange: str
 ) -> None:
     async with (
-        open_ready(stomp_settings(upstream(), exchange)) as sender,
-        open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
+        open_ready(stomp_settings(upstream(broker), exchange)) as sender,
+        open_holder_behind_a_proxy(exchange, broker) as (holder, port),
     ):
-        async with reachable(holder, upstream(), port):
+        async with reachable(holder, upstream(broker), port):
             await holder.subscribe("user.Bob")
             await sender.publish("user.Bob", b"1")
             assert await receive(holder) == ("user.Bob", b"1")
         # The connection dropped and reconnects are refused meanwhile; the
-        # subscription's queue and its binding outlive it.
+        # subscription's queue and its binding (ActiveMQ: the durable
+        # subscription) outlive it.
         await wait_not_ready(holder)
         await sender.publish("user.Bob", b"2")
         await sender.publish("user.Bob", b"3")
-        async with reachable(holder, upstream(), port):
+        async with reachable(holder, upstream(broker), port):
             assert [await receive(holder), await receive(holder)] == [
                 ("user.Bob", b"2"),
                 ("user.Bob", b"3"),
@@ -390,7 +391,7 @@ async def test_a_key_released_while_disconnected_gets_nothing_after_the_reconnec
 ) -> None:
     async with (
         open_ready(stomp_settings(upstream(), exchange)) as sender,
-        open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
+        open_holder_behind_a_proxy(exchange) as (holder, port),
     ):
         async with reachable(holder, upstream(), port):
             await holder.subscribe("user.Bob")
@@ -422,13 +423,13 @@ async def test_closing_the_backend_deletes_its_queues_on_rabbitmq(exchange: str)
 
 @pytest.mark.broker
 async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_twice(
-    exchange: str,
+    broker: str, exchange: str
 ) -> None:
     async with (
-        open_ready(stomp_settings(upstream(), exchange)) as sender,
-        open_rabbitmq_holder_behind_a_proxy(exchange) as (holder, port),
+        open_ready(stomp_settings(upstream(broker), exchange)) as sender,
+        open_holder_behind_a_proxy(exchange, broker) as (holder, port),
     ):
-        async with reachable(holder, upstream(), port):
+        async with reachable(holder, upstream(broker), port):
             await holder.subscribe("user.Bob")
             connection = holder._following
             assert connection is not None
@@ -437,9 +438,127 @@ async def test_a_delivery_whose_ack_died_with_the_connection_is_not_handed_over_
             await sender.publish("user.Bob", b"1")
             assert await receive(holder) == ("user.Bob", b"1")
         await wait_not_ready(holder)
-        async with reachable(holder, upstream(), port):
-            # RabbitMQ redelivers "1" (never acked) to the new connection,
-            # marked redelivered: it was handed over already, so it is skipped.
+        async with reachable(holder, upstream(broker), port):
+            # The broker redelivers "1" (never acked) to the new connection
+            # (RabbitMQ marks it redelivered, ActiveMQ does not): it was
+            # handed over already, so it is skipped.
             for body in (b"2", b"3"):
                 await sender.publish("user.Bob", body)
                 assert await receive(holder) == ("user.Bob", body)
+
+
+# --- ActiveMQ: durable subscriptions, removed when released ----------------
+
+
+async def kept_by_durable_subscription(client_id: str, name: str, destination: str) -> list[bytes]:
+    """What ActiveMQ kept for the durable subscription ``name`` of ``client_id``, which
+    is then removed. Only once that client-id's backend is disconnected: this
+    connection would take the client-id over (link stealing).
+
+    A durable subscription that was removed (or never existed) is created
+    here, empty: a marker published after the SUBSCRIBE is the first delivery.
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", STOMP_PORTS["activemq"])
+    parser = FrameParser()
+    frames: list[Frame] = []
+    delivered: list[bytes] = []
+
+    async def next_frame() -> Frame:
+        while not frames:
+            frames.extend(parser.feed(await stream.receive_some()))
+        return frames.pop(0)
+
+    async def request(frame: Frame) -> None:
+        with_receipt = Frame(frame.command, {**frame.headers, "receipt": "r"}, frame.body)
+        await stream.send_all(encode_frame(with_receipt))
+        while (answer := await next_frame()).command == "MESSAGE":
+            delivered.append(answer.body)
+        assert answer.command == "RECEIPT", answer
+
+    marker = f"marker-{secrets.token_hex(4)}".encode()
+    connect = {"accept-version": "1.2", "host": "/", "client-id": client_id}
+    with trio.fail_after(DELIVERY_TIMEOUT):
+        async with stream:
+            await stream.send_all(encode_frame(Frame("CONNECT", connect)))
+            assert (await next_frame()).command == "CONNECTED"
+            subscribe = {"id": "probe", "destination": destination, "ack": "auto"}
+            await request(Frame("SUBSCRIBE", {**subscribe, "activemq.subscriptionName": name}))
+            await request(Frame("SEND", {"destination": destination}, marker))
+            while marker not in delivered:
+                frame = await next_frame()
+                assert frame.command == "MESSAGE", frame
+                delivered.append(frame.body)
+            await request(Frame("UNSUBSCRIBE", {"id": "probe"}))
+            await request(Frame("UNSUBSCRIBE", {"id": name, "activemq.subscriptionName": name}))
+            await request(Frame("DISCONNECT"))
+    return delivered[: delivered.index(marker)]
+
+
+@pytest.mark.broker
+async def test_a_released_key_leaves_no_durable_subscription_on_activemq(exchange: str) -> None:
+    # The connection is lost after an UNSUBSCRIBE: Bob's durable subscription
+    # keeps what was published meanwhile, Ann's (released) was removed.
+    async with (
+        open_ready(stomp_settings(upstream("activemq"), exchange)) as sender,
+        open_holder_behind_a_proxy(exchange, "activemq") as (holder, port),
+    ):
+        async with reachable(holder, upstream("activemq"), port):
+            await holder.subscribe("user.Bob")
+            await holder.subscribe("user.Ann")
+            names = holder.queues
+            await holder.unsubscribe("user.Ann")
+        await wait_not_ready(holder)
+        await sender.publish("user.Ann", b"to Ann")
+        await sender.publish("user.Bob", b"to Bob")
+        kept = {
+            key: await kept_by_durable_subscription(
+                holder.client_id, names[key], holder.destination(key)
+            )
+            for key in ("user.Ann", "user.Bob")
+        }
+    assert kept == {"user.Ann": [], "user.Bob": [b"to Bob"]}
+
+
+@pytest.mark.broker
+async def test_a_key_released_while_disconnected_leaves_no_durable_subscription_on_activemq(
+    exchange: str,
+) -> None:
+    async with (
+        open_ready(stomp_settings(upstream("activemq"), exchange)) as sender,
+        open_holder_behind_a_proxy(exchange, "activemq") as (holder, port),
+    ):
+        async with reachable(holder, upstream("activemq"), port):
+            await holder.subscribe("user.Gone")
+            name = holder.queues["user.Gone"]
+        await wait_not_ready(holder)
+        await holder.unsubscribe("user.Gone")
+        await sender.publish("user.Gone", b"kept until the reconnect")
+        async with reachable(holder, upstream("activemq"), port):
+            # Ready: restored (no key), the released key's subscription removed.
+            assert holder.queues == {}
+        await wait_not_ready(holder)
+        await sender.publish("user.Gone", b"after")
+        kept = await kept_by_durable_subscription(
+            holder.client_id, name, holder.destination("user.Gone")
+        )
+    assert kept == []
+
+
+@pytest.mark.broker
+async def test_closing_the_backend_removes_its_durable_subscriptions_on_activemq(
+    exchange: str,
+) -> None:
+    await require_broker("activemq")
+    async with open_ready(stomp_settings(upstream("activemq"), exchange)) as sender:
+        async with open_ready(stomp_settings(upstream("activemq"), exchange)) as holder:
+            assert isinstance(holder, StompBackend)
+            await holder.subscribe("user.Bob")
+            await holder.subscribe("user.Ann")
+            names = holder.queues
+            client_id = holder.client_id
+        await sender.publish("user.Bob", b"after the close")
+        kept = [
+            await kept_by_durable_subscription(client_id, names[key], sender.destination(key))
+            for key in ("user.Bob", "user.Ann")
+        ]
+    assert kept == [[], []]
