@@ -505,7 +505,13 @@ ACTIVEMQ_STOMP_URI = re.compile(r'(uri="stomp://127\.0\.0\.1:)\d+')
 
 def start_activemq(broker: Broker) -> None:
     if broker.check() is None:
-        return
+        running = ACTIVEMQ_DIR / "conf" / "activemq.xml"
+        if running.is_file() and running.read_text() == activemq_xml(broker):
+            return
+        # Started from an older deploy/activemq/activemq.xml: the backend
+        # relies on its settings (durable subscription expiry, link stealing).
+        log("activemq: running with an older activemq.xml, restarting it")
+        stop_activemq(broker)
     ensure_packages("activemq")
     pidfile = ACTIVEMQ_DIR / "activemq.pid"
     if pid_of(pidfile, ACTIVEMQ_PATTERN) is not None:
@@ -546,12 +552,7 @@ def prepare_activemq_conf(broker: Broker) -> None:
         if packaged.is_dir():
             # symlinks=False: copy what the package's links point at.
             shutil.copytree(packaged, conf, symlinks=False, dirs_exist_ok=True)
-    xml, count = ACTIVEMQ_STOMP_URI.subn(
-        rf"\g<1>{broker.port}", (DEPLOY_DIR / "activemq" / "activemq.xml").read_text()
-    )
-    if count != 1:
-        raise Failure("deploy/activemq/activemq.xml: expected one stomp://127.0.0.1:PORT connector")
-    (conf / "activemq.xml").write_text(xml)
+    (conf / "activemq.xml").write_text(activemq_xml(broker))
     shutil.copy(DEPLOY_DIR / "activemq" / "log4j.properties", conf / "log4j.properties")
     # Non-persistent: the data folder only holds scratch files; start clean.
     for entry in data.iterdir():
@@ -559,6 +560,16 @@ def prepare_activemq_conf(broker: Broker) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def activemq_xml(broker: Broker) -> str:
+    """deploy/activemq/activemq.xml with the STOMP connector on the broker's port."""
+    xml, count = ACTIVEMQ_STOMP_URI.subn(
+        rf"\g<1>{broker.port}", (DEPLOY_DIR / "activemq" / "activemq.xml").read_text()
+    )
+    if count != 1:
+        raise Failure("deploy/activemq/activemq.xml: expected one stomp://127.0.0.1:PORT connector")
+    return xml
 
 
 def stop_activemq(broker: Broker) -> None:
