@@ -720,18 +720,19 @@ async def fault_kill(
     target = cluster.target
     name = target.broker
     if target.family == "rabbitmq":
-        # The node's Erlang VM, asked of the node itself; brokers.py start
-        # boots it again (rabbitmq-server -detached) with the plugins and
-        # policies it had, which RabbitMQ keeps on disk.
+        # The node's Erlang VM, asked of the node itself; outage-end boots it
+        # again (rabbitmq-server -detached) with the plugins and policies it
+        # had, which RabbitMQ keeps on disk.
+        family = broker_family(target)
         async with outage_lock(target):
             pid = int((await rabbitmqctl("eval", "os:getpid().")).strip().strip('"'))
             clock.began()
             os.kill(pid, signal.SIGKILL)
             await trio.sleep(opts.kill_down)
             with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
-                await run_script_checked("start", name)
+                await run_script_checked("outage-end", family)
             clock.ended()
-        return {"how": f"kill -KILL <RabbitMQ's beam.smp>; deploy/brokers.py start {name}"}
+        return {"how": f"kill -KILL <RabbitMQ's beam.smp>; deploy/brokers.py outage-end {family}"}
     pid = spawned_pid(name)
     if target.family == "activemq":
         async with outage_lock(target):

@@ -452,7 +452,13 @@ def outage_begin_rabbitmq(broker: Broker) -> None:
 
 
 def outage_end_rabbitmq(broker: Broker) -> None:
-    run("rabbitmqctl", "-q", "start_app")
+    if succeeds("rabbitmq-diagnostics", "-q", "ping"):
+        run("rabbitmqctl", "-q", "start_app")
+    else:
+        # The node itself is gone (a fault case SIGKILLed it): boot it again,
+        # with the plugins and policies it keeps on disk.
+        log("rabbitmq: starting the node (rabbitmq-server -detached)")
+        run("rabbitmq-server", "-detached", quiet=False)
     wait_for(RABBITMQ_START_TIMEOUT, f"RabbitMQ AMQP 0-9-1 on :{broker.port}", broker.check)
 
 
