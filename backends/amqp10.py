@@ -106,8 +106,8 @@ from backends.amqp10_links import (
 )
 from backends.amqp10_pump import ConnectionLost, Wakeup
 from backends.broker_url import connect_stream
-from backends.rabbitmq_exchange import declare_bound_queues, declare_direct_exchange, delete_queues
-from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
+from backends.rabbitmq_exchange import RetiredQueues, declare_bound_queues, declare_direct_exchange
+from backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
 from triows.logs import log_event
 from triows.settings import Settings
@@ -120,9 +120,6 @@ RabbitMQ 3.x handles one session's attaches and detaches one after another
 not finish sooner; they would only queue at the broker, where the wait for an
 answer (bounded by ``settings.broker_timeout``) would count time spent behind
 thousands of others, and a busy broker would be taken for a lost one."""
-
-# Why a deletion of queues over AMQP 0-9-1 may fail without ending anything.
-DELETE_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, BrokerRejected)
 
 
 def digest(body: bytes) -> bytes:
@@ -154,10 +151,10 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         self._queue_prefix = f"triows.{settings.instance_id}.{secrets.token_hex(4)}"
         self._queues: dict[str, HeldQueue] = {}  # held key -> its queue
         self._queues_made = itertools.count(1)
-        # Queues no longer consumed, to delete; each stays listed until its
-        # deletion was tried, so that a close deletes it if the task cannot.
-        self._retired: set[str] = set()
-        self._retired_added = anyio.Event()
+        # Queues no longer consumed, deleted over AMQP 0-9-1.
+        self._retired = RetiredQueues(
+            self._address, port=self._address.port, timeout=self._broker_timeout
+        )
 
     @property
     def queues(self) -> dict[str, str]:
@@ -278,38 +275,11 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         queue = self._queues.pop(key, None)
         if queue is not None:
             self._retired.add(queue.name)
-            self._retired_added.set()
-
-    async def _delete_retired(self) -> None:
-        """Delete the queues of released keys, a batch per AMQP 0-9-1 connection."""
-        while True:
-            await self._retired_added.wait()
-            self._retired_added = anyio.Event()
-            queues = sorted(self._retired)
-            await self._delete_queues(queues)
-            self._retired.difference_update(queues)
-
-    async def _delete_queues(self, queues: list[str]) -> None:
-        if not queues:
-            return
-        try:
-            with anyio.fail_after(self._broker_timeout):
-                await delete_queues(self._address, port=self._address.port, queues=queues)
-        except DELETE_FAILURES as error:
-            # Not fatal: each queue expires TRIOWS_QUEUE_EXPIRES after its
-            # last consumer went (holding that key's messages until then).
-            log_event(
-                "broker_queues_not_deleted",
-                logging.WARNING,
-                queues=len(queues),
-                error=repr(error),
-            )
 
     async def _delete_every_queue(self) -> None:
         # Closing for good: nothing will consume them again.
-        queues = sorted(self._retired.union(queue.name for queue in self._queues.values()))
-        self._retired, self._queues = set(), {}
-        await self._delete_queues(queues)
+        queues, self._queues = self._queues, {}
+        await self._retired.delete_now(queue.name for queue in queues.values())
 
     async def aclose(self) -> None:
         """Close as :meth:`Supervised.aclose` does, deleting this process's queues.
@@ -347,7 +317,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         }
 
     def _background(self) -> list[Callable[[], Awaitable[None]]]:
-        return [self._forward_deliveries, self._delete_retired]
+        return [self._forward_deliveries, self._retired.delete_as_added]
 
     async def _session(self, up: Callable[[Amqp10Connection], Awaitable[None]]) -> None:
         """One connection, from connect to loss; returns only after :meth:`aclose`."""

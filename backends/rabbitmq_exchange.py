@@ -32,9 +32,10 @@ per-key queues here (:func:`declare_bound_queues`) and consumes each with a
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -44,7 +45,8 @@ from pamqp import base, commands, frame, header
 from pamqp.common import FieldTable
 
 from backends.broker_url import BrokerAddress, connect_stream
-from backends.supervisor import BrokerRejected
+from backends.supervisor import TRANSIENT, BrokerRejected
+from triows.logs import log_event
 
 PRECONDITION_FAILED = 406
 DECLARE_BATCH = 500
@@ -170,6 +172,65 @@ async def delete_queues(address: BrokerAddress, *, port: int, queues: list[str])
             answer = await session.receive()
             if not isinstance(answer, commands.Queue.DeleteOk):
                 raise QueueDeleteError(f"RabbitMQ did not delete queue {queue!r}: {answer!r}")
+
+
+# Why a deletion of queues may fail without ending anything.
+DELETE_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, BrokerRejected)
+
+
+class RetiredQueues:
+    """Queues nothing consumes any more, deleted by one task, a batch per connection.
+
+    For the backends whose queues outlive their connection (``x-expires``).
+    A name stays listed until its deletion was tried, so that a close deletes
+    it (:meth:`delete_now`) if the task could not. A deletion that fails is
+    logged, not raised: the queue then expires, holding that key's messages
+    until it does.
+    """
+
+    def __init__(self, address: BrokerAddress, *, port: int, timeout: float) -> None:
+        self._address = address
+        self._port = port
+        self._timeout = timeout
+        self._names: set[str] = set()
+        self._added = anyio.Event()
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
+
+    def add(self, name: str) -> None:
+        self._names.add(name)
+        self._added.set()
+
+    async def delete_as_added(self) -> None:
+        """The task: delete what was added, one batch per wake-up (never returns)."""
+        while True:
+            await self._added.wait()
+            self._added = anyio.Event()
+            names = sorted(self._names)
+            await self._delete(names)
+            self._names.difference_update(names)
+
+    async def delete_now(self, also: Iterable[str] = ()) -> None:
+        """Closing for good: delete every listed queue and ``also``."""
+        names = sorted(self._names.union(also))
+        self._names = set()
+        await self._delete(names)
+
+    async def _delete(self, names: list[str]) -> None:
+        if not names:
+            return
+        try:
+            with anyio.fail_after(self._timeout):
+                await delete_queues(self._address, port=self._port, queues=names)
+        except DELETE_FAILURES as error:
+            log_event(
+                "broker_queues_not_deleted",
+                logging.WARNING,
+                queues=len(names),
+                amqp=f"{self._address.host}:{self._port}",
+                error=repr(error),
+            )
 
 
 @asynccontextmanager

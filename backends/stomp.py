@@ -99,7 +99,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from backends.broker_url import BrokerAddress, connect_stream, parse_broker_url, query_int
-from backends.rabbitmq_exchange import declare_direct_exchange, delete_queues
+from backends.rabbitmq_exchange import RetiredQueues, declare_direct_exchange
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
 from backends.stomp_session import (
     READ_SIZE,
@@ -146,9 +146,6 @@ QUEUE_DESTINATIONS = ("/exchange/", "/topic/")
 Keeping = Literal["queues", "durable subscriptions"]
 QUEUES: Keeping = "queues"
 DURABLE_SUBSCRIPTIONS: Keeping = "durable subscriptions"
-
-# Why a deletion of queues over AMQP 0-9-1 may fail without ending anything.
-DELETE_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, BrokerRejected)
 
 
 def keeping(server: str, template: str) -> Keeping | None:
@@ -200,10 +197,8 @@ class StompBackend(Supervised[StompSession]):
         self._keeping: Keeping | None = None  # as of the latest connection
         self._queues: dict[str, str] = {}  # held key -> its queue or durable subscription
         self._queues_made = itertools.count(1)
-        # Queues no longer consumed, to delete; each stays listed until its
-        # deletion was tried, so that a close deletes it if the task cannot.
-        self._retired: set[str] = set()
-        self._retired_added = anyio.Event()
+        # Queues no longer consumed, deleted over AMQP 0-9-1 (RabbitMQ).
+        self._retired = RetiredQueues(self._url, port=self._amqp_port, timeout=self._broker_timeout)
         # Durable subscriptions no longer consumed, to remove over STOMP on
         # the connection (now, or after the reconnect if it is lost).
         self._retired_subscriptions: set[str] = set()
@@ -309,7 +304,6 @@ class StompBackend(Supervised[StompSession]):
             self._retired_subscriptions.add(queue)
         else:
             self._retired.add(queue)
-            self._retired_added.set()
 
     async def _remove_subscriptions(self, connection: StompSession) -> None:
         """Remove the retired durable subscriptions (ActiveMQ), one request each.
@@ -349,33 +343,7 @@ class StompBackend(Supervised[StompSession]):
         await self._remove_subscriptions(connection)
 
     def _background(self) -> list[Callable[[], Awaitable[None]]]:
-        return [self._delete_retired]
-
-    async def _delete_retired(self) -> None:
-        """Delete the queues of released keys, a batch per AMQP 0-9-1 connection."""
-        while True:
-            await self._retired_added.wait()
-            self._retired_added = anyio.Event()
-            queues = sorted(self._retired)
-            await self._delete_queues(queues)
-            self._retired.difference_update(queues)
-
-    async def _delete_queues(self, queues: list[str]) -> None:
-        if not queues:
-            return
-        try:
-            with anyio.fail_after(self._broker_timeout):
-                await delete_queues(self._url, port=self._amqp_port, queues=queues)
-        except DELETE_FAILURES as error:
-            # Not fatal: each queue expires TRIOWS_QUEUE_EXPIRES after its
-            # last consumer went (holding that key's messages until then).
-            log_event(
-                "broker_queues_not_deleted",
-                logging.WARNING,
-                queues=len(queues),
-                amqp=f"{self._url.host}:{self._amqp_port}",
-                error=repr(error),
-            )
+        return [self._retired.delete_as_added]
 
     def _abandon(self, connection: StompSession) -> None:
         connection.task_group.cancel_scope.cancel()
@@ -423,9 +391,8 @@ class StompBackend(Supervised[StompSession]):
         # durable subscriptions left here, the connection lost, expire.)
         if self._keeping != QUEUES:
             return
-        queues = sorted(self._retired.union(self._queues.values()))
-        self._retired, self._queues = set(), {}
-        await self._delete_queues(queues)
+        queues, self._queues = self._queues, {}
+        await self._retired.delete_now(queues.values())
 
     def _describe(self, connection: StompSession) -> dict[str, Any]:
         return {
