@@ -719,36 +719,30 @@ async def fault_kill(
     """SIGKILL the broker process, restart it after ``opts.kill_down`` s."""
     target = cluster.target
     name = target.broker
-    if target.family == "rabbitmq":
-        # The node's Erlang VM, asked of the node itself; outage-end boots it
-        # again (rabbitmq-server -detached) with the plugins and policies it
-        # had, which RabbitMQ keeps on disk.
-        family = broker_family(target)
-        async with outage_lock(target):
-            pid = int((await rabbitmqctl("eval", "os:getpid().")).strip().strip('"'))
-            clock.began()
-            os.kill(pid, signal.SIGKILL)
-            await trio.sleep(opts.kill_down)
-            with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
-                await run_script_checked("outage-end", family)
-            clock.ended()
-        return {"how": f"kill -KILL <RabbitMQ's beam.smp>; deploy/brokers.py outage-end {family}"}
-    pid = spawned_pid(name)
-    if target.family == "activemq":
-        async with outage_lock(target):
-            clock.began()
-            os.kill(pid, signal.SIGKILL)
-            await trio.sleep(opts.kill_down)
-            with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
-                await run_script_checked("outage-end", name)
-            clock.ended()
-    else:
+    if target.family == "garagemq":
+        pid = spawned_pid(name)
         clock.began()
         os.kill(pid, signal.SIGKILL)
         await trio.sleep(opts.kill_down)
         await run_script_checked("start", name)
         clock.ended()
-    return {"how": f"kill -KILL $(cat {RUN_DIR}/{name}/{name}.pid); deploy/brokers.py start {name}"}
+        return {"how": f"kill -KILL {pid} ({name}); deploy/brokers.py start {name}"}
+    # RabbitMQ and ActiveMQ: under their outage lock, which brokers.py start
+    # would take; outage-end brings them back (RabbitMQ: boots the node, with
+    # the plugins and policies it keeps on disk).
+    family = broker_family(target)
+    async with outage_lock(target):
+        if target.family == "rabbitmq":  # its Erlang VM, asked of the node itself
+            pid = int((await rabbitmqctl("eval", "os:getpid().")).strip().strip('"'))
+        else:
+            pid = spawned_pid(name)
+        clock.began()
+        os.kill(pid, signal.SIGKILL)
+        await trio.sleep(opts.kill_down)
+        with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
+            await run_script_checked("outage-end", family)
+        clock.ended()
+    return {"how": f"kill -KILL {pid} ({name}); deploy/brokers.py outage-end {family}"}
 
 
 class NotPossible(Exception):
