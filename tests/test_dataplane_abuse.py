@@ -277,6 +277,21 @@ async def test_an_idle_keep_alive_connection_is_closed_by_the_server(route: str)
         await stream.aclose()
 
 
+async def test_a_keep_alive_connection_in_use_outlives_the_keep_alive_timeout() -> None:
+    # The timer restarts each time the connection goes idle: requests 1.5 s
+    # apart keep it open well past Hypercorn's 5 s (triows/cli.py KeepAliveTimer).
+    async with serve_instance("memory") as server:
+        port = int(server.base_url.rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        connection = h11.Connection(h11.CLIENT)
+        request = h11.Request(method="GET", target="/healthz", headers=[("Host", "127.0.0.1")])
+        for _ in range(6):
+            with trio.fail_after(STEP_TIMEOUT):
+                assert await http_exchange(stream, connection, request, b"") == 200
+            await trio.sleep(1.5)
+        await stream.aclose()
+
+
 def test_accepted_connections_inherit_keepalive_from_the_listener() -> None:
     settings = Settings(ping_interval=9, close_timeout=5)
     with socket.socket() as listener:

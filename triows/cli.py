@@ -171,15 +171,60 @@ class WriteDeadlineStream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
+class KeepAliveTimer:
+    """Hypercorn's keep-alive timer (a ``TCPServer``'s ``idle_task``) without a task per request.
+
+    Hypercorn's ``TrioSingleTask`` starts a task (under a lock, through
+    ``nursery.start``) each time a connection goes idle and cancels it when
+    the next request starts: a task per request. Here one watcher task waits
+    while requests come and go, its deadline moved; it ends at its deadline,
+    closing the connection if it is idle then (the keep-alive timeout), or
+    just ending if a request is in progress (a WebSocket keeps none). As in
+    Hypercorn, an idle connection also closes when the worker terminates.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._scope: trio.CancelScope | None = None  # the running watcher's
+        self._idle = False
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """The connection is idle from now (``action``, Hypercorn's timer body, is not used)."""
+        self._idle = True
+        deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        if self._scope is None or self._scope.cancel_called:
+            # No watcher, or one whose deadline passed and that has not run yet.
+            self._scope = trio.CancelScope(deadline=deadline)
+            task_group._nursery.start_soon(self._watch, self._scope)
+        else:
+            self._scope.deadline = deadline
+
+    async def stop(self) -> None:
+        """A request is in progress: its watcher ends at the deadline it has."""
+        self._idle = False
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._server.context.terminated.wait()
+        if self._scope is not scope:
+            return  # a newer watcher took over
+        self._scope = None
+        if self._idle:
+            with trio.CancelScope(shield=True):
+                await self._server._initiate_server_close()
+
+
 def install_write_deadline(timeout: float) -> None:
     """Give every plain TCP connection Hypercorn's trio worker accepts a write deadline.
 
     ``worker_serve`` has no hook for the accepted stream, so the ``TCPServer``
     name it calls is replaced by a subclass that wraps the stream first (TLS
     streams are left as they are: terminate TLS in front of triows) and writes
-    what the socket takes at once without Hypercorn's lock and shield. It
-    relies on ``TCPServer``'s ``stream``, ``send_lock`` and ``protocol``
-    (hypercorn is pinned below 0.19 in pyproject.toml).
+    what the socket takes at once without Hypercorn's lock and shield, and
+    times keep-alive with :class:`KeepAliveTimer`. It relies on
+    ``TCPServer``'s ``stream``, ``send_lock``, ``protocol``, ``idle_task``,
+    ``config``, ``context`` and ``_initiate_server_close`` (hypercorn is pinned
+    below 0.19 in pyproject.toml).
     """
     from hypercorn.events import Closed, RawData
     from hypercorn.trio import run as hypercorn_run
@@ -191,6 +236,7 @@ def install_write_deadline(timeout: float) -> None:
             if isinstance(stream, trio.SocketStream):
                 stream = WriteDeadlineStream(stream, timeout)
             super().__init__(app, config, context, state, stream)
+            self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
 
         async def protocol_send(self, event: Any) -> None:
             # Hypercorn sends every write under its send lock (a scheduler round
