@@ -179,9 +179,13 @@ class KeepAliveTimer:
     the next request starts: a task per request. Here one watcher task waits
     while requests come and go, its deadline moved; it ends at its deadline,
     closing the connection if it is idle then (the keep-alive timeout), or
-    just ending if a request is in progress (a WebSocket keeps none). As in
-    Hypercorn, an idle connection also closes when the worker terminates.
+    just ending if a request is still in progress :data:`BUSY_GRACE` after it
+    started (a WebSocket keeps no watcher). As in Hypercorn, an idle
+    connection also closes when the worker terminates.
     """
+
+    BUSY_GRACE = 1.0
+    """How long a watcher outlives the start of a request (which usually ends sooner)."""
 
     def __init__(self, server: Any) -> None:
         self._server = server
@@ -200,8 +204,10 @@ class KeepAliveTimer:
             self._scope.deadline = deadline
 
     async def stop(self) -> None:
-        """A request is in progress: its watcher ends at the deadline it has."""
+        """A request is in progress: the watcher ends if it still is after BUSY_GRACE."""
         self._idle = False
+        if self._scope is not None:
+            self._scope.deadline = trio.current_time() + self.BUSY_GRACE
 
     async def _watch(self, scope: trio.CancelScope) -> None:
         with scope:
