@@ -238,25 +238,27 @@ async def receive(backend: Amqp10Backend) -> tuple[str, bytes]:
 
 
 @asynccontextmanager
-async def open_holder_behind_a_proxy(exchange: str) -> AsyncIterator[tuple[Amqp10Backend, int]]:
-    """A backend whose connection goes through a proxy on the returned port.
+async def open_sender_and_holder(
+    exchange: str,
+) -> AsyncIterator[tuple[Amqp10Backend, Amqp10Backend, int]]:
+    """A ready sender, and a holder whose connection goes through a proxy on the returned port.
 
-    The test opens the proxy there; until then the backend retries every 50 ms.
+    The test opens the proxy there; until then the holder retries every 50 ms.
     """
     port = free_port()
-    async with open_amqp10_backend(
-        amqp10_settings(exchange, port=port, reconnect_max_delay=0.05)
-    ) as holder:
-        yield holder, port
+    async with (
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_amqp10_backend(
+            amqp10_settings(exchange, port=port, reconnect_max_delay=0.05)
+        ) as holder,
+    ):
+        yield sender, holder, port
 
 
 async def test_what_rabbitmq_confirmed_while_the_connection_was_lost_arrives_after(
     exchange: str,
 ) -> None:
-    async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_holder_behind_a_proxy(exchange) as (holder, port),
-    ):
+    async with open_sender_and_holder(exchange) as (sender, holder, port):
         async with reachable(holder, RABBITMQ_PORT, port):
             await holder.subscribe("user.bob")
             await sender.publish("user.bob", b"1")
@@ -278,10 +280,7 @@ async def test_what_rabbitmq_confirmed_while_the_connection_was_lost_arrives_aft
 async def test_a_delivery_whose_settlement_died_with_the_connection_is_not_handed_over_twice(
     exchange: str,
 ) -> None:
-    async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_holder_behind_a_proxy(exchange) as (holder, port),
-    ):
+    async with open_sender_and_holder(exchange) as (sender, holder, port):
         async with reachable(holder, RABBITMQ_PORT, port):
             await holder.subscribe("user.bob")
             # As if the connection died before the settlement reached the broker.
@@ -310,10 +309,7 @@ async def test_a_delivery_whose_settlement_died_with_the_connection_is_not_hande
 async def test_a_key_released_while_disconnected_gets_nothing_after_the_reconnect(
     exchange: str,
 ) -> None:
-    async with (
-        open_ready(amqp10_settings(exchange)) as sender,
-        open_holder_behind_a_proxy(exchange) as (holder, port),
-    ):
+    async with open_sender_and_holder(exchange) as (sender, holder, port):
         async with reachable(holder, RABBITMQ_PORT, port):
             await holder.subscribe("user.bob")
             await holder.subscribe("user.gone")
