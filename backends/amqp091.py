@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -92,6 +91,7 @@ from backends.amqp091_aio import (
     unbind_each,
 )
 from backends.broker_url import parse_broker_url
+from backends.handed_over import HandedOver
 from backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
 from triows.settings import Settings
@@ -179,7 +179,7 @@ class Amqp091Backend(Supervised[AioSession]):
         # The bodies last handed to Trio, across connections: the broker may
         # redeliver any of them after a reconnect (at most ``prefetch`` can be
         # unacked there at a time).
-        self._handed_over: deque[bytes] = deque(maxlen=settings.prefetch)
+        self._handed_over = HandedOver(settings.prefetch)
         # Keys that may be bound on ``_bound_queue`` (a change the broker did
         # not confirm counts as bound): the queue keeps its bindings across a
         # reconnect, so what was unsubscribed meanwhile is unbound then.
@@ -425,20 +425,19 @@ class Amqp091Backend(Supervised[AioSession]):
         batch = max(1, self._settings.prefetch // 2)
         unacked = 0
         handed_over = self._handed_over
-        handed_over_before = frozenset(handed_over)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ack_periodically, session)
             async for message in deliveries:
                 body = message.body
                 # A redelivery of what an earlier connection handed over but
                 # could not ack (see the module docstring) is only acked.
-                if not (message.redelivered and body in handed_over_before):
+                if not (message.redelivered and body in handed_over):
                     delivery = (message.routing_key or "", body)
                     try:
                         self._incoming_send.send_nowait(delivery)
                     except anyio.WouldBlock:
                         await self._incoming_send.send(delivery)
-                    handed_over.append(body)
+                    handed_over.add(body)
                 # Always set on a basic.deliver.
                 session.delivered_tag = message.delivery_tag or session.delivered_tag
                 unacked += 1

@@ -80,7 +80,6 @@ router serialises the changes of one key.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import secrets
@@ -106,6 +105,7 @@ from backends.amqp10_links import (
 )
 from backends.amqp10_pump import ConnectionLost, Wakeup
 from backends.broker_url import connect_stream
+from backends.handed_over import HandedOver
 from backends.rabbitmq_exchange import RetiredQueues, declare_bound_queues, declare_direct_exchange
 from backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
@@ -120,11 +120,6 @@ RabbitMQ 3.x handles one session's attaches and detaches one after another
 not finish sooner; they would only queue at the broker, where the wait for an
 answer (bounded by ``settings.broker_timeout``) would count time spent behind
 thousands of others, and a busy broker would be taken for a lost one."""
-
-
-def digest(body: bytes) -> bytes:
-    """What is remembered of a body handed over (bodies hold a unique message id)."""
-    return hashlib.blake2b(body, digest_size=16).digest()
 
 
 class Amqp10Backend(Supervised[Amqp10Connection]):
@@ -183,7 +178,9 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         queue = self._queues.get(key)
         if queue is None:
             name = f"{self._queue_prefix}.{next(self._queues_made)}.{key}"
-            queue = self._queues[key] = HeldQueue(name, deque(maxlen=self._settings.prefetch))
+            queue = self._queues[key] = HeldQueue(
+                name, HandedOver(self._settings.prefetch, digests=True)
+            )
         return queue
 
     async def _declare(self, live: Amqp10Connection, subscriptions: list[Subscription]) -> None:
@@ -503,17 +500,16 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
             received = self._backlog.popleft()
             subscription = received.subscription
             queue = subscription.queue
-            seen = digest(received.body) if queue is not None else b""
             # A redelivery of what an earlier connection handed over but could
             # not settle (see the module docstring) is only settled. One task
             # hands over in backlog order, so whatever a lost connection had
             # received is remembered before its redeliveries are looked at.
-            if queue is None or not (received.redelivered and seen in queue.handed_over):
+            if queue is None or not (received.redelivered and received.body in queue.handed_over):
                 # Messages of a connection that is gone are still handed over:
                 # the broker gave them to us (and told their senders so).
                 await self._incoming_send.send((subscription.key, received.body))
                 if queue is not None:
-                    queue.handed_over.append(seen)
+                    queue.handed_over.add(received.body)
             subscription.outstanding -= 1
             live, link = received.connection, subscription.link
             assert link is not None  # deliveries come only on attached links

@@ -8,7 +8,6 @@ bytes. Every engine call runs in the event loop's one thread, so no lock.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from proton import (
 
 from backends.amqp10_addressing import Addressing
 from backends.amqp10_pump import ConnectionLost, ProtonPump, Wakeup
+from backends.handed_over import HandedOver
 
 
 class LinkRefused(Exception):
@@ -50,10 +50,10 @@ class HeldQueue:
     """A held key's queue on RabbitMQ, named by the backend; it outlives connections."""
 
     name: str
-    # Digests of the bodies handed over from it lately, across connections:
-    # after a lost connection the broker redelivers what it had not seen
-    # settled, at most one credit window (``prefetch``) of the latest.
-    handed_over: deque[bytes]
+    # What was handed over from it lately, across connections: after a lost
+    # connection the broker redelivers what it had not seen settled, at most
+    # one credit window (``prefetch``) of the latest.
+    handed_over: HandedOver
 
 
 @dataclass

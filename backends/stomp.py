@@ -90,7 +90,6 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -99,6 +98,7 @@ import anyio
 from anyio.abc import ByteStream
 
 from backends.broker_url import BrokerAddress, connect_stream, parse_broker_url, query_int
+from backends.handed_over import HandedOver
 from backends.rabbitmq_exchange import RetiredQueues, declare_direct_exchange
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
 from backends.stomp_session import (
@@ -204,7 +204,7 @@ class StompBackend(Supervised[StompSession]):
         self._retired_subscriptions: set[str] = set()
         # The broker redelivers at most what was unacked when a connection
         # went: one ack batch and what arrived while the ACK was on its way.
-        self._handed_over: deque[bytes] = deque(maxlen=2 * settings.prefetch)
+        self._handed_over = HandedOver(2 * settings.prefetch)
 
     @property
     def queues(self) -> dict[str, str]:

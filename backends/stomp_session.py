@@ -19,13 +19,13 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 from anyio.abc import ByteStream, ObjectSendStream, TaskGroup
 
+from backends.handed_over import HandedOver
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
 from triows.backend import BrokerUnavailable, Delivery
 
@@ -82,7 +82,7 @@ class StompSession:
         send_interval: float,
         receive_interval: float,
         task_group: TaskGroup,
-        handed_over: deque[bytes],
+        handed_over: HandedOver,
         ack_batch: int,
         *,
         acks_per_subscription: bool = False,
@@ -105,7 +105,6 @@ class StompSession:
         # handed over lately, across connections, and those an earlier
         # connection had handed over, which the broker may redeliver here.
         self.handed_over = handed_over
-        self.handed_over_before = frozenset(handed_over)
         # RabbitMQ marks a redelivery ``redelivered:true``; ActiveMQ's STOMP
         # MESSAGE carries no such header, so there a body handed over before
         # is skipped on its own (bodies hold a unique message id).
@@ -265,10 +264,10 @@ class StompSession:
             # redelivery of what an earlier connection handed over but could
             # not ack (see the module docstring) is only acked.
             redelivered = frame.headers.get("redelivered") == "true" or not self._marks_redeliveries
-            if key is not None and not (redelivered and body in self.handed_over_before):
+            if key is not None and not (redelivered and body in self.handed_over):
                 await incoming.send((key, body))
                 if ack_id is not None:
-                    self.handed_over.append(body)
+                    self.handed_over.add(body)
             if ack_id is not None:
                 # A cumulative ACK of a later delivery also settles one whose
                 # subscription ended.
