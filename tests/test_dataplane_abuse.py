@@ -17,10 +17,10 @@ import trio.testing
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from triows.auth import mint_token
-from triows.cli import _tune_listener
 from triows.client import events_url, open_events, post_send
 from triows.connection import Connection
 from triows.process import Instance, serve_instance
+from triows.serving import _tune_listener
 from triows.settings import Settings
 
 # Hang guards only: no test asserts on how long something took.
@@ -279,7 +279,7 @@ async def test_an_idle_keep_alive_connection_is_closed_by_the_server(route: str)
 
 async def test_a_keep_alive_connection_in_use_outlives_the_keep_alive_timeout() -> None:
     # The timer restarts each time the connection goes idle: requests 1.5 s
-    # apart keep it open well past Hypercorn's 5 s (triows/cli.py KeepAliveTimer).
+    # apart keep it open well past Hypercorn's 5 s (triows/serving.py KeepAliveTimer).
     async with serve_instance("memory") as server:
         port = int(server.base_url.rsplit(":", 1)[1])
         stream = await trio.open_tcp_stream("127.0.0.1", port)
