@@ -10,6 +10,8 @@ pyproject.toml until that test passes on a newer one).
 - :class:`WriteDeadlineStream`: a write that never completes resets the connection.
 - :class:`DeadlineTCPServer`: Hypercorn's ``TCPServer`` with that stream, its
   send lock taken only when a write must wait, and :class:`KeepAliveTimer`.
+- :class:`HTTP11OnlyProtocol`: HTTP/1.1 only; HTTP/2 is refused, and request
+  heads a proxy could read differently are refused before h11 reads them.
 - :func:`serve`: one worker process per ``TRIOWS_WORKERS``, drained on SIGTERM.
 """
 
@@ -29,13 +31,19 @@ from functools import partial
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
+import h11
 import trio
+from h2.errors import ErrorCodes
 from hypercorn.config import Config, Sockets
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
 from hypercorn.trio import run as hypercorn_run
+from hypercorn.trio import tcp_server
 from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import repr_socket_addr, wrap_app
+from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.logs import log_event, logger
@@ -45,6 +53,12 @@ from triows.settings import Settings
 SHUTDOWN_POLL_INTERVAL = 0.1
 # TCP keepalive probes left unanswered before the kernel drops a connection.
 KEEPALIVE_PROBES = 3
+# What an HTTP/2 client that opens with the connection preface gets: the server's
+# preface (an empty SETTINGS frame), then GOAWAY with HTTP_1_1_REQUIRED (RFC 9113 §7).
+HTTP2_REFUSAL = (
+    SettingsFrame(0).serialize()
+    + GoAwayFrame(0, error_code=ErrorCodes.HTTP_1_1_REQUIRED).serialize()
+)
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -57,6 +71,8 @@ def hypercorn_config(settings: Settings) -> Config:
     # socket and the first goes out at the handshake. Dead peers are found by TCP
     # keepalive instead (see _tune_listener).
     config.accesslog = None
+    # HTTP/1.1 only (see HTTP11OnlyProtocol): TLS offers nothing else by ALPN.
+    config.alpn_protocols = ["http/1.1"]
     # Hypercorn's own lines ("Running on ...", errors) become JSON lines too.
     config.errorlog = logger.getChild("hypercorn")
     return config
@@ -267,14 +283,131 @@ class DeadlineTCPServer(TCPServer):
             await self.protocol.handle(Closed())
 
 
-def install_hypercorn_adaptation(settings: Settings) -> None:
-    """Adapt Hypercorn's trio worker in this process (see :class:`DeadlineTCPServer`).
+def request_head_problem(received: bytes) -> str | None:
+    """Why the request head ``received`` starts with must be refused; None if it need not be.
 
-    Replaces the ``TCPServer`` name in ``hypercorn.trio.run``; writes give up
-    after ``TRIOWS_CLOSE_TIMEOUT`` seconds.
+    ``received`` is what a connection holds when a request head is due; the
+    head may be incomplete (then only what is there is checked). h11 accepts
+    each of these, but a proxy in front may read them otherwise, so one
+    request could be read as two (request smuggling); RFC 9112 allows or
+    asks to refuse them: a line ending in a bare LF (§2.2), a header line
+    continued on the next (obs-fold, §5.2), both Content-Length and
+    Transfer-Encoding (§6.1).
+    """
+    end = received.find(b"\r\n\r\n")
+    complete = end >= 0
+    head = received[:end] if complete else received
+    if head.count(b"\n") != head.count(b"\r\n"):
+        return "a line ends in a bare LF: end every line with CRLF"
+    if b"\r\n " in head or b"\r\n\t" in head:
+        return "a header line is continued on the next (obs-fold): send it on one line"
+    if complete:
+        names = {line.partition(b":")[0].strip().lower() for line in head.split(b"\r\n")}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            return "both Content-Length and Transfer-Encoding: send one of them"
+    return None
+
+
+class CheckedH11Connection(h11.Connection):
+    """h11's server connection that refuses a doubtful request head and ignores ``Upgrade: h2c``.
+
+    A head :func:`request_head_problem` refuses raises ``RemoteProtocolError``,
+    which Hypercorn answers with 400 and ``Connection: close``. A request
+    asking to upgrade to cleartext HTTP/2 is served as HTTP/1.1 without its
+    ``Upgrade`` header (a server may ignore an upgrade), as Hypercorn would
+    switch before the app sees it.
+    """
+
+    def next_event(self) -> Any:
+        if self.their_state is h11.IDLE:
+            problem = request_head_problem(self.trailing_data[0])
+            if problem is not None:
+                log_event("request_refused", level=logging.WARNING, reason=problem)
+                raise h11.RemoteProtocolError(problem, error_status_hint=400)
+        event = super().next_event()
+        if type(event) is h11.Request and _asks_for_h2c(event):
+            headers = [
+                (name, value)
+                for name, value in event.headers
+                if name not in (b"upgrade", b"http2-settings")
+            ]
+            return h11.Request(
+                method=event.method,
+                target=event.target,
+                headers=headers,
+                http_version=event.http_version,
+            )
+        return event
+
+
+def _asks_for_h2c(request: h11.Request) -> bool:
+    return any(
+        name == b"upgrade" and value.strip().lower() == b"h2c" for name, value in request.headers
+    )
+
+
+class HTTP11OnlyProtocol(ProtocolWrapper):
+    """Hypercorn's per-connection protocol choice, always HTTP/1.1.
+
+    Hypercorn switches a connection to HTTP/2 when it opens with the HTTP/2
+    preface (prior knowledge), asks for ``Upgrade: h2c``, or (TLS) picks h2
+    by ALPN, and nothing turns that off. Its HTTP/2 has none of the bounds
+    triows keeps over HTTP/1.1: a stream whose client went away kept its
+    task, socket and memory for good (50 half-sent ``POST /send`` bodies: 50
+    sockets never released; two connections of 100 streams of 1 MiB: about
+    230 MB left behind per round), and an event stream ignored the
+    slow-consumer bound at a zero flow-control window. triows serves
+    HTTP/1.1 (WebSockets and Server-Sent Events included); a proxy in front
+    may speak HTTP/2 to browsers. A connection opening with the preface gets
+    :data:`HTTP2_REFUSAL` and is closed; an h2c upgrade is ignored (see
+    :class:`CheckedH11Connection`); TLS offers only http/1.1 (``hypercorn_config``).
+
+    Installed by :func:`install_hypercorn_adaptation` in place of the name
+    ``TCPServer.run`` builds. Relies on ``ProtocolWrapper``'s ``__init__``
+    signature, its ``protocol`` and ``send``, ``H11Protocol.connection``,
+    and ``H2ProtocolAssumedError`` (raised for the preface).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        config: Config,
+        context: Any,
+        task_group: Any,
+        state: Any,
+        ssl: bool,
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        send: Any,
+        alpn_protocol: str | None = None,
+    ) -> None:
+        # alpn_protocol is dropped: never H2Protocol, whatever TLS negotiated.
+        super().__init__(app, config, context, task_group, state, ssl, client, server, send)
+        assert isinstance(self.protocol, H11Protocol)
+        self.protocol.connection = CheckedH11Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
+
+    async def handle(self, event: Event) -> None:
+        try:
+            await self.protocol.handle(event)
+        except (H2ProtocolAssumedError, H2CProtocolRequiredError):
+            log_event("http2_refused", level=logging.WARNING)
+            await self.send(RawData(data=HTTP2_REFUSAL))
+            await self.send(Closed())
+
+
+def install_hypercorn_adaptation(settings: Settings) -> None:
+    """Adapt Hypercorn's trio worker in this process.
+
+    Replaces the ``TCPServer`` name in ``hypercorn.trio.run`` (see
+    :class:`DeadlineTCPServer`; writes give up after ``TRIOWS_CLOSE_TIMEOUT``
+    seconds) and the ``ProtocolWrapper`` name in ``hypercorn.trio.tcp_server``
+    (see :class:`HTTP11OnlyProtocol`).
     """
     DeadlineTCPServer.write_timeout = settings.close_timeout
     vars(hypercorn_run)["TCPServer"] = DeadlineTCPServer
+    vars(tcp_server)["ProtocolWrapper"] = HTTP11OnlyProtocol
 
 
 def _tune_listener(sock: socket.socket, settings: Settings) -> None:
