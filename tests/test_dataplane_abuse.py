@@ -219,12 +219,9 @@ async def http_exchange(
             return status
 
 
-@pytest.mark.parametrize(
-    ("content_type", "status"), [("application/json", 401), ("text/plain", 415)]
-)
-async def test_an_early_answer_leaves_the_keep_alive_connection_usable(
-    content_type: str, status: int
-) -> None:
+async def test_an_early_answer_leaves_the_keep_alive_connection_usable() -> None:
+    # (A 401 is answered before the body is read, and closes: tests/test_http_abuse.py.)
+    content_type, status = "text/plain", 415
     env = {"TRIOWS_SECRET": SECRET}
     async with serve_instance("memory", env=env) as server:
         port = int(server.base_url.rsplit(":", 1)[1])

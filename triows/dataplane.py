@@ -139,23 +139,7 @@ class DataPlane:
 
     async def post_send(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.settings
-        limit = max(settings.max_message_bytes, settings.max_batch_bytes)
-        # The body is always read (up to the limit) before any answer, so an
-        # early 401/415 leaves the keep-alive connection ready for the next request.
-        raw = await read_body(receive, limit)
-        if raw is None:
-            await respond_problem(
-                send, 413, f"the body is limited to {limit} bytes", kind="too-large", close=True
-            )
-            return
-        if scope["method"] != "POST":
-            await respond_problem(send, 405, "use POST", headers=[(b"allow", b"POST")])
-            return
         headers = dict(scope["headers"])
-        mimetype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-        if mimetype != JSON_CONTENT_TYPE:
-            await respond_problem(send, 415, "send a JSON body with Content-Type: application/json")
-            return
         identity: Identity | None = None
         if not settings.dev_mode:
             try:
@@ -168,14 +152,39 @@ class DataPlane:
                 )
             except AuthError as error:
                 log_event("auth_failed", path="/send", reason=str(error))
+                # The credentials are in the head: refused before any of the
+                # body is read, so a stranger holds no memory or time here.
                 await respond_problem(
                     send,
                     401,
                     str(error),
                     kind="unauthorized",
                     headers=[(b"www-authenticate", b"Bearer")],
+                    close=True,
                 )
                 return
+        limit = max(settings.max_message_bytes, settings.max_batch_bytes)
+        # The body is read (up to the limit) before any other answer, so an
+        # early 415 leaves the keep-alive connection ready for the next request.
+        try:
+            raw = await read_body(receive, limit, settings.body_timeout)
+        except RequestAborted:
+            return  # half a request is not a request; nobody is left to answer
+        except BodyTooSlow as error:
+            await respond_problem(send, 408, str(error), kind="body-timeout", close=True)
+            return
+        if raw is None:
+            await respond_problem(
+                send, 413, f"the body is limited to {limit} bytes", kind="too-large", close=True
+            )
+            return
+        if scope["method"] != "POST":
+            await respond_problem(send, 405, "use POST", headers=[(b"allow", b"POST")])
+            return
+        mimetype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        if mimetype != JSON_CONTENT_TYPE:
+            await respond_problem(send, 415, "send a JSON body with Content-Type: application/json")
+            return
         try:
             batch = parse_send_batch(raw, dev_mode=settings.dev_mode, max_items=settings.max_batch)
             if batch is None:
@@ -455,21 +464,36 @@ def trio_deadline(expires_at: float | None) -> float:
     return trio.current_time() + max(0.0, expires_at - time.time())
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None as soon as it is over ``limit`` bytes."""
+class RequestAborted(Exception):
+    """The client went away before the whole body arrived."""
+
+
+class BodyTooSlow(Exception):
+    """The whole body did not arrive in time."""
+
+
+async def read_body(receive: Receive, limit: int, timeout: float) -> bytes | None:
+    """The whole request body, or None as soon as it is over ``limit`` bytes.
+
+    Raises :class:`RequestAborted` if the client disconnects before the last
+    byte (a cut-off body is not a request: nothing of it is carried out), and
+    :class:`BodyTooSlow` if the body is not whole within ``timeout`` seconds.
+    """
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks)  # http.disconnect
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    with trio.move_on_after(timeout):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise RequestAborted  # http.disconnect
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    raise BodyTooSlow(f"the body did not arrive whole within {timeout:g} seconds")
 
 
 def query_args(scope: Scope) -> dict[str, str]:

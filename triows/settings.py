@@ -76,6 +76,8 @@ class Settings:
     jwt_leeway: float = field(default=5.0, metadata={"env": "TRIOWS_JWT_LEEWAY"})
     max_batch: int = field(default=100, metadata={"env": "TRIOWS_MAX_BATCH"})
     max_batch_bytes: int = field(default=1048576, metadata={"env": "TRIOWS_MAX_BATCH_BYTES"})
+    # Seconds a POST /send body has to arrive whole, from the end of its head.
+    body_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_BODY_TIMEOUT"})
     send_rate: float = field(default=100.0, metadata={"env": "TRIOWS_SEND_RATE"})
     send_burst: int = field(default=50, metadata={"env": "TRIOWS_SEND_BURST"})
     ping_interval: float = field(default=20.0, metadata={"env": "TRIOWS_PING_INTERVAL"})
@@ -114,6 +116,7 @@ class Settings:
         for name in (
             "drain_timeout",
             "close_timeout",
+            "body_timeout",
             "publish_timeout",
             "reconnect_max_delay",
             "queue_expires",
