@@ -230,7 +230,12 @@ async def test_an_early_answer_leaves_the_keep_alive_connection_usable() -> None
         # Larger than the flow-control window Hypercorn keeps for a body nobody reads.
         body = json.dumps([{"to": "Bob", "message": "x" * 50_000}] * 6).encode()
         small = json.dumps({"to": "Bob", "message": 1}).encode()
-        headers = [("Host", "127.0.0.1"), ("Content-Type", content_type)]
+        token = mint_token(SECRET, "Anne")
+        headers = [
+            ("Host", "127.0.0.1"),
+            ("Content-Type", content_type),
+            ("Authorization", f"Bearer {token}"),
+        ]
         post = h11.Request(
             method="POST",
             target="/send",
@@ -238,7 +243,6 @@ async def test_an_early_answer_leaves_the_keep_alive_connection_usable() -> None
         )
         with trio.fail_after(STEP_TIMEOUT):
             assert await http_exchange(stream, connection, post, body) == status
-            token = mint_token(SECRET, "Anne")
             authorized = h11.Request(
                 method="POST",
                 target="/send",
