@@ -23,6 +23,7 @@ from tests.e2e import STEP_TIMEOUT, assert_next_message
 from triows.auth import mint_token
 from triows.client import open_events, post_send
 from triows.process import Instance, serve_instance
+from triows.serving import request_head_problem
 
 SECRET = "http-abuse-secret-" + "x" * 48
 MIB = 1 << 20
@@ -183,6 +184,36 @@ async def test_a_doubtful_request_head_gets_400_and_a_close(head: bytes) -> None
     last_status_line = answer[answer.rfind(b"HTTP/1.1 ") :].split(b"\r\n", 1)[0]
     assert last_status_line.startswith(b"HTTP/1.1 400"), answer
     assert b"connection: close" in answer.lower()
+
+
+GOOD_HEAD = b"POST /send HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"
+BAD_HEADS = {
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n": (
+        "Content-Length and Transfer-Encoding"
+    ),
+    b"GET / HTTP/1.1\r\nX-A: b\r\n\tc\r\nHost: a\r\n\r\n": "obs-fold",
+    b"GET / HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\n": "bare LF",
+    b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\n": "bare LF",
+}
+
+
+def test_a_plain_request_head_passes_at_every_byte_boundary() -> None:
+    for end in range(len(GOOD_HEAD) + 1):
+        assert request_head_problem(GOOD_HEAD[:end]) is None, GOOD_HEAD[:end]
+
+
+def test_a_body_after_the_head_is_not_read_as_head() -> None:
+    assert request_head_problem(GOOD_HEAD + b"\n\n \tContent-Length: 1\r\n") is None
+
+
+@pytest.mark.parametrize(("head", "named"), list(BAD_HEADS.items()))
+def test_a_doubtful_head_is_refused_once_the_doubtful_part_is_in(head: bytes, named: str) -> None:
+    problem = request_head_problem(head)
+    assert problem is not None and named in problem, problem
+    # Incomplete, it is refused as soon as the doubtful bytes and what ends them are in.
+    answers = [request_head_problem(head[:end]) for end in range(len(head) + 1)]
+    first = next(end for end, answer in enumerate(answers) if answer is not None)
+    assert all(answer == problem for answer in answers[first:])
 
 
 # POST /send bodies

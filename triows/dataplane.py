@@ -169,8 +169,10 @@ class DataPlane:
         try:
             raw = await read_body(receive, limit, settings.body_timeout)
         except RequestAborted:
+            log_event("request_aborted", path="/send")
             return  # half a request is not a request; nobody is left to answer
         except BodyTooSlow as error:
+            log_event("body_timeout", level=logging.WARNING, path="/send")
             await respond_problem(send, 408, str(error), kind="body-timeout", close=True)
             return
         if raw is None:

@@ -294,6 +294,8 @@ def request_head_problem(received: bytes) -> str | None:
     continued on the next (obs-fold, §5.2), both Content-Length and
     Transfer-Encoding (§6.1).
     """
+    while received.startswith(b"\r\n"):
+        received = received[2:]  # empty lines before a request line are ignored (§2.2)
     end = received.find(b"\r\n\r\n")
     complete = end >= 0
     head = received[:end] if complete else received
