@@ -304,9 +304,12 @@ def request_head_problem(received: bytes) -> str | None:
     if b"\r\n " in head or b"\r\n\t" in head:
         return "a header line is continued on the next (obs-fold): send it on one line"
     if complete:
-        names = {line.partition(b":")[0].strip().lower() for line in head.split(b"\r\n")}
-        if b"content-length" in names and b"transfer-encoding" in names:
-            return "both Content-Length and Transfer-Encoding: send one of them"
+        lowered = head.lower()
+        # The substrings first: the names are split out only when both may be there.
+        if b"transfer-encoding" in lowered and b"content-length" in lowered:
+            names = {line.partition(b":")[0].strip() for line in lowered.split(b"\r\n")}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                return "both Content-Length and Transfer-Encoding: send one of them"
     return None
 
 
@@ -321,13 +324,15 @@ class CheckedH11Connection(h11.Connection):
     """
 
     def next_event(self) -> Any:
-        if self.their_state is h11.IDLE:
-            problem = request_head_problem(self.trailing_data[0])
-            if problem is not None:
-                log_event("request_refused", level=logging.WARNING, reason=problem)
-                raise h11.RemoteProtocolError(problem, error_status_hint=400)
+        if self.their_state is not h11.IDLE:
+            return super().next_event()
+        received = self.trailing_data[0]
+        problem = request_head_problem(received)
+        if problem is not None:
+            log_event("request_refused", level=logging.WARNING, reason=problem)
+            raise h11.RemoteProtocolError(problem, error_status_hint=400)
         event = super().next_event()
-        if type(event) is h11.Request and _asks_for_h2c(event):
+        if type(event) is h11.Request and b"h2c" in received.lower() and _asks_for_h2c(event):
             headers = [
                 (name, value)
                 for name, value in event.headers
