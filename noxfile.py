@@ -84,7 +84,7 @@ def bench_matrix(session: nox.Session) -> None:
 
 @nox.session
 def faults(session: nox.Session) -> None:
-    """Every fault case on every broker (bench/faults.py); ``-- --quick`` for short phases.
+    """Every fault case on every broker (bench/faults); ``-- --quick`` for short phases.
 
     Takes RabbitMQ and ActiveMQ down (under their outage locks) and restarts
     GarageMQ and ActiveMQ: do not run it next to other test runs.

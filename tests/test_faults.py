@@ -1,4 +1,4 @@
-"""Bad days, short: one case per fault kind of ``bench/faults.py``, guarantees asserted.
+"""Bad days, short: one case per fault kind of ``bench/faults``, guarantees asserted.
 
 Each test runs real ``triows serve`` processes behind a generated HAProxy,
 under steady traffic, against a real broker (DESIGN §6, issue 13), spread
