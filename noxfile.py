@@ -1,4 +1,5 @@
-"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix, faults, cluster."""
+"""Sessions: lint, typecheck and tests (the default), unit, brokers, serve, demo, bench,
+bench_matrix, faults, cluster."""
 
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def tests(session: nox.Session) -> None:
     install(session, "test", "bench")
     brokers(session, "start")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def unit(session: nox.Session) -> None:
+    """The fast loop: every test that needs no broker and no server process (no broker started).
+
+    The ``broker`` and ``server`` markers are added by tests/conftest.py from
+    what each test module uses; arguments after ``--`` go to pytest.
+    """
+    # "bench": the bench's own unit tests (tests/test_bench_tally.py) import it.
+    install(session, "test", "bench")
+    session.run("pytest", "-m", "not broker and not server", *session.posargs)
 
 
 @nox.session
