@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from triows.websecurity import check_allowed_host, check_allowed_origin
+
 T = TypeVar("T")
 
 DEFAULT_BROKER_URLS = {
@@ -83,6 +85,10 @@ class Settings:
     # Rooms one connection may be in at once: each is a broker subscription at most.
     max_rooms: int = field(default=32, metadata={"env": "TRIOWS_MAX_ROOMS"})
     sse_heartbeat: float = field(default=15.0, metadata={"env": "TRIOWS_SSE_HEARTBEAT"})
+    # Browser pages that may open /events besides the server's own ("*": any page).
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={"env": "TRIOWS_ALLOWED_ORIGINS"})
+    # Host names served besides loopback ones: checked in dev mode, and whenever set.
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"env": "TRIOWS_ALLOWED_HOSTS"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -153,6 +159,14 @@ class Settings:
             raise SettingsError(
                 f"TRIOWS_ADDRESS_TEMPLATE must contain '{{key}}', got {self.address_template!r}"
             )
+        for name, check in (
+            ("allowed_origins", check_allowed_origin),
+            ("allowed_hosts", check_allowed_host),
+        ):
+            try:
+                object.__setattr__(self, name, tuple(check(entry) for entry in getattr(self, name)))
+            except ValueError as error:
+                raise SettingsError(f"{_env(name)}: {error}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(
                 f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
