@@ -53,6 +53,10 @@ class Settings:
     max_message_bytes: int = field(default=65536, metadata={"env": "TRIOWS_MAX_MESSAGE_BYTES"})
     send_queue: int = field(default=256, metadata={"env": "TRIOWS_SEND_QUEUE"})
     max_connections: int = field(default=20000, metadata={"env": "TRIOWS_MAX_CONNECTIONS"})
+    # File descriptors kept for all but connections (listeners, broker, HTTP
+    # requests); TRIOWS_MAX_CONNECTIONS is lowered at start-up to fit under
+    # the open-file limit with these to spare.
+    open_files_reserve: int = field(default=32, metadata={"env": "TRIOWS_OPEN_FILES_RESERVE"})
     incoming_queue: int = field(default=1024, metadata={"env": "TRIOWS_INCOMING_QUEUE"})
     drain_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_DRAIN_TIMEOUT"})
     close_timeout: float = field(default=5.0, metadata={"env": "TRIOWS_CLOSE_TIMEOUT"})
@@ -100,6 +104,7 @@ class Settings:
             "max_message_bytes",
             "send_queue",
             "max_connections",
+            "open_files_reserve",
             "incoming_queue",
             "prefetch",
             "max_batch",
