@@ -18,6 +18,7 @@ Pure functions over header values; :mod:`triows.app` and
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 import re
@@ -118,8 +119,12 @@ def host_allowed(headers: Iterable[tuple[bytes, bytes]], allowed: tuple[str, ...
     if ANY in allowed:
         return True
     host = next((value for name, value in headers if name == b"host"), b"")
-    if not host:
-        return True
+    return not host or _host_allowed(host, allowed)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_allowed(host: bytes, allowed: tuple[str, ...]) -> bool:
+    # Cached: in dev mode every request asks, nearly always with the same Host.
     name = host_name(host.decode("latin-1"))
     return name is not None and (is_loopback_name(name) or name in allowed)
 
