@@ -31,6 +31,7 @@ from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.auth import DEFAULT_TOKEN_TTL, mint_token
 from triows.backend import UnknownBackend, check_backend_settings
 from triows.logs import log_event, logger
+from triows.openfiles import fit_connections_to_open_files
 from triows.protocol import InvalidInput
 from triows.settings import Settings, SettingsError
 
@@ -375,6 +376,7 @@ def serve(settings: Settings, url_file: str | None = None) -> int:
     on (with port 0 in a bind, the port the kernel chose).
     """
     check_startup(settings)
+    settings = fit_connections_to_open_files(settings)
     config = hypercorn_config(settings)
     if settings.workers == 1:
         return trio.run(_serve_worker, settings, config, None, None, url_file)

@@ -51,6 +51,7 @@ from triows.protocol import (
     parse_send_body,
 )
 from triows.router import TooManyRooms
+from triows.websecurity import origin_allowed
 
 if TYPE_CHECKING:
     from triows.app import TriowsApp
@@ -64,6 +65,11 @@ ASGIApp = Callable[..., Awaitable[None]]
 # Items of one batch published at the same time (each waits for its broker confirm).
 BATCH_CONCURRENCY = 16
 JSON_CONTENT_TYPE = b"application/json"
+# What a client is told when the broker fails; the broker's address stays in the server's log.
+BROKER_UNAVAILABLE = "the broker is unavailable: retry later"
+ORIGIN_REFUSED = (
+    "a page of this origin may not open /events on this server (TRIOWS_ALLOWED_ORIGINS)"
+)
 
 
 def shielded(send: Send) -> Send:
@@ -99,6 +105,10 @@ class DataPlane:
         kind, path = scope["type"], scope.get("path")
         if kind == "http" and path == "/send":
             await self.post_send(scope, receive, send)
+        elif path == "/events" and not origin_allowed(
+            scope["headers"], self.settings.allowed_origins
+        ):
+            await refuse_cross_origin(scope, send)
         elif kind == "websocket" and path == "/events":
             await self.events(scope, receive, send)
         elif kind == "http" and path == "/events":
@@ -222,9 +232,9 @@ class DataPlane:
             return 413, problem_document(413, str(error), kind="too-large")
         except InvalidInput as error:
             return 400, problem_document(400, str(error), kind="invalid")
-        except BrokerUnavailable as error:
-            detail = f"the broker is unavailable: {error}"
-            return 503, problem_document(503, detail, kind="broker-unavailable")
+        except BrokerUnavailable:
+            # Why (with the broker's address) is in the router's publish_failed log line.
+            return 503, problem_document(503, BROKER_UNAVAILABLE, kind="broker-unavailable")
         if outcome is Outcome.UNROUTED:
             return 404, problem_document(404, offline_detail(request), kind="offline")
         return 202, {"id": message_id, "status": outcome.value}
@@ -399,9 +409,12 @@ class DataPlane:
             await self.app.router.join(connection, room)
         except TooManyRooms as error:
             return error_frame(ref, "too_many_rooms", str(error))
-        except BrokerUnavailable as error:
-            return error_frame(ref, "unavailable", str(error))
-        log_event("join", user=connection.user, connection=connection.id, room=room)
+        except BrokerUnavailable:
+            return error_frame(ref, "unavailable", BROKER_UNAVAILABLE)
+        # DEBUG: a line per join is a flood under churn; connect and disconnect stay INFO.
+        log_event(
+            "join", level=logging.DEBUG, user=connection.user, connection=connection.id, room=room
+        )
         return joined_frame(ref, room)
 
     async def answer_send(
@@ -418,8 +431,8 @@ class DataPlane:
             return error_frame(ref, "too_large", str(error))
         except InvalidInput as error:
             return error_frame(ref, "invalid", str(error))
-        except BrokerUnavailable as error:
-            return error_frame(ref, "unavailable", f"the broker is unavailable: {error}")
+        except BrokerUnavailable:
+            return error_frame(ref, "unavailable", BROKER_UNAVAILABLE)
         if outcome is Outcome.UNROUTED:
             return error_frame(ref, "offline", offline_detail(send_request))
         return ack_frame(ref, message_id, outcome.value)
@@ -549,6 +562,17 @@ async def refuse(
         }
     )
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+async def refuse_cross_origin(scope: Scope, send: Send) -> None:
+    """403 for a WebSocket or SSE handshake from a browser page of a disallowed origin."""
+    origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")
+    transport = "websocket" if scope["type"] == "websocket" else "sse"
+    log_event("origin_refused", level=logging.WARNING, origin=origin[:200], transport=transport)
+    if transport == "websocket":
+        await refuse(scope, send, 403, ORIGIN_REFUSED, kind="forbidden-origin")
+    else:
+        await respond_problem(send, 403, ORIGIN_REFUSED, kind="forbidden-origin")
 
 
 class _RefusedDeflate(PerMessageDeflate):
