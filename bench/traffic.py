@@ -20,7 +20,7 @@ from trio_websocket import ConnectionClosed
 from bench.tally import Tally
 from triows.client import EventsClient, SendConnection, open_events, open_send_connection
 
-# The outcomes of a batch item that mean "published" (DESIGN.md §4).
+# The outcomes of a batch item that mean "published" (the broker took it).
 BATCH_ITEM_OK = ("routed", "accepted")
 RECEIVE_SIZE = 65536
 
