@@ -4,7 +4,7 @@ One *case* is one fault on one target (a backend on a broker, as in
 ``bench/targets.py``). Each case runs real processes: two ``triows serve``
 instances behind an HAProxy generated from ``deploy/haproxy.cfg`` (same
 settings, the ports this run chose), each instance reaching its broker
-through a :class:`bench.faults_proxy.FaultProxy` of its own, so that a
+through a :class:`bench.faults.proxy.FaultProxy` of its own, so that a
 network fault hits one instance only. Receivers (one socket per user) connect
 through HAProxy and reconnect through it when closed; the instance each one
 landed on is taken from its ``hello``. A sender loop per user POSTs ``/send``

@@ -20,7 +20,7 @@ def connected_over(sockets: list[Socket], user: str, t0: float, t1: float) -> So
 def account(traffic: Traffic) -> dict[str, dict[str, int]]:
     """Per phase: what became of every message sent."""
     received: dict[tuple[str, int], int] = defaultdict(int)
-    # Order is promised for confirmed messages (DESIGN §6.2). A message whose
+    # Order is promised for confirmed messages (the protocol's guarantee). A message whose
     # sender was refused (say, its publish timed out on a silent broker path)
     # may still reach the broker later, after later ones: that is counted
     # apart, as ``late_without_2xx``, not as a reordering.
