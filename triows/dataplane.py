@@ -16,19 +16,28 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from collections.abc import Iterator
+from typing import Any
 
 import trio
 from wsproto.extensions import PerMessageDeflate
 
 from triows import sse
+from triows.asgi import (
+    ASGIApp,
+    Host,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    auth_headers,
+    query_args,
+    respond,
+    respond_problem,
+)
 from triows.auth import AuthError, Identity, identify
 from triows.backend import BrokerUnavailable, Outcome
-from triows.connection import Connection
+from triows.connection import Connection, trio_deadline
 from triows.logs import log_event
 from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
 from triows.protocol import (
@@ -51,15 +60,6 @@ from triows.protocol import (
     parse_send_body,
 )
 from triows.router import TooManyRooms
-
-if TYPE_CHECKING:
-    from triows.app import TriowsApp
-
-Scope = MutableMapping[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[..., Awaitable[None]]
 
 # Items of one batch published at the same time (each waits for its broker confirm).
 BATCH_CONCURRENCY = 16
@@ -87,7 +87,7 @@ def shielded(send: Send) -> Send:
 class DataPlane:
     """ASGI middleware answering ``/send`` and ``/events`` in front of ``inner`` (Quart)."""
 
-    def __init__(self, app: TriowsApp, inner: ASGIApp) -> None:
+    def __init__(self, app: Host, inner: ASGIApp) -> None:
         self.app = app
         self.inner = inner
         self.settings = app.settings
@@ -448,13 +448,6 @@ async def echo(receive: Receive, send: Send) -> None:
             await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
 
 
-def trio_deadline(expires_at: float | None) -> float:
-    """A token's expiry (unix seconds) as a deadline on the Trio clock."""
-    if expires_at is None:
-        return math.inf
-    return trio.current_time() + max(0.0, expires_at - time.time())
-
-
 async def read_body(receive: Receive, limit: int) -> bytes | None:
     """The whole request body, or None as soon as it is over ``limit`` bytes."""
     chunks: list[bytes] = []
@@ -470,57 +463,6 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def query_args(scope: Scope) -> dict[str, str]:
-    """The query string's arguments, the first value of each name."""
-    args: dict[str, str] = {}
-    query = scope.get("query_string", b"").decode("latin-1")
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        args.setdefault(name, value)
-    return args
-
-
-def auth_headers(headers: dict[bytes, bytes]) -> dict[str, str]:
-    """The one header :func:`triows.auth.identify` reads, under the name it looks up."""
-    value = headers.get(b"authorization")
-    return {} if value is None else {"Authorization": value.decode("latin-1")}
-
-
-async def respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: bytes,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def respond_problem(
-    send: Send,
-    status: int,
-    detail: str,
-    *,
-    kind: str | None = None,
-    headers: list[tuple[bytes, bytes]] | None = None,
-    close: bool = False,
-) -> None:
-    """Answer with problem details; ``close`` ends the connection (the body was not all read)."""
-    extra = [*(headers or []), *([(b"connection", b"close")] if close else [])]
-    body = json.dumps(problem_document(status, detail, kind=kind)).encode()
-    await respond(send, status, body, PROBLEM_CONTENT_TYPE.encode(), extra)
 
 
 async def refuse(
