@@ -51,9 +51,11 @@ from triows.protocol import (
     RoomRequest,
     SendRequest,
     ack_frame,
+    check_tokens,
     error_frame,
     hello_frame,
     joined_frame,
+    json_tokens,
     left_frame,
     parse_client_frame,
     parse_send_batch,
@@ -177,6 +179,8 @@ class DataPlane:
                 )
                 return
         try:
+            # Counted in C before any parsing: what a body costs to parse is bounded.
+            check_tokens(json_tokens(raw), settings.max_json_tokens)
             batch = parse_send_batch(raw, dev_mode=settings.dev_mode, max_items=settings.max_batch)
             if batch is None:
                 if len(raw) > settings.max_message_bytes:
@@ -335,7 +339,8 @@ class DataPlane:
         One frame is handled at a time (its publish or subscribe is awaited
         before the next frame is read), and at most ``TRIOWS_SEND_RATE`` frames
         per second with bursts of ``TRIOWS_SEND_BURST``, joins and leaves
-        included: a client that sends faster is slowed by TCP back-pressure on
+        included, a frame with much JSON structure counting as several
+        (``TRIOWS_SEND_COST_TOKENS``): a client that sends faster is slowed by TCP back-pressure on
         its own socket, never anyone else's. ``identity`` says which rooms the
         connection may join or send to (None: any).
         """
@@ -358,15 +363,23 @@ class DataPlane:
                 log_event("frame_too_large", level=logging.WARNING, user=connection.user)
                 connection.close(CLOSE_TOO_LARGE, f"frames are limited to {limit} bytes")
                 return
+            # A frame costs one send plus one per ``send_cost_tokens`` of structure,
+            # paid before it is parsed: costly JSON slows its sender down.
+            structure = json_tokens(data)
+            cost = 1 + structure // settings.send_cost_tokens
             now = trio.current_time()
             tokens = min(burst, tokens + (now - refilled) * rate)
             refilled = now
-            if tokens < 1:
-                await trio.sleep((1 - tokens) / rate)
-                tokens, refilled = 1.0, trio.current_time()
-            tokens -= 1
+            if tokens < cost:
+                await trio.sleep((cost - tokens) / rate)
+                tokens, refilled = float(cost), trio.current_time()
+            tokens -= cost
             try:
+                check_tokens(structure, settings.max_json_tokens)
                 request = parse_client_frame(data)
+            except MessageTooLarge as error:
+                connection.offer(error_frame(None, "too_large", str(error)))
+                continue
             except ProtocolViolation as error:
                 log_event(
                     "invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error)
