@@ -146,7 +146,7 @@ def test_an_unterminated_string_is_counted_in_one_pass() -> None:
 
 def test_check_tokens_names_the_count_and_the_limit() -> None:
     check_tokens(10, 10)
-    with pytest.raises(MessageTooLarge, match="11 structural tokens.*limit is 10"):
+    with pytest.raises(MessageTooLarge, match=r"11 structural tokens.*limit is 10"):
         check_tokens(11, 10)
 
 

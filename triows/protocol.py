@@ -348,9 +348,8 @@ def parse_send_batch(
     if raw.lstrip(b" \t\n\r")[:1] != b"[":
         return None
     text = _utf8(raw)
-    index = _skip_whitespace(text, 0)
     parsed: list[tuple[SendRequest, str | None] | InvalidInput] = []
-    index = _skip_whitespace(text, index + 1)
+    index = _skip_whitespace(text, text.index("[") + 1)
     closed = text.startswith("]", index)
     while not closed:
         if len(parsed) == max_items:
@@ -386,7 +385,9 @@ def _span(raw: str, start: int) -> tuple[Any, int]:
     """The value at ``raw[start]`` read loosely, to skip an item that was refused."""
     try:
         value, end = _SPAN_DECODER.raw_decode(raw, start)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise RefusedJson(f"JSON may nest at most {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError:
         raise InvalidInput("the body is not valid JSON") from None
     return value, end
 
