@@ -1,7 +1,7 @@
 """What costly JSON does to everyone else: ``/healthz`` and Anne -> Bob latency under attack.
 
 ``python -m bench.abuse_json [--tree DIR] [--attack frames|batches|none]
-[--attackers 10] [--duration 15] [--warmup 3]`` starts ``triows serve`` (dev
+[--attackers 10] [--objects 21500] [--duration 15] [--warmup 3]`` starts ``triows serve`` (dev
 mode, memory backend) from ``--tree`` (default: this checkout; ``python -m``
 imports from the working directory first, so another checkout's code runs),
 then, while ``--attackers`` clients attack, probes every 100 ms:
@@ -13,7 +13,8 @@ then, while ``--attackers`` clients attack, probes every 100 ms:
 Attacks (each client within every limit the server sets):
 
 - ``frames``: each of ``--attackers`` WebSockets sends ``send`` frames of
-  21,500 empty objects (64.5 KB, under ``TRIOWS_MAX_MESSAGE_BYTES``) to a
+  ``--objects`` empty objects (21,500: 64.5 KB, under
+  ``TRIOWS_MAX_MESSAGE_BYTES``; 2,000: within ``TRIOWS_MAX_JSON_TOKENS``) to a
   reading user, one after another, each as soon as the previous is answered;
   the server's own send rate limit decides how fast;
 - ``batches``: each of ``--attackers`` HTTP clients POSTs, one after another,
@@ -49,12 +50,11 @@ START_TIMEOUT = 60.0
 PROBE_INTERVAL = 0.1
 PROBE_TIMEOUT = 10.0
 COMPACT = (",", ":")
-FRAME_OBJECTS = 21_500
 BATCH_BYTES = 1_048_576 - 64
 
 
-def costly_frame() -> str:
-    message = [{}] * FRAME_OBJECTS
+def costly_frame(objects: int) -> str:
+    message: list[dict[str, str]] = [{}] * objects
     return json.dumps({"type": "send", "to": "Sink", "message": message}, separators=COMPACT)
 
 
@@ -124,8 +124,8 @@ async def sink(ws_base: str) -> None:
             await websocket.get_message()
 
 
-async def attack_frames(ws_base: str, number: int, tally: Tally) -> None:
-    frame = costly_frame()
+async def attack_frames(ws_base: str, number: int, objects: int, tally: Tally) -> None:
+    frame = costly_frame(objects)
     async with open_websocket_url(f"{ws_base}/events?user=Mallory{number}") as websocket:
         await websocket.get_message()  # hello
         while True:
@@ -143,14 +143,16 @@ async def attack_batches(base: str, tally: Tally) -> None:
             tally.answered(str(answer.status_code))
 
 
-async def run(base: str, attack: str, attackers: int, duration: float, warmup: float) -> Tally:
+async def run(
+    base: str, attack: str, attackers: int, objects: int, duration: float, warmup: float
+) -> Tally:
     tally = Tally()
     ws_base = base.replace("http://", "ws://")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sink, ws_base)
         for number in range(attackers if attack != "none" else 0):
             if attack == "frames":
-                nursery.start_soon(attack_frames, ws_base, number, tally)
+                nursery.start_soon(attack_frames, ws_base, number, objects, tally)
             else:
                 nursery.start_soon(attack_batches, base, tally)
         await trio.sleep(warmup)
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
     parser.add_argument("--attack", choices=["frames", "batches", "none"], default="frames")
     parser.add_argument("--attackers", type=int, default=10)
+    parser.add_argument("--objects", type=int, default=21_500, help="empty objects per frame")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of probes")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of attack before")
     args = parser.parse_args(argv)
@@ -211,11 +214,14 @@ def main(argv: list[str] | None = None) -> None:
         server = serve(args.tree, url_file)
         try:
             base = wait_healthy(url_file)
-            tally = trio.run(run, base, args.attack, args.attackers, args.duration, args.warmup)
+            tally = trio.run(
+                run, base, args.attack, args.attackers, args.objects, args.duration, args.warmup
+            )
         finally:
             server.terminate()
             server.wait(timeout=START_TIMEOUT)
-    print(f"{args.tree} attack={args.attack} attackers={args.attackers}")
+    objects = f" objects={args.objects}" if args.attack == "frames" else ""
+    print(f"{args.tree} attack={args.attack} attackers={args.attackers}{objects}")
     print(summary("/healthz", tally.healthz))
     print(summary("Anne -> Bob", tally.anne_bob))
     print(f"attack answers: {tally.answers or 'none'}")
