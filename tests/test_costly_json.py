@@ -61,6 +61,15 @@ async def test_a_body_of_21500_empty_objects_is_413_before_it_is_parsed() -> Non
         assert "structural tokens" in response.json()["detail"]
 
 
+async def test_a_batch_of_one_item_of_21500_empty_objects_is_413_as_a_whole() -> None:
+    async with serve_instance("memory") as server, httpx.AsyncClient() as http:
+        batch = [{"to": "Bob", "message": EMPTY_OBJECTS}]
+        body = json.dumps(batch, separators=(",", ":")).encode()
+        response = await http.post(f"{server.base_url}/send", content=body, headers=JSON)
+        assert response.status_code == 413
+        assert "structural tokens" in response.json()["detail"]
+
+
 async def test_a_batch_over_the_item_limit_is_413_before_the_items_past_it_are_read() -> None:
     async with serve_instance("memory", env={"TRIOWS_MAX_BATCH": "3"}) as server:
         async with httpx.AsyncClient() as http:
