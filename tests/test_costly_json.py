@@ -20,6 +20,7 @@ from triows.protocol import (
     InvalidInput,
     MessageTooLarge,
     SendRequest,
+    check_body_tokens,
     check_tokens,
     json_tokens,
     parse_send_batch,
@@ -153,10 +154,32 @@ def test_an_unterminated_string_is_counted_in_one_pass() -> None:
     assert json_tokens("[" * 100 + '"' + "\\") == 100
 
 
-def test_check_tokens_names_the_count_and_the_limit() -> None:
+def test_check_tokens_names_the_limit() -> None:
     check_tokens(10, 10)
-    with pytest.raises(MessageTooLarge, match=r"11 structural tokens.*limit is 10"):
+    with pytest.raises(MessageTooLarge, match="more than 10 structural tokens"):
         check_tokens(11, 10)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"m":"' + b"," * 70_000 + b'"}',  # a string across the prefix's end
+        b'{"m":"' + b'\\"[' * 30_000 + b'"}',  # escaped quotes across it
+        b'["' + b"x" * 65_529 + b'",' + b"1," * 10 + b"1]",  # the cut just after a string
+        b"[" + b"1," * 40_000 + b"1]",  # structure all along
+    ],
+)
+def test_a_long_body_is_judged_as_its_whole_count_says(raw: bytes) -> None:
+    count = json_tokens(raw)
+    check_body_tokens(raw, count)
+    with pytest.raises(MessageTooLarge):
+        check_body_tokens(raw, count - 1)
+
+
+def test_a_rough_count_within_the_limit_is_enough() -> None:
+    text = json.dumps({"message": ", " * 100})
+    assert json_tokens(text, exact_above=1000) == 101
+    assert json_tokens(text) == 1
 
 
 def test_each_batch_item_is_decoded_strictly_and_fails_alone() -> None:

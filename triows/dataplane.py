@@ -51,6 +51,7 @@ from triows.protocol import (
     RoomRequest,
     SendRequest,
     ack_frame,
+    check_body_tokens,
     check_tokens,
     error_frame,
     hello_frame,
@@ -180,7 +181,7 @@ class DataPlane:
                 return
         try:
             # Counted in C before any parsing: what a body costs to parse is bounded.
-            check_tokens(json_tokens(raw), settings.max_json_tokens)
+            check_body_tokens(raw, settings.max_json_tokens)
             batch = parse_send_batch(raw, dev_mode=settings.dev_mode, max_items=settings.max_batch)
             if batch is None:
                 if len(raw) > settings.max_message_bytes:

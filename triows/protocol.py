@@ -31,6 +31,8 @@ _SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 # Up to this many brackets and commas, strings are not told apart from structure.
 _TOKENS_COUNTED_ROUGHLY: Final = 64
+# A long body's structure is counted on this prefix first.
+_TOKENS_PREFIX_BYTES: Final = 65536
 
 # WebSocket close codes (DESIGN §4).
 CLOSE_INVALID_FRAME: Final = 1008
@@ -144,19 +146,20 @@ class RefusedJson(InvalidInput):
     lone surrogate, a non-finite or oversized number."""
 
 
-def json_tokens(raw: bytes | str) -> int:
+def json_tokens(raw: bytes | str, *, exact_above: int = _TOKENS_COUNTED_ROUGHLY) -> int:
     """The structural tokens of a JSON text: its ``[``, ``{`` and ``,`` outside strings.
 
     Roughly one per value, so what decoding, checking and re-encoding it
     costs grows with this count, not with its bytes (a 64 KiB string is one
     value; 64 KiB of ``{},`` are 21,000). Counted on the raw text in C before
-    anything is decoded: a count of at most 64 may include brackets and commas
-    inside strings; a larger one does not.
+    anything is decoded. A count of at most ``exact_above`` may include
+    brackets and commas inside strings (it is an upper bound); a larger one
+    does not.
     """
     # Bytes as Latin-1: the same counts, as UTF-8 never puts these characters in a multi-byte one.
     text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
     count = text.count("[") + text.count("{") + text.count(",")
-    if count <= _TOKENS_COUNTED_ROUGHLY:
+    if count <= exact_above:
         return count
     text = _JSON_STRING.sub("", text)
     return text.count("[") + text.count("{") + text.count(",")
@@ -166,9 +169,21 @@ def check_tokens(count: int, limit: int) -> None:
     """Raise :class:`MessageTooLarge` when ``count`` structural tokens are over ``limit``."""
     if count > limit:
         raise MessageTooLarge(
-            f"the JSON holds {count} structural tokens ('[', '{{' and ',' outside strings); "
-            f"the limit is {limit}"
+            f"the JSON holds more than {limit} structural tokens "
+            "('[', '{' and ',' outside strings)"
         )
+
+
+def check_body_tokens(raw: bytes, limit: int) -> None:
+    """Raise :class:`MessageTooLarge` when the body ``raw`` holds over ``limit`` structural tokens.
+
+    A body longer than :data:`_TOKENS_PREFIX_BYTES` is judged on that prefix
+    first (a lower bound: a prefix is read as the whole text would be), so a
+    long body dense with structure is refused without being scanned whole.
+    """
+    if len(raw) > _TOKENS_PREFIX_BYTES:
+        check_tokens(json_tokens(raw[:_TOKENS_PREFIX_BYTES], exact_above=limit), limit)
+    check_tokens(json_tokens(raw, exact_above=limit), limit)
 
 
 def _reject_constant(name: str) -> NoReturn:
