@@ -84,6 +84,13 @@ class Settings:
     max_batch_bytes: int = field(default=1048576, metadata={"env": "TRIOWS_MAX_BATCH_BYTES"})
     send_rate: float = field(default=100.0, metadata={"env": "TRIOWS_SEND_RATE"})
     send_burst: int = field(default=50, metadata={"env": "TRIOWS_SEND_BURST"})
+    # Structural tokens ('[', '{' and ',' outside strings) in one WebSocket frame
+    # or one POST /send body, batch included: what parsing and checking JSON
+    # costs grows with them, not with bytes. Counted before anything is parsed.
+    max_json_tokens: int = field(default=4096, metadata={"env": "TRIOWS_MAX_JSON_TOKENS"})
+    # A WebSocket frame counts against TRIOWS_SEND_RATE as one send plus one
+    # per this many structural tokens: a costly frame slows its own sender.
+    send_cost_tokens: int = field(default=64, metadata={"env": "TRIOWS_SEND_COST_TOKENS"})
     ping_interval: float = field(default=20.0, metadata={"env": "TRIOWS_PING_INTERVAL"})
     test_echo: bool = field(default=False, metadata={"env": "TRIOWS_TEST_ECHO"})
     # Rooms one connection may be in at once: each is a broker subscription at most.
@@ -110,6 +117,8 @@ class Settings:
             "max_batch",
             "max_batch_bytes",
             "send_burst",
+            "max_json_tokens",
+            "send_cost_tokens",
             "max_rooms",
         ):
             if getattr(self, name) < 1:
