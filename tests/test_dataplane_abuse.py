@@ -1,4 +1,4 @@
-"""Abuse of the data plane, by raw sockets against real ``triows serve`` processes (issue 9)."""
+"""Abuse of the data plane, by raw sockets against real ``triows serve`` processes."""
 
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ from hyperframe.frame import GoAwayFrame, SettingsFrame
 
 from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.logs import log_event, logger
+from triows.openfiles import fit_connections_to_open_files
 from triows.settings import Settings
 
 # How often a worker process checks whether its parent asked it to stop.
@@ -522,6 +523,7 @@ def serve(settings: Settings, url_file: str | None = None) -> int:
     on (with port 0 in a bind, the port the kernel chose).
     The caller checks the settings first (``triows.cli.check_startup``).
     """
+    settings = fit_connections_to_open_files(settings)
     config = hypercorn_config(settings)
     if settings.workers == 1:
         return trio.run(_serve_worker, settings, config, None, None, url_file)
