@@ -94,7 +94,7 @@ class Options:
     # links' queues, plus heartbeat detection and the broker's expiry timer.
     forget_timeout: float = AMQP10_ORPHAN_EXPIRES + 30.0
     # TRIOWS_PING_INTERVAL for every instance: a vanished client is cut within
-    # about twice this (TCP keepalive / TCP_USER_TIMEOUT, triows/cli.py).
+    # about twice this (TCP keepalive / TCP_USER_TIMEOUT, triows/serving.py).
     ping_interval: float = 2.0
 
 
