@@ -34,7 +34,7 @@ _TOKENS_COUNTED_ROUGHLY: Final = 64
 # A long body's structure is counted on this prefix first.
 _TOKENS_PREFIX_BYTES: Final = 65536
 
-# WebSocket close codes (DESIGN §4).
+# WebSocket close codes (docs/protocol.md).
 CLOSE_INVALID_FRAME: Final = 1008
 CLOSE_TOO_LARGE: Final = 1009
 CLOSE_DRAINING: Final = 1012
