@@ -136,8 +136,9 @@ def chromium_path() -> str:
     return debian_executable("chromium")
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+@contextmanager
+def launch_chromium(*extra_args: str) -> Iterator[Browser]:
+    """Headless Debian Chromium (Playwright sync API) with ``CHROMIUM_ARGS`` + ``extra_args``."""
     executable = chromium_path()
     # trio_asyncio (imported by the amqp091 backend's tests) installs an event
     # loop policy whose loops run inside Trio; Playwright's sync API needs a
@@ -146,11 +147,18 @@ def browser() -> Iterator[Browser]:
     asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            args = [*CHROMIUM_ARGS, *extra_args]
+            browser = playwright.chromium.launch(executable_path=executable, args=args)
             yield browser
             browser.close()
     finally:
         asyncio.set_event_loop_policy(trio_policy)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with launch_chromium() as browser:
+        yield browser
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ triows never grants; the server's refusal of it is tested over raw sockets.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import re
 import threading
@@ -24,9 +23,9 @@ from urllib.parse import urlencode
 
 import pytest
 import trio
-from playwright.sync_api import Browser, ConsoleMessage, Route, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Route, expect
 
-from tests.test_browser import CHROMIUM_ARGS, chromium_path
+from tests.test_browser import launch_chromium
 from triows.process import serve_instance
 
 # Hang guard only (seconds).
@@ -39,18 +38,8 @@ WITHOUT_LOCAL_NETWORK_CHECKS = (
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    executable = chromium_path()
-    # As in tests/test_browser.py: Playwright's sync API needs asyncio's own loop policy.
-    trio_policy = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
-    try:
-        with sync_playwright() as playwright:
-            args = [*CHROMIUM_ARGS, WITHOUT_LOCAL_NETWORK_CHECKS]
-            browser = playwright.chromium.launch(executable_path=executable, args=args)
-            yield browser
-            browser.close()
-    finally:
-        asyncio.set_event_loop_policy(trio_policy)
+    with launch_chromium(WITHOUT_LOCAL_NETWORK_CHECKS) as browser:
+        yield browser
 
 
 @contextmanager

@@ -151,7 +151,7 @@ class TriowsApp(QuartTrio):
             os._exit(FATAL_EXIT_CODE)
 
     async def drain(self) -> None:
-        """Drain in the order docs/operations.md#drain gives, all of it within ``TRIOWS_DRAIN_TIMEOUT``.
+        """Drain in the order docs/operations.md gives, all within ``TRIOWS_DRAIN_TIMEOUT``.
 
         ``/readyz`` turns 503; every held key is unsubscribed (the broker
         stops routing here: a user connected only here is offline, 404); what
