@@ -1173,6 +1173,10 @@ async def settled_stats(cluster: Cluster) -> dict[str, Any]:
     return stats
 
 
+# Cycles between two RSS samples of the churn case.
+CHURN_SAMPLE_CYCLES = 1000
+
+
 async def run_churn(
     target: Target, cycles: int, opts: Options, concurrency: int = 20
 ) -> dict[str, Any]:
@@ -1199,10 +1203,17 @@ async def run_churn(
                 except (OSError, HandshakeError, ConnectionClosed):
                     failures += 1
 
+        # RSS after every CHURN_SAMPLE_CYCLES cycles: a leak per cycle shows as
+        # a slope that one before/after pair (allocator noise) cannot show.
+        samples: dict[str, list[tuple[int, float]]] = {label: [] for label in cluster.nodes}
         with trio.fail_after(max(600.0, cycles * 0.2)):
-            async with trio.open_nursery() as nursery:
-                for n in range(cycles):
-                    nursery.start_soon(limited, n)
+            for start in range(0, cycles, CHURN_SAMPLE_CYCLES):
+                async with trio.open_nursery() as nursery:
+                    for n in range(start, min(cycles, start + CHURN_SAMPLE_CYCLES)):
+                        nursery.start_soon(limited, n)
+                for label, node in cluster.nodes.items():
+                    done = min(cycles, start + CHURN_SAMPLE_CYCLES)
+                    samples[label].append((done, process_stats(node)["rss_mib"]))
         # Settle: the last unsubscribes reach the broker. On AMQP 1.0 a
         # detached link's queue (and its binding) goes only when the expiry
         # policy removes it (AMQP10_ORPHAN_EXPIRES): wait for that, bounded.
@@ -1225,7 +1236,24 @@ async def run_churn(
             "baseline": baseline,
             "settled": settled,
             "bindings_settled_s": bindings_settled_s,
+            "rss_samples": samples,
+            "rss_slope_kib_per_1000_cycles": {
+                label: rss_slope(points) for label, points in samples.items()
+            },
         }
+
+
+def rss_slope(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares growth of RSS in KiB per 1,000 cycles over ``(cycles, rss_mib)``
+    samples, the first (warm-up) left out; None with fewer than three left."""
+    points = points[1:]
+    if len(points) < 3:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    return round(slope * 1000 * 1024, 1)
 
 
 # What is sent to the dead clients meanwhile: a few of these fill the tight
@@ -1418,6 +1446,9 @@ def _extra_notes(row: dict[str, Any]) -> str:
             )
         if "broker_bindings" in s:
             parts.append(f"bindings {b['broker_bindings']}→{s['broker_bindings']}")
+        for label, slope in row.get("rss_slope_kib_per_1000_cycles", {}).items():
+            if slope is not None:
+                parts.append(f"{label}: RSS {slope:+} KiB per 1,000 cycles")
         return "; ".join(parts)
     if fault == "dead-client":
         if not row.get("release_observable", True):

@@ -334,3 +334,37 @@ async def test_closing_the_backend_deletes_its_queues_on_rabbitmq(exchange: str)
         await holder.unsubscribe("user.ann")
         await wait_for_queues(settings.instance_id, {holder.queues["user.bob"]})
     assert await rabbitmq_queues(settings.instance_id) == set()
+
+
+# One key held and released this often on one connection (a user's last
+# disconnect, a room leave): enough that a leak per cycle would stand out.
+CHURN_CYCLES = 1000
+
+
+def proton_links(backend: Amqp10Backend) -> int:
+    """How many links proton keeps on the backend's connection (freed ones are gone)."""
+    live = backend._following
+    assert live is not None
+    count, link = 0, live.pump.connection.link_head(0)
+    while link is not None:
+        count, link = count + 1, link.next(0)
+    return count
+
+
+async def test_subscribing_and_releasing_one_key_again_and_again_keeps_no_link_behind(
+    exchange: str,
+) -> None:
+    async with open_ready(amqp10_settings(exchange)) as backend:
+        assert isinstance(backend, Amqp10Backend)
+        connection = backend._following
+        assert connection is not None
+        links_before = proton_links(backend)
+        for _ in range(CHURN_CYCLES):
+            await backend.subscribe("user.bob")
+            await backend.unsubscribe("user.bob")
+        assert backend._following is connection  # one connection all along
+        assert (proton_links(backend), connection.detached) == (links_before, set())
+        await backend.subscribe("user.bob")
+        await backend.publish("user.bob", b"after")
+        with anyio.fail_after(READY_TIMEOUT):
+            assert await backend.incoming.receive() == ("user.bob", b"after")
