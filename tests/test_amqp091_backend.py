@@ -33,6 +33,7 @@ from triows.settings import Settings
 pytestmark = pytest.mark.broker
 
 RABBITMQ_PORT = BROKERS["rabbitmq"].port
+GARAGEMQ_PORT = BROKERS["garagemq"].port
 RABBITMQ_URL = BROKERS["rabbitmq"].url
 POLL_INTERVAL = 0.05
 # Hang guards only; no test asserts on how long something took.
@@ -331,3 +332,28 @@ async def test_an_exchange_of_another_type_is_reported_once_and_retried_until_it
         assert await backend.publish("user.Bob", b"at last") == Outcome.ROUTED
         with trio.fail_after(READY_TIMEOUT):
             assert await backend.incoming.receive() == ("user.Bob", b"at last")
+
+
+# Connections lost, each after a key was held on it and released while down.
+RECONNECT_CYCLES = 20
+
+
+async def test_keys_released_while_down_are_forgotten_where_each_connection_has_a_new_queue(
+    exchange: str,
+) -> None:
+    # GarageMQ: the queue goes with its connection, and the next connection
+    # declares one of another name, with no binding. What the backend counts
+    # as possibly bound must start over with it, or it grows by every key
+    # released while the connection was down.
+    await require_broker("garagemq")
+    port = free_port()
+    settings = amqp_settings(exchange, port=port, reconnect_max_delay=0.05)
+    async with open_amqp091_backend(settings) as holder:
+        for cycle in range(RECONNECT_CYCLES):
+            async with reachable(holder, GARAGEMQ_PORT, port):
+                await holder.subscribe(f"user.u{cycle}")
+            await wait_not_ready(holder)
+            await holder.unsubscribe(f"user.u{cycle}")
+        async with reachable(holder, GARAGEMQ_PORT, port):
+            await holder.subscribe("user.kept")
+            assert holder._maybe_bound == {"user.kept"}
