@@ -95,6 +95,7 @@ class AioSession:
         self.delivered_tag = 0
         self.acked_tag = 0
         self.ack_wanted = trio.Event()
+        self._acking = trio.Lock()
 
     async def call(
         self, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
@@ -122,14 +123,23 @@ class AioSession:
         await self.publisher.run(send)
 
     async def ack(self) -> None:
-        """Ack every delivery handed to Trio so far (``multiple``), unless done already."""
-        tag = self.delivered_tag
-        if tag <= self.acked_tag:
-            return
-        self.acked_tag = tag
-        # If the connection is gone, so is the queue: nothing to ack.
-        with suppress(*SESSION_BROKEN):
-            await self.call(self.channel.basic_ack, tag, multiple=True, wait=False)
+        """Ack every delivery handed to Trio so far (``multiple``), unless done already.
+
+        One ack at a time: each returns once its frame is in aiormq's write
+        queue, so the broker gets them in the order of their tags. Two at once
+        could swap there (a put waiting for room in the full queue is woken,
+        and a put that just arrived takes the room first), and an ack of a tag
+        a later ``multiple`` ack already settled is an unknown delivery tag to
+        the broker: it closes the channel.
+        """
+        async with self._acking:
+            tag = self.delivered_tag
+            if tag <= self.acked_tag:
+                return
+            self.acked_tag = tag
+            # If the connection is gone, so is the queue: nothing to ack.
+            with suppress(*SESSION_BROKEN):
+                await self.call(self.channel.basic_ack, tag, multiple=True, wait=False)
 
 
 def frame_out_of_order(error: BaseException) -> bool:
