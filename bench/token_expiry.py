@@ -8,7 +8,8 @@ runs one real ``triows serve`` on a broker, ``--clients`` clients that each
 connect with a token expiring in ``--ttl`` seconds and send as fast as the
 server answers until it closes them, and again, until ``--expiries`` closes
 with 4401; it counts the broker sessions the instance lost meanwhile (its
-(its ``broker_connected`` log lines after the first).
+``broker_not_ready`` log lines) and why each reconnect was needed (``causes``:
+"the broker connection ended" is a session the instance dropped itself).
 
     python -m bench.token_expiry --target stomp-rabbitmq --expiries 1000
     python -m bench.token_expiry --server-code /path/to/checkout ...   # another version
@@ -25,6 +26,7 @@ import json
 import secrets
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import trio
@@ -138,17 +140,21 @@ async def run(
                             file=sys.stderr,
                             flush=True,
                         )
+                    stopped_at = time.time()
                     nursery.cancel_scope.cancel()
         log.seek(0)
         lines = log.read().decode(errors="replace").splitlines()
-    # Each session after the first is a reconnect after a lost one. (Its
-    # broker_not_ready lines also count the close at the end.)
-    dropped = sum('"broker_connected"' in line for line in lines) - 1
+    # Sessions lost while the clients ran (the close at the end logs one too).
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    dropped = sum(
+        event.get("event") == "broker_not_ready" and event.get("ts", 0) < stopped_at
+        for event in events
+    )
     # Why each lost session was lost (the reconnect's log line says).
     causes: dict[str, int] = {}
-    for line in lines:
-        if '"broker_unavailable"' in line:
-            cause = str(json.loads(line).get("error", ""))[:120]
+    for event in events:
+        if event.get("event") == "broker_unavailable":
+            cause = str(event.get("error", ""))[:120]
             causes[cause] = causes.get(cause, 0) + 1
     return {
         "target": target,
