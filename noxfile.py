@@ -1,4 +1,5 @@
-"""Sessions: tests, lint, typecheck, brokers, serve, demo, bench, bench_matrix, faults, cluster."""
+"""Sessions: lint, typecheck and tests (the default), unit, brokers, serve, demo, bench,
+bench_matrix, faults, cluster."""
 
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ def tests(session: nox.Session) -> None:
     install(session, "test", "bench")
     brokers(session, "start")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def unit(session: nox.Session) -> None:
+    """The fast loop: every test that needs no broker and no server process (no broker started).
+
+    The ``broker`` and ``server`` markers are added by tests/conftest.py from
+    what each test module uses; arguments after ``--`` go to pytest.
+    """
+    # "bench": the bench's own unit tests (tests/test_bench_tally.py) import it.
+    install(session, "test", "bench")
+    session.run("pytest", "-m", "not broker and not server", *session.posargs)
 
 
 @nox.session
@@ -84,7 +97,7 @@ def bench_matrix(session: nox.Session) -> None:
 
 @nox.session
 def faults(session: nox.Session) -> None:
-    """Every fault case on every broker (bench/faults.py); ``-- --quick`` for short phases.
+    """Every fault case on every broker (bench/faults); ``-- --quick`` for short phases.
 
     Takes RabbitMQ and ActiveMQ down (under their outage locks) and restarts
     GarageMQ and ActiveMQ: do not run it next to other test runs.

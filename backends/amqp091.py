@@ -13,7 +13,7 @@ alternatives were worse: aiormq on its own asyncio loop in a thread puts a
 thread hop on every message, and a hand-written client on pamqp would replace
 the library the user chose.
 
-Broker mapping (DESIGN §5). One connection per instance; a non-durable
+Broker mapping (docs/backends.md). One connection per instance; a non-durable
 *direct* exchange ``settings.exchange``, declared idempotently; one queue per
 process named ``triows.<instance_id>.<random>`` by the client (GarageMQ refuses
 server-named queues; for its other quirks see :data:`BROKER_QUIRKS`);
@@ -401,7 +401,7 @@ class Amqp091Backend(Supervised[AioSession]):
             )
         except ChannelPreconditionFailed as error:
             # Declared by someone else with other arguments: no reconnect
-            # soon will change that, only an operator (issue 9 item 6).
+            # soon will change that, only an operator.
             text = str(error)
             current = re.search(r"current is '([^']*)'", text)
             raise BrokerRejected(

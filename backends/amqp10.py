@@ -5,7 +5,7 @@ Engine. python-qpid-proton's protocol engine (``Connection``, ``Transport``,
 over an anyio TCP (or TLS, for ``amqps://``) stream. No proton reactor, no
 threads: every engine call and every event handler runs in the event loop.
 
-Broker mapping (DESIGN §5). One connection and one session per instance. One
+Broker mapping (docs/backends.md). One connection and one session per instance. One
 sender link publishes every message; one receiver link per held key receives.
 A key's *address* comes from ``settings.address_template`` (``{key}`` and
 ``{exchange}`` are filled in); when that is empty it is chosen from the
@@ -25,7 +25,7 @@ server-named ``amq.gen-`` queue (``rabbit_amqp1_0_outgoing_link:ensure_source``
 through ``rabbit_routing_util:ensure_endpoint``: no name can be asked for,
 the terminus's ``expiry-policy`` and the link name are ignored, the attach
 answer does not say which queue), which outlives the link (rabbitmq-server
-issue 2588) but cannot be found again: what a lost connection's links had
+#2588) but cannot be found again: what a lost connection's links had
 queued was stranded. So each held key gets a queue named by the backend,
 ``triows.<instance_id>.<random>.<n>.<key>`` (unique per process and per
 subscription of a key, kept across reconnects), declared and bound to the

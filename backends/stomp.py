@@ -1,6 +1,6 @@
 """STOMP 1.2 backend: ActiveMQ Classic, RabbitMQ's STOMP plugin, Artemis ...
 
-Broker mapping (DESIGN §5). One STOMP connection per instance over an anyio
+Broker mapping (docs/backends.md). One STOMP connection per instance over an anyio
 TCP (or TLS, ``stomp+ssl://``) stream, no threads; frames go through the
 sans-IO codec in :mod:`backends.stomp_frames`; one connection's writes, reads,
 receipts and acks are :class:`backends.stomp_session.StompSession`.

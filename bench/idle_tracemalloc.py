@@ -18,8 +18,8 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from triows.app import create_app
-from triows.cli import _listening_sockets, hypercorn_config, install_write_deadline
 from triows.process import free_port
+from triows.serving import _listening_sockets, hypercorn_config, install_hypercorn_adaptation
 from triows.settings import Settings
 
 HOLDER = Path(__file__).with_name("idle_holder.py")
@@ -40,7 +40,7 @@ async def measure(count: int) -> None:
     settings = Settings(bind=(f"127.0.0.1:{port}",), log_level="WARNING")
     config = hypercorn_config(settings)
     app = create_app(settings)
-    install_write_deadline(settings.close_timeout)
+    install_hypercorn_adaptation(settings)
     sockets = _listening_sockets(config, settings, listen=True)
     wrapped = wrap_app(app, config.wsgi_max_body_size, None)
     async with trio.open_nursery() as nursery, httpx.AsyncClient() as http:

@@ -5,7 +5,10 @@ the bench needs (the load generator drives triows and the peer alike, so a
 receiver costs the same on both sides): connect to
 ``/socket.io/?EIO=4&transport=websocket&name=USER``, read the open packet
 (``0{...}``), connect the default namespace (``40`` → ``40{...}``), answer each
-ping ``2`` with a pong ``3``, and decode events ``42["message", {...}]``.
+ping ``2`` with a pong ``3``, and decode events ``42["message", {...}]``. A sender
+emits ``42<id>["send", {"to": ..., "message": ...}]``, the packet python-socketio's
+own client writes for ``sio.call("send", ...)``, and reads its acknowledgement
+``43<id>[{"status": "accepted"}]``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ START_TIMEOUT = 30.0
 
 # Engine.IO packet types (first character) and Socket.IO ones (second, in a message).
 EIO_OPEN, EIO_CLOSE, EIO_PING, EIO_PONG, EIO_MESSAGE = "0", "1", "2", "3", "4"
-SIO_CONNECT, SIO_DISCONNECT, SIO_EVENT, SIO_CONNECT_ERROR = "0", "1", "2", "4"
+SIO_CONNECT, SIO_DISCONNECT, SIO_EVENT, SIO_ACK, SIO_CONNECT_ERROR = "0", "1", "2", "3", "4"
 
 
 class SocketIOClosed(ConnectionClosed):  # type: ignore[misc]
@@ -49,8 +52,18 @@ class SocketIOClient:
     websocket: WebSocketConnection
     sid: str
 
+    async def send(self, to: str, message: Any, ref: str) -> None:
+        """Emit ``send`` asking for an acknowledgement with id ``ref`` (digits).
+
+        Its answer comes from :meth:`receive` as ``{"type": "ack", "ref": ref}``
+        (or an ``error`` frame), as triows answers a ``send`` frame.
+        """
+        event = json.dumps(["send", {"to": to, "message": message}], separators=(",", ":"))
+        await self.websocket.send_message(f"{EIO_MESSAGE}{SIO_EVENT}{int(ref)}{event}")
+
     async def receive(self) -> dict[str, Any]:
-        """The next ``message`` event as ``{"type": "message", "message": DATA}``."""
+        """The next ``message`` event as ``{"type": "message", "message": DATA}``, or the
+        acknowledgement of a :meth:`send` as ``{"type": "ack", "ref": ID}``."""
         while True:
             packet = await self.websocket.get_message()
             kind = packet[:1]
@@ -60,6 +73,15 @@ class SocketIOClient:
                 # No namespace (the default one) and no ack id: the JSON array follows.
                 event, *data = json.loads(packet[2:])
                 return {"type": event, "message": data[0] if data else None}
+            elif kind == EIO_MESSAGE and packet[1:2] == SIO_ACK:
+                # The ack id, then the JSON array of what the handler returned.
+                ack = packet[2:] if isinstance(packet, str) else packet[2:].decode()
+                ref, _, data = ack.partition("[")
+                answer = json.loads("[" + data)
+                status = answer[0].get("status") if answer and isinstance(answer[0], dict) else None
+                if status == "accepted":
+                    return {"type": "ack", "ref": ref}
+                return {"type": "error", "ref": ref, "code": status}
             elif kind == EIO_CLOSE or (kind == EIO_MESSAGE and packet[1:2] == SIO_DISCONNECT):
                 raise SocketIOClosed(packet)
 

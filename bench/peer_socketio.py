@@ -10,6 +10,10 @@ connect URL); ``POST /send`` with ``{"to": ..., "message": ...}`` emits the
 event ``message`` to the room ``user:<to>`` and answers 202 once published.
 A JSON array of such objects emits each in turn and answers 200 with one
 ``{"status": "accepted"}`` per item, so the ``batch`` scenario can run here too.
+A connected client sends as a python-socketio chat client does,
+``await sio.call("send", {"to": ..., "message": ...})``: the event ``send`` with an
+acknowledgement, which the handler's return value ``{"status": "accepted"}``
+answers once the emit is published (the ``direct-ws`` scenario).
 ``/send``, ``/healthz`` and ``/readyz`` are raw ASGI; ``/readyz`` answers 200
 once the instance's fanout queue is bound (from then on it gets every emit).
 
@@ -55,6 +59,17 @@ def build_app(broker_url: str, channel: str) -> Any:
             return False
         await sio.enter_room(sid, f"user:{names[0]}")
         return True
+
+    @sio.event  # type: ignore[misc]
+    async def send(sid: str, data: Any) -> dict[str, str]:
+        # What the handler returns is the acknowledgement python-socketio sends
+        # back, after the emit below has been published (publisher confirms).
+        try:
+            to, message = data["to"], data["message"]
+        except (KeyError, TypeError):
+            return {"status": "invalid"}
+        await sio.emit("message", message, room=f"user:{to}")
+        return {"status": "accepted"}
 
     async def start() -> None:
         # python-socketio starts the pub/sub listener on the first connection;

@@ -91,28 +91,37 @@ def _ratio(ours: float | None, theirs: float | None, digits: int = 2) -> str:
     return f"{ours / theirs:.{digits}f}x"
 
 
-def _vs_peer(rows: Rows) -> list[str]:
-    """triows and the peer side by side in ``direct``, with triows / peer ratios."""
-    peer = _find(rows, PEER, "direct")
-    ours = [t for t in _targets(rows) if not _is_peer(t) and _find(rows, t, "direct")]
+# How each scenario's senders reach the peer, for the heading of its comparison.
+PEER_PATHS = {
+    "direct": "`POST /send` to both",
+    "direct-ws": "triows' `send` frame against python-socketio's `send` event with an "
+    "acknowledgement",
+}
+
+
+def _vs_peer(rows: Rows, scenario: str) -> list[str]:
+    """triows and the peer side by side in ``scenario``, with triows / peer ratios."""
+    peer = _find(rows, PEER, scenario)
+    ours = [t for t in _targets(rows) if not _is_peer(t) and _find(rows, t, scenario)]
     if peer is None or not ours:
         return []
     lines = [
         "",
-        "`direct` against the peer (python-socketio + aio-pika on uvicorn), same run:",
+        f"`{scenario}` against the peer (python-socketio + aio-pika on uvicorn), same run; "
+        f"{PEER_PATHS[scenario]}:",
         "",
-        "| target | direct msg/s | server CPU ms per delivered message (all instances) "
+        f"| target | {scenario} msg/s | server CPU ms per delivered message (all instances) "
         "| lost/dup/out-of-order |",
         "|---|--:|--:|--:|",
     ]
     for target in [*ours, PEER]:
-        row = _find(rows, target, "direct")
+        row = _find(rows, target, scenario)
         lines.append(
             f"| {target} | {_cell(row, lambda r: _number(r['msg_per_s']))} "
             f"| {_cell(row, _server_cpu)} | {_cell(row, _losses)} |"
         )
     for target in ours:
-        row = _find(rows, target, "direct")
+        row = _find(rows, target, scenario)
         if _ok(row) and _ok(peer):
             assert row is not None and peer is not None
             lines.append(
@@ -222,7 +231,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     if any(row["scenario"] in MAIN_SCENARIOS for row in rows):
         lines += _main_table(rows)
-    lines += _vs_peer(rows) + _batch(rows) + _scaleout(rows) + _room(rows)
+    lines += _vs_peer(rows, "direct") + _vs_peer(rows, "direct-ws")
+    lines += _batch(rows) + _scaleout(rows) + _room(rows)
     lines += [
         "",
         "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "

@@ -40,6 +40,7 @@ from bench.traffic import (
     OpenReceiver,
     Recorder,
     Schedule,
+    WebSocketSender,
     batch_stream,
     post_stream,
     receive_into,
@@ -47,7 +48,7 @@ from bench.traffic import (
     websocket_stream,
 )
 from triows.backend import Backend, Outcome, open_backend
-from triows.client import EventsClient, SendConnection, open_events, open_send_connection
+from triows.client import SendConnection, open_events, open_send_connection
 from triows.process import Instance, serve_instance
 from triows.settings import Settings
 
@@ -236,13 +237,14 @@ async def run_traffic(
     async with trio.open_nursery() as receiving, AsyncExitStack() as senders:
         for index, user in enumerate(receivers):
             await receiving.start(receive_into, pair.b.base_url, index, user, recorder, opener)
-        clients: list[EventsClient] = []
+        clients: list[WebSocketSender] = []
         connections: list[SendConnection] = []
         batches: list[SendConnection] = []
         for stream in range(options.concurrency):
             if scenario == "direct-ws":
                 user = f"sender{stream}-{tag}"
-                opening = open_events(pair.a.base_url, user=user)
+                # triows' own /events, or the peer's socket.io client (its `send` event).
+                opening = opener(pair.a.base_url, user=user)
                 clients.append(await senders.enter_async_context(opening))
             elif scenario == "batch":
                 opened_batch = open_send_connection(pair.a.base_url)

@@ -95,8 +95,9 @@ PEER_TARGETS: dict[str, Target] = {
         ),
     )
 }
-# The scenarios the peer takes part in (direct-ws and ceiling are triows' own).
-PEER_SCENARIOS = ("direct", "latency", "idle", "batch", "scaleout")
+# The scenarios the peer takes part in (ceiling and room are triows' own; direct-ws
+# sends python-socketio's `send` event with an acknowledgement there).
+PEER_SCENARIOS = ("direct", "direct-ws", "latency", "idle", "batch", "scaleout")
 
 
 class BrokerNotRunning(Exception):

@@ -12,21 +12,29 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from trio_websocket import ConnectionClosed
 
 from bench.tally import Tally
-from triows.client import EventsClient, SendConnection, open_events, open_send_connection
+from triows.client import SendConnection, open_events, open_send_connection
 
-# The outcomes of a batch item that mean "published" (DESIGN.md §4).
+# The outcomes of a batch item that mean "published" (the broker took it).
 BATCH_ITEM_OK = ("routed", "accepted")
 RECEIVE_SIZE = 65536
 
 
 # open_events(base_url, user=...) or the peer's open_socketio(base_url, user=...).
 OpenReceiver = Callable[..., AbstractAsyncContextManager[Any]]
+
+
+class WebSocketSender(Protocol):
+    """A sender's socket: triows' ``EventsClient`` or the peer's ``SocketIOClient``."""
+
+    async def send(self, to: str, message: Any, ref: str) -> None: ...
+
+    async def receive(self) -> dict[str, Any]: ...
 
 
 class Recorder:
@@ -132,7 +140,7 @@ async def room_stream(
 
 
 async def websocket_stream(
-    client: EventsClient,
+    client: WebSocketSender,
     stream: int,
     receivers: Sequence[str],
     tally: Tally,

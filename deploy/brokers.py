@@ -137,7 +137,7 @@ class Broker:
     # The broker (node or process) this name runs on; it names the outage lock.
     family: str
     url_format: str
-    # How it runs, in a few words (status lines and the README's table).
+    # How it runs, in a few words (status lines and the table in docs/contributing.md).
     runs: str
     start: Callable[[Broker], None]
     # None: ``stop`` refuses (the broker is shared with the machine).

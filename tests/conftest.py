@@ -1,8 +1,20 @@
-"""Shared fixtures: triows apps on the memory backend behind Quart's test client."""
+"""Shared fixtures (triows apps on the memory backend behind Quart's test client),
+and the ``broker`` and ``server`` markers, added by what a test module uses.
+
+``python3 -m nox -s unit`` runs ``-m "not broker and not server"``: the tests
+that need neither a broker nor a child process. Rather than trust every test
+to be marked by hand, a module is marked by the helpers it imports:
+
+- ``broker``: anything from ``tests.brokers`` (``require_broker``,
+  ``broker_outage``, ...), the tests' only way to a real broker;
+- ``server``: anything from ``triows.process`` (runs ``triows serve`` as a
+  child), ``tests.e2e`` (instances on a broker) or ``open_cluster``.
+"""
 
 from __future__ import annotations
 
 import secrets
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,3 +45,36 @@ async def client() -> AsyncIterator[QuartClient]:
     """A dev-mode app on the memory backend."""
     async with serving() as test_client:
         yield test_client
+
+
+BROKER_MODULES = frozenset({"tests.brokers"})
+SERVER_MODULES = frozenset({"triows.process", "tests.e2e"})
+SERVER_NAMES = frozenset({"open_cluster"})
+
+
+def _uses(module: types.ModuleType) -> tuple[bool, bool]:
+    """Whether ``module`` imports a broker helper, and whether it starts server processes."""
+    broker = server = False
+    for name, value in vars(module).items():
+        if isinstance(value, types.ModuleType):
+            origin = value.__name__
+        else:
+            origin = getattr(value, "__module__", None) or ""
+        broker = broker or origin in BROKER_MODULES
+        server = server or origin in SERVER_MODULES or name in SERVER_NAMES
+    return broker, server
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    seen: dict[str, tuple[bool, bool]] = {}
+    for item in items:
+        module = item.getparent(pytest.Module)
+        if module is None:
+            continue
+        if module.nodeid not in seen:
+            seen[module.nodeid] = _uses(module.obj)
+        broker, server = seen[module.nodeid]
+        if broker:
+            item.add_marker(pytest.mark.broker)
+        if server:
+            item.add_marker(pytest.mark.server)

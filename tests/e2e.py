@@ -126,7 +126,7 @@ async def ready_instances(
     They start one after the other, each ready before the next: GarageMQ
     (Debian's build) hangs for good, every later connection included, when
     two connections declare the same exchange and then their queues at the
-    same moment (see the README's broker notes). As with :func:`serve_target`,
+    same moment (see docs/backends.md). As with :func:`serve_target`,
     open HTTP clients inside the block.
     """
     exchange = exchange or unique_exchange()

@@ -1,4 +1,4 @@
-"""Real ``triows serve`` processes routing through each real broker (DESIGN §1 and §6).
+"""Real ``triows serve`` processes routing through each real broker (docs/reliability.md).
 
 This is what triows exists for: Anne's request lands on one instance, Bob's
 socket lives on another, and the broker carries the message across. Every
@@ -193,7 +193,7 @@ async def test_broker_outage_gives_503_keeps_sockets_open_and_resumes_without_re
         assert (frame["id"], frame["message"]) == (after, "after the outage")
 
 
-# Rooms (DESIGN §4): a room's members spread over the instances.
+# Rooms (docs/protocol.md): a room's members spread over the instances.
 
 ROOM_SECRET = "rooms-e2e-secret-" + "x" * 48
 

@@ -311,7 +311,7 @@ async def operator_call(method: str, *args: object, **kwargs: object) -> None:
 async def test_an_exchange_of_another_type_is_reported_once_and_retried_until_it_is_gone(
     exchange: str, rejections: Rejections
 ) -> None:
-    # Issue 9 item 6: PRECONDITION_FAILED used to end the backend's task for
+    # PRECONDITION_FAILED used to end the backend's task for
     # good (a live process with a dead backend).
     await operator_call("exchange_declare", exchange=exchange, exchange_type="fanout")
     settings = amqp_settings(exchange, reconnect_max_delay=0.05)

@@ -60,6 +60,27 @@ async def test_a_post_to_one_peer_instance_reaches_the_recipient_on_another_only
 
 
 @pytest.mark.broker
+async def test_a_send_event_is_acknowledged_and_reaches_the_recipient_on_another_instance() -> None:
+    # What a python-socketio chat client does: sio.call("send", {...}) on its own socket.
+    await require_broker("rabbitmq")
+    channel = f"triows-test-peer-{secrets.token_hex(4)}"
+    with trio.fail_after(PEER_TIMEOUT):
+        async with (
+            serve_peer(broker_url=RABBITMQ_URL, channel=channel) as a,
+            serve_peer(broker_url=RABBITMQ_URL, channel=channel) as b,
+        ):
+            await a.wait_ready()
+            await b.wait_ready()
+            async with (
+                open_socketio(a.base_url, user="alice") as alice,
+                open_socketio(b.base_url, user="bob") as bob,
+            ):
+                await alice.send("bob", {"n": 1}, ref="7")
+                assert await alice.receive() == {"type": "ack", "ref": "7"}
+                assert await bob.receive() == {"type": "message", "message": {"n": 1}}
+
+
+@pytest.mark.broker
 async def test_the_peer_takes_a_batch_and_answers_each_item() -> None:
     await require_broker("rabbitmq")
     channel = f"triows-test-peer-{secrets.token_hex(4)}"
@@ -80,19 +101,23 @@ async def test_the_peer_takes_a_batch_and_answers_each_item() -> None:
 
 
 @pytest.mark.broker
-async def test_quick_direct_and_batch_on_the_peer_lose_nothing() -> None:
+async def test_quick_direct_direct_ws_and_batch_on_the_peer_lose_nothing() -> None:
     await require_broker("rabbitmq")
     options = Options.quick_options()
     target = PEER_TARGETS["peer-socketio"]
     with trio.fail_after(QUICK_SCENARIOS_TIMEOUT):
         async with open_pair(target, f"triows-test-peer-{secrets.token_hex(4)}") as pair:
-            rows = [await run_traffic(pair, name, options, None) for name in ("direct", "batch")]
+            rows = [
+                await run_traffic(pair, name, options, None)
+                for name in ("direct", "direct-ws", "batch")
+            ]
     for row in rows:
         assert row["status"] == "ok", row
         assert row["delivered"] > 0, row
         assert (row["lost"], row["duplicated"], row["out_of_order"]) == (0, 0, 0), row
         assert set(row["instance_cpu_percent"]) == {"instance_a", "instance_b"}
-    assert rows[1]["params"]["batch_size"] == options.batch_size
+    assert rows[1]["params"]["ws_window"] == options.ws_window
+    assert rows[2]["params"]["batch_size"] == options.batch_size
 
 
 def _scaleout_row(target: str, instances: int, msg_per_s: float, ms: float) -> dict[str, Any]:

@@ -45,13 +45,10 @@ async def test_quick_matrix_runs_every_scenario_on_every_broker_without_loss(
     cells = {(row["target"], row["scenario"]) for row in run["rows"]}
     # Six triows targets and the peer, five scenarios each.
     assert len(cells) == 7 * 5, log
-    # The peer has no WebSocket send path and no backend of triows' to take a ceiling of.
+    # The peer has no backend of triows' to take a ceiling of.
     not_ok = {(row["target"], row["scenario"], row["status"]) for row in run["rows"]}
     not_ok = {cell for cell in not_ok if cell[2] != "ok"}
-    assert not_ok == {
-        ("peer-socketio", "direct-ws", "n/a"),
-        ("peer-socketio", "ceiling", "n/a"),
-    }
+    assert not_ok == {("peer-socketio", "ceiling", "n/a")}
     for row in run["rows"]:
         if row["status"] == "ok" and row["scenario"] != "idle":
             assert (row["lost"], row["duplicated"], row["out_of_order"]) == (0, 0, 0), row

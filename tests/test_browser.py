@@ -1,4 +1,4 @@
-"""The chat page in a real browser, against three instances behind HAProxy (issue 12).
+"""The chat page in a real browser, against three instances behind HAProxy.
 
 Headless Chromium from Debian's ``chromium`` package (installed here with
 apt-get if it is missing; Playwright never downloads a browser of its own)

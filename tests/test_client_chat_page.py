@@ -1,6 +1,6 @@
 """The chat page at ``/``: the hooks its header promises exist, and its script parses.
 
-A real browser drives the page elsewhere (issue 12's browser test); these
+A real browser drives the page elsewhere (tests/test_browser.py); these
 checks need none and keep the documented ids from drifting.
 """
 

@@ -1,4 +1,4 @@
-"""Drain order (DESIGN §6.4) on real processes and the real RabbitMQ: no routed send is lost.
+"""Drain order (docs/operations.md) on real processes and the real RabbitMQ: no routed send is lost.
 
 Bob is connected only to instance B; Anne sends to him through A as fast as
 A answers while B gets SIGTERM. B releases Bob's key first (the broker stops

@@ -1,7 +1,7 @@
-"""Bad days, short: one case per fault kind of ``bench/faults.py``, guarantees asserted.
+"""Bad days, short: one case per fault kind of ``bench/faults``, guarantees asserted.
 
 Each test runs real ``triows serve`` processes behind a generated HAProxy,
-under steady traffic, against a real broker (DESIGN §6, issue 13), spread
+under steady traffic, against a real broker (docs/reliability.md), spread
 over the brokers (not every pair: ``nox -s faults`` runs those). What is
 asserted is correctness only: no instance exits, no 5xx, open sockets stay
 open, no duplicate, no reordering, delivery resumes for every user. How long
@@ -16,7 +16,7 @@ topic subscriptions do (``offlineDurableSubscriberTimeout``). Not asserted
 on GarageMQ, because it does not hold: it ignores ``x-expires``, so its
 queue is bound to the connection, and what the broker had confirmed into a
 lost connection's queue dies with it. That gap is measured by ``nox -s
-faults`` and stated in the README's Reliability section.
+faults`` and stated in docs/reliability.md.
 
 RabbitMQ is never taken down here (tests/test_across_instances.py covers its
 outage, and it is shared with every other test); ActiveMQ is stopped and
@@ -63,7 +63,7 @@ async def run(target: Target, fault: str) -> dict[str, Any]:
 
 
 def assert_survived(row: dict[str, Any]) -> None:
-    """The guarantees every broker fault keeps (DESIGN §6.1-6.3), the known gap aside."""
+    """What every broker fault keeps (guarantees 1-3, docs/reliability.md), the known gap aside."""
     assert row["status"] == "ok", row
     assert row["unexpected_exits"] == {}, (row["unexpected_exits"], row["log_tail"])
     # Refusals are 503 (or 404), never an internal error (a dead backend).
@@ -171,7 +171,7 @@ async def test_drain_under_load_moves_sockets_to_the_other_instance() -> None:
     # A recipient connected to the instance that stayed up loses nothing.
     assert total.get("2xx_lost_on_b", 0) == 0, row["accounting"]
     # Nor does one on the draining instance: what the broker delivered is
-    # flushed before its socket closes (DESIGN §6.4).
+    # flushed before its socket closes (the drain guarantee).
     assert total.get("2xx_lost_while_connected", 0) == 0, row["accounting"]
     assert row["users_resumed"] == row["users"], row
 

@@ -27,8 +27,21 @@ def signed(**claims: object) -> str:
         {"exp": int(time.time()) + 60, "nbf": 10**400},
         {"exp": "soon"},
         {"exp": int(time.time()) + 60, "sub": ["Anne"]},
+        {"exp": str(int(time.time()) + 60)},
+        {"exp": int(time.time()) + 60, "iat": str(int(time.time()))},
+        {"exp": int(time.time()) + 60, "nbf": str(int(time.time()))},
     ],
-    ids=["huge-exp", "huge-negative-exp", "huge-iat", "huge-nbf", "string-exp", "list-sub"],
+    ids=[
+        "huge-exp",
+        "huge-negative-exp",
+        "huge-iat",
+        "huge-nbf",
+        "string-exp",
+        "list-sub",
+        "digit-string-exp",
+        "digit-string-iat",
+        "digit-string-nbf",
+    ],
 )
 def test_any_validly_signed_but_unusable_token_is_an_auth_error(claims: dict[str, object]) -> None:
     with pytest.raises(AuthError):

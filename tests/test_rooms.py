@@ -1,4 +1,4 @@
-"""Rooms (DESIGN §4): parsing, the ``rooms`` claim, the router's per-key edges, one instance.
+"""Rooms (docs/protocol.md): parsing, the ``rooms`` claim, the router's per-key edges, one instance.
 
 Across instances and brokers: tests/test_across_instances.py.
 """

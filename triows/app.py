@@ -24,14 +24,16 @@ from quart import Response, send_from_directory
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from triows.asgi import respond_problem
 from triows.backend import open_backend
-from triows.dataplane import DataPlane, refuse_permessage_deflate
+from triows.dataplane import DataPlane, refuse, refuse_permessage_deflate
 from triows.logs import configure_logging, log_event
 from triows.metrics import Metrics
 from triows.problems import problem
 from triows.protocol import CLOSE_DRAINING
 from triows.router import Router
 from triows.settings import Settings
+from triows.websecurity import host_allowed, page_headers
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Hypercorn's own hard frame limit, above ours so our check answers first with a log line.
@@ -44,7 +46,8 @@ class TriowsApp(QuartTrio):
     """A QuartTrio app that also knows its settings, router and drain state."""
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__("triows")
+        # No static route: the one page is served at "/", with its security headers.
+        super().__init__("triows", static_folder=None)
         self.settings = settings
         self.metrics = Metrics()
         self.draining = False
@@ -58,6 +61,9 @@ class TriowsApp(QuartTrio):
         # non-zero itself (``triows serve``); else fail() ends the process.
         self.exits_on_failure = False
         self.guards_dev_mode = settings.dev_mode and not settings.insecure
+        # With a secret, a rebinding page has no token to use: the Host is
+        # checked there only when the operator names the hosts.
+        self.checks_host = self.guards_dev_mode or bool(settings.allowed_hosts)
         # POST /send and /events are answered in front of Quart (triows.dataplane).
         self.data_plane = DataPlane(self, super().asgi_app)
 
@@ -71,11 +77,17 @@ class TriowsApp(QuartTrio):
         dev mode is enforced here, per connection, on the local address the
         server reports: a request that arrived on a non-loopback address or a
         unix socket is refused with 403 (a WebSocket handshake too), unless
-        ``TRIOWS_INSECURE=1``.
+        ``TRIOWS_INSECURE=1``. A request whose ``Host`` is not a loopback name
+        or one of ``TRIOWS_ALLOWED_HOSTS`` (DNS rebinding) is refused with 403
+        too, in dev mode and whenever that setting is set.
         """
-        if self.guards_dev_mode and scope["type"] != "lifespan" and not _on_loopback(scope):
-            await _refuse_dev_mode(scope, send)
-            return
+        if scope["type"] != "lifespan":
+            if self.guards_dev_mode and not _on_loopback(scope):
+                await _refuse_dev_mode(scope, send)
+                return
+            if self.checks_host and not host_allowed(scope["headers"], self.settings.allowed_hosts):
+                await _refuse_host(scope, send)
+                return
         await super().__call__(scope, receive, send)
 
     async def asgi_app(
@@ -139,7 +151,7 @@ class TriowsApp(QuartTrio):
             os._exit(FATAL_EXIT_CODE)
 
     async def drain(self) -> None:
-        """Drain in the order DESIGN §6.4 gives, all of it within ``TRIOWS_DRAIN_TIMEOUT``.
+        """Drain in the order docs/operations.md#drain gives, all of it within ``TRIOWS_DRAIN_TIMEOUT``.
 
         ``/readyz`` turns 503; every held key is unsubscribed (the broker
         stops routing here: a user connected only here is offline, 404); what
@@ -214,6 +226,22 @@ async def _refuse_dev_mode(scope: Scope, send: ASGISendCallable) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+HOST_REFUSED = (
+    "this server does not answer to that Host name (a DNS-rebinding page would send it): "
+    "use a loopback address or localhost, or list the name in TRIOWS_ALLOWED_HOSTS"
+)
+
+
+async def _refuse_host(scope: Mapping[str, Any], send: ASGISendCallable) -> None:
+    host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+    log_event("host_refused", level=logging.WARNING, host=host[:200], path=scope.get("path"))
+    plane_send = cast(Any, send)
+    if scope["type"] == "websocket":
+        await refuse(dict(scope), plane_send, 403, HOST_REFUSED, kind="forbidden-host")
+    else:
+        await respond_problem(plane_send, 403, HOST_REFUSED, kind="forbidden-host")
+
+
 async def _pump(router: Router) -> None:
     await router.run()
     raise RuntimeError("the backend's stream of incoming messages ended")
@@ -232,6 +260,7 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     app = TriowsApp(settings)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_message_bytes
     refuse_permessage_deflate()
+    chat_page_headers = page_headers((STATIC_DIR / "chat.html").read_text(encoding="utf-8"))
 
     @app.before_serving
     async def start_backend() -> None:
@@ -251,7 +280,9 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
 
     @app.get("/")
     async def chat_page() -> Response:
-        return await send_from_directory(STATIC_DIR, "chat.html")
+        response = await send_from_directory(STATIC_DIR, "chat.html")
+        response.headers.update(chat_page_headers)
+        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

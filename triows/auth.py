@@ -20,6 +20,10 @@ DEFAULT_LEEWAY = 5.0
 MAX_ROOM_PATTERNS = 256
 
 
+# The claims that are dates (RFC 7519 NumericDate: a JSON number of seconds).
+NUMERIC_DATE_CLAIMS = ("exp", "iat", "nbf")
+
+
 class AuthError(Exception):
     """The credentials are missing, malformed, forged or expired; ``str()`` says which."""
 
@@ -86,6 +90,11 @@ def verify_token(secret: str, token: str, leeway: float = DEFAULT_LEEWAY) -> Ide
             options={"require": ["sub", "exp"]},
             leeway=leeway,
         )
+        for name in NUMERIC_DATE_CLAIMS:
+            # PyJWT takes a string of digits ("exp": "99999999999") for a date;
+            # RFC 7519 says a JSON number.
+            if name in claims and not _is_number(claims[name]):
+                raise AuthError(f"invalid token: '{name}' is not a number")
         expires_at = float(claims["exp"])
         if not math.isfinite(expires_at):
             raise AuthError("invalid token: 'exp' is not a finite number")
@@ -111,6 +120,10 @@ def verify_token(secret: str, token: str, leeway: float = DEFAULT_LEEWAY) -> Ide
     except InvalidInput as error:
         raise AuthError(f"invalid token 'rooms': {error}") from None
     return Identity(user, expires_at, patterns)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def bearer_token(headers: Mapping[str, str], args: Mapping[str, str]) -> str | None:

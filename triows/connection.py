@@ -18,6 +18,8 @@ which waits for its writer, so no writer outlives its handler.
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +32,13 @@ _ids = itertools.count(1)
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 # One frame as the ASGI message that writes it (module-level functions: no object per socket).
 FrameMessage = Callable[[str], dict[str, Any]]
+
+
+def trio_deadline(expires_at: float | None) -> float:
+    """A token's expiry (unix seconds) as a deadline on the Trio clock."""
+    if expires_at is None:
+        return math.inf
+    return trio.current_time() + max(0.0, expires_at - time.time())
 
 
 def websocket_text(frame: str) -> dict[str, Any]:

@@ -16,19 +16,28 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
+from collections.abc import Iterator
+from typing import Any
 
 import trio
 from wsproto.extensions import PerMessageDeflate
 
 from triows import sse
+from triows.asgi import (
+    ASGIApp,
+    Host,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    auth_headers,
+    query_args,
+    respond,
+    respond_problem,
+)
 from triows.auth import AuthError, Identity, identify
 from triows.backend import BrokerUnavailable, Outcome
-from triows.connection import Connection
+from triows.connection import Connection, trio_deadline
 from triows.logs import log_event
 from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
 from triows.protocol import (
@@ -42,28 +51,28 @@ from triows.protocol import (
     RoomRequest,
     SendRequest,
     ack_frame,
+    check_body_tokens,
+    check_tokens,
     error_frame,
     hello_frame,
     joined_frame,
+    json_tokens,
     left_frame,
     parse_client_frame,
     parse_send_batch,
     parse_send_body,
 )
 from triows.router import TooManyRooms
-
-if TYPE_CHECKING:
-    from triows.app import TriowsApp
-
-Scope = MutableMapping[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[..., Awaitable[None]]
+from triows.websecurity import origin_allowed
 
 # Items of one batch published at the same time (each waits for its broker confirm).
 BATCH_CONCURRENCY = 16
 JSON_CONTENT_TYPE = b"application/json"
+# What a client is told when the broker fails; the broker's address stays in the server's log.
+BROKER_UNAVAILABLE = "the broker is unavailable: retry later"
+ORIGIN_REFUSED = (
+    "a page of this origin may not open /events on this server (TRIOWS_ALLOWED_ORIGINS)"
+)
 
 
 def shielded(send: Send) -> Send:
@@ -87,7 +96,7 @@ def shielded(send: Send) -> Send:
 class DataPlane:
     """ASGI middleware answering ``/send`` and ``/events`` in front of ``inner`` (Quart)."""
 
-    def __init__(self, app: TriowsApp, inner: ASGIApp) -> None:
+    def __init__(self, app: Host, inner: ASGIApp) -> None:
         self.app = app
         self.inner = inner
         self.settings = app.settings
@@ -99,6 +108,10 @@ class DataPlane:
         kind, path = scope["type"], scope.get("path")
         if kind == "http" and path == "/send":
             await self.post_send(scope, receive, send)
+        elif path == "/events" and not origin_allowed(
+            scope["headers"], self.settings.allowed_origins
+        ):
+            await refuse_cross_origin(scope, send)
         elif kind == "websocket" and path == "/events":
             await self.events(scope, receive, send)
         elif kind == "http" and path == "/events":
@@ -139,23 +152,7 @@ class DataPlane:
 
     async def post_send(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.settings
-        limit = max(settings.max_message_bytes, settings.max_batch_bytes)
-        # The body is always read (up to the limit) before any answer, so an
-        # early 401/415 leaves the keep-alive connection ready for the next request.
-        raw = await read_body(receive, limit)
-        if raw is None:
-            await respond_problem(
-                send, 413, f"the body is limited to {limit} bytes", kind="too-large", close=True
-            )
-            return
-        if scope["method"] != "POST":
-            await respond_problem(send, 405, "use POST", headers=[(b"allow", b"POST")])
-            return
         headers = dict(scope["headers"])
-        mimetype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
-        if mimetype != JSON_CONTENT_TYPE:
-            await respond_problem(send, 415, "send a JSON body with Content-Type: application/json")
-            return
         identity: Identity | None = None
         if not settings.dev_mode:
             try:
@@ -168,15 +165,44 @@ class DataPlane:
                 )
             except AuthError as error:
                 log_event("auth_failed", path="/send", reason=str(error))
+                # The credentials are in the head: refused before any of the
+                # body is read, so a stranger holds no memory or time here.
                 await respond_problem(
                     send,
                     401,
                     str(error),
                     kind="unauthorized",
                     headers=[(b"www-authenticate", b"Bearer")],
+                    close=True,
                 )
                 return
+        limit = max(settings.max_message_bytes, settings.max_batch_bytes)
+        # The body is read (up to the limit) before any other answer, so an
+        # early 415 leaves the keep-alive connection ready for the next request.
         try:
+            raw = await read_body(receive, limit, settings.body_timeout)
+        except RequestAborted:
+            log_event("request_aborted", path="/send")
+            return  # half a request is not a request; nobody is left to answer
+        except BodyTooSlow as error:
+            log_event("body_timeout", level=logging.WARNING, path="/send")
+            await respond_problem(send, 408, str(error), kind="body-timeout", close=True)
+            return
+        if raw is None:
+            await respond_problem(
+                send, 413, f"the body is limited to {limit} bytes", kind="too-large", close=True
+            )
+            return
+        if scope["method"] != "POST":
+            await respond_problem(send, 405, "use POST", headers=[(b"allow", b"POST")])
+            return
+        mimetype = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        if mimetype != JSON_CONTENT_TYPE:
+            await respond_problem(send, 415, "send a JSON body with Content-Type: application/json")
+            return
+        try:
+            # Counted in C before any parsing: what a body costs to parse is bounded.
+            check_body_tokens(raw, settings.max_json_tokens)
             batch = parse_send_batch(raw, dev_mode=settings.dev_mode, max_items=settings.max_batch)
             if batch is None:
                 if len(raw) > settings.max_message_bytes:
@@ -222,9 +248,9 @@ class DataPlane:
             return 413, problem_document(413, str(error), kind="too-large")
         except InvalidInput as error:
             return 400, problem_document(400, str(error), kind="invalid")
-        except BrokerUnavailable as error:
-            detail = f"the broker is unavailable: {error}"
-            return 503, problem_document(503, detail, kind="broker-unavailable")
+        except BrokerUnavailable:
+            # Why (with the broker's address) is in the router's publish_failed log line.
+            return 503, problem_document(503, BROKER_UNAVAILABLE, kind="broker-unavailable")
         if outcome is Outcome.UNROUTED:
             return 404, problem_document(404, offline_detail(request), kind="offline")
         return 202, {"id": message_id, "status": outcome.value}
@@ -335,7 +361,8 @@ class DataPlane:
         One frame is handled at a time (its publish or subscribe is awaited
         before the next frame is read), and at most ``TRIOWS_SEND_RATE`` frames
         per second with bursts of ``TRIOWS_SEND_BURST``, joins and leaves
-        included: a client that sends faster is slowed by TCP back-pressure on
+        included, a frame with much JSON structure counting as several
+        (``TRIOWS_SEND_COST_TOKENS``): a client that sends faster is slowed by TCP back-pressure on
         its own socket, never anyone else's. ``identity`` says which rooms the
         connection may join or send to (None: any).
         """
@@ -358,15 +385,23 @@ class DataPlane:
                 log_event("frame_too_large", level=logging.WARNING, user=connection.user)
                 connection.close(CLOSE_TOO_LARGE, f"frames are limited to {limit} bytes")
                 return
+            # A frame costs one send plus one per ``send_cost_tokens`` of structure,
+            # paid before it is parsed: costly JSON slows its sender down.
+            structure = json_tokens(data)
+            cost = 1 + structure // settings.send_cost_tokens
             now = trio.current_time()
             tokens = min(burst, tokens + (now - refilled) * rate)
             refilled = now
-            if tokens < 1:
-                await trio.sleep((1 - tokens) / rate)
-                tokens, refilled = 1.0, trio.current_time()
-            tokens -= 1
+            if tokens < cost:
+                await trio.sleep((cost - tokens) / rate)
+                tokens, refilled = float(cost), trio.current_time()
+            tokens -= cost
             try:
+                check_tokens(structure, settings.max_json_tokens)
                 request = parse_client_frame(data)
+            except MessageTooLarge as error:
+                connection.offer(error_frame(None, "too_large", str(error)))
+                continue
             except ProtocolViolation as error:
                 log_event(
                     "invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error)
@@ -399,9 +434,12 @@ class DataPlane:
             await self.app.router.join(connection, room)
         except TooManyRooms as error:
             return error_frame(ref, "too_many_rooms", str(error))
-        except BrokerUnavailable as error:
-            return error_frame(ref, "unavailable", str(error))
-        log_event("join", user=connection.user, connection=connection.id, room=room)
+        except BrokerUnavailable:
+            return error_frame(ref, "unavailable", BROKER_UNAVAILABLE)
+        # DEBUG: a line per join is a flood under churn; connect and disconnect stay INFO.
+        log_event(
+            "join", level=logging.DEBUG, user=connection.user, connection=connection.id, room=room
+        )
         return joined_frame(ref, room)
 
     async def answer_send(
@@ -418,8 +456,8 @@ class DataPlane:
             return error_frame(ref, "too_large", str(error))
         except InvalidInput as error:
             return error_frame(ref, "invalid", str(error))
-        except BrokerUnavailable as error:
-            return error_frame(ref, "unavailable", f"the broker is unavailable: {error}")
+        except BrokerUnavailable:
+            return error_frame(ref, "unavailable", BROKER_UNAVAILABLE)
         if outcome is Outcome.UNROUTED:
             return error_frame(ref, "offline", offline_detail(send_request))
         return ack_frame(ref, message_id, outcome.value)
@@ -448,79 +486,36 @@ async def echo(receive: Receive, send: Send) -> None:
             await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
 
 
-def trio_deadline(expires_at: float | None) -> float:
-    """A token's expiry (unix seconds) as a deadline on the Trio clock."""
-    if expires_at is None:
-        return math.inf
-    return trio.current_time() + max(0.0, expires_at - time.time())
+class RequestAborted(Exception):
+    """The client went away before the whole body arrived."""
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None as soon as it is over ``limit`` bytes."""
+class BodyTooSlow(Exception):
+    """The whole body did not arrive in time."""
+
+
+async def read_body(receive: Receive, limit: int, timeout: float) -> bytes | None:
+    """The whole request body, or None as soon as it is over ``limit`` bytes.
+
+    Raises :class:`RequestAborted` if the client disconnects before the last
+    byte (a cut-off body is not a request: nothing of it is carried out), and
+    :class:`BodyTooSlow` if the body is not whole within ``timeout`` seconds.
+    """
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks)  # http.disconnect
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def query_args(scope: Scope) -> dict[str, str]:
-    """The query string's arguments, the first value of each name."""
-    args: dict[str, str] = {}
-    query = scope.get("query_string", b"").decode("latin-1")
-    for name, value in parse_qsl(query, keep_blank_values=True):
-        args.setdefault(name, value)
-    return args
-
-
-def auth_headers(headers: dict[bytes, bytes]) -> dict[str, str]:
-    """The one header :func:`triows.auth.identify` reads, under the name it looks up."""
-    value = headers.get(b"authorization")
-    return {} if value is None else {"Authorization": value.decode("latin-1")}
-
-
-async def respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: bytes,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def respond_problem(
-    send: Send,
-    status: int,
-    detail: str,
-    *,
-    kind: str | None = None,
-    headers: list[tuple[bytes, bytes]] | None = None,
-    close: bool = False,
-) -> None:
-    """Answer with problem details; ``close`` ends the connection (the body was not all read)."""
-    extra = [*(headers or []), *([(b"connection", b"close")] if close else [])]
-    body = json.dumps(problem_document(status, detail, kind=kind)).encode()
-    await respond(send, status, body, PROBLEM_CONTENT_TYPE.encode(), extra)
+    with trio.move_on_after(timeout):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise RequestAborted  # http.disconnect
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+    raise BodyTooSlow(f"the body did not arrive whole within {timeout:g} seconds")
 
 
 async def refuse(
@@ -549,6 +544,17 @@ async def refuse(
         }
     )
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+async def refuse_cross_origin(scope: Scope, send: Send) -> None:
+    """403 for a WebSocket or SSE handshake from a browser page of a disallowed origin."""
+    origin = dict(scope["headers"]).get(b"origin", b"").decode("latin-1")
+    transport = "websocket" if scope["type"] == "websocket" else "sse"
+    log_event("origin_refused", level=logging.WARNING, origin=origin[:200], transport=transport)
+    if transport == "websocket":
+        await refuse(scope, send, 403, ORIGIN_REFUSED, kind="forbidden-origin")
+    else:
+        await respond_problem(send, 403, ORIGIN_REFUSED, kind="forbidden-origin")
 
 
 class _RefusedDeflate(PerMessageDeflate):

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
 
 logger = logging.getLogger("triows")
 LIBRARY_LOGGERS = ("aiormq", "trio_asyncio", "proton")
+# trio's accept loop: while accept() fails for want of descriptors or memory
+# (EMFILE, ENFILE, ENOBUFS, ENOMEM) it logs a traceback every 0.1 s.
+ACCEPT_LOGGER = "trio.serve_listeners"
+# At most one accept_failed line per this many seconds; the next says how many it stands for.
+ACCEPT_FAILED_LOG_INTERVAL = 10.0
 
 
 class _JsonLines(logging.Formatter):
@@ -30,6 +36,27 @@ class _JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class _AcceptFailures(logging.Filter):
+    """trio's failed-accept records as one ``accept_failed`` event: no traceback, rate-limited."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged_at = -math.inf
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._logged_at < ACCEPT_FAILED_LOG_INTERVAL:
+            self._dropped += 1
+            return False
+        fields = {"reason": record.getMessage(), "dropped_since_last": self._dropped}
+        self._logged_at, self._dropped = now, 0
+        record.msg, record.args = "accept_failed", None
+        record.exc_info, record.exc_text = None, None
+        record.__dict__["fields"] = fields
+        return True
+
+
 def configure_logging(instance_id: str, level: str = "INFO") -> None:
     """Send triows' events to stderr as JSON lines tagged with ``instance_id``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -45,6 +72,10 @@ def configure_logging(instance_id: str, level: str = "INFO") -> None:
         library.handlers[:] = [handler]
         library.setLevel(max(logging.WARNING, logger.level))
         library.propagate = False
+    accept = logging.getLogger(ACCEPT_LOGGER)
+    accept.handlers[:] = [handler]
+    accept.filters[:] = [_AcceptFailures()]
+    accept.propagate = False
 
 
 def log_event(event: str, level: int = logging.INFO, **fields: Any) -> None:

@@ -26,8 +26,15 @@ MAX_JSON_DEPTH: Final = 64
 # A JSON escape that decodes to a surrogate (``\\ud800``-``\\udfff``); only a
 # text with one is checked for lone surrogates, which UTF-8 cannot encode.
 _SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+# A JSON string, escapes included; an unterminated one runs to the end, so the
+# pattern never fails once started and a scan stays linear on any input.
+_JSON_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+# Up to this many brackets and commas, strings are not told apart from structure.
+_TOKENS_COUNTED_ROUGHLY: Final = 64
+# A long body's structure is counted on this prefix first.
+_TOKENS_PREFIX_BYTES: Final = 65536
 
-# WebSocket close codes (DESIGN §4).
+# WebSocket close codes (docs/protocol.md).
 CLOSE_INVALID_FRAME: Final = 1008
 CLOSE_TOO_LARGE: Final = 1009
 CLOSE_DRAINING: Final = 1012
@@ -139,6 +146,46 @@ class RefusedJson(InvalidInput):
     lone surrogate, a non-finite or oversized number."""
 
 
+def json_tokens(raw: bytes | str, *, exact_above: int = _TOKENS_COUNTED_ROUGHLY) -> int:
+    """The structural tokens of a JSON text: its ``[``, ``{`` and ``,`` outside strings.
+
+    Roughly one per value, so what decoding, checking and re-encoding it
+    costs grows with this count, not with its bytes (a 64 KiB string is one
+    value; 64 KiB of ``{},`` are 21,000). Counted on the raw text in C before
+    anything is decoded. A count of at most ``exact_above`` may include
+    brackets and commas inside strings (it is an upper bound); a larger one
+    does not.
+    """
+    # Bytes as Latin-1: the same counts, as UTF-8 never puts these characters in a multi-byte one.
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    count = text.count("[") + text.count("{") + text.count(",")
+    if count <= exact_above:
+        return count
+    text = _JSON_STRING.sub("", text)
+    return text.count("[") + text.count("{") + text.count(",")
+
+
+def check_tokens(count: int, limit: int) -> None:
+    """Raise :class:`MessageTooLarge` when ``count`` structural tokens are over ``limit``."""
+    if count > limit:
+        raise MessageTooLarge(
+            f"the JSON holds more than {limit} structural tokens "
+            "('[', '{' and ',' outside strings)"
+        )
+
+
+def check_body_tokens(raw: bytes, limit: int) -> None:
+    """Raise :class:`MessageTooLarge` when the body ``raw`` holds over ``limit`` structural tokens.
+
+    A body longer than :data:`_TOKENS_PREFIX_BYTES` is judged on that prefix
+    first (a lower bound: a prefix is read as the whole text would be), so a
+    long body dense with structure is refused without being scanned whole.
+    """
+    if len(raw) > _TOKENS_PREFIX_BYTES:
+        check_tokens(json_tokens(raw[:_TOKENS_PREFIX_BYTES], exact_above=limit), limit)
+    check_tokens(json_tokens(raw, exact_above=limit), limit)
+
+
 def _reject_constant(name: str) -> NoReturn:
     raise RefusedJson(f"{name} is not allowed: numbers must be finite")
 
@@ -157,16 +204,23 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-def _depth(value: Any) -> int:
-    """How deeply arrays and objects nest in ``value`` (iterative: no recursion)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        deepest = max(deepest, depth)
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return deepest
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep in ``value`` (no recursion).
+
+    One level at a time, in comprehensions: a wide value of many small
+    containers costs one pass, not a Python call per container.
+    """
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
 
 
 def check_json(raw: str, value: Any) -> None:
@@ -178,7 +232,7 @@ def check_json(raw: str, value: Any) -> None:
     non-ASCII text). Non-finite numbers and repeated keys were refused while
     decoding.
     """
-    if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
+    if raw.count("[") + raw.count("{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
         raise RefusedJson(f"JSON may nest at most {MAX_JSON_DEPTH} levels deep")
     try:
         if not raw.isascii():
@@ -189,19 +243,29 @@ def check_json(raw: str, value: Any) -> None:
         raise RefusedJson("strings must not hold lone surrogates (\\ud800-\\udfff)") from None
 
 
-def _load_object(raw: str) -> dict[str, Any]:
-    """Decode a JSON object; :class:`RefusedJson` for JSON the protocol refuses.
+# The decoder of everything a client sends: repeated keys, non-finite numbers refused.
+_STRICT_DECODER: Final = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys
+)
+# Finds where a value ends without judging it: numbers stay unconverted, keys may repeat.
+_SPAN_DECODER: Final = json.JSONDecoder(parse_int=len, parse_float=len, parse_constant=len)
+# JSON's whitespace (``str.strip`` would take more).
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
 
-    Values are not checked with :func:`check_json` yet, so a caller can read
-    fields (a frame's ``ref``) before refusing them.
+
+def _skip_whitespace(raw: str, index: int) -> int:
+    match = _WHITESPACE.match(raw, index)
+    return match.end() if match else index
+
+
+def _decode_value(raw: str, start: int) -> tuple[Any, int]:
+    """The JSON value that starts at ``raw[start]``, decoded strictly, and where it ends.
+
+    :class:`RefusedJson` for JSON the protocol refuses although it parses,
+    :class:`InvalidInput` for text that is not JSON at all.
     """
     try:
-        value = json.loads(
-            raw,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            object_pairs_hook=_unique_keys,
-        )
+        value, end = _STRICT_DECODER.raw_decode(raw, start)
     except RefusedJson:
         raise
     except RecursionError:
@@ -211,6 +275,18 @@ def _load_object(raw: str) -> dict[str, Any]:
     except ValueError:
         # int() refuses more than sys.get_int_max_str_digits() digits.
         raise RefusedJson("a number has too many digits") from None
+    return value, end
+
+
+def _load_object(raw: str) -> dict[str, Any]:
+    """Decode a JSON object; :class:`RefusedJson` for JSON the protocol refuses.
+
+    Values are not checked with :func:`check_json` yet, so a caller can read
+    fields (a frame's ``ref``) before refusing them.
+    """
+    value, end = _decode_value(raw, _skip_whitespace(raw, 0))
+    if _skip_whitespace(raw, end) != len(raw):
+        raise InvalidInput("the body is not valid JSON")
     if not isinstance(value, dict):
         raise InvalidInput("the body must be a JSON object")
     return value
@@ -237,16 +313,23 @@ def _send_fields(value: dict[str, Any], ref: str | None = None) -> SendRequest:
     return SendRequest(to, value["message"], ref)
 
 
-def parse_send_body(raw: bytes, *, dev_mode: bool) -> tuple[SendRequest, str | None]:
-    """Parse a ``POST /send`` body into a request and, in dev mode, its ``from``."""
+def _utf8(raw: bytes) -> str:
     try:
         # Strictly UTF-8 (RFC 8259 §8.1): json.loads would also take UTF-16
         # and let encoded surrogates through ("surrogatepass").
-        text = raw.decode()
+        return raw.decode()
     except UnicodeDecodeError:
         raise InvalidInput("the body is not valid JSON: it must be UTF-8") from None
-    value = _load_object(text)
-    check_json(text, value)
+
+
+def send_object(
+    raw: str, value: dict[str, Any], *, dev_mode: bool
+) -> tuple[SendRequest, str | None]:
+    """Check one send object (a body, or an item of a batch) decoded from ``raw``.
+
+    The request and, in dev mode, its ``from``; :class:`InvalidInput` says why not.
+    """
+    check_json(raw, value)
     request = _send_fields(value)
     sender = None
     if dev_mode and value.get("from") is not None:
@@ -257,39 +340,71 @@ def parse_send_body(raw: bytes, *, dev_mode: bool) -> tuple[SendRequest, str | N
     return request, sender
 
 
+def parse_send_body(raw: bytes, *, dev_mode: bool) -> tuple[SendRequest, str | None]:
+    """Parse a ``POST /send`` body into a request and, in dev mode, its ``from``."""
+    text = _utf8(raw)
+    return send_object(text, _load_object(text), dev_mode=dev_mode)
+
+
 def parse_send_batch(
     raw: bytes, *, dev_mode: bool, max_items: int
 ) -> list[tuple[SendRequest, str | None] | InvalidInput] | None:
     """Parse a ``POST /send`` body that is a JSON array of send objects (a batch).
 
-    Returns None when the body is not an array (it is then a single send). The
-    batch as a whole is refused (:class:`InvalidInput`, or
-    :class:`MessageTooLarge` over ``max_items``) when it is not an array of
-    objects; each object is then checked exactly as a single body would be, and
-    an invalid one becomes its own :class:`InvalidInput` in the result, in order.
+    Returns None when the body is not an array (it is then a single send).
+    Items are decoded one at a time, each exactly as a single body is
+    (:func:`send_object`): an item the protocol refuses (a repeated key, a
+    number with too many digits, bad fields) becomes its own
+    :class:`InvalidInput` in the result, in order, and the others go on. The
+    batch as a whole is refused with :class:`MessageTooLarge` as soon as an
+    item past ``max_items`` starts (before it is decoded), and with
+    :class:`InvalidInput` when it is not a JSON array of objects.
     """
-    if raw.lstrip()[:1] != b"[":
+    if raw.lstrip(b" \t\n\r")[:1] != b"[":
         return None
-    try:
-        items = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidInput("the body is not valid JSON") from None
-    if not isinstance(items, list):
-        raise InvalidInput("the body must be a JSON object or an array of them")
-    if len(items) > max_items:
-        raise MessageTooLarge(f"a batch holds at most {max_items} messages, got {len(items)}")
-    if not all(isinstance(item, dict) for item in items):
-        raise InvalidInput("a batch must be a JSON array of send objects")
+    text = _utf8(raw)
     parsed: list[tuple[SendRequest, str | None] | InvalidInput] = []
-    for item in items:
+    index = _skip_whitespace(text, text.index("[") + 1)
+    closed = text.startswith("]", index)
+    while not closed:
+        if len(parsed) == max_items:
+            raise MessageTooLarge(f"a batch holds at most {max_items} messages")
+        start = index
         try:
-            # Each item goes through the single-body parser, so both are checked alike.
-            parsed.append(parse_send_body(_dumps(item).encode(), dev_mode=dev_mode))
-        except InvalidInput as error:
-            parsed.append(error)
-        except (ValueError, RecursionError):
-            parsed.append(InvalidInput("the item cannot be encoded as JSON"))
+            value, index = _decode_value(text, start)
+            item: tuple[SendRequest, str | None] | InvalidInput | None = None
+        except RefusedJson as error:
+            value, index = _span(text, start)
+            item = error
+        if not isinstance(value, dict):
+            raise InvalidInput("a batch must be a JSON array of send objects")
+        if item is None:
+            try:
+                item = send_object(text[start:index], value, dev_mode=dev_mode)
+            except InvalidInput as error:
+                item = error
+        parsed.append(item)
+        index = _skip_whitespace(text, index)
+        if text.startswith(",", index):
+            index = _skip_whitespace(text, index + 1)
+        elif text.startswith("]", index):
+            closed = True
+        else:
+            raise InvalidInput("the body is not valid JSON")
+    if _skip_whitespace(text, index + 1) != len(text):
+        raise InvalidInput("the body is not valid JSON")
     return parsed
+
+
+def _span(raw: str, start: int) -> tuple[Any, int]:
+    """The value at ``raw[start]`` read loosely, to skip an item that was refused."""
+    try:
+        value, end = _SPAN_DECODER.raw_decode(raw, start)
+    except RecursionError:
+        raise RefusedJson(f"JSON may nest at most {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError:
+        raise InvalidInput("the body is not valid JSON") from None
+    return value, end
 
 
 def parse_client_frame(raw: str) -> SendRequest | RoomRequest:

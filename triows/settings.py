@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from triows.websecurity import check_allowed_host, check_allowed_origin
+
 T = TypeVar("T")
 
 DEFAULT_BROKER_URLS = {
@@ -51,6 +53,10 @@ class Settings:
     max_message_bytes: int = field(default=65536, metadata={"env": "TRIOWS_MAX_MESSAGE_BYTES"})
     send_queue: int = field(default=256, metadata={"env": "TRIOWS_SEND_QUEUE"})
     max_connections: int = field(default=20000, metadata={"env": "TRIOWS_MAX_CONNECTIONS"})
+    # File descriptors kept for all but connections (listeners, broker, HTTP
+    # requests); TRIOWS_MAX_CONNECTIONS is lowered at start-up to fit under
+    # the open-file limit with these to spare.
+    open_files_reserve: int = field(default=32, metadata={"env": "TRIOWS_OPEN_FILES_RESERVE"})
     incoming_queue: int = field(default=1024, metadata={"env": "TRIOWS_INCOMING_QUEUE"})
     drain_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_DRAIN_TIMEOUT"})
     close_timeout: float = field(default=5.0, metadata={"env": "TRIOWS_CLOSE_TIMEOUT"})
@@ -76,13 +82,26 @@ class Settings:
     jwt_leeway: float = field(default=5.0, metadata={"env": "TRIOWS_JWT_LEEWAY"})
     max_batch: int = field(default=100, metadata={"env": "TRIOWS_MAX_BATCH"})
     max_batch_bytes: int = field(default=1048576, metadata={"env": "TRIOWS_MAX_BATCH_BYTES"})
+    # Seconds a POST /send body has to arrive whole, from the end of its head.
+    body_timeout: float = field(default=10.0, metadata={"env": "TRIOWS_BODY_TIMEOUT"})
     send_rate: float = field(default=100.0, metadata={"env": "TRIOWS_SEND_RATE"})
     send_burst: int = field(default=50, metadata={"env": "TRIOWS_SEND_BURST"})
+    # Structural tokens ('[', '{' and ',' outside strings) in one WebSocket frame
+    # or one POST /send body, batch included: what parsing and checking JSON
+    # costs grows with them, not with bytes. Counted before anything is parsed.
+    max_json_tokens: int = field(default=4096, metadata={"env": "TRIOWS_MAX_JSON_TOKENS"})
+    # A WebSocket frame counts against TRIOWS_SEND_RATE as one send plus one
+    # per this many structural tokens: a costly frame slows its own sender.
+    send_cost_tokens: int = field(default=64, metadata={"env": "TRIOWS_SEND_COST_TOKENS"})
     ping_interval: float = field(default=20.0, metadata={"env": "TRIOWS_PING_INTERVAL"})
     test_echo: bool = field(default=False, metadata={"env": "TRIOWS_TEST_ECHO"})
     # Rooms one connection may be in at once: each is a broker subscription at most.
     max_rooms: int = field(default=32, metadata={"env": "TRIOWS_MAX_ROOMS"})
     sse_heartbeat: float = field(default=15.0, metadata={"env": "TRIOWS_SSE_HEARTBEAT"})
+    # Browser pages that may open /events besides the server's own ("*": any page).
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={"env": "TRIOWS_ALLOWED_ORIGINS"})
+    # Host names served besides loopback ones: checked in dev mode, and whenever set.
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"env": "TRIOWS_ALLOWED_HOSTS"})
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -94,11 +113,14 @@ class Settings:
             "max_message_bytes",
             "send_queue",
             "max_connections",
+            "open_files_reserve",
             "incoming_queue",
             "prefetch",
             "max_batch",
             "max_batch_bytes",
             "send_burst",
+            "max_json_tokens",
+            "send_cost_tokens",
             "max_rooms",
         ):
             if getattr(self, name) < 1:
@@ -114,6 +136,7 @@ class Settings:
         for name in (
             "drain_timeout",
             "close_timeout",
+            "body_timeout",
             "publish_timeout",
             "reconnect_max_delay",
             "queue_expires",
@@ -153,6 +176,14 @@ class Settings:
             raise SettingsError(
                 f"TRIOWS_ADDRESS_TEMPLATE must contain '{{key}}', got {self.address_template!r}"
             )
+        for name, check in (
+            ("allowed_origins", check_allowed_origin),
+            ("allowed_hosts", check_allowed_host),
+        ):
+            try:
+                object.__setattr__(self, name, tuple(check(entry) for entry in getattr(self, name)))
+            except ValueError as error:
+                raise SettingsError(f"{_env(name)}: {error}") from None
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(
                 f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"

@@ -27,15 +27,15 @@ import json
 import math
 import random
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
 
-from triows import dataplane
+from triows.asgi import Plane, Receive, Scope, Send, auth_headers, query_args, respond_problem
 from triows.auth import AuthError, identify
 from triows.backend import BrokerUnavailable
-from triows.connection import Connection
+from triows.connection import Connection, trio_deadline
 from triows.logs import log_event
 from triows.protocol import (
     CLOSE_DRAINING,
@@ -44,9 +44,6 @@ from triows.protocol import (
     check_room_name,
     hello_frame,
 )
-
-if TYPE_CHECKING:
-    from triows.dataplane import DataPlane, Receive, Scope, Send
 
 EVENT_STREAM = "text/event-stream"
 # Every frame triows writes starts so; the id is read without parsing the JSON.
@@ -153,7 +150,7 @@ def closing_chunk(code: int, reason: str, retry_ms: int) -> bytes:
     return f": close {code} {reason}\nretry: {retry_ms}\n\n".encode()
 
 
-async def serve_event_stream(plane: DataPlane, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send: Send) -> None:
     """``GET /events`` with ``Accept: text/event-stream`` (any other plain HTTP request too).
 
     Refusals are problem details: 405 not GET, 406 no ``text/event-stream`` in
@@ -164,44 +161,44 @@ async def serve_event_stream(plane: DataPlane, scope: Scope, receive: Receive, s
     """
     settings = plane.settings
     if scope["method"] != "GET":
-        await dataplane.respond_problem(send, 405, "use GET", headers=_ALLOW_GET)
+        await respond_problem(send, 405, "use GET", headers=_ALLOW_GET)
         return
     headers = dict(scope["headers"])
     if not wants_event_stream(headers.get(b"accept", b"").decode("latin-1")):
-        await dataplane.respond_problem(
+        await respond_problem(
             send,
             406,
             "GET /events is a WebSocket, or Server-Sent Events with Accept: text/event-stream",
             kind="not-acceptable",
         )
         return
-    args = dataplane.query_args(scope)
+    args = query_args(scope)
     try:
         identity = identify(
             settings.secret,
-            dataplane.auth_headers(headers),
+            auth_headers(headers),
             args,
             dev_user=args.get("user"),
             leeway=settings.jwt_leeway,
         )
         rooms = requested_rooms(scope.get("query_string", b""))
     except InvalidInput as error:
-        await dataplane.respond_problem(send, 400, str(error), kind="invalid")
+        await respond_problem(send, 400, str(error), kind="invalid")
         return
     except AuthError as error:
         log_event("auth_failed", path="/events", transport="sse", reason=str(error))
-        await dataplane.respond_problem(
+        await respond_problem(
             send, 401, str(error), kind="unauthorized", headers=[(b"www-authenticate", b"Bearer")]
         )
         return
     if len(rooms) > settings.max_rooms:
-        await dataplane.respond_problem(
+        await respond_problem(
             send, 400, f"at most {settings.max_rooms} rooms per stream", kind="invalid"
         )
         return
     refused = [room for room in rooms if not identity.may_use_room(room)]
     if refused:
-        await dataplane.respond_problem(
+        await respond_problem(
             send, 403, f"the token does not allow room {refused[0]!r}", kind="forbidden"
         )
         return
@@ -211,7 +208,7 @@ async def serve_event_stream(plane: DataPlane, scope: Scope, receive: Receive, s
         await end_stream(send, closing_chunk(CLOSE_DRAINING, "instance draining", retry_ms))
         return
     if not plane.reserve_slot("sse"):
-        await dataplane.respond_problem(send, 503, plane.full_detail(), **plane.full_refusal())
+        await respond_problem(send, 503, plane.full_detail(), **plane.full_refusal())
         return
     try:
         await start_stream(send, f"retry: {retry_ms}\n\n".encode())
@@ -221,7 +218,7 @@ async def serve_event_stream(plane: DataPlane, scope: Scope, receive: Receive, s
 
 
 async def run_stream(
-    plane: DataPlane,
+    plane: Plane,
     user: str,
     expires_at: float | None,
     rooms: list[str],
@@ -244,7 +241,7 @@ async def run_stream(
             log_event("connect", user=user, connection=connection.id, transport="sse")
             connection.start_writing(plane.app.nursery, send, event_message)
             try:
-                with trio.CancelScope(deadline=dataplane.trio_deadline(expires_at)) as reading:
+                with trio.CancelScope(deadline=trio_deadline(expires_at)) as reading:
                     connection.read_under(reading)
                     await wait_for_disconnect(receive, connection, heartbeat or math.inf)
                 if reading.cancelled_caught and not connection.stopped:
