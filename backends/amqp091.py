@@ -211,7 +211,10 @@ class Amqp091Backend(Supervised[AioSession]):
         if session.queue == self._bound_queue:
             stale = sorted(self._maybe_bound.difference(keys))
         else:
+            # A new queue (GarageMQ: one per connection) starts with no
+            # binding; the old queue's went with it.
             stale = []
+            self._maybe_bound.clear()
             self._bound_queue = session.queue
         self._maybe_bound.update(keys)
         await self._in_batches(session, unbind_each, stale)

@@ -95,6 +95,7 @@ class AioSession:
         self.delivered_tag = 0
         self.acked_tag = 0
         self.ack_wanted = trio.Event()
+        self._acking = trio.Lock()
 
     async def call(
         self, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
@@ -122,14 +123,23 @@ class AioSession:
         await self.publisher.run(send)
 
     async def ack(self) -> None:
-        """Ack every delivery handed to Trio so far (``multiple``), unless done already."""
-        tag = self.delivered_tag
-        if tag <= self.acked_tag:
-            return
-        self.acked_tag = tag
-        # If the connection is gone, so is the queue: nothing to ack.
-        with suppress(*SESSION_BROKEN):
-            await self.call(self.channel.basic_ack, tag, multiple=True, wait=False)
+        """Ack every delivery handed to Trio so far (``multiple``), unless done already.
+
+        One ack at a time: each returns once its frame is in aiormq's write
+        queue, so the broker gets them in the order of their tags. Two at once
+        could swap there (a put waiting for room in the full queue is woken,
+        and a put that just arrived takes the room first), and an ack of a tag
+        a later ``multiple`` ack already settled is an unknown delivery tag to
+        the broker: it closes the channel.
+        """
+        async with self._acking:
+            tag = self.delivered_tag
+            if tag <= self.acked_tag:
+                return
+            self.acked_tag = tag
+            # If the connection is gone, so is the queue: nothing to ack.
+            with suppress(*SESSION_BROKEN):
+                await self.call(self.channel.basic_ack, tag, multiple=True, wait=False)
 
 
 def frame_out_of_order(error: BaseException) -> bool:
@@ -287,7 +297,29 @@ async def publish_batch(
 ) -> list[BatchResult]:
     """(asyncio side) Publish ``bodies`` with ``mandatory`` in one write; wait for each confirm.
 
-    A message without an answer within ``timeout`` seconds is reported as not taken.
+    A message without an answer within ``timeout`` seconds is reported as not
+    taken. The time counts from the call: also waiting for the channel's lock
+    (held by a channel method until the broker answers it, which a broker under
+    a resource alarm, ``connection.blocked``, never does) and for room in
+    aiormq's write queue.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            confirmations = await _write_batch(channel, exchange, keys, bodies)
+    except TimeoutError:
+        return [_late(timeout)] * len(keys)  # nothing of it reached the writer
+    await asyncio.wait(confirmations, timeout=max(0.0, deadline - loop.time()))
+    return [_result(confirmation, timeout) for confirmation in confirmations]
+
+
+async def _write_batch(
+    channel: aiormq.abc.AbstractChannel, exchange: str, keys: list[str], bodies: list[bytes]
+) -> list[asyncio.Future[object]]:
+    """Hand the batch's frames to aiormq's writer; return each message's confirmation.
+
+    Cancelled before that, nothing of the batch stays on the channel.
     """
     # aiormq.Channel's attributes that basic_publish uses (not on AbstractChannel).
     state: Any = channel
@@ -311,11 +343,20 @@ async def publish_batch(
                 )
             )
             frames.extend(state._split_body(body))
-        await state.write_queue.put(
-            ChannelFrame.marshall(channel_number=state.number, frames=frames)
-        )
-    await asyncio.wait(confirmations, timeout=timeout)
-    return [_result(confirmation, timeout) for confirmation in confirmations]
+        try:
+            await state.write_queue.put(
+                ChannelFrame.marshall(channel_number=state.number, frames=frames)
+            )
+        except BaseException:
+            # The broker never sees these delivery tags: give them back while
+            # the lock is still held (as aiormq's basic_publish does).
+            state.delivery_tag -= len(confirmations)
+            for tag in range(state.delivery_tag + 1, state.delivery_tag + 1 + len(confirmations)):
+                state.confirmations.pop(tag, None)
+            for confirmation in confirmations:
+                confirmation.cancel()
+            raise
+    return confirmations
 
 
 def _forget(state: Any, message_id: str, tag: int) -> Callable[[asyncio.Future[object]], None]:
@@ -327,10 +368,14 @@ def _forget(state: Any, message_id: str, tag: int) -> Callable[[asyncio.Future[o
     return forget
 
 
+def _late(timeout: float) -> str:
+    return f"no confirm from the broker within {timeout}s"
+
+
 def _result(confirmation: asyncio.Future[object], timeout: float) -> BatchResult:
     if not confirmation.done():
         confirmation.cancel()
-        return f"no confirm from the broker within {timeout}s"
+        return _late(timeout)
     if confirmation.cancelled():
         return "the broker connection closed before the confirm"
     error = confirmation.exception()

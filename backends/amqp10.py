@@ -240,6 +240,12 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
                 await live.wait_detached(subscription)
             finally:
                 live.by_link.pop(link.name, None)
+            # Both ends detached: proton keeps a link until it is freed, and
+            # the connection lives as long as the instance (one link and one
+            # name per user's last disconnect or room leave otherwise). Its
+            # deliveries still in the backlog are skipped as a closed link's.
+            link.free()
+            live.detached.discard(link.name)
         finally:
             # Answered, failed or cut short: nothing consumes its queue any
             # more. RabbitMQ keeps a queue after its link detaches, so it is

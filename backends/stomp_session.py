@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import ByteStream, ObjectSendStream, TaskGroup
 
 from backends.handed_over import HandedOver
@@ -122,8 +123,14 @@ class StompSession:
         self._ack_due = anyio.Event()
 
     async def write(self, frame: Frame, *, unsubscribing: str | None = None) -> None:
-        """Write ``frame``; for the ``UNSUBSCRIBE`` of ``unsubscribing``, the pending ACK first."""
+        """Write ``frame``; for the ``UNSUBSCRIBE`` of ``unsubscribing``, the pending ACK first.
+
+        Cancelled before its first byte went out, nothing was written and the
+        connection carries on; cancelled or failed after that, the connection
+        is dropped (see :meth:`_send_locked`).
+        """
         async with self._write_lock:
+            await self._unsent_if_cancelled()
             data = encode_frame(frame)
             if unsubscribing is not None:
                 # In the same step, so that no ACK naming it follows.
@@ -133,9 +140,24 @@ class StompSession:
 
     async def _write_bytes(self, data: bytes) -> None:
         async with self._write_lock:
+            await self._unsent_if_cancelled()
             await self._send_locked(data)
 
+    async def _unsent_if_cancelled(self) -> None:
+        """Raise a cancellation that is pending now, before anything is taken or sent.
+
+        Taking the write lock yields even when it is free, so the publish of a
+        socket being closed (its reader's scope cancelled: a token expiry, a
+        slow consumer, a drain) is often cancelled right there. Raised here,
+        that cancel cannot pass for a write cut short: nothing was sent. From
+        here to the stream handing its first byte to the socket nothing
+        yields, so no cancel lands in between; one raised by the stream after
+        that may leave part of a frame on the wire.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
     async def _send_locked(self, data: bytes) -> None:
+        """Send ``data``; called under the write lock, right after :meth:`_unsent_if_cancelled`."""
         if self._broken:
             raise ConnectionClosedByUs("the STOMP connection was dropped")
         completed = False
@@ -167,6 +189,7 @@ class StompSession:
             self._ack_wanted = anyio.Event()
             self._ack_due = anyio.Event()
             async with self._write_lock:
+                await self._unsent_if_cancelled()
                 if ack := self._take_ack():
                     await self._send_locked(ack)
 

@@ -16,6 +16,9 @@ Usage: python3 deploy/brokers.py COMMAND [NAME...]   (deploy/brokers.sh is the s
                        line saying how to start it and exit 1
   outage-begin NAME    take NAME down for a broker-outage test (rabbitmq, activemq)
   outage-end NAME      bring it back and wait until it answers
+  alarm-begin NAME     raise the memory alarm of rabbitmq-alarm (the broker
+                       blocks every connection that publishes)
+  alarm-end NAME       clear it
 
 No NAME means every broker (``stop``: the ones this script runs). Names,
 protocol, default port, and the variable that overrides the port:
@@ -27,6 +30,9 @@ protocol, default port, and the variable that overrides the port:
                     (OpenWire   127.0.0.1:61616, fixed)
   garagemq          AMQP 0-9-1  127.0.0.1:5673   TRIOWS_BROKERS_GARAGEMQ_PORT
                     (admin HTTP 127.0.0.1:15673, the port + 10000)
+  rabbitmq-alarm    AMQP 0-9-1  127.0.0.1:5692   TRIOWS_BROKERS_RABBITMQ_ALARM_PORT
+                    (a second RabbitMQ node, triows-alarm@localhost, whose
+                    memory alarm tests raise: alarm-begin/alarm-end)
 
 A port variable moves where the script, the tests and the bench look for the
 broker. ActiveMQ and GarageMQ, which this script runs itself, are also
@@ -635,6 +641,65 @@ def stop_garagemq(broker: Broker) -> None:
     shutil.rmtree(GARAGEMQ_DIR / "db", ignore_errors=True)
 
 
+# ---------------------------------------------------------------- rabbitmq-alarm
+
+# A node of its own: its memory alarm blocks every publishing connection on
+# the node, which must not stall what other tests run on the shared one.
+RABBITMQ_ALARM_NODE = "triows-alarm@localhost"
+RABBITMQ_ALARM_DIR = RUN_DIR / "rabbitmq-alarm"
+# Erlang distribution listens this far above the AMQP port.
+RABBITMQ_ALARM_DIST_OFFSET = 20000
+# The node's memory watermarks (fraction of RAM): RabbitMQ's default, and one
+# no node can stay under (its memory alarm goes off at once).
+RABBITMQ_WATERMARK = "0.4"
+RABBITMQ_ALARM_WATERMARK = "0.0000001"
+
+
+def rabbitmq_alarm_env(broker: Broker) -> list[str]:
+    """``env`` arguments that make RabbitMQ's scripts run or reach the alarm node."""
+    folder = RABBITMQ_ALARM_DIR
+    return [
+        "env",
+        f"RABBITMQ_NODENAME={RABBITMQ_ALARM_NODE}",
+        f"RABBITMQ_NODE_PORT={broker.port}",
+        f"RABBITMQ_DIST_PORT={broker.port + RABBITMQ_ALARM_DIST_OFFSET}",
+        f"RABBITMQ_CONFIG_FILE={folder / 'rabbitmq.conf'}",
+        f"RABBITMQ_ENABLED_PLUGINS_FILE={folder / 'enabled_plugins'}",
+        f"RABBITMQ_MNESIA_BASE={folder / 'mnesia'}",
+        f"RABBITMQ_LOG_BASE={folder / 'log'}",
+    ]
+
+
+def start_rabbitmq_alarm(broker: Broker) -> None:
+    if broker.check() is None:
+        return
+    ensure_packages("rabbitmq-server")
+    if not succeeds("rabbitmq-diagnostics", "-q", "-n", RABBITMQ_ALARM_NODE, "ping"):
+        folder = RABBITMQ_ALARM_DIR
+        shutil.rmtree(folder, ignore_errors=True)
+        for sub in ("mnesia", "log"):
+            (folder / sub).mkdir(parents=True)
+        # Its own listener (the machine's config names the shared node's) and no plugin.
+        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = {HOST}:{broker.port}\n")
+        (folder / "enabled_plugins").write_text("[].\n")
+        if os.geteuid() == 0:
+            # rabbitmq-server drops to the rabbitmq user, which writes here.
+            for path in (folder, *folder.rglob("*")):
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+        log(f"rabbitmq-alarm: starting node {RABBITMQ_ALARM_NODE} (log: {folder / 'log'})")
+        run(*rabbitmq_alarm_env(broker), "rabbitmq-server", "-detached", quiet=False)
+    wait_for(RABBITMQ_START_TIMEOUT, f"RabbitMQ node {RABBITMQ_ALARM_NODE}", broker.check)
+
+
+def stop_rabbitmq_alarm(broker: Broker) -> None:
+    if succeeds("rabbitmq-diagnostics", "-q", "-n", RABBITMQ_ALARM_NODE, "ping"):
+        run("rabbitmqctl", "-q", "-n", RABBITMQ_ALARM_NODE, "stop")
+
+
+def set_rabbitmq_alarm_watermark(watermark: str) -> None:
+    run("rabbitmqctl", "-q", "-n", RABBITMQ_ALARM_NODE, "set_vm_memory_high_watermark", watermark)
+
+
 # ---------------------------------------------------------------- the table itself
 
 AMQP091_URL = "amqp://{login}:{passcode}@{host}:{port}/"
@@ -702,6 +767,17 @@ BROKERS: dict[str, Broker] = {
             runs="GarageMQ from deploy/garagemq/config.yaml",
             start=start_garagemq,
             stop=stop_garagemq,
+        ),
+        Broker(
+            "rabbitmq-alarm",
+            "amqp091",
+            5692,
+            "TRIOWS_BROKERS_RABBITMQ_ALARM_PORT",
+            family="rabbitmq-alarm",
+            url_format=AMQP091_URL,
+            runs=f"a RabbitMQ node of its own ({RABBITMQ_ALARM_NODE}) for memory-alarm tests",
+            start=start_rabbitmq_alarm,
+            stop=stop_rabbitmq_alarm,
         ),
     )
 }
@@ -779,7 +855,25 @@ def cmd_outage(phase: Literal["begin", "end"], brokers: Sequence[Broker]) -> int
     return 0
 
 
-COMMANDS = ("start", "stop", "status", "check", "outage-begin", "outage-end")
+def cmd_alarm(phase: Literal["begin", "end"], brokers: Sequence[Broker]) -> int:
+    if [broker.name for broker in brokers] != ["rabbitmq-alarm"]:
+        raise Failure(f"usage: alarm-{phase} rabbitmq-alarm")
+    set_rabbitmq_alarm_watermark(
+        RABBITMQ_ALARM_WATERMARK if phase == "begin" else RABBITMQ_WATERMARK
+    )
+    return 0
+
+
+COMMANDS = (
+    "start",
+    "stop",
+    "status",
+    "check",
+    "outage-begin",
+    "outage-end",
+    "alarm-begin",
+    "alarm-end",
+)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -800,6 +894,8 @@ def main(argv: Sequence[str]) -> int:
         return cmd_check(named)
     if command in ("outage-begin", "outage-end"):
         return cmd_outage("begin" if command == "outage-begin" else "end", named)
+    if command in ("alarm-begin", "alarm-end"):
+        return cmd_alarm("begin" if command == "alarm-begin" else "end", named)
     raise Failure(f"unknown command '{command}'")
 
 

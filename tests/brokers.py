@@ -90,3 +90,22 @@ async def broker_outage(name: str) -> AsyncIterator[None]:
                 pytest.fail(f"outage-end {name} failed: {_script_message(ended)}", pytrace=False)
     finally:
         os.close(lock_fd)
+
+
+@asynccontextmanager
+async def memory_alarm(name: str = "rabbitmq-alarm") -> AsyncIterator[None]:
+    """Raise the memory alarm of RabbitMQ node ``name`` for the block (cleared even on error).
+
+    Under it the broker stops reading from every connection that publishes
+    (``connection.blocked``). Only ``rabbitmq-alarm``, a node no other test uses.
+    """
+    raised = await run_brokers_script("alarm-begin", name)
+    if raised.returncode != 0:
+        pytest.fail(f"alarm-begin {name} failed: {_script_message(raised)}", pytrace=False)
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            cleared = await run_brokers_script("alarm-end", name)
+        if cleared.returncode != 0:
+            pytest.fail(f"alarm-end {name} failed: {_script_message(cleared)}", pytrace=False)

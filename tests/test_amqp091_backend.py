@@ -17,9 +17,11 @@ from typing import Any
 import aiormq
 import pytest
 import trio
+import trio.lowlevel
 import trio_asyncio
 from pamqp import commands as spec
 
+import backends.amqp091
 from backends.amqp091 import Amqp091Backend, open_amqp091_backend
 from backends.amqp091_aio import AioSessionLost, call_aio
 from deploy.brokers import BROKERS
@@ -33,6 +35,7 @@ from triows.settings import Settings
 pytestmark = pytest.mark.broker
 
 RABBITMQ_PORT = BROKERS["rabbitmq"].port
+GARAGEMQ_PORT = BROKERS["garagemq"].port
 RABBITMQ_URL = BROKERS["rabbitmq"].url
 POLL_INTERVAL = 0.05
 # Hang guards only; no test asserts on how long something took.
@@ -331,3 +334,83 @@ async def test_an_exchange_of_another_type_is_reported_once_and_retried_until_it
         assert await backend.publish("user.Bob", b"at last") == Outcome.ROUTED
         with trio.fail_after(READY_TIMEOUT):
             assert await backend.incoming.receive() == ("user.Bob", b"at last")
+
+
+# Connections lost, each after a key was held on it and released while down.
+RECONNECT_CYCLES = 20
+
+
+async def test_keys_released_while_down_are_forgotten_where_each_connection_has_a_new_queue(
+    exchange: str,
+) -> None:
+    # GarageMQ: the queue goes with its connection, and the next connection
+    # declares one of another name, with no binding. What the backend counts
+    # as possibly bound must start over with it, or it grows by every key
+    # released while the connection was down.
+    await require_broker("garagemq")
+    port = free_port()
+    settings = amqp_settings(exchange, port=port, reconnect_max_delay=0.05)
+    async with open_amqp091_backend(settings) as holder:
+        for cycle in range(RECONNECT_CYCLES):
+            async with reachable(holder, GARAGEMQ_PORT, port):
+                await holder.subscribe(f"user.u{cycle}")
+            await wait_not_ready(holder)
+            await holder.unsubscribe(f"user.u{cycle}")
+        async with reachable(holder, GARAGEMQ_PORT, port):
+            await holder.subscribe("user.kept")
+            assert holder._maybe_bound == {"user.kept"}
+
+
+async def test_two_acks_at_once_reach_aiormq_one_after_the_other(
+    exchange: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acks with ``multiple`` must reach the broker in the order of their tags.
+
+    Two tasks ack (the forwarder every half prefetch, the timer every
+    ACK_INTERVAL). Each ack returns once aiormq has put its frame in the
+    connection's write queue (``wait=False``), and the writer sends that queue
+    in order. But asyncio's ``Queue.put`` only waits while the queue is full:
+    when the writer takes a frame from a full queue it wakes the oldest waiting
+    put, and a put that starts before that one runs takes the free slot first.
+    So with the queue full (ten frames: a burst of publish batches), an ack of
+    tag 20 can overtake one of tag 10; the broker, which settled 10 with 20,
+    answers the late ``ack 10`` with PRECONDITION_FAILED (unknown delivery tag)
+    and closes the channel. Hence acks cross one at a time: the second starts
+    once the first's frame is in the queue. What is checked here: the crossings
+    of two acks started together never overlap.
+    """
+    # Only this test's acks: no timer, no batch ack.
+    monkeypatch.setattr(backends.amqp091, "ACK_INTERVAL", 3600.0)
+    async with open_ready(amqp_settings(exchange, prefetch=100)) as backend:
+        assert isinstance(backend, Amqp091Backend)
+        session = backend._following
+        assert session is not None
+        await backend.subscribe("user.bob")
+        for body in (b"1", b"2"):
+            await backend.publish("user.bob", body)
+            await receive(backend)
+        first, second = session.delivered_tag - 1, session.delivered_tag
+        crossing, most_crossing = 0, 0
+        call = session.call
+
+        async def counted_call(operation: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal crossing, most_crossing
+            crossing += 1
+            most_crossing = max(most_crossing, crossing)
+            try:
+                return await call(operation, *args, **kwargs)
+            finally:
+                crossing -= 1
+
+        monkeypatch.setattr(session, "call", counted_call)
+        async with trio.open_nursery() as nursery:
+            session.delivered_tag = first  # as when the first delivery was handed over
+            nursery.start_soon(session.ack)
+            while session.acked_tag != first:
+                await trio.lowlevel.checkpoint()
+            session.delivered_tag = second
+            nursery.start_soon(session.ack)
+        assert (most_crossing, session.acked_tag) == (1, second)
+        # The channel is still open: the broker took both acks.
+        await backend.publish("user.bob", b"3")
+        assert await receive(backend) == ("user.bob", b"3")

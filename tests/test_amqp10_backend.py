@@ -18,6 +18,8 @@ from typing import Any
 
 import anyio
 import pytest
+import trio
+import trio.testing
 
 from backends.amqp10 import Amqp10Backend, open_amqp10_backend
 from backends.amqp10_links import Received
@@ -25,9 +27,14 @@ from deploy.brokers import BROKERS
 from tests.brokers import require_broker
 from tests.tcp_proxy import open_tcp_proxy, reachable
 from tests.test_backend_contract import open_ready, wait_not_ready
+from tests.test_router_unit import hold_until_closed
 from tests.test_stomp_backend import rabbitmq_queues, wait_for_queues
 from triows.backend import Outcome
+from triows.connection import Connection
+from triows.metrics import Metrics
 from triows.process import free_port
+from triows.protocol import CLOSE_DRAINING
+from triows.router import Router
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker
@@ -334,3 +341,67 @@ async def test_closing_the_backend_deletes_its_queues_on_rabbitmq(exchange: str)
         await holder.unsubscribe("user.ann")
         await wait_for_queues(settings.instance_id, {holder.queues["user.bob"]})
     assert await rabbitmq_queues(settings.instance_id) == set()
+
+
+# One key held and released this often on one connection (a user's last
+# disconnect, a room leave): enough that a leak per cycle would stand out.
+CHURN_CYCLES = 1000
+
+
+def proton_links(backend: Amqp10Backend) -> int:
+    """How many links proton keeps on the backend's connection (freed ones are gone)."""
+    live = backend._following
+    assert live is not None
+    count, link = 0, live.pump.connection.link_head(0)
+    while link is not None:
+        count, link = count + 1, link.next(0)
+    return count
+
+
+async def test_subscribing_and_releasing_one_key_again_and_again_keeps_no_link_behind(
+    exchange: str,
+) -> None:
+    async with open_ready(amqp10_settings(exchange)) as backend:
+        assert isinstance(backend, Amqp10Backend)
+        connection = backend._following
+        assert connection is not None
+        links_before = proton_links(backend)
+        for _ in range(CHURN_CYCLES):
+            await backend.subscribe("user.bob")
+            await backend.unsubscribe("user.bob")
+        assert backend._following is connection  # one connection all along
+        assert (proton_links(backend), connection.detached) == (links_before, set())
+        await backend.subscribe("user.bob")
+        await backend.publish("user.bob", b"after")
+        with anyio.fail_after(READY_TIMEOUT):
+            assert await backend.incoming.receive() == ("user.bob", b"after")
+
+
+# Users whose first connection is being subscribed when the instance drains.
+DRAINED_IN_FLIGHT = 40
+
+
+async def test_a_drain_leaves_no_key_held_and_no_connection_open_of_the_subscribes_in_flight(
+    exchange: str,
+) -> None:
+    # AMQP 1.0 attaches many links at once: the drain begins with all forty
+    # still waiting for the broker's attach.
+    async with open_ready(amqp10_settings(exchange)) as backend:
+        assert isinstance(backend, Amqp10Backend)
+        router = Router(backend, Metrics(), backend._settings)
+        attaching = [Connection(f"u{n}", 8) for n in range(DRAINED_IN_FLIGHT)]
+        async with trio.open_nursery() as sockets:
+            sockets.start_soon(router.run)  # hands the drain's marker back
+            for held in attaching:
+                sockets.start_soon(hold_until_closed, router, held)
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(READY_TIMEOUT):
+                await router.release_all(timeout=READY_TIMEOUT)
+            held_after_release = set(backend._keys)
+            for attached in router.connections:
+                attached.close(CLOSE_DRAINING, "instance draining, reconnect")
+            with trio.fail_after(READY_TIMEOUT):
+                await router.idle.wait()
+            sockets.cancel_scope.cancel()
+        assert held_after_release == set()
+        assert [held.close_code for held in attaching] == [CLOSE_DRAINING] * DRAINED_IN_FLIGHT

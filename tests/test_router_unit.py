@@ -20,7 +20,8 @@ from anyio.abc import ObjectReceiveStream
 from triows.backend import Delivery, Outcome
 from triows.connection import Connection
 from triows.metrics import Metrics
-from triows.router import Router
+from triows.protocol import CLOSE_DRAINING, user_key
+from triows.router import MARKER_USER_PREFIX, Router
 from triows.settings import Settings
 
 
@@ -58,7 +59,10 @@ class RecordingBackend:
         return
 
     async def publish(self, key: str, body: bytes) -> Outcome:
-        return Outcome.ROUTED if key in self.held else Outcome.UNROUTED
+        if key not in self.held:
+            return Outcome.UNROUTED
+        await self._send.send((key, body))  # handed back, as the broker would
+        return Outcome.ROUTED
 
     async def _broker_answer(self) -> None:
         self.in_flight += 1
@@ -206,3 +210,67 @@ async def test_a_failed_subscribe_attaches_nothing_and_the_next_connection_subsc
         ("subscribe", "user.Bob"),
         ("unsubscribe", "user.Bob"),
     ]
+
+
+# Connections whose subscribe is still waiting for the broker when a drain begins.
+ATTACHES_IN_FLIGHT = 16
+USER_SUBSCRIBE_SECONDS = 5.0
+
+
+class SlowUserSubscribes(RecordingBackend):
+    """A user key's subscribe takes :data:`USER_SUBSCRIBE_SECONDS`; the drain's marker's
+    (this instance's own key) is answered at once."""
+
+    async def subscribe(self, key: str) -> None:
+        if not key.startswith(user_key(MARKER_USER_PREFIX)):
+            await trio.sleep(USER_SUBSCRIBE_SECONDS)
+        await super().subscribe(key)
+
+
+async def hold_until_closed(router: Router, held: Connection) -> None:
+    """What a socket does: stay attached until the instance closes the connection."""
+    async with router.attached(held):
+        with trio.CancelScope() as reading:
+            held.read_under(reading)  # closing the connection cancels this
+            await trio.sleep_forever()
+
+
+async def test_a_drain_releases_and_closes_every_connection_whose_subscribe_was_in_flight(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = SlowUserSubscribes()
+    router = new_router(backend)
+    attaching = [connection(f"u{n}") for n in range(ATTACHES_IN_FLIGHT)]
+    async with trio.open_nursery() as sockets:
+        sockets.start_soon(router.run)  # hands the drain's marker back
+        for held in attaching:
+            sockets.start_soon(hold_until_closed, router, held)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not router.connections  # every subscribe waits for the broker
+        # The drain, as the app runs it: release, then close what is attached.
+        await router.release_all(timeout=60)
+        held_after_release = set(backend.held)
+        for attached in router.connections:
+            attached.close(CLOSE_DRAINING, "instance draining, reconnect")
+        with trio.move_on_after(60):
+            await router.idle.wait()
+        # What the drain leaves: the broker still routing here, sockets open.
+        held_after_drain = set(backend.held)
+        still_open = [held.user for held in attaching if held.close_code is None]
+        sockets.cancel_scope.cancel()
+    assert (held_after_release, held_after_drain, still_open) == (set(), set(), [])
+    assert all(held.close_code == CLOSE_DRAINING for held in attaching)
+
+
+async def test_a_connection_attaching_once_drained_is_closed_without_a_subscribe(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = RecordingBackend()
+    router = new_router(backend)
+    await router.release_all(timeout=60)
+    calls_of_the_drain = list(backend.calls)
+    late = connection("Late")
+    with trio.fail_after(60):
+        await hold_until_closed(router, late)
+    assert late.close_code == CLOSE_DRAINING
+    assert backend.calls == calls_of_the_drain

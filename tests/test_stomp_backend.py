@@ -9,6 +9,7 @@ never see each other's messages.
 from __future__ import annotations
 
 import contextlib
+import random
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,8 +19,10 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from anyio.abc import ByteStream
 
-from backends.broker_url import query_int
+import backends.stomp
+from backends.broker_url import connect_stream, query_int
 from backends.stomp import (
     StompBackend,
     StompBrokerError,
@@ -33,7 +36,7 @@ from deploy.brokers import BROKERS
 from tests.brokers import require_broker
 from tests.tcp_proxy import reachable
 from tests.test_backend_contract import open_ready, wait_not_ready
-from triows.backend import BrokerUnavailable
+from triows.backend import BrokerUnavailable, Outcome
 from triows.process import free_port
 from triows.settings import Settings, SettingsError
 
@@ -322,6 +325,115 @@ async def test_a_subscribe_cut_short_before_its_frame_went_out_is_sent_by_the_ne
         await backend.unsubscribe("user.erin")
         await backend.publish("user.erin", b"settled")  # answered before any ERROR's close
         assert backend.ready and backend._following is connection
+
+
+# Cancelled publishes: how many, and where each is cut (yields of the
+# publishing task before its cancel, or a deadline in seconds).
+CANCELLED_PUBLISHES = 200
+MOST_YIELDS_BEFORE_THE_CANCEL = 8
+LONGEST_DEADLINE = 0.002
+
+
+@pytest.mark.broker
+async def test_publishes_cancelled_anywhere_before_their_frame_went_out_keep_the_connection(
+    broker: str, exchange: str
+) -> None:
+    # What a socket closed while its user sends does to its publish (a token
+    # expiry, a slow-consumer close, a drain): cancelled waiting for the write
+    # lock, right after taking it, or waiting for the receipt. None of these
+    # leaves part of a frame on the wire, so none may drop the connection
+    # (every /send of the instance would answer 503 meanwhile).
+    rng = random.Random(23)
+    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+        assert isinstance(backend, StompBackend)
+        connection = backend._following
+        assert connection is not None
+        for attempt in range(CANCELLED_PUBLISHES):
+            async with trio.open_nursery() as nursery:
+                with trio.CancelScope() as cut:
+                    if attempt % 2:
+                        cut.deadline = trio.current_time() + rng.uniform(0, LONGEST_DEADLINE)
+                    else:
+
+                        async def cut_after(yields: int) -> None:
+                            for _ in range(yields):
+                                await trio.lowlevel.checkpoint()
+                            cut.cancel()
+
+                        nursery.start_soon(cut_after, rng.randrange(MOST_YIELDS_BEFORE_THE_CANCEL))
+                    await backend.publish("user.bob", b"%d" % attempt)
+            assert backend._following is connection, f"dropped at publish {attempt}"
+        assert backend.ready
+        await backend.subscribe("user.bob")
+        await backend.publish("user.bob", b"after")
+        while (delivery := await receive(backend)) != ("user.bob", b"after"):
+            assert delivery[0] == "user.bob"
+
+
+class HalfFrameStream(ByteStream):
+    """A real connection to the broker whose next frame stalls half-way out.
+
+    Once :attr:`stall` is set, the next write (a heart-beat aside) sends the
+    first half of its bytes, sets :attr:`half_sent` and waits for its cancel:
+    what a socket whose buffer filled up mid-frame does.
+    """
+
+    def __init__(self, inner: ByteStream) -> None:
+        self.inner = inner
+        self.stall = False
+        self.half_sent = trio.Event()
+
+    async def send(self, item: bytes) -> None:
+        if self.stall and item != b"\n":
+            self.stall = False
+            await self.inner.send(item[: len(item) // 2])
+            self.half_sent.set()
+            await trio.sleep_forever()
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.broker
+async def test_a_publish_cancelled_with_half_its_frame_sent_drops_the_connection(
+    broker: str, exchange: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing more can be written after half a frame: the broker would read
+    # the next frame as the rest of this one. The connection must go, and the
+    # next one carries on.
+    streams: list[HalfFrameStream] = []
+
+    async def connect_half_frame_stream(host: str, port: int, *, tls: bool) -> ByteStream:
+        stream = HalfFrameStream(await connect_stream(host, port, tls=tls))
+        streams.append(stream)
+        return stream
+
+    monkeypatch.setattr(backends.stomp, "connect_stream", connect_half_frame_stream)
+    async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
+        assert isinstance(backend, StompBackend)
+        connection = backend._following
+        streams[-1].stall = True
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as cut:
+
+                async def cut_once_half_sent() -> None:
+                    await streams[-1].half_sent.wait()
+                    cut.cancel()
+
+                nursery.start_soon(cut_once_half_sent)
+                await backend.publish("user.bob", b"cut mid-frame")
+        await wait_not_ready(backend)
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+        assert backend._following is not connection
+        assert await backend.publish("user.bob", b"after") == Outcome.ACCEPTED
 
 
 # --- each subscription outlives its connection: RabbitMQ queues, ActiveMQ durable subscriptions

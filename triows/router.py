@@ -196,6 +196,11 @@ class Router:
         self._connections.add(connection)
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         self._metrics.connections_open.inc()
+        if self.released:
+            # Its subscribe was in flight when the drain began, so the drain
+            # may have closed the others already: this one goes the same way
+            # (release_all unsubscribes its key once that subscribe ends).
+            connection.close(CLOSE_DRAINING, "instance draining, reconnect")
 
     async def join(self, connection: Connection, room: str) -> None:
         """Make ``connection`` a member of ``room``; returns once the room's key is subscribed.
@@ -331,6 +336,10 @@ class Router:
     async def release_all(self, timeout: float) -> None:
         """Drain step one and two: unsubscribe every held key, then flush.
 
+        A subscribe still in flight is waited for and undone, and its
+        connection is closed with 1012 once attached (as is any connection
+        attaching from now on): none stays routed to after a drain.
+
         After the unsubscribes the broker routes nothing more here (a user
         connected only here is offline: 404). A marker published to a key of
         this instance's own then comes back behind whatever the broker had
@@ -345,10 +354,13 @@ class Router:
         with trio.move_on_after(timeout):
             try:
                 await self.backend.subscribe(user_key(marker))
+                # Every key, not only those subscribed now: a subscribe in
+                # flight holds its key's lock, and its release waits for it.
+                # A subscribe that starts from now on finds ``released`` and
+                # does not subscribe.
                 async with trio.open_nursery() as nursery:
                     for key, local in list(self._keys.items()):
-                        if local.subscribed:
-                            nursery.start_soon(self._release, key, local)
+                        nursery.start_soon(self._release, key, local)
                 if self.backend.ready:
                     await self.backend.publish(user_key(marker), b"{}")
                     await arrived.wait()

@@ -14,6 +14,9 @@ from bench.faults.traffic import now
 from bench.targets import Target
 from triows.client import open_events
 
+# Cycles between two RSS samples.
+CHURN_SAMPLE_CYCLES = 1000
+
 
 async def settled_stats(cluster: Cluster) -> dict[str, Any]:
     await trio.sleep(1.0)
@@ -50,10 +53,17 @@ async def run_churn(
                 except (OSError, HandshakeError, ConnectionClosed):
                     failures += 1
 
+        # RSS after every CHURN_SAMPLE_CYCLES cycles: a leak per cycle shows as
+        # a slope that one before/after pair (allocator noise) cannot show.
+        samples: dict[str, list[tuple[int, float]]] = {label: [] for label in cluster.nodes}
         with trio.fail_after(max(600.0, cycles * 0.2)):
-            async with trio.open_nursery() as nursery:
-                for n in range(cycles):
-                    nursery.start_soon(limited, n)
+            for start in range(0, cycles, CHURN_SAMPLE_CYCLES):
+                done = min(cycles, start + CHURN_SAMPLE_CYCLES)
+                async with trio.open_nursery() as nursery:
+                    for n in range(start, done):
+                        nursery.start_soon(limited, n)
+                for label, node in cluster.nodes.items():
+                    samples[label].append((done, process_stats(node)["rss_mib"]))
         # Settle: the last unsubscribes reach the broker. On AMQP 1.0 a
         # detached link's queue (and its binding) goes only when the expiry
         # policy removes it (AMQP10_ORPHAN_EXPIRES): wait for that, bounded.
@@ -76,4 +86,21 @@ async def run_churn(
             "baseline": baseline,
             "settled": settled,
             "bindings_settled_s": bindings_settled_s,
+            "rss_samples": samples,
+            "rss_slope_kib_per_1000_cycles": {
+                label: rss_slope(points) for label, points in samples.items()
+            },
         }
+
+
+def rss_slope(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares growth of RSS in KiB per 1,000 cycles over ``(cycles, rss_mib)``
+    samples, the first (warm-up) left out; None with fewer than three left."""
+    points = points[1:]
+    if len(points) < 3:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    return round(slope * 1000 * 1024, 1)

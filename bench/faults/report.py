@@ -102,6 +102,9 @@ def _extra_notes(row: dict[str, Any]) -> str:
             )
         if "broker_bindings" in s:
             parts.append(f"bindings {b['broker_bindings']}→{s['broker_bindings']}")
+        for label, slope in row.get("rss_slope_kib_per_1000_cycles", {}).items():
+            if slope is not None:
+                parts.append(f"{label}: RSS {slope:+} KiB per 1,000 cycles")
         return "; ".join(parts)
     if fault == "dead-client":
         if not row.get("release_observable", True):
