@@ -11,10 +11,13 @@ connection follows the keys) ask the broker within ``TRIOWS_BROKER_TIMEOUT``.
 A change the broker does not confirm (lost, refused, too slow) is logged as
 ``broker_binding_deferred`` and the connection is dropped, so that the
 reconnect restores exactly the held set. They never raise
-:class:`BrokerUnavailable`. Changes run one at a time under one lock, which is
-also held while a new connection restores the keys; a backend whose protocol
-can restore every key in one synchronous step (``CHANGES_IN_FLIGHT`` > 1) lets
-that many changes wait for the broker at once instead.
+:class:`BrokerUnavailable`. Ordering the changes of one key is the caller's
+(the router holds a lock per key). Across keys, a backend whose protocol can
+queue the restore of every key in one synchronous step (``CHANGES_IN_FLIGHT``
+> 1) lets that many changes wait for the broker at once, so that one user's
+churn does not hold up everyone's connects and joins; otherwise changes run
+one at a time under one lock, which is also held while a new connection
+restores the keys.
 
 Readiness. ``ready`` is true from the moment every held key is restored on a
 connection until that connection is lost; :meth:`Supervised.wait_ready` waits
