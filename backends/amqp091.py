@@ -171,9 +171,10 @@ class Amqp091Backend(Supervised[AioSession]):
     """
 
     LOST = SESSION_BROKEN
-    # Safe: ``_restore`` queues every change before its first await, and the
-    # session's binding changes reach the broker in the order they were queued.
     CHANGES_IN_FLIGHT = BINDING_BATCH
+    # ``_restore`` queues every change before its first await, and the session's
+    # binding changes reach the broker in the order they were queued.
+    RESTORES_AT_ONCE = True
     # Each batch of publishes waits at most TRIOWS_PUBLISH_TIMEOUT for its confirms.
     PUBLISH_BOUNDED = True
 
@@ -221,7 +222,7 @@ class Amqp091Backend(Supervised[AioSession]):
             stale = []
             self._bound_queue = session.queue
         self._maybe_bound.update(keys)
-        # Queued in one step (see CHANGES_IN_FLIGHT), so that a change of one
+        # Queued in one step (see RESTORES_AT_ONCE), so that a change of one
         # of these keys made meanwhile reaches the broker after its restore.
         changes = [session.bindings.enqueue(False, key) for key in stale]
         changes += [session.bindings.enqueue(True, key) for key in keys]
