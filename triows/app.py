@@ -30,6 +30,7 @@ from triows.logs import configure_logging, log_event
 from triows.metrics import Metrics
 from triows.problems import problem
 from triows.protocol import CLOSE_DRAINING
+from triows.rate import RatePerUser
 from triows.router import Router
 from triows.settings import Settings
 
@@ -58,6 +59,8 @@ class TriowsApp(QuartTrio):
         # non-zero itself (``triows serve``); else fail() ends the process.
         self.exits_on_failure = False
         self.guards_dev_mode = settings.dev_mode and not settings.insecure
+        # Rooms asked for by event streams' ``?room=``, per user (triows.rate).
+        self.stream_joins = RatePerUser(settings.send_rate, settings.send_burst)
         # POST /send and /events are answered in front of Quart (triows.dataplane).
         self.data_plane = DataPlane(self, super().asgi_app)
 
