@@ -9,7 +9,7 @@ times its ``hello`` (the user's key subscribed) and then a ``join`` of a new
 room (``joined``: the room's key subscribed). Prints one JSON line per
 ``--churners`` value with the probe's median, 90th percentile and maximum.
 
-    python -m bench.churn_latency --backend amqp091 --churners 0,20,200,1000
+    python -m bench.churn_latency --target amqp091-rabbitmq --churners 0,20,200,1000
 
 To measure other code with the same script, put it first on ``PYTHONPATH``:
 the instance is started with this interpreter and inherits the environment.
@@ -26,9 +26,8 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from bench.targets import TARGETS
 from triows.process import serve_instance
-
-DEFAULT_BROKERS = {"amqp091": "amqp://guest:guest@127.0.0.1:5672/"}
 
 
 async def churn(url: str, number: int, cycles: list[int], stop: trio.Event) -> None:
@@ -103,23 +102,27 @@ async def measure(
 
 
 async def main(arguments: argparse.Namespace) -> None:
-    broker_url = arguments.broker_url or DEFAULT_BROKERS.get(arguments.backend)
-    async with serve_instance(arguments.backend, broker_url=broker_url) as instance:
+    target = TARGETS[arguments.target]
+    async with serve_instance(target.backend, broker_url=target.broker_url or None) as instance:
         await instance.wait_ready()
         url = instance.base_url.replace("http://", "ws://")
         for churners in arguments.churners:
             row = await measure(
                 url, churners, arguments.probes, arguments.interval, arguments.warmup
             )
-            print(json.dumps({"backend": arguments.backend, **row}), flush=True)
+            print(json.dumps({"target": target.name, **row}), flush=True)
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.churn_latency", description=__doc__.partition("\n\n")[0]
     )
-    parser.add_argument("--backend", default="amqp091", help="backend name (default amqp091)")
-    parser.add_argument("--broker-url", help="broker URL (default: the local test broker)")
+    parser.add_argument(
+        "--target",
+        default="amqp091-rabbitmq",
+        choices=sorted(TARGETS),
+        help="backend and broker, as in python -m bench (default amqp091-rabbitmq)",
+    )
     parser.add_argument(
         "--churners",
         type=lambda text: [int(part) for part in text.split(",")],
