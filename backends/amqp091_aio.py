@@ -124,12 +124,16 @@ class AioSession:
         await self.publisher.run(send)
 
     async def run_binding_changes(self, exchange: str, timeout: float) -> None:
-        """Send the queued binding changes, one crossing per batch, until cancelled."""
+        """Send the queued binding changes, one crossing per batch, until cancelled or
+        a batch fails (which drops the session)."""
 
         async def send(changes: list[BindingChange]) -> None:
             await self.call(change_bindings, self.channel, self.queue, exchange, changes)
 
         await self.bindings.run(send, timeout)
+        # It returns once a batch failed: what the channel holds (and which
+        # answers are still on their way) is unknown, so the session is rebuilt.
+        self.abandoned.set()
 
     async def ack(self) -> None:
         """Ack every delivery handed to Trio so far (``multiple``), unless done already."""
@@ -282,6 +286,7 @@ class BindingBatcher:
         (the channel's state is unknown: the session is rebuilt). On
         cancellation (the session ended) every waiting change fails.
         """
+        batch: list[BindingChange] = []
         try:
             while True:
                 await self._wakeup.wait()
@@ -303,7 +308,8 @@ class BindingBatcher:
                     for change in batch:
                         change.done.set()
         finally:
-            self._stop([], AioSessionLost("the broker session ended"))
+            # Those of the batch out now too (``fail`` skips those answered).
+            self._stop(batch, AioSessionLost("the broker session ended"))
 
     def _stop(self, batch: list[BindingChange], error: BaseException) -> None:
         if self._failed is None:
