@@ -28,6 +28,10 @@ class RatePerUser:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._prune_at = PRUNE_AFTER
 
+    def __len__(self) -> int:
+        """Users remembered (those whose bucket is not full)."""
+        return len(self._buckets)
+
     def take(self, user: str, count: int, now: float) -> float:
         """Take ``count`` tokens from ``user``'s bucket at time ``now``.
 
