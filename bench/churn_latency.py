@@ -29,22 +29,27 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from bench.targets import TARGETS
 from triows.process import serve_instance
 
+CYCLE_TIMEOUT = 30.0
+"""A churner's cycle (or a probe) that takes longer is given up and counted as stuck."""
 
-async def churn(url: str, number: int, cycles: list[int], stop: trio.Event) -> None:
+
+async def churn(url: str, number: int, counts: dict[str, int], stop: trio.Event) -> None:
     """Connect, join a room, disconnect, again, until ``stop``; count cycles."""
     user = f"churner{number}"
     while not stop.is_set():
-        try:
-            async with open_websocket_url(f"{url}/events?user={user}") as websocket:
-                await websocket.get_message()  # hello
-                await websocket.send_message(
-                    json.dumps({"type": "join", "room": f"churn{number}", "ref": "j"})
-                )
-                await websocket.get_message()  # joined
-        except (ConnectionClosed, HandshakeError, OSError):
-            await trio.sleep(0.1)  # refused (e.g. over the connection limit): back off
-            continue
-        cycles[0] += 1
+        with trio.move_on_after(CYCLE_TIMEOUT) as cycle:
+            try:
+                async with open_websocket_url(f"{url}/events?user={user}") as websocket:
+                    await websocket.get_message()  # hello
+                    await websocket.send_message(
+                        json.dumps({"type": "join", "room": f"churn{number}", "ref": "j"})
+                    )
+                    await websocket.get_message()  # joined
+            except (ConnectionClosed, HandshakeError, OSError):
+                counts["refused"] += 1
+                await trio.sleep(0.1)  # refused (e.g. over the connection limit): back off
+                continue
+        counts["stuck" if cycle.cancelled_caught else "cycles"] += 1
 
 
 async def probe_once(url: str, number: int) -> tuple[float, float]:
@@ -75,27 +80,30 @@ async def measure(
     url: str, churners: int, probes: int, interval: float, warmup: float
 ) -> dict[str, Any]:
     stop = trio.Event()
-    cycles = [0]
+    counts = {"cycles": 0, "refused": 0, "stuck": 0}
     hellos: list[float] = []
     joins: list[float] = []
     async with trio.open_nursery() as nursery:
         for number in range(churners):
-            nursery.start_soon(churn, url, number, cycles, stop)
+            nursery.start_soon(churn, url, number, counts, stop)
             if number % 50 == 49:
                 await trio.sleep(0.05)  # do not overrun the listen backlog
         await trio.sleep(warmup)
-        counted_from, started = cycles[0], time.perf_counter()
+        counted_from, started = counts["cycles"], time.perf_counter()
         for number in range(probes):
-            hello, join = await probe_once(url, number)
+            with trio.fail_after(CYCLE_TIMEOUT):
+                hello, join = await probe_once(url, number)
             hellos.append(hello)
             joins.append(join)
             await trio.sleep(interval)
-        cycle_rate = (cycles[0] - counted_from) / (time.perf_counter() - started)
+        cycle_rate = (counts["cycles"] - counted_from) / (time.perf_counter() - started)
         stop.set()
     return {
         "churners": churners,
         "probes": probes,
         "churn_cycles_per_s": round(cycle_rate, 1),
+        "churn_refused": counts["refused"],
+        "churn_stuck": counts["stuck"],
         "hello": summary(hellos),
         "join": summary(joins),
     }
