@@ -31,6 +31,7 @@ from triows.logs import configure_logging, log_event
 from triows.metrics import Metrics
 from triows.problems import problem
 from triows.protocol import CLOSE_DRAINING
+from triows.rate import RatePerUser
 from triows.router import Router
 from triows.settings import Settings
 from triows.websecurity import host_allowed, page_headers
@@ -64,6 +65,8 @@ class TriowsApp(QuartTrio):
         # With a secret, a rebinding page has no token to use: the Host is
         # checked there only when the operator names the hosts.
         self.checks_host = self.guards_dev_mode or bool(settings.allowed_hosts)
+        # Rooms asked for by event streams' ``?room=``, per user (triows.rate).
+        self.stream_joins = RatePerUser(settings.send_rate, settings.send_burst)
         # POST /send and /events are answered in front of Quart (triows.dataplane).
         self.data_plane = DataPlane(self, super().asgi_app)
 
