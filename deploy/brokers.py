@@ -14,11 +14,16 @@ Usage: python3 deploy/brokers.py COMMAND [NAME...]   (deploy/brokers.sh is the s
   status [NAME...]     one line per broker; exit 1 if any is not answering
   check NAME           exit 0 if NAME answers its protocol, else print one
                        line saying how to start it and exit 1
-  outage-begin NAME    take NAME down for a broker-outage test (rabbitmq, activemq)
+  outage-begin NAME    take NAME down for a broker-outage test (rabbitmq, activemq,
+                       rabbitmq-cluster-N)
   outage-end NAME      bring it back and wait until it answers
   alarm-begin NAME     raise the memory alarm of rabbitmq-alarm (the broker
                        blocks every connection that publishes)
   alarm-end NAME       clear it
+  cluster-url BACKEND [tls]
+                       print TRIOWS_BROKER_URL for rabbitmq-cluster: one URL per
+                       node, comma-separated (BACKEND amqp091, amqp10 or stomp;
+                       tls: the TLS listeners, verified with the script's CA)
 
 No NAME means every broker (``stop``: the ones this script runs). Names,
 protocol, default port, and the variable that overrides the port:
@@ -33,6 +38,14 @@ protocol, default port, and the variable that overrides the port:
   rabbitmq-alarm    AMQP 0-9-1  127.0.0.1:5692   TRIOWS_BROKERS_RABBITMQ_ALARM_PORT
                     (a second RabbitMQ node, triows-alarm@localhost, whose
                     memory alarm tests raise: alarm-begin/alarm-end)
+  rabbitmq-cluster  AMQP 0-9-1  127.0.0.1:5701   TRIOWS_BROKERS_RABBITMQ_CLUSTER_PORT
+                    (three RabbitMQ nodes of their own, triows-c1..c3@localhost,
+                    clustered, AMQP 1.0 and STOMP plugins on; node N answers
+                    AMQP 0-9-1/1.0 on 5700+N, STOMP on 61700+N, AMQP over TLS
+                    on 5710+N, STOMP over TLS on 61710+N, with a certificate of
+                    a local CA, rabbitmq-cluster/tls/ca.pem in the run folder)
+  rabbitmq-cluster-N  node N alone (N = 1, 2, 3): its status, check, stop and
+                    outage (outage-begin: rabbitmqctl stop_app on that node)
 
 A port variable moves where the script, the tests and the bench look for the
 broker. ActiveMQ and GarageMQ, which this script runs itself, are also
@@ -55,11 +68,13 @@ default ``/var/tmp/triows-brokers``): pid file, log, config and data per broker.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -145,16 +160,20 @@ class Broker:
     # Both None where this script has no outage for the name.
     outage_begin: Callable[[Broker], None] | None = None
     outage_end: Callable[[Broker], None] | None = None
+    # How ``check`` asks it, where a handshake on ``port`` is not enough (None: that handshake).
+    probe_with: Callable[[Broker], str | None] | None = None
+    # Added to the port: names that share one port variable (the nodes of a cluster).
+    port_offset: int = 0
 
     @property
     def port(self) -> int:
-        """The port it answers on: ``port_variable`` if set, else ``default_port``."""
+        """The port it answers on: ``port_variable`` or ``default_port``, plus ``port_offset``."""
         raw = os.environ.get(self.port_variable, "").strip()
         if not raw:
-            return self.default_port
-        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            return self.default_port + self.port_offset
+        if not raw.isdigit() or not 0 < int(raw) + self.port_offset < 65536:
             raise Failure(f"{self.port_variable}={raw!r} is not a TCP port")
-        return int(raw)
+        return int(raw) + self.port_offset
 
     @property
     def url(self) -> str:
@@ -182,7 +201,9 @@ class Broker:
         return f"{PROTOCOL_LABELS[self.protocol]:<10} {HOST}:{self.port}"
 
     def check(self) -> str | None:
-        """None if it answers its protocol's opening handshake, else why not."""
+        """None if it answers its protocol's opening handshake (or ``probe_with``), else why not."""
+        if self.probe_with is not None:
+            return self.probe_with(self)
         return probe(self.protocol, self.port)
 
 
@@ -700,6 +721,330 @@ def set_rabbitmq_alarm_watermark(watermark: str) -> None:
     run("rabbitmqctl", "-q", "-n", RABBITMQ_ALARM_NODE, "set_vm_memory_high_watermark", watermark)
 
 
+# ---------------------------------------------------------------- rabbitmq-cluster
+
+# Three RabbitMQ nodes of the script's own, clustered: what an instance does
+# when the node under it goes is tested here, never on the machine's node.
+RABBITMQ_CLUSTER_DIR = RUN_DIR / "rabbitmq-cluster"
+RABBITMQ_CLUSTER_NODES = ("triows-c1@localhost", "triows-c2@localhost", "triows-c3@localhost")
+# Node n (1-based) listens on the table's port + n - 1 for AMQP 0-9-1 and 1.0,
+# and these offsets above that for STOMP, AMQP over TLS, STOMP over TLS and
+# Erlang distribution (5701: 61701, 5711, 61711, 25701).
+RABBITMQ_CLUSTER_STOMP_OFFSET = 56000
+RABBITMQ_CLUSTER_TLS_OFFSET = 10
+RABBITMQ_CLUSTER_DIST_OFFSET = 20000
+# The TLS listeners also listen on this loopback address, which the server
+# certificate does not name: a client connecting there must refuse it.
+RABBITMQ_CLUSTER_UNNAMED_HOST = "127.0.0.2"
+# A node blocks publishers above this much memory rather than grow, and its
+# schedulers do not busy-wait: three nodes share the machine with everything else.
+RABBITMQ_CLUSTER_MEMORY = "512MiB"
+RABBITMQ_CLUSTER_ERL_ARGS = "+sbwt none +sbwtdcpu none +sbwtdio none"
+RABBITMQ_CLUSTER_PLUGINS = "[rabbitmq_amqp1_0,rabbitmq_stomp].\n"
+# The local certificate authority and the nodes' certificate (SAN localhost, 127.0.0.1).
+RABBITMQ_CLUSTER_TLS_DIR = RABBITMQ_CLUSTER_DIR / "tls"
+CLUSTER_CA = RABBITMQ_CLUSTER_TLS_DIR / "ca.pem"
+TLS_DAYS = "3650"
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """One node of rabbitmq-cluster: its Erlang name and its listeners."""
+
+    index: int  # 1-based
+    amqp_port: int
+
+    @property
+    def name(self) -> str:
+        return RABBITMQ_CLUSTER_NODES[self.index - 1]
+
+    @property
+    def stomp_port(self) -> int:
+        return self.amqp_port + RABBITMQ_CLUSTER_STOMP_OFFSET
+
+    @property
+    def amqps_port(self) -> int:
+        return self.amqp_port + RABBITMQ_CLUSTER_TLS_OFFSET
+
+    @property
+    def stomps_port(self) -> int:
+        return self.stomp_port + RABBITMQ_CLUSTER_TLS_OFFSET
+
+    @property
+    def folder(self) -> Path:
+        return RABBITMQ_CLUSTER_DIR / f"c{self.index}"
+
+    def env(self) -> list[str]:
+        """``env`` arguments that make RabbitMQ's scripts run or reach this node."""
+        return [
+            "env",
+            f"RABBITMQ_NODENAME={self.name}",
+            f"RABBITMQ_NODE_PORT={self.amqp_port}",
+            f"RABBITMQ_DIST_PORT={self.amqp_port + RABBITMQ_CLUSTER_DIST_OFFSET}",
+            f"RABBITMQ_CONFIG_FILE={self.folder / 'rabbitmq.conf'}",
+            f"RABBITMQ_ENABLED_PLUGINS_FILE={self.folder / 'enabled_plugins'}",
+            f"RABBITMQ_MNESIA_BASE={self.folder / 'mnesia'}",
+            f"RABBITMQ_LOG_BASE={self.folder / 'log'}",
+            f"RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS={RABBITMQ_CLUSTER_ERL_ARGS}",
+        ]
+
+    def config(self) -> str:
+        tls = RABBITMQ_CLUSTER_TLS_DIR
+        lines = [
+            f"listeners.tcp.local = {HOST}:{self.amqp_port}",
+            f"stomp.listeners.tcp.1 = {HOST}:{self.stomp_port}",
+            f"listeners.ssl.1 = {HOST}:{self.amqps_port}",
+            f"listeners.ssl.2 = {RABBITMQ_CLUSTER_UNNAMED_HOST}:{self.amqps_port}",
+            f"stomp.listeners.ssl.1 = {HOST}:{self.stomps_port}",
+            f"stomp.listeners.ssl.2 = {RABBITMQ_CLUSTER_UNNAMED_HOST}:{self.stomps_port}",
+            f"ssl_options.cacertfile = {CLUSTER_CA}",
+            f"ssl_options.certfile = {tls / 'server.pem'}",
+            f"ssl_options.keyfile = {tls / 'server.key'}",
+            "ssl_options.verify = verify_none",
+            "ssl_options.fail_if_no_peer_cert = false",
+            f"vm_memory_high_watermark.absolute = {RABBITMQ_CLUSTER_MEMORY}",
+            # The guest user may log in over loopback only; both hosts are loopback.
+            "loopback_users = none",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def pings(self) -> bool:
+        return succeeds("rabbitmq-diagnostics", "-q", "-n", self.name, "ping")
+
+    def check(self) -> str | None:
+        """None if every listener answers (TLS ones with a certificate our CA verifies)."""
+        return (
+            probe("amqp091", self.amqp_port)
+            or probe("stomp", self.stomp_port)
+            or probe_tls(self.amqps_port)
+            or probe_tls(self.stomps_port)
+        )
+
+
+def cluster_nodes() -> list[ClusterNode]:
+    base = BROKERS["rabbitmq-cluster"].port
+    return [ClusterNode(index, base + index - 1) for index in range(1, 4)]
+
+
+def cluster_node(broker: Broker) -> ClusterNode:
+    """The node a ``rabbitmq-cluster-N`` name stands for."""
+    return cluster_nodes()[broker.port_offset]
+
+
+def cluster_urls(protocol: Protocol, *, tls: bool = False) -> str:
+    """``TRIOWS_BROKER_URL`` for rabbitmq-cluster: one URL per node, comma-separated.
+
+    TLS URLs name the script's CA (``cafile``); STOMP URLs name the node's AMQP
+    port (``amqp_port``), where the backend declares the exchange.
+    """
+    urls = []
+    for node in cluster_nodes():
+        if protocol == "stomp":
+            scheme, port = ("stomp+ssl", node.stomps_port) if tls else ("stomp", node.stomp_port)
+            amqp = node.amqps_port if tls else node.amqp_port
+            query = [f"amqp_port={amqp}"]
+        else:
+            scheme, port = ("amqps", node.amqps_port) if tls else ("amqp", node.amqp_port)
+            query = []
+        if tls:
+            query.append(f"cafile={CLUSTER_CA}")
+        host = "localhost" if tls else HOST
+        path = "/" if protocol == "amqp091" else ""
+        suffix = f"?{'&'.join(query)}" if query else ""
+        urls.append(f"{scheme}://{LOGIN}:{PASSCODE}@{host}:{port}{path}{suffix}")
+    return ",".join(urls)
+
+
+def probe_tls(port: int, host: str = HOST) -> str | None:
+    """None if a TLS handshake on ``host:port`` verifies the node certificate against our CA."""
+    try:
+        context = ssl.create_default_context(cafile=str(CLUSTER_CA))
+        with (
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as sock,
+            context.wrap_socket(sock, server_hostname=host),
+        ):
+            return None
+    except (OSError, ssl.SSLError) as error:
+        return f"{host}:{port}: TLS: {error}"
+
+
+def ensure_cluster_tls() -> None:
+    """The CA and the nodes' certificate, made once with openssl (kept across restarts)."""
+    folder = RABBITMQ_CLUSTER_TLS_DIR
+    if (folder / "server.pem").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"rabbitmq-cluster: making a CA and a server certificate in {folder}")
+    openssl = ["openssl", "req", "-new", "-nodes", "-newkey", "rsa:2048"]
+    run_openssl(
+        *openssl,
+        "-x509",
+        "-days",
+        TLS_DAYS,
+        "-subj",
+        "/CN=triows test CA",
+        "-keyout",
+        str(folder / "ca.key"),
+        "-out",
+        str(CLUSTER_CA),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    run_openssl(
+        *openssl,
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(folder / "server.key"),
+        "-out",
+        str(folder / "server.csr"),
+    )
+    (folder / "server.ext").write_text(
+        "subjectAltName = DNS:localhost, IP:127.0.0.1\n"
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth\n"
+        "authorityKeyIdentifier = keyid\n"
+        "subjectKeyIdentifier = hash\n"
+    )
+    run_openssl(
+        "x509",
+        "-req",
+        "-days",
+        TLS_DAYS,
+        "-in",
+        str(folder / "server.csr"),
+        "-CA",
+        str(CLUSTER_CA),
+        "-CAkey",
+        str(folder / "ca.key"),
+        "-CAcreateserial",
+        "-extfile",
+        str(folder / "server.ext"),
+        "-out",
+        str(folder / "server.pem"),
+    )
+
+
+def run_openssl(*arguments: str) -> None:
+    """``openssl ARGUMENTS...``; its chatter is shown only if it fails."""
+    result = subprocess.run(
+        ["openssl", *arguments], stdin=subprocess.DEVNULL, capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise Failure(f"openssl {arguments[0]} failed: {result.stderr.strip()}")
+
+
+def running_cluster_nodes(node: ClusterNode) -> list[str]:
+    """The nodes ``node`` sees running in its cluster (empty if it does not answer)."""
+    result = subprocess.run(
+        ["rabbitmqctl", "-q", "-n", node.name, "cluster_status", "--formatter", "json"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        return []
+    try:
+        running = json.loads(result.stdout).get("running_nodes", [])
+    except ValueError:
+        return []
+    return [str(name) for name in running]
+
+
+def rabbitmq_cluster_complaint(broker: Broker) -> str | None:
+    """None if every node answers on every listener and all three run as one cluster."""
+    nodes = cluster_nodes()
+    for node in nodes:
+        complaint = node.check()
+        if complaint is not None:
+            return f"{node.name}: {complaint}"
+    running = running_cluster_nodes(nodes[0])
+    missing = [node.name for node in nodes if node.name not in running]
+    return f"not clustered with {nodes[0].name}: {' '.join(missing)}" if missing else None
+
+
+def boot_cluster_node(node: ClusterNode, *, fresh: bool) -> None:
+    """``rabbitmq-server -detached`` for ``node``; ``fresh``: from an empty data folder."""
+    folder = node.folder
+    if fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    for sub in ("mnesia", "log"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "rabbitmq.conf").write_text(node.config())
+    (folder / "enabled_plugins").write_text(RABBITMQ_CLUSTER_PLUGINS)
+    if os.geteuid() == 0:
+        # rabbitmq-server drops to the rabbitmq user, which reads and writes here.
+        for path in (RABBITMQ_CLUSTER_DIR, *RABBITMQ_CLUSTER_DIR.rglob("*")):
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+    log(f"rabbitmq-cluster: starting node {node.name} (log: {folder / 'log'})")
+    run(*node.env(), "rabbitmq-server", "-detached", quiet=False)
+
+
+def start_rabbitmq_cluster(broker: Broker) -> None:
+    """Start the nodes that are down, wait for their listeners, join them to node 1.
+
+    With every node down, all three start from empty data folders (a node
+    restarted alone would wait for the peers it last saw); a node restarted
+    while others run keeps its data and rejoins them.
+    """
+    if broker.check() is None:
+        return
+    ensure_packages("rabbitmq-server")
+    ensure_cluster_tls()
+    nodes = cluster_nodes()
+    up = [node.pings() for node in nodes]
+    for node, pings in zip(nodes, up, strict=True):
+        if not pings:
+            boot_cluster_node(node, fresh=not any(up))
+    for node in nodes:
+        wait_for(RABBITMQ_START_TIMEOUT, f"RabbitMQ node {node.name}", node.check)
+    first = nodes[0]
+    running = running_cluster_nodes(first)
+    for node in nodes[1:]:
+        if node.name not in running:
+            log(f"rabbitmq-cluster: joining {node.name} to {first.name}")
+            run("rabbitmqctl", "-q", "-n", node.name, "stop_app")
+            run("rabbitmqctl", "-q", "-n", node.name, "join_cluster", first.name)
+            run("rabbitmqctl", "-q", "-n", node.name, "start_app")
+    wait_for(RABBITMQ_START_TIMEOUT, "rabbitmq-cluster", lambda: rabbitmq_cluster_complaint(broker))
+
+
+def start_rabbitmq_cluster_node(broker: Broker) -> None:
+    if broker.check() is None:
+        return
+    start_rabbitmq_cluster(BROKERS["rabbitmq-cluster"])
+
+
+def stop_rabbitmq_cluster(broker: Broker) -> None:
+    for node in cluster_nodes():
+        stop_cluster_node(node)
+
+
+def stop_cluster_node(node: ClusterNode) -> None:
+    if node.pings():
+        run("rabbitmqctl", "-q", "-n", node.name, "stop")
+
+
+def outage_begin_cluster_node(broker: Broker) -> None:
+    # The node stays in the cluster and keeps running: its connections close,
+    # its listeners stop, and outage-end only needs start_app.
+    run("rabbitmqctl", "-q", "-n", cluster_node(broker).name, "stop_app")
+
+
+def outage_end_cluster_node(broker: Broker) -> None:
+    node = cluster_node(broker)
+    if node.pings():
+        run("rabbitmqctl", "-q", "-n", node.name, "start_app")
+    else:
+        # The node itself is gone (stopped or killed): it boots with its data
+        # and rejoins the nodes still running.
+        boot_cluster_node(node, fresh=False)
+    wait_for(RABBITMQ_START_TIMEOUT, f"RabbitMQ node {node.name}", node.check)
+
+
 # ---------------------------------------------------------------- the table itself
 
 AMQP091_URL = "amqp://{login}:{passcode}@{host}:{port}/"
@@ -779,6 +1124,36 @@ BROKERS: dict[str, Broker] = {
             start=start_rabbitmq_alarm,
             stop=stop_rabbitmq_alarm,
         ),
+        Broker(
+            "rabbitmq-cluster",
+            "amqp091",
+            5701,
+            "TRIOWS_BROKERS_RABBITMQ_CLUSTER_PORT",
+            family="rabbitmq-cluster",
+            url_format=AMQP091_URL,
+            runs="three RabbitMQ nodes of their own, clustered (triows-c1..c3@localhost)",
+            start=start_rabbitmq_cluster,
+            stop=stop_rabbitmq_cluster,
+            probe_with=rabbitmq_cluster_complaint,
+        ),
+        *(
+            Broker(
+                f"rabbitmq-cluster-{index}",
+                "amqp091",
+                5701,
+                "TRIOWS_BROKERS_RABBITMQ_CLUSTER_PORT",
+                family="rabbitmq-cluster",
+                url_format=AMQP091_URL,
+                runs=f"node {index} of rabbitmq-cluster",
+                start=start_rabbitmq_cluster_node,
+                stop=lambda broker: stop_cluster_node(cluster_node(broker)),
+                outage_begin=outage_begin_cluster_node,
+                outage_end=outage_end_cluster_node,
+                probe_with=lambda broker: cluster_node(broker).check(),
+                port_offset=index - 1,
+            )
+            for index in (1, 2, 3)
+        ),
     )
 }
 # What `stop` with no names stops: only the brokers this script runs itself.
@@ -793,9 +1168,9 @@ def describe(broker: Broker) -> bool:
     """Print its status line; whether it answers."""
     complaint = broker.check()
     if complaint is None:
-        print(f"{broker.name:<16} up    {broker.where}")
+        print(f"{broker.name:<18} up    {broker.where}")
         return True
-    print(f"{broker.name:<16} DOWN  {broker.where}  ({complaint})")
+    print(f"{broker.name:<18} DOWN  {broker.where}  ({complaint})")
     return False
 
 
@@ -864,6 +1239,16 @@ def cmd_alarm(phase: Literal["begin", "end"], brokers: Sequence[Broker]) -> int:
     return 0
 
 
+def cmd_cluster_url(arguments: Sequence[str]) -> int:
+    protocols = "|".join(PROTOCOL_LABELS)
+    if len(arguments) not in (1, 2) or arguments[0] not in PROTOCOL_LABELS:
+        raise Failure(f"usage: cluster-url {{{protocols}}} [tls]")
+    if arguments[1:] not in ([], ["tls"]):
+        raise Failure(f"usage: cluster-url {{{protocols}}} [tls]")
+    print(cluster_urls(arguments[0], tls=arguments[1:] == ["tls"]))  # type: ignore[arg-type]
+    return 0
+
+
 COMMANDS = (
     "start",
     "stop",
@@ -873,6 +1258,7 @@ COMMANDS = (
     "outage-end",
     "alarm-begin",
     "alarm-end",
+    "cluster-url",
 )
 
 
@@ -880,6 +1266,8 @@ def main(argv: Sequence[str]) -> int:
     if not argv:
         raise Failure(f"usage: {SCRIPT_NAME} {{{'|'.join(COMMANDS)}}} [NAME...]")
     command, names = argv[0], list(argv[1:])
+    if command == "cluster-url":
+        return cmd_cluster_url(names)
     for name in names:
         if name not in BROKERS:
             raise Failure(f"unknown broker '{name}' (known: {' '.join(BROKERS)})")

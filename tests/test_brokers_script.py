@@ -171,3 +171,27 @@ async def test_broker_outage_brings_the_broker_back_when_the_block_raises() -> N
         async with broker_outage("activemq"):
             raise KeyError("the test body failed")
     await require_broker("activemq")
+
+
+async def test_the_cluster_starts_once_and_its_three_nodes_answer_as_one() -> None:
+    with trio.fail_after(START_TIMEOUT):
+        first = await run_brokers_script("start", "rabbitmq-cluster")
+        second = await run_brokers_script("start", "rabbitmq-cluster")
+    assert (first.returncode, second.returncode) == (0, 0), second.stderr.decode()
+    # Every node answered and all three ran as one cluster: nothing to start or join.
+    assert b"starting" not in second.stderr
+    assert b"joining" not in second.stderr
+    names = ["rabbitmq-cluster", *(f"rabbitmq-cluster-{n}" for n in (1, 2, 3))]
+    status = await run_brokers_script("status", *names)
+    assert status.returncode == 0, status.stdout.decode()
+    assert [line.split()[-1] for line in status.stdout.decode().splitlines()] == [
+        "127.0.0.1:5701",
+        "127.0.0.1:5701",
+        "127.0.0.1:5702",
+        "127.0.0.1:5703",
+    ]
+    # `check rabbitmq-cluster` also asks node 1 which nodes run in its cluster.
+    checked = await run_brokers_script("check", "rabbitmq-cluster")
+    assert checked.returncode == 0, checked.stderr.decode()
+    # The machine's node is another node, untouched.
+    await require_broker("rabbitmq")

@@ -92,6 +92,14 @@ def haproxy_environment(front_port: int, instance_ports: Sequence[int]) -> dict[
     return {HAPROXY_BIND_VARIABLE: f"127.0.0.1:{front_port}", **addresses}
 
 
+async def broker_cluster_url(backend: str) -> str:
+    """``TRIOWS_BROKER_URL`` for the table's RabbitMQ cluster: one URL per node."""
+    result = await trio.run_process(
+        ["bash", str(BROKERS_SCRIPT), "cluster-url", backend], capture_stdout=True
+    )
+    return result.stdout.decode().strip()
+
+
 async def start_brokers(*names: str) -> None:
     """``bash deploy/brokers.sh start NAMES...`` (idempotent: running brokers are left alone)."""
     await trio.run_process(["bash", str(BROKERS_SCRIPT), "start", *names])
@@ -180,6 +188,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--broker", help="the deploy/brokers.sh broker to start (default: the backend's)"
     )
+    parser.add_argument(
+        "--broker-cluster",
+        action="store_true",
+        help="put the instances on rabbitmq-cluster, its three nodes' URLs as the broker URL list",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_FRONT_PORT, help="HAProxy's port")
     parser.add_argument(
         "--instance-ports",
@@ -191,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _run(args: argparse.Namespace) -> None:
     ports = [int(port) for port in args.instance_ports.split(",")]
+    if args.broker_cluster:
+        args.broker = "rabbitmq-cluster"
+        args.broker_url = await broker_cluster_url(args.backend)
     # Instances log at INFO here (connects, drains), unless the caller chose.
     env = {"TRIOWS_LOG_LEVEL": os.environ.get("TRIOWS_LOG_LEVEL", "INFO")}
     # Ctrl-C (or SIGTERM) at any moment, start-up included, cancels the
