@@ -79,6 +79,7 @@ import trio
 import trio_asyncio
 from aiormq.exceptions import (
     AuthenticationError,
+    ChannelNotFoundEntity,
     ChannelPreconditionFailed,
     ConnectionNotAllowed,
     ProbableAuthenticationError,
@@ -93,7 +94,7 @@ from backends.amqp091_aio import (
     close_connection,
     closed,
 )
-from backends.broker_url import parse_broker_url
+from backends.broker_url import BrokerAddress, parse_broker_urls
 from backends.handed_over import HandedOver
 from backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
@@ -107,6 +108,9 @@ REFUSED_LOGIN: tuple[type[BaseException], ...] = (
     ConnectionNotAllowed,
 )
 
+
+HOME_NODE_DOWN = "home node"
+"""In RabbitMQ's NOT_FOUND for a durable classic queue whose cluster node is down."""
 
 SCHEMES = {"amqp": (5672, False), "amqps": (5671, True)}
 """aiormq makes the connection (TLS included); the URL is parsed here to check it."""
@@ -154,12 +158,16 @@ def queue_name(instance_id: str) -> str:
     return f"triows.{instance_id}.{secrets.token_hex(4)}"
 
 
-def connection_url(settings: Settings) -> URL:
-    """``settings.broker_url`` with the heartbeat setting, unless the URL sets one."""
-    url = URL(settings.broker_url)
+def connection_url(address: BrokerAddress, heartbeat: int) -> URL:
+    """The URL of ``address`` for aiormq, with ``heartbeat`` unless the URL sets one.
+
+    aiormq reads TLS's ``cafile`` (and ``capath``, ``keyfile``, ``certfile``)
+    from the URL's query itself.
+    """
+    url = URL(address.url)
     if "heartbeat" in url.query:
         return url
-    return url.update_query(heartbeat=settings.heartbeat)
+    return url.update_query(heartbeat=heartbeat)
 
 
 class Amqp091Backend(Supervised[AioSession]):
@@ -179,8 +187,7 @@ class Amqp091Backend(Supervised[AioSession]):
     PUBLISH_BOUNDED = True
 
     def __init__(self, settings: Settings, loop: Any) -> None:
-        self._url = connection_url(settings)
-        super().__init__(settings, str(parse_broker_url(settings.broker_url, SCHEMES)))
+        super().__init__(settings, parse_broker_urls(settings.broker_url, SCHEMES))
         self._loop = loop
         self._queue = queue_name(settings.instance_id)
         self._connections_made = 0
@@ -284,12 +291,13 @@ class Amqp091Backend(Supervised[AioSession]):
             await close_connection(self._loop, connection, settings.close_timeout)
 
     async def _connect(self) -> aiormq.abc.AbstractConnection:
+        url = connection_url(self._address, self._settings.heartbeat)
         try:
             with anyio.fail_after(self._broker_timeout):
                 connection: aiormq.abc.AbstractConnection = await call_aio(
                     self._loop,
                     aiormq.connect,
-                    self._url,
+                    url,
                     client_properties={"connection_name": f"triows {self._settings.instance_id}"},
                 )
                 return connection
@@ -300,7 +308,7 @@ class Amqp091Backend(Supervised[AioSession]):
             raise AioSessionLost("the broker closed the connection during the handshake") from error
         except REFUSED_LOGIN as error:
             raise BrokerRejected(
-                "authentication", f"the broker refused the login: {error}", user=self._url.user
+                "authentication", f"the broker refused the login: {error}", user=url.user
             ) from error
 
     async def _wait_broken(
@@ -377,7 +385,18 @@ class Amqp091Backend(Supervised[AioSession]):
             channel = await call_aio(self._loop, connection.channel, publisher_confirms=True)
             session = AioSession(self._loop, connection, channel, queue, BINDING_BATCH)
             await self._declare_exchange(session, quirks.exchange_type)
-            await session.call(channel.queue_declare, queue, exclusive=False, **lifetime)
+            try:
+                await session.call(channel.queue_declare, queue, exclusive=False, **lifetime)
+            except ChannelNotFoundEntity as error:
+                if queue != self._queue or HOME_NODE_DOWN not in str(error):
+                    raise
+                # A cluster whose node holding our queue is down (we were
+                # connected to it, and moved to another node): the queue, and
+                # what it held, is out of reach until that node returns. Take a
+                # new queue; the next connection binds every held key to it,
+                # and the old one expires unused (x-expires).
+                self._queue = queue_name(settings.instance_id)
+                raise AioSessionLost(f"our queue {queue} is out of reach: {error}") from error
             await session.call(channel.basic_qos, prefetch_count=settings.prefetch)
 
             def on_delivery(message: aiormq.abc.DeliveredMessage) -> None:
@@ -466,8 +485,8 @@ class Amqp091Backend(Supervised[AioSession]):
 
 
 def check_settings(settings: Settings) -> None:
-    """Refuse a malformed broker URL at start-up (raises ``SettingsError``)."""
-    parse_broker_url(settings.broker_url, SCHEMES)
+    """Refuse a malformed broker URL (any of the list) at start-up (raises ``SettingsError``)."""
+    parse_broker_urls(settings.broker_url, SCHEMES)
 
 
 @asynccontextmanager

@@ -91,7 +91,7 @@ from typing import Any
 import anyio
 from proton import Connection, Delivery, Endpoint, Event, Link, Receiver, Sender, Transport, symbol
 
-from backends.amqp10_addressing import Addressing, choose_addressing, outcome, parse_url
+from backends.amqp10_addressing import Addressing, choose_addressing, outcome, parse_urls
 from backends.amqp10_links import (
     LINK_ANSWERS,
     SESSION_ENDS,
@@ -106,7 +106,12 @@ from backends.amqp10_links import (
 from backends.amqp10_pump import ConnectionLost, Wakeup
 from backends.broker_url import connect_stream
 from backends.handed_over import HandedOver
-from backends.rabbitmq_exchange import RetiredQueues, declare_bound_queues, declare_direct_exchange
+from backends.rabbitmq_exchange import (
+    QueueOutOfReach,
+    RetiredQueues,
+    declare_bound_queues,
+    declare_direct_exchange,
+)
 from backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
 from triows.logs import log_event
@@ -136,8 +141,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
     RESTORES_AT_ONCE = True
 
     def __init__(self, settings: Settings) -> None:
-        self._address = parse_url(settings.broker_url)
-        super().__init__(settings, str(self._address))
+        super().__init__(settings, parse_urls(settings.broker_url))
         self._backlog: deque[Received] = deque()
         self._backlog_changed = Wakeup()
         # Queues that outlive their connection (RabbitMQ, ``/exchange/``
@@ -149,7 +153,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         self._queues_made = itertools.count(1)
         # Queues no longer consumed, deleted over AMQP 0-9-1.
         self._retired = RetiredQueues(
-            self._address, port=self._address.port, timeout=self._broker_timeout
+            lambda: (self._address, self._address.port), timeout=self._broker_timeout
         )
 
     @property
@@ -190,14 +194,22 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         queues = [(s.queue.name, s.key) for s in subscriptions if s.queue is not None]
         if exchange is None or not queues:
             return
-        await declare_bound_queues(
-            self._address,
-            port=self._address.port,
-            exchange=exchange,
-            queues=queues,
-            expires=self._settings.queue_expires,
-            batch_timeout=self._broker_timeout,
-        )
+        try:
+            await declare_bound_queues(
+                self._address,
+                port=self._address.port,
+                exchange=exchange,
+                queues=queues,
+                expires=self._settings.queue_expires,
+                batch_timeout=self._broker_timeout,
+            )
+        except QueueOutOfReach:
+            # Our queues were made on a cluster node that is down: what they
+            # hold is out of reach until it returns. New queues (the next
+            # connection declares them for every held key); the old ones
+            # expire unused.
+            self._queues = {}
+            raise
 
     def _attach(self, live: Amqp10Connection, subscription: Subscription) -> None:
         """Attach the subscription's link, unless it has one or is not the key's any more."""
@@ -327,8 +339,9 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         """One connection, from connect to loss; returns only after :meth:`aclose`."""
         settings = self._settings
         with anyio.fail_after(self._broker_timeout):
+            address = self._address
             stream = await connect_stream(
-                self._address.host, self._address.port, tls=self._address.tls
+                address.host, address.port, tls=address.tls, cafile=address.cafile
             )
         live = self._new_connection()
         pump_failed: ConnectionLost | None = None
@@ -535,8 +548,8 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
 
 
 def check_settings(settings: Settings) -> None:
-    """Refuse a malformed broker URL at start-up (raises ``SettingsError``)."""
-    parse_url(settings.broker_url)
+    """Refuse a malformed broker URL (any of the list) at start-up (raises ``SettingsError``)."""
+    parse_urls(settings.broker_url)
 
 
 @asynccontextmanager

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from proton import Delivery, symbol
 
-from backends.broker_url import BrokerAddress, parse_broker_url
+from backends.broker_url import BrokerAddress, parse_broker_url, parse_broker_urls
 from backends.supervisor import BrokerRejected
 from triows.backend import BrokerUnavailable, Outcome
 from triows.settings import Settings
@@ -51,6 +51,11 @@ GENERIC_TEMPLATE = "{key}"
 def parse_url(url: str) -> BrokerAddress:
     """``amqp[s]://[user:password@]host[:port][/vhost]``; ``SettingsError`` if malformed."""
     return parse_broker_url(url, SCHEMES)
+
+
+def parse_urls(urls: str) -> list[BrokerAddress]:
+    """Every URL of a comma-separated ``TRIOWS_BROKER_URL``; ``SettingsError`` names a bad one."""
+    return parse_broker_urls(urls, SCHEMES)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,18 @@ async def declare_direct_exchange(address: BrokerAddress, *, port: int, exchange
             )
 
 
+HOME_NODE_DOWN = "home node"
+"""In RabbitMQ's NOT_FOUND for a durable classic queue whose cluster node is down."""
+
+
+class QueueOutOfReach(ConnectionError):
+    """A queue of ours lives on a cluster node that is down (we moved to another node).
+
+    Transient for the connection, but declaring the same name again fails until
+    that node returns: the caller takes new names.
+    """
+
+
 class QueueDeclareError(BrokerRejected):
     """RabbitMQ refused to declare or bind a queue (or to let us in to do so)."""
 
@@ -148,6 +160,9 @@ async def declare_bound_queues(
                         for expected in (commands.Queue.DeclareOk, commands.Queue.BindOk):
                             answer = await session.receive()
                             if not isinstance(answer, expected):
+                                text = str(getattr(answer, "reply_text", ""))
+                                if HOME_NODE_DOWN in text:
+                                    raise QueueOutOfReach(f"queue {queue!r}: {text}")
                                 raise QueueDeclareError(
                                     f"RabbitMQ did not declare and bind queue {queue!r}: "
                                     f"{getattr(answer, 'reply_text', answer)!r}"
@@ -188,9 +203,10 @@ class RetiredQueues:
     until it does.
     """
 
-    def __init__(self, address: BrokerAddress, *, port: int, timeout: float) -> None:
-        self._address = address
-        self._port = port
+    def __init__(self, where: Callable[[], tuple[BrokerAddress, int]], *, timeout: float) -> None:
+        # The broker node and AMQP 0-9-1 port to delete on: the node of the
+        # backend's current (or next) connection.
+        self._where = where
         self._timeout = timeout
         self._names: set[str] = set()
         self._added = anyio.Event()
@@ -220,15 +236,16 @@ class RetiredQueues:
     async def _delete(self, names: list[str]) -> None:
         if not names:
             return
+        address, port = self._where()
         try:
             with anyio.fail_after(self._timeout):
-                await delete_queues(self._address, port=self._port, queues=names)
+                await delete_queues(address, port=port, queues=names)
         except DELETE_FAILURES as error:
             log_event(
                 "broker_queues_not_deleted",
                 logging.WARNING,
                 queues=len(names),
-                amqp=f"{self._address.host}:{self._port}",
+                amqp=f"{address.host}:{port}",
                 error=repr(error),
             )
 
@@ -240,7 +257,7 @@ async def _open_channel(
     """Log in, open channel 1, yield; close the connection cleanly after the block."""
     login = address.user or "guest"
     passcode = address.password or ("guest" if address.user is None else "")
-    stream = await connect_stream(address.host, port, tls=address.tls)
+    stream = await connect_stream(address.host, port, tls=address.tls, cafile=address.cafile)
     async with stream:
         session = _AmqpSession(stream, refused)
         await stream.send(frame.marshal(header.ProtocolHeader(), 0))

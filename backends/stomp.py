@@ -97,7 +97,13 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import ByteStream
 
-from backends.broker_url import BrokerAddress, connect_stream, parse_broker_url, query_int
+from backends.broker_url import (
+    BrokerAddress,
+    connect_stream,
+    parse_broker_url,
+    parse_broker_urls,
+    query_int,
+)
 from backends.handed_over import HandedOver
 from backends.rabbitmq_exchange import RetiredQueues, declare_direct_exchange
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
@@ -182,9 +188,7 @@ class StompBackend(Supervised[StompSession]):
     )
 
     def __init__(self, settings: Settings) -> None:
-        self._url = parse_url(settings.broker_url)
-        self._amqp_port = query_int(self._url, "amqp_port", DEFAULT_AMQP_PORT)
-        super().__init__(settings, str(self._url))
+        super().__init__(settings, parse_urls(settings.broker_url))
         self._template = settings.address_template
         # Queues (RabbitMQ) or durable subscriptions (ActiveMQ) that outlive
         # their connection: one per held key, named by us, unique per process
@@ -198,7 +202,9 @@ class StompBackend(Supervised[StompSession]):
         self._queues: dict[str, str] = {}  # held key -> its queue or durable subscription
         self._queues_made = itertools.count(1)
         # Queues no longer consumed, deleted over AMQP 0-9-1 (RabbitMQ).
-        self._retired = RetiredQueues(self._url, port=self._amqp_port, timeout=self._broker_timeout)
+        self._retired = RetiredQueues(
+            lambda: (self._address, self._amqp_port), timeout=self._broker_timeout
+        )
         # Durable subscriptions no longer consumed, to remove over STOMP on
         # the connection (now, or after the reconnect if it is lost).
         self._retired_subscriptions: set[str] = set()
@@ -409,12 +415,17 @@ class StompBackend(Supervised[StompSession]):
             "heartbeat_s": [connection.send_interval, connection.receive_interval],
         }
 
+    @property
+    def _amqp_port(self) -> int:
+        """Where RabbitMQ's AMQP 0-9-1 listens on the current node (``?amqp_port=``)."""
+        return query_int(self._address, "amqp_port", DEFAULT_AMQP_PORT)
+
     async def _session(self, up: Callable[[StompSession], Awaitable[None]]) -> None:
         """One connection, from TCP connect until it fails or is dropped."""
-        url = self._url
+        url = self._address
         settings = self._settings
         with anyio.fail_after(self._broker_timeout):
-            stream = await connect_stream(url.host, url.port, tls=url.tls)
+            stream = await connect_stream(url.host, url.port, tls=url.tls, cafile=url.cafile)
         async with stream:
             # Bodies triows publishes are at most TRIOWS_MAX_MESSAGE_BYTES; the
             # floor leaves room for a broker's ERROR text.
@@ -462,7 +473,7 @@ class StompBackend(Supervised[StompSession]):
             try:
                 with anyio.fail_after(self._broker_timeout):
                     await declare_direct_exchange(
-                        self._url, port=self._amqp_port, exchange=settings.exchange
+                        self._address, port=self._amqp_port, exchange=settings.exchange
                     )
             except TRANSIENT as error:
                 # Not fatal: the exchange may exist already (declared by an
@@ -473,7 +484,7 @@ class StompBackend(Supervised[StompSession]):
                     "broker_exchange_not_declared",
                     logging.WARNING,
                     exchange=settings.exchange,
-                    amqp=f"{self._url.host}:{self._amqp_port}",
+                    amqp=f"{self._address.host}:{self._amqp_port}",
                     error=repr(error),
                 )
 
@@ -524,9 +535,17 @@ def parse_url(url: str) -> BrokerAddress:
     return parse_broker_url(url, SCHEMES)
 
 
+def parse_urls(urls: str) -> list[BrokerAddress]:
+    """Every URL of a comma-separated ``TRIOWS_BROKER_URL`` (``SettingsError`` names a bad one)."""
+    addresses = parse_broker_urls(urls, SCHEMES)
+    for address in addresses:
+        query_int(address, "amqp_port", DEFAULT_AMQP_PORT)
+    return addresses
+
+
 def check_settings(settings: Settings) -> None:
-    """Refuse a malformed broker URL at start-up (raises :class:`SettingsError`)."""
-    query_int(parse_url(settings.broker_url), "amqp_port", DEFAULT_AMQP_PORT)
+    """Refuse a malformed broker URL (any of the list) at start-up (raises ``SettingsError``)."""
+    parse_urls(settings.broker_url)
 
 
 @asynccontextmanager

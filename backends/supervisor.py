@@ -46,6 +46,14 @@ Reconnects and errors. Each failure of a connection is classified:
   that returns while the backend is open. Never a live process with a dead
   backend.
 
+Broker nodes. ``TRIOWS_BROKER_URL`` may list several URLs, one per node of a
+cluster (:func:`backends.broker_url.broker_urls`). The backend connects to
+the first; after every failure, transient or permanent, the next attempt goes
+to the next node in the list (round the list), after the same backoff or
+``TRIOWS_RECONNECT_MAX`` wait as with one URL, and restores the held keys
+there like any reconnect. The backend's ``_address`` is the node of the
+current (or next) attempt; ``broker`` in the log lines names it.
+
 Broker URLs and TLS streams: :mod:`backends.broker_url` (one parser, one
 connect that verifies certificates).
 
@@ -60,9 +68,9 @@ import logging
 import socket
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import anyio
 from anyio.abc import ObjectReceiveStream, TaskStatus
@@ -71,6 +79,10 @@ from triows.backend import BrokerUnavailable, Delivery, Outcome
 from triows.backoff import Backoff
 from triows.logs import log_event
 from triows.settings import Settings
+
+if TYPE_CHECKING:
+    # broker_url imports BrokerRejected from here.
+    from backends.broker_url import BrokerAddress
 
 C = TypeVar("C")
 
@@ -211,9 +223,12 @@ class Supervised(ABC, Generic[C]):
     """True where :meth:`_restore` acts on every key (queues or makes its change)
     before its first ``await``, so that changes need not wait for a restore."""
 
-    def __init__(self, settings: Settings, broker: str) -> None:
+    def __init__(self, settings: Settings, addresses: Sequence[BrokerAddress]) -> None:
+        if not addresses:
+            raise ValueError("a broker backend needs at least one broker address")
         self._settings = settings
-        self._broker = broker
+        self._addresses = tuple(addresses)
+        self._node = 0  # the index in ``_addresses`` of the current (or next) attempt
         for line in settings.deprecations:
             log_event("setting_deprecated", logging.WARNING, detail=line)
         self._incoming_send, self._incoming_receive = anyio.create_memory_object_stream[Delivery](
@@ -284,6 +299,20 @@ class Supervised(ABC, Generic[C]):
     def incoming(self) -> ObjectReceiveStream[Delivery]:
         """``(key, body)`` for the keys this instance holds, in broker order (bounded)."""
         return self._incoming_receive
+
+    @property
+    def _address(self) -> BrokerAddress:
+        """The broker node of the current connection, or of the next attempt."""
+        return self._addresses[self._node]
+
+    @property
+    def _broker(self) -> str:
+        """The current node, for logs and errors (no credentials)."""
+        return str(self._address)
+
+    def _next_node(self) -> None:
+        """Point the next attempt at the next node of the list (round it)."""
+        self._node = (self._node + 1) % len(self._addresses)
 
     @property
     def _broker_timeout(self) -> float:
@@ -423,7 +452,9 @@ class Supervised(ABC, Generic[C]):
         settings = self._settings
         backoff = Backoff(max_delay=settings.reconnect_max_delay)
         started = False
-        reported: str | None = None
+        # The permanent failures logged since the last connection: one line
+        # each, however often every node of the list is tried again.
+        reported: set[str] = set()
 
         def report_started() -> None:
             nonlocal started
@@ -439,7 +470,7 @@ class Supervised(ABC, Generic[C]):
                 await self._restore(connection, keys)
                 self._set_ready(connection)
             backoff.reset()
-            reported = None
+            reported.clear()
             log_event(
                 "broker_connected",
                 broker=self._broker,
@@ -465,11 +496,11 @@ class Supervised(ABC, Generic[C]):
                 return
             rejected = rejection(error)
             if rejected is None:
-                reported = None
                 await backoff.wait_after_loss(self._broker, error)
+                self._next_node()
                 continue
-            if str(rejected) != reported:
-                reported = str(rejected)
+            if str(rejected) not in reported:
+                reported.add(str(rejected))
                 log_event(
                     "broker_rejected",
                     logging.ERROR,
@@ -480,6 +511,7 @@ class Supervised(ABC, Generic[C]):
                     **rejected.fields,
                 )
             await anyio.sleep(settings.reconnect_max_delay)
+            self._next_node()
 
 
 class BackendTaskEnded(RuntimeError):

@@ -4,7 +4,9 @@ Names, ports, URLs and outage locks come from the table (``deploy.brokers``);
 tests never start, stop or probe a broker themselves, they run the table's
 script, so the commands live in one place. Broker names are the table's:
 ``rabbitmq``, ``rabbitmq-amqp10``, ``rabbitmq-stomp``, ``activemq``,
-``garagemq``. A port is moved with the table's environment variable
+``garagemq``, ``rabbitmq-alarm``, ``rabbitmq-cluster`` (and its nodes
+``rabbitmq-cluster-1``..``3``, whose URL lists :func:`cluster_urls` gives).
+A port is moved with the table's environment variable
 (``TRIOWS_BROKERS_<NAME>_PORT``), which the script sees too.
 """
 
@@ -21,6 +23,7 @@ import pytest
 import trio
 
 from deploy.brokers import BROKERS, OUTAGE_NAMES, SCRIPT, start_hint
+from deploy.brokers import cluster_urls as cluster_urls  # for the cluster tests
 
 BROKER_NAMES = tuple(BROKERS)
 # A hang guard for bringing a broker back; the script bounds its own waits.

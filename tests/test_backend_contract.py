@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from backends.broker_url import parse_broker_url
 from backends.supervisor import BrokerRejected, Supervised, rejection, run_supervised
 from deploy.brokers import BROKERS, HOST, LOGIN, PASSCODE
 from tests.brokers import require_broker
@@ -315,6 +316,55 @@ def test_a_malformed_broker_url_fails_the_start_up_check_with_one_line(
     assert "\n" not in str(failure.value)
 
 
+@pytest.mark.parametrize(
+    ("backend", "urls", "named"),
+    [
+        (
+            "amqp091",
+            "amqp://127.0.0.1:5701/,amqp://127.0.0.1:notaport/",
+            "'amqp://127.0.0.1:notaport/'",
+        ),
+        ("amqp091", "amqp://127.0.0.1:5701/,stomp://127.0.0.1:61702", "'stomp://127.0.0.1:61702'"),
+        ("amqp10", "amqp://127.0.0.1:5701,http://127.0.0.1:5702", "'http://127.0.0.1:5702'"),
+        (
+            "stomp",
+            "stomp://127.0.0.1:61701,stomp://127.0.0.1:61702/?amqp_port=x",
+            "'stomp://127.0.0.1:61702' has an invalid amqp_port",
+        ),
+        ("stomp", "stomp://127.0.0.1:61701,,stomp://127.0.0.1:61703", "an empty entry"),
+    ],
+)
+def test_a_bad_url_in_a_broker_url_list_fails_the_start_up_with_one_line_naming_it(
+    backend: str, urls: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--backend", backend, "--broker-url", urls]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("triows: error: TRIOWS_BROKER_URL")
+    assert named in error
+
+
+async def test_each_lost_or_refused_node_sends_the_next_attempt_to_the_next_node_of_the_list(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    nodes = ["scripted://127.0.0.1", "scripted://127.0.0.2", "scripted://127.0.0.3"]
+    backend = ScriptedBackend(
+        [
+            ConnectionRefusedError("node 1 down"),
+            BrokerRejected("tls", "node 2 certificate refused"),
+            ConnectionResetError("node 3 reset"),
+        ],
+        nodes=nodes,
+    )
+    await backend.subscribe("user.Bob")
+    async with run_supervised(backend):
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+    # Round the list, back to node 1, where the held key was restored.
+    assert backend.nodes_tried == ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.1"]
+    assert backend.restored == [["user.Bob"]]
+
+
 def test_triows_serve_with_a_malformed_broker_url_exits_with_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -359,11 +409,20 @@ def test_an_exception_chain_that_loops_is_classified_not_walked_forever() -> Non
 class ScriptedBackend(Supervised[str]):
     """A protocol whose sessions fail as scripted: one error per connection attempt."""
 
-    def __init__(self, failures: list[BaseException], settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        failures: list[BaseException],
+        settings: Settings | None = None,
+        nodes: list[str] | None = None,
+    ) -> None:
         settings = settings or Settings(backend="scripted", reconnect_max_delay=0.01)
-        super().__init__(settings, "scripted://")
+        urls = nodes or ["scripted://127.0.0.1"]
+        super().__init__(
+            settings, [parse_broker_url(url, {"scripted": (1, False)}) for url in urls]
+        )
         self.failures = failures
         self.attempts = 0
+        self.nodes_tried: list[str] = []  # the node of each connection attempt
         self.done = trio.Event()
         self.slow_changes = False  # subscribe/unsubscribe never get an answer
         self.abandoned: list[str] = []
@@ -377,6 +436,7 @@ class ScriptedBackend(Supervised[str]):
 
     async def _session(self, up: Callable[[str], Awaitable[None]]) -> None:
         self.attempts += 1
+        self.nodes_tried.append(self._address.host)
         if self.failures:
             raise self.failures.pop(0)
         self.done.set()

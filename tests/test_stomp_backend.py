@@ -410,8 +410,10 @@ async def test_a_publish_cancelled_with_half_its_frame_sent_drops_the_connection
     # next one carries on.
     streams: list[HalfFrameStream] = []
 
-    async def connect_half_frame_stream(host: str, port: int, *, tls: bool) -> ByteStream:
-        stream = HalfFrameStream(await connect_stream(host, port, tls=tls))
+    async def connect_half_frame_stream(
+        host: str, port: int, *, tls: bool, cafile: str | None
+    ) -> ByteStream:
+        stream = HalfFrameStream(await connect_stream(host, port, tls=tls, cafile=cafile))
         streams.append(stream)
         return stream
 

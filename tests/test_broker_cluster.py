@@ -1,0 +1,122 @@
+"""Instances on a three-node RabbitMQ cluster (``deploy/brokers.py start rabbitmq-cluster``).
+
+``TRIOWS_BROKER_URL`` lists the three nodes; each instance connects to the
+first of its list and, when it loses that node, moves to the next one and
+restores its subscriptions there. Here instance A lists node 1 first and B
+node 2, so Bob's socket on B and Anne's send to A cross the cluster; then
+node 2 goes down (its outage lock held) and B must carry Bob on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import httpx
+import pytest
+import trio
+
+from deploy.brokers import SCRIPT
+from tests.brokers import broker_outage, cluster_urls, require_broker
+from tests.e2e import POLL_INTERVAL, RECONNECT_MAX, STEP_TIMEOUT, unique_exchange
+from triows.client import EventsClient, open_events, post_send
+from triows.process import Instance, serve_instance
+
+pytestmark = pytest.mark.broker
+
+BACKENDS = ("amqp091", "amqp10", "stomp")
+# Hang guards: the cluster's start (a cold one boots three nodes); a node's outage.
+CLUSTER_START_TIMEOUT = 600
+OUTAGE_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_started() -> None:
+    """Start the cluster once for the module, through the broker table (a no-op if it runs)."""
+    started = subprocess.run(
+        [sys.executable, str(SCRIPT), "start", "rabbitmq-cluster"],
+        capture_output=True,
+        text=True,
+        timeout=CLUSTER_START_TIMEOUT,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+
+
+def rotated(urls: str, first: int) -> str:
+    """The URL list ``urls`` starting from its entry ``first`` (0-based), round the list."""
+    entries = urls.split(",")
+    return ",".join(entries[first:] + entries[:first])
+
+
+@asynccontextmanager
+async def instances_on_nodes(
+    backend: str, first_nodes: tuple[int, ...], *, tls: bool = False
+) -> AsyncIterator[list[Instance]]:
+    """One ready instance per entry of ``first_nodes``, each listing that node (0-based) first."""
+    urls = cluster_urls(backend, tls=tls)  # type: ignore[arg-type]
+    env = {"TRIOWS_EXCHANGE": unique_exchange(), "TRIOWS_RECONNECT_MAX": RECONNECT_MAX}
+    async with AsyncExitStack() as stack:
+        instances = []
+        for first in first_nodes:
+            instance = await stack.enter_async_context(
+                serve_instance(backend, broker_url=rotated(urls, first), env=env)
+            )
+            await instance.wait_ready(STEP_TIMEOUT)
+            instances.append(instance)
+        yield instances
+
+
+async def send_until_received(
+    http: httpx.AsyncClient, via: Instance, bob: EventsClient, tag: str
+) -> dict[str, object]:
+    """Anne sends ``tag N`` to Bob through ``via`` until Bob gets one; return that frame.
+
+    While an instance moves to another node some sends are refused (503) or
+    reach nobody yet; the first one Bob gets shows delivery has resumed.
+    """
+    received: dict[str, object] = {}
+    async with trio.open_nursery() as nursery:
+
+        async def keep_sending() -> None:
+            count = 0
+            while True:
+                count += 1
+                await post_send(http, via.base_url, "Bob", f"{tag} {count}", sender="Anne")
+                await trio.sleep(POLL_INTERVAL * 4)
+
+        nursery.start_soon(keep_sending)
+        while True:
+            frame = await bob.receive()
+            if str(frame.get("message", "")).startswith(f"{tag} "):
+                received = frame
+                break
+        nursery.cancel_scope.cancel()
+    return received
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_bob_on_node_2_gets_annes_send_to_node_1_and_again_after_node_2_goes(
+    backend: str,
+) -> None:
+    await require_broker("rabbitmq-cluster")
+    async with (
+        instances_on_nodes(backend, (0, 1)) as (a, b),
+        httpx.AsyncClient() as http,
+        open_events(b.base_url, user="Bob") as bob,
+    ):
+        with trio.fail_after(STEP_TIMEOUT):
+            before = await send_until_received(http, a, bob, "before")
+        assert before["from"] == "Anne"
+
+        with trio.fail_after(OUTAGE_TIMEOUT):
+            async with broker_outage("rabbitmq-cluster-2"):
+                # B lost node 2: it moves to node 3 (the next in its list),
+                # restores Bob's subscription there, and delivery resumes
+                # while node 2 is still down; Bob's socket never closed.
+                during = await send_until_received(http, a, bob, "during")
+                assert bob.close_code is None
+        assert during["from"] == "Anne"
+        assert b.process.returncode is None
