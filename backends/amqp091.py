@@ -96,6 +96,7 @@ from backends.amqp091_aio import (
 )
 from backends.broker_url import BrokerAddress, parse_broker_urls
 from backends.handed_over import HandedOver
+from backends.rabbitmq_exchange import HOME_NODE_DOWN
 from backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.backend import Outcome
 from triows.settings import Settings
@@ -108,9 +109,6 @@ REFUSED_LOGIN: tuple[type[BaseException], ...] = (
     ConnectionNotAllowed,
 )
 
-
-HOME_NODE_DOWN = "home node"
-"""In RabbitMQ's NOT_FOUND for a durable classic queue whose cluster node is down."""
 
 SCHEMES = {"amqp": (5672, False), "amqps": (5671, True)}
 """aiormq makes the connection (TLS included); the URL is parsed here to check it."""

@@ -105,7 +105,7 @@ from backends.broker_url import (
     query_int,
 )
 from backends.handed_over import HandedOver
-from backends.rabbitmq_exchange import RetiredQueues, declare_direct_exchange
+from backends.rabbitmq_exchange import HOME_NODE_DOWN, RetiredQueues, declare_direct_exchange
 from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
 from backends.stomp_session import (
     READ_SIZE,
@@ -491,6 +491,14 @@ class StompBackend(Supervised[StompSession]):
     async def _read(self, connection: StompSession) -> None:
         try:
             await connection.read_frames(self._incoming_send)
+        except StompBrokerError as error:
+            if HOME_NODE_DOWN in str(error):
+                # Our queues were made on a cluster node that is down: what
+                # they hold is out of reach until it returns, and subscribing
+                # them again fails. New queues for every held key on the next
+                # connection; the old ones expire unused.
+                self._queues = {}
+            raise
         finally:
             self._lost(connection)
             connection.fail_pending(ConnectionLost("STOMP connection lost"))
