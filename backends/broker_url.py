@@ -14,6 +14,7 @@ aiormq reads for ``amqp091``; the other backends read it here).
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,8 +90,17 @@ def broker_urls(raw: str) -> list[str]:
 
 
 def parse_broker_urls(raw: str, schemes: Mapping[str, tuple[int, bool]]) -> list[BrokerAddress]:
-    """Parse every URL of ``raw``; :class:`SettingsError` names the first one that is wrong."""
-    return [parse_broker_url(url, schemes) for url in broker_urls(raw)]
+    """Parse every URL of ``raw``; :class:`SettingsError` names the first one that is wrong.
+
+    A ``cafile`` that cannot be read is wrong too: no retry would fix it.
+    """
+    addresses = [parse_broker_url(url, schemes) for url in broker_urls(raw)]
+    for address in addresses:
+        if address.cafile is not None and not os.access(address.cafile, os.R_OK):
+            raise SettingsError(
+                f"TRIOWS_BROKER_URL {str(address)!r}: cannot read its cafile {address.cafile!r}"
+            )
+    return addresses
 
 
 def query_int(address: BrokerAddress, name: str, default: int) -> int:

@@ -332,6 +332,11 @@ def test_a_malformed_broker_url_fails_the_start_up_check_with_one_line(
             "'stomp://127.0.0.1:61702' has an invalid amqp_port",
         ),
         ("stomp", "stomp://127.0.0.1:61701,,stomp://127.0.0.1:61703", "an empty entry"),
+        (
+            "amqp10",
+            "amqps://127.0.0.1:5711,amqps://127.0.0.1:5712?cafile=/no/such/ca.pem",
+            "'amqps://127.0.0.1:5712': cannot read its cafile",
+        ),
     ],
 )
 def test_a_bad_url_in_a_broker_url_list_fails_the_start_up_with_one_line_naming_it(

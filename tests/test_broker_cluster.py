@@ -9,6 +9,7 @@ node 2 goes down (its outage lock held) and B must carry Bob on.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,11 +19,13 @@ import httpx
 import pytest
 import trio
 
-from deploy.brokers import SCRIPT
+from deploy.brokers import CLUSTER_CA, RABBITMQ_CLUSTER_UNNAMED_HOST, SCRIPT
 from tests.brokers import broker_outage, cluster_urls, require_broker
 from tests.e2e import POLL_INTERVAL, RECONNECT_MAX, STEP_TIMEOUT, unique_exchange
+from triows.backend import open_backend
 from triows.client import EventsClient, open_events, post_send
 from triows.process import Instance, serve_instance
+from triows.settings import Settings
 
 pytestmark = pytest.mark.broker
 
@@ -120,3 +123,77 @@ async def test_bob_on_node_2_gets_annes_send_to_node_1_and_again_after_node_2_go
                 assert bob.close_code is None
         assert during["from"] == "Anne"
         assert b.process.returncode is None
+
+
+# TLS: every node also listens with TLS, on a certificate of the script's CA
+# (SAN localhost and 127.0.0.1), and on 127.0.0.2, a host the certificate does
+# not name. The URLs pass the CA as ``?cafile=``.
+
+# A CA bundle that did not sign the nodes' certificate (the system's).
+OTHER_CA = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_instances_on_the_tls_listeners_verify_the_ca_and_carry_annes_message(
+    backend: str,
+) -> None:
+    await require_broker("rabbitmq-cluster")
+    async with (
+        instances_on_nodes(backend, (0, 1), tls=True) as (a, b),
+        httpx.AsyncClient() as http,
+        open_events(b.base_url, user="Bob") as bob,
+    ):
+        with trio.fail_after(STEP_TIMEOUT):
+            frame = await send_until_received(http, a, bob, "over TLS")
+        assert frame["from"] == "Anne"
+
+
+class Rejections(logging.Handler):
+    """The fields of every ``broker_rejected`` event."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: list[dict[str, object]] = []
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "broker_rejected":
+            self.fields.append(getattr(record, "fields", {}))
+            self.seen.set()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("wrong", "refusal"),
+    [
+        pytest.param("ca", "self-signed certificate", id="wrong-ca"),
+        pytest.param("host", "not valid for '127.0.0.2'", id="wrong-host"),
+    ],
+)
+async def test_a_wrong_ca_or_host_name_is_refused_with_one_broker_rejected_line(
+    backend: str, wrong: str, refusal: str
+) -> None:
+    await require_broker("rabbitmq-cluster")
+    url = cluster_urls(backend, tls=True).split(",")[0]  # type: ignore[arg-type]
+    if wrong == "ca":
+        url = url.replace(str(CLUSTER_CA), OTHER_CA)
+    else:
+        url = url.replace("@localhost:", f"@{RABBITMQ_CLUSTER_UNNAMED_HOST}:")
+    settings = Settings(
+        backend=backend, broker_url=url, exchange=unique_exchange(), reconnect_max_delay=0.1
+    )
+    rejections = Rejections()
+    logger = logging.getLogger("triows")
+    logger.addHandler(rejections)
+    try:
+        async with open_backend(settings) as opened:
+            with trio.fail_after(STEP_TIMEOUT):
+                await rejections.seen.wait()
+            # Several retries later: alive, not ready, and still one line.
+            await trio.sleep(settings.reconnect_max_delay * 5)
+            assert not opened.ready
+    finally:
+        logger.removeHandler(rejections)
+    assert len(rejections.fields) == 1
+    assert rejections.fields[0]["kind"] == "tls"
+    assert refusal in str(rejections.fields[0]["error"])
