@@ -10,7 +10,8 @@ names a broker port or path. Standard library only.
 Usage: python3 deploy/brokers.py COMMAND [NAME...]   (deploy/brokers.sh is the same)
 
   start [NAME...]      install (Debian packages) and start; idempotent
-  stop [NAME...]       stop what this script started (ActiveMQ, GarageMQ)
+  stop [NAME...]       stop what this script started (ActiveMQ, GarageMQ, its
+                       own RabbitMQ nodes)
   status [NAME...]     one line per broker; exit 1 if any is not answering
   check NAME           exit 0 if NAME answers its protocol, else print one
                        line saying how to start it and exit 1
@@ -55,14 +56,20 @@ machine's node, so its variables must match the node's own configuration.
 RabbitMQ is shared with everything else on the machine, so ``stop`` never
 touches it. A test that takes a broker down holds the outage lock of the
 broker's family for the whole outage (``tests/brokers.py:broker_outage``):
-``/tmp/triows-<family>-outage.lock``, family = ``rabbitmq``, ``activemq`` or
-``garagemq``. ``start`` and ``stop`` take the same lock exclusively and
+``/tmp/triows-<family>-outage.lock``, family = ``rabbitmq``, ``activemq``,
+``garagemq``, ``rabbitmq-alarm`` or ``rabbitmq-cluster`` (one lock for the
+cluster and each of its nodes). ``start`` and ``stop`` take the same lock exclusively and
 ``check`` shared, so they wait for an outage in progress to end instead of
 racing it; ``outage-begin`` and ``outage-end`` do not, because their caller
 already holds it.
 
-ActiveMQ and GarageMQ run from the runtime folder (``TRIOWS_BROKERS_RUN_DIR``,
-default ``/var/tmp/triows-brokers``): pid file, log, config and data per broker.
+ActiveMQ, GarageMQ and the script's RabbitMQ nodes run from the runtime folder
+(``TRIOWS_BROKERS_RUN_DIR``, default ``/var/tmp/triows-brokers``): pid file,
+log, config and data per broker; ``rabbitmq-cluster/tls/`` holds the CA
+(``ca.pem``) and the nodes' certificate, made once with openssl. The
+script's RabbitMQ nodes share the machine's Erlang cookie
+(``/var/lib/rabbitmq/.erlang.cookie``: rabbitmq-server and rabbitmqctl run
+as the rabbitmq user, whose home that is).
 """
 
 from __future__ import annotations
