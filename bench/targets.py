@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psutil
 import trio
 
-from deploy.brokers import BROKERS, LOCK_TIMEOUT, SCRIPT, SCRIPT_NAME
+from deploy.brokers import BROKERS, LOCK_TIMEOUT, SCRIPT, SCRIPT_NAME, cluster_urls
 
 # The table's script waits up to 90 s for RabbitMQ itself; this only guards a hang.
 BROKER_START_TIMEOUT = 300.0
@@ -78,6 +78,19 @@ TARGETS: dict[str, Target] = {
         broker_target("rabbitmq-stomp"),
         broker_target("activemq"),
     )
+}
+
+
+# On the table's three-node RabbitMQ cluster, for the node faults (bench/faults):
+# each instance lists every node, instance A node 1 first and B node 2 first.
+CLUSTER_TARGETS: dict[str, Target] = {
+    "amqp091-rabbitmq-cluster": Target(
+        "amqp091-rabbitmq-cluster",
+        "amqp091",
+        "rabbitmq-cluster",
+        BROKERS["rabbitmq-cluster"].family,
+        cluster_urls("amqp091"),
+    ),
 }
 
 

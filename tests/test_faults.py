@@ -39,7 +39,7 @@ from bench.faults import (
     run_dead_client,
     run_fanout,
 )
-from bench.targets import TARGETS, Target
+from bench.targets import CLUSTER_TARGETS, TARGETS, Target
 from tests.brokers import require_broker
 
 pytestmark = pytest.mark.broker
@@ -120,6 +120,14 @@ async def test_a_silent_activemq_path_loses_nothing_it_confirmed() -> None:
 async def test_broker_closes_the_connection_under_traffic() -> None:
     # RabbitMQ's tools close one client connection (here the STOMP plugin's).
     assert_survived(await run(RABBITMQ_STOMP, "close"))
+
+
+async def test_the_cluster_node_under_an_instance_killed_loses_nothing_confirmed() -> None:
+    # Instance B moves to another node of its URL list, on a new queue (its
+    # old one is out of reach on the dead node), and its users' messages resume.
+    row = await run(CLUSTER_TARGETS["amqp091-rabbitmq-cluster"], "node-kill")
+    assert_survived(row)
+    assert_nothing_confirmed_was_lost(row)
 
 
 async def test_broker_killed_and_restarted_under_traffic() -> None:

@@ -13,18 +13,26 @@ import bench.faults
 from bench.faults.case import run_case
 from bench.faults.churn import run_churn
 from bench.faults.clients import dead_client_wait, run_dead_client, run_fanout
-from bench.faults.options import FAULTS, Options, quick_options
+from bench.faults.options import CLUSTER_FAULTS, FAULTS, Options, quick_options
 from bench.faults.report import merge_results
-from bench.targets import TARGETS, ensure_broker
+from bench.targets import CLUSTER_TARGETS, TARGETS, ensure_broker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.faults", description=(bench.faults.__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--target", action="append", choices=[t for t in TARGETS if t != "memory"])
     parser.add_argument(
-        "--fault", action="append", choices=[*FAULTS, "dead-client", "churn", "fanout"]
+        "--target",
+        action="append",
+        choices=[*(t for t in TARGETS if t != "memory"), *CLUSTER_TARGETS],
+        help="default: every single-broker target (a cluster target runs when named)",
+    )
+    parser.add_argument(
+        "--fault",
+        action="append",
+        choices=[*FAULTS, "dead-client", "churn", "fanout", *CLUSTER_FAULTS],
+        help=f"default: all but {', '.join(CLUSTER_FAULTS)}, which only a cluster target runs",
     )
     parser.add_argument(
         "--rate", type=float, help="messages/s over all users (default 30 %% of direct)"
@@ -42,10 +50,15 @@ async def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     opts = quick_options(args.rate) if args.quick else Options(rate=args.rate)
     targets = args.target or [t for t in TARGETS if t != "memory"]
-    faults = args.fault or [*FAULTS, "dead-client", "churn", "fanout"]
     for name in targets:
-        target = TARGETS[name]
+        target = TARGETS.get(name) or CLUSTER_TARGETS[name]
         ensure_broker(target)
+        if args.fault:
+            faults = args.fault
+        elif name in CLUSTER_TARGETS:
+            faults = list(CLUSTER_FAULTS)
+        else:
+            faults = [*FAULTS, "dead-client", "churn", "fanout"]
         for fault in faults:
             print(f"faults: {name} {fault} ...", file=sys.stderr, flush=True)
             try:

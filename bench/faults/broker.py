@@ -46,6 +46,44 @@ async def fault_outage(
     return {"how": f"deploy/brokers.py outage-begin {family}; sleep; outage-end {family}"}
 
 
+# The node under instance B: the first of its URL list (bench/faults/cluster.py).
+NODE_UNDER_B = "rabbitmq-cluster-2"
+NODE_UNDER_B_NAME = "triows-c2@localhost"
+
+
+async def fault_node_stop(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
+    """The cluster node under instance B stopped (``stop_app``) for ``opts.duration`` s."""
+    async with outage_lock(cluster.target):
+        clock.began()
+        await run_script_checked("outage-begin", NODE_UNDER_B)
+        try:
+            await trio.sleep(opts.duration)
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
+                await run_script_checked("outage-end", NODE_UNDER_B)
+        clock.ended()
+    return {"how": f"deploy/brokers.py outage-begin {NODE_UNDER_B}; sleep; outage-end"}
+
+
+async def fault_node_kill(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
+    """SIGKILL the cluster node under instance B; boot it again after ``opts.kill_down`` s."""
+    async with outage_lock(cluster.target):
+        answer = await rabbitmqctl("-n", NODE_UNDER_B_NAME, "eval", "os:getpid().")
+        pid = int(answer.strip().strip('"'))
+        clock.began()
+        os.kill(pid, signal.SIGKILL)
+        await trio.sleep(opts.kill_down)
+        with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
+            await run_script_checked("outage-end", NODE_UNDER_B)
+        clock.ended()
+    how = f"kill -KILL {pid} ({NODE_UNDER_B_NAME}); deploy/brokers.py outage-end {NODE_UNDER_B}"
+    return {"how": how}
+
+
 async def fault_kill(
     cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
 ) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from bench.faults.accounting import (
     sent_rate,
     wait_delivered,
 )
-from bench.faults.broker import fault_kill, fault_outage
+from bench.faults.broker import fault_kill, fault_node_kill, fault_node_stop, fault_outage
 from bench.faults.cluster import log_tails, open_cluster, process_stats, sessions_lost
 from bench.faults.fault import FaultRun, NotPossible
 from bench.faults.instance import fault_death, fault_drain
@@ -42,6 +42,8 @@ FAULT_RUNS: dict[str, FaultRun] = {
     "slow": fault_slow,
     "drain": fault_drain,
     "death": fault_death,
+    "node-stop": fault_node_stop,
+    "node-kill": fault_node_kill,
 }
 
 

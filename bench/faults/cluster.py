@@ -74,6 +74,16 @@ def broker_url_via(url: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=netloc_new))
 
 
+def instance_broker_url(target: Target, label: str, proxy: FaultProxy) -> str:
+    """Instance ``label``'s broker URL: through its proxy, or for a broker cluster (a URL
+    list) every node, instance A's list from node 1, B's from node 2, without the proxy."""
+    urls = target.broker_url.split(",")
+    if len(urls) == 1:
+        return broker_url_via(target.broker_url, proxy.port)
+    first = ("a", "b").index(label)
+    return ",".join(urls[first:] + urls[:first])
+
+
 @asynccontextmanager
 async def open_cluster(
     target: Target, opts: Options, *, env: dict[str, str] | None = None
@@ -82,7 +92,7 @@ async def open_cluster(
 
     The broker must be running (``deploy/brokers.py start``; the CLI does that).
     """
-    broker_port = urlsplit(target.broker_url).port or 5672
+    broker_port = urlsplit(target.broker_url.split(",")[0]).port or 5672
     exchange = f"triows-faults-{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="triows-faults-") as tmp_name:
         tmp = Path(tmp_name)
@@ -97,7 +107,7 @@ async def open_cluster(
                     open_fault_proxy(broker_port) as proxy,
                     serve_instance(
                         target.backend,
-                        broker_url=broker_url_via(target.broker_url, proxy.port),
+                        broker_url=instance_broker_url(target, label, proxy),
                         env={
                             "TRIOWS_EXCHANGE": exchange,
                             "TRIOWS_INSTANCE_ID": instance_id,

@@ -71,6 +71,11 @@ INSTANCE_FAULTS = ("drain", "death")
 FAULTS = BROKER_FAULTS + INSTANCE_FAULTS
 
 
+# On a cluster target only: the node under instance B (node 2, first in B's
+# list) stopped (rabbitmqctl stop_app) or SIGKILLed, then brought back.
+CLUSTER_FAULTS = ("node-stop", "node-kill")
+
+
 @dataclass
 class Options:
     """What one case runs with; the defaults are the full run's."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.faults.options import FAULTS, RESULTS_DIR
+from bench.faults.options import CLUSTER_FAULTS, FAULTS, RESULTS_DIR
 
 
 def merge_results(
@@ -27,7 +27,9 @@ def merge_results(
     return merged
 
 
-FAULT_ORDER = {name: n for n, name in enumerate((*FAULTS, "dead-client", "churn", "fanout"))}
+FAULT_ORDER = {
+    name: n for n, name in enumerate((*FAULTS, "dead-client", "churn", "fanout", *CLUSTER_FAULTS))
+}
 
 
 def _fmt(value: Any) -> str:
