@@ -32,7 +32,9 @@ def instances(count: int, env: dict[str, str] | None = None) -> Iterator[list[In
     """``count`` instances on the memory backend, served from a Trio loop in another thread."""
     with start_blocking_portal(backend="trio") as portal, ExitStack() as stack:
         yield [
-            stack.enter_context(portal.wrap_async_context_manager(serve_instance("memory", env=env)))
+            stack.enter_context(
+                portal.wrap_async_context_manager(serve_instance("memory", env=env))
+            )
             for _ in range(count)
         ]
 
@@ -64,7 +66,10 @@ def test_the_client_connects_and_receives_a_message_posted_over_http(event_loop:
 @EVENT_LOOPS
 def test_send_returns_the_ack_and_a_refusal_raises_request_refused(event_loop: str) -> None:
     async def scenario(base_url: str) -> None:
-        async with open_client(base_url, user="Bob") as bob, open_client(base_url, user="Anne") as anne:
+        async with (
+            open_client(base_url, user="Bob") as bob,
+            open_client(base_url, user="Anne") as anne,
+        ):
             ack = await anne.send(to="Bob", message="hi Bob")
             assert (ack["type"], ack["status"]) == ("ack", "routed")
             frame = await next_of_type(bob, "message")
@@ -80,7 +85,10 @@ def test_send_returns_the_ack_and_a_refusal_raises_request_refused(event_loop: s
 @EVENT_LOOPS
 def test_concurrent_sends_from_one_client_each_get_their_own_ack(event_loop: str) -> None:
     async def scenario(base_url: str) -> None:
-        async with open_client(base_url, user="Bob") as bob, open_client(base_url, user="Anne") as anne:
+        async with (
+            open_client(base_url, user="Bob") as bob,
+            open_client(base_url, user="Anne") as anne,
+        ):
             acks: dict[int, str] = {}
 
             async def send(number: int) -> None:
@@ -102,7 +110,10 @@ def test_concurrent_sends_from_one_client_each_get_their_own_ack(event_loop: str
 @EVENT_LOOPS
 def test_join_send_to_the_room_and_leave(event_loop: str) -> None:
     async def scenario(base_url: str) -> None:
-        async with open_client(base_url, user="Anne") as anne, open_client(base_url, user="Bob") as bob:
+        async with (
+            open_client(base_url, user="Anne") as anne,
+            open_client(base_url, user="Bob") as bob,
+        ):
             for member in (anne, bob):
                 assert (await member.join("general"))["type"] == "joined"
             ack = await anne.send(room="general", message="hi all")

@@ -89,7 +89,6 @@ async def post_send(
     )
 
 
-
 # --- A reconnecting client: open_client -------------------------------------
 
 client_logger = logging.getLogger("triows.client")
