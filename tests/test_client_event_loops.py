@@ -177,3 +177,23 @@ def test_after_a_drain_the_client_reconnects_to_the_next_url_and_rejoins_its_roo
     with instances(2) as (first, second):
         anyio.run(scenario, first, second, backend=event_loop)
     assert "triows client disconnected (1012)" in caplog.text
+
+
+@EVENT_LOOPS
+def test_a_message_over_max_message_size_closes_with_1009_and_the_client_reconnects(
+    event_loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="triows.client")
+
+    async def scenario(base_url: str) -> None:
+        async with open_client(base_url, user="Bob", max_message_size=1024) as bob:
+            async with httpx.AsyncClient() as http:
+                await post_send(http, base_url, "Bob", "x" * 2048, sender="Anne")
+                event = await next_of_type(bob, "reconnected")
+                assert event["previous_instance"] == event["instance"]
+                await post_send(http, base_url, "Bob", "small", sender="Anne")
+            assert (await next_of_type(bob, "message"))["message"] == "small"
+
+    with instances(1) as (server,):
+        anyio.run(scenario, server.base_url, backend=event_loop)
+    assert "triows client disconnected (1009)" in caplog.text

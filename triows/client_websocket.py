@@ -187,10 +187,15 @@ async def open_websocket(
         raise ValueError(f"open_websocket takes a ws:// or wss:// URL, got {url!r}")
     tls = parts.scheme == "wss"
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host, port = parts.hostname, parts.port or (443 if tls else 80)
+    stream: anyio.abc.ByteStream
     with anyio.fail_after(connect_timeout):
-        stream: anyio.abc.ByteStream = await anyio.connect_tcp(
-            parts.hostname, parts.port or (443 if tls else 80), tls=tls
-        )
+        if tls:
+            # Not standard-compatible: a server that drops TCP without a TLS
+            # close_notify after the WebSocket close handshake is not an error.
+            stream = await anyio.connect_tcp(host, port, tls=True, tls_standard_compatible=False)
+        else:
+            stream = await anyio.connect_tcp(host, port)
     try:
         websocket = ClientWebSocket(stream, max_message_size)
         with anyio.fail_after(connect_timeout):
