@@ -334,7 +334,8 @@ def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_
 # routes the page's WebSocket), so that what the page shows while it re-joins can
 # be held still and looked at: no cluster, and no dependence on rooms in the server.
 
-PAGE = Path(__file__).resolve().parent.parent / "triows" / "static" / "chat.html"
+STATIC = Path(__file__).resolve().parent.parent / "triows" / "static"
+PAGE = STATIC / "chat.html"
 ORIGIN = "http://chat.test"
 
 
@@ -377,6 +378,10 @@ def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them
     server = ScriptedServer()
     page = browser.new_context().new_page()
     page.route(f"{ORIGIN}/**", lambda route: route.fulfill(path=PAGE, content_type="text/html"))
+    page.route(
+        f"{ORIGIN}/triows.js",
+        lambda route: route.fulfill(path=STATIC / "triows.js", content_type="text/javascript"),
+    )
     page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
     page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1&room=general")
     expect(page.locator("#instance")).to_have_text("one")
