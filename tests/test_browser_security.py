@@ -43,14 +43,19 @@ def browser() -> Iterator[Browser]:
 
 
 @contextmanager
-def instance_in_a_thread(env: Mapping[str, str] | None = None) -> Iterator[str]:
-    """A ``triows serve`` (memory) held by a Trio run in a thread of its own; yields its URL."""
+def instance_in_a_thread(
+    env: Mapping[str, str] | None = None, port: int | None = None
+) -> Iterator[str]:
+    """A ``triows serve`` (memory) held by a Trio run in a thread of its own; yields its URL.
+
+    On leaving, the instance gets SIGTERM: it drains, closing sockets with 1012.
+    """
     handed: queue.Queue[tuple[str, trio.lowlevel.TrioToken, trio.Event] | BaseException]
     handed = queue.Queue()
 
     async def hold() -> None:
         try:
-            async with serve_instance(env=env) as instance:
+            async with serve_instance(env=env, port=port) as instance:
                 stop = trio.Event()
                 handed.put((instance.base_url, trio.lowlevel.current_trio_token(), stop))
                 await stop.wait()
