@@ -343,6 +343,8 @@ def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_
 STATIC = Path(__file__).resolve().parent.parent / "triows" / "static"
 PAGE = STATIC / "chat.html"
 ORIGIN = "http://chat.test"
+# The longest delay before the module's first reconnect (its backoffInitialMs).
+FIRST_BACKOFF_MAX_MS = 250
 
 
 class ScriptedServer:
@@ -369,6 +371,18 @@ class ScriptedServer:
         self.joins.clear()
 
 
+def scripted_page(browser: Browser, server: ScriptedServer) -> Page:
+    """The chat page and its module at ``ORIGIN``, its sockets played by ``server``."""
+    page = browser.new_context().new_page()
+    page.route(f"{ORIGIN}/**", lambda route: route.fulfill(path=PAGE, content_type="text/html"))
+    page.route(
+        f"{ORIGIN}/triows.js",
+        lambda route: route.fulfill(path=STATIC / "triows.js", content_type="text/javascript"),
+    )
+    page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
+    return page
+
+
 def until(page: Page, condition: Callable[[], bool]) -> None:
     """Let Playwright deliver the page's frames to the handlers until ``condition`` holds."""
     for _ in range(STEP_TIMEOUT_MS // POLL_MS):
@@ -382,13 +396,7 @@ def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them
     browser: Browser, shots: Shots
 ) -> None:
     server = ScriptedServer()
-    page = browser.new_context().new_page()
-    page.route(f"{ORIGIN}/**", lambda route: route.fulfill(path=PAGE, content_type="text/html"))
-    page.route(
-        f"{ORIGIN}/triows.js",
-        lambda route: route.fulfill(path=STATIC / "triows.js", content_type="text/javascript"),
-    )
-    page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
+    page = scripted_page(browser, server)
     page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1&room=general")
     expect(page.locator("#instance")).to_have_text("one")
     expect(room_item(page, "general")).to_have_count(0)
@@ -412,3 +420,22 @@ def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them
     expect(room_item(page, "general")).to_have_attribute("data-state", "joined")
     expect(rejoined).to_have_count(1)
     shots.take(page, "rejoined")
+
+
+@pytest.mark.parametrize(("code", "why"), [(4401, "token expired"), (4001, "slow consumer")])
+def test_the_page_stops_and_says_why_on_a_close_code_that_is_not_transient(
+    browser: Browser, code: int, why: str
+) -> None:
+    server = ScriptedServer()
+    page = scripted_page(browser, server)
+    page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1")
+    expect(page.locator("#instance")).to_have_text("one")
+    server.sockets[0].close(code=code, reason="")
+    expect(page.locator("#state")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#state")).to_have_text(f"closed ({code} {why})")
+    expect(page.locator('#log .entry[data-kind="error"]', has_text=why)).to_have_count(1)
+    # Stopped for good: no second connection, even after twice the longest first backoff.
+    page.wait_for_timeout(2 * FIRST_BACKOFF_MAX_MS)
+    assert len(server.sockets) == 1
+    expect(page.locator("#connect")).to_be_enabled()
+    page.context.close()

@@ -282,6 +282,8 @@ export class TriowsClient extends EventTarget {
     }
     this.#pending.clear();
     if (!this.#wanted) {
+      this.#first?.reject(new ConnectionLost("closed before the first hello", code));
+      this.#first = null;
       this.#setState("disconnected", {code, reason});
       return;
     }
