@@ -439,3 +439,46 @@ def test_the_page_stops_and_says_why_on_a_close_code_that_is_not_transient(
     assert len(server.sockets) == 1
     expect(page.locator("#connect")).to_be_enabled()
     page.context.close()
+
+
+# Points of the leave button's outline (its rounded corners, sampled every 5
+# degrees) outside the inner edge of its room's pill border (a rounded
+# rectangle): a button drawn across the pill's border; 0.5 px of slack.
+POINTS_OUTSIDE_THE_PILL = """item => {
+  const button = item.querySelector("button.leave");
+  const outer = item.getBoundingClientRect(), box = button.getBoundingClientRect();
+  const border = parseFloat(getComputedStyle(item).borderTopWidth);
+  const pill = {left: outer.left + border, top: outer.top + border,
+                right: outer.right - border, bottom: outer.bottom - border};
+  const radius = (element, rect) => Math.min(
+    parseFloat(getComputedStyle(element).borderTopRightRadius), rect.width / 2, rect.height / 2);
+  const pillRadius = radius(item, outer) - border, buttonRadius = radius(button, box);
+  const inside = (x, y) => Math.hypot(
+    Math.max(pill.left + pillRadius - x, 0, x - (pill.right - pillRadius)),
+    Math.max(pill.top + pillRadius - y, 0, y - (pill.bottom - pillRadius))) <= pillRadius + 0.5;
+  const corners = [[box.right - buttonRadius, box.top + buttonRadius, -90],
+                   [box.right - buttonRadius, box.bottom - buttonRadius, 0],
+                   [box.left + buttonRadius, box.bottom - buttonRadius, 90],
+                   [box.left + buttonRadius, box.top + buttonRadius, 180]];
+  const outside = [];
+  for (const [x, y, from] of corners) {
+    for (let angle = from; angle <= from + 90; angle += 5) {
+      const radians = angle * Math.PI / 180;
+      const point = [x + buttonRadius * Math.cos(radians), y + buttonRadius * Math.sin(radians)];
+      if (!inside(...point)) outside.push(point.map(Math.round));
+    }
+  }
+  return outside;
+}"""
+
+
+def test_the_leave_button_lies_inside_its_room_pill(browser: Browser, shots: Shots) -> None:
+    server = ScriptedServer()
+    page = scripted_page(browser, server)
+    page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1&room=general")
+    until(page, lambda: len(server.joins) == 1)
+    server.answer_joins()
+    item = room_item(page, "general")
+    expect(item).to_have_attribute("data-state", "joined")
+    shots.take(page, "room-pill")
+    assert item.evaluate(POINTS_OUTSIDE_THE_PILL) == []
