@@ -18,6 +18,11 @@ Broker mapping (docs/backends.md). One connection per instance; a non-durable
 process named ``triows.<instance_id>.<random>`` by the client (GarageMQ refuses
 server-named queues; for its other quirks see :data:`BROKER_QUIRKS`);
 ``subscribe``/``unsubscribe`` are ``queue.bind``/``queue.unbind`` of the key.
+Those of different keys do not wait for each other one by one: the changes
+waiting when a round trip ends go out together in the next, in the order they
+were asked for (:class:`backends.amqp091_aio.BindingBatcher`), so a connect
+or join waits for at most the batch in flight and its own, not for every
+other user's churn.
 
 The queue outlives its connection. It is durable (RabbitMQ 4.3 refuses
 non-durable non-exclusive queues; messages stay transient), neither exclusive
@@ -50,7 +55,7 @@ classes are :mod:`backends.supervisor`'s; this module's own transient errors
 are :data:`backends.amqp091_aio.SESSION_BROKEN`, a refused login (:data:`REFUSED_LOGIN`) and an
 exchange declared with another type are permanent. After each reconnect the
 exchange and queue are declared again, every held key is re-bound (in batches
-of :data:`REBIND_BATCH`), and only then is ``ready`` true. A session also
+of :data:`BINDING_BATCH`), and only then is ``ready`` true. A session also
 ends, and is rebuilt the same way, when the broker closes our channel (e.g.
 NOT_FOUND after an operator deleted
 the exchange) or cancels our consumer (our queue was deleted). Limitation: an
@@ -84,11 +89,9 @@ from backends.amqp091_aio import (
     SESSION_BROKEN,
     AioSession,
     AioSessionLost,
-    bind_pipelined,
     call_aio,
     close_connection,
     closed,
-    unbind_each,
 )
 from backends.broker_url import parse_broker_url
 from backends.handed_over import HandedOver
@@ -111,8 +114,9 @@ SCHEMES = {"amqp": (5672, False), "amqps": (5671, True)}
 ACK_INTERVAL = 0.02
 """At most this long between a delivery and its (batched) ack while traffic is light."""
 
-REBIND_BATCH = 1000
-"""Bindings restored per round trip (and per ``broker_timeout``) after a reconnect."""
+BINDING_BATCH = 1000
+"""Binding changes (subscribes, unsubscribes, a reconnect's restore) per round trip and
+per ``broker_timeout``; also the most subscribes and unsubscribes waiting at once."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,10 @@ class Amqp091Backend(Supervised[AioSession]):
     """
 
     LOST = SESSION_BROKEN
+    CHANGES_IN_FLIGHT = BINDING_BATCH
+    # ``_restore`` queues every change before its first await, and the session's
+    # binding changes reach the broker in the order they were queued.
+    RESTORES_AT_ONCE = True
     # Each batch of publishes waits at most TRIOWS_PUBLISH_TIMEOUT for its confirms.
     PUBLISH_BOUNDED = True
 
@@ -197,15 +205,15 @@ class Amqp091Backend(Supervised[AioSession]):
 
     async def _subscribe_on(self, session: AioSession, key: str) -> None:
         self._maybe_bound.add(key)
-        await session.call(
-            session.channel.queue_bind, session.queue, self._settings.exchange, routing_key=key
-        )
+        await session.bindings.enqueue(True, key).wait()
 
     async def _unsubscribe_on(self, session: AioSession, key: str) -> None:
-        await session.call(
-            session.channel.queue_unbind, session.queue, self._settings.exchange, routing_key=key
-        )
-        self._maybe_bound.discard(key)
+        await session.bindings.enqueue(False, key).wait()
+        self._forget_unbound([key])
+
+    def _forget_unbound(self, keys: list[str]) -> None:
+        # A key held again meanwhile has its bind queued behind this unbind.
+        self._maybe_bound.difference_update(key for key in keys if key not in self._keys)
 
     async def _restore(self, session: AioSession, keys: list[str]) -> None:
         if session.queue == self._bound_queue:
@@ -217,23 +225,13 @@ class Amqp091Backend(Supervised[AioSession]):
             self._maybe_bound.clear()
             self._bound_queue = session.queue
         self._maybe_bound.update(keys)
-        await self._in_batches(session, unbind_each, stale)
-        self._maybe_bound.difference_update(stale)
-        await self._in_batches(session, bind_pipelined, keys)
-
-    async def _in_batches(
-        self, session: AioSession, change: Callable[..., Awaitable[None]], keys: list[str]
-    ) -> None:
-        """Apply ``change`` (asyncio side) to ``keys``, REBIND_BATCH per crossing and timeout."""
-        for start in range(0, len(keys), REBIND_BATCH):
-            with anyio.fail_after(self._broker_timeout):
-                await session.call(
-                    change,
-                    session.channel,
-                    session.queue,
-                    self._settings.exchange,
-                    keys[start : start + REBIND_BATCH],
-                )
+        # Queued in one step (see RESTORES_AT_ONCE), so that a change of one
+        # of these keys made meanwhile reaches the broker after its restore.
+        changes = [session.bindings.enqueue(False, key) for key in stale]
+        changes += [session.bindings.enqueue(True, key) for key in keys]
+        for change in changes:
+            await change.wait()
+        self._forget_unbound(stale)
 
     def _abandon(self, session: AioSession) -> None:
         session.abandoned.set()
@@ -266,13 +264,17 @@ class Amqp091Backend(Supervised[AioSession]):
                 nursery.start_soon(self._forward, session, buffer_receive)
                 publishing = trio.CancelScope()
                 nursery.start_soon(self._publish, session, publishing)
+                changing = trio.CancelScope()
+                nursery.start_soon(self._change_bindings, session, changing)
                 try:
                     await up(session)
                     lost = await self._wait_broken(session, consumer_cancelled)
                 finally:
                     self._lost(session)
-                    # Publishes still waiting for this session's confirms fail now.
+                    # Publishes still waiting for this session's confirms, and
+                    # binding changes still queued on it, fail now.
                     publishing.cancel()
+                    changing.cancel()
                     # No more deliveries can come. The forwarder hands over
                     # what is buffered (the senders were told "routed") and
                     # then ends, unless the backend itself is being closed.
@@ -373,7 +375,7 @@ class Amqp091Backend(Supervised[AioSession]):
             lifetime = {"durable": False, "auto_delete": True}
         with anyio.fail_after(self._broker_timeout):
             channel = await call_aio(self._loop, connection.channel, publisher_confirms=True)
-            session = AioSession(self._loop, connection, channel, queue)
+            session = AioSession(self._loop, connection, channel, queue, BINDING_BATCH)
             await self._declare_exchange(session, quirks.exchange_type)
             await session.call(channel.queue_declare, queue, exclusive=False, **lifetime)
             await session.call(channel.basic_qos, prefetch_count=settings.prefetch)
@@ -415,6 +417,10 @@ class Amqp091Backend(Supervised[AioSession]):
     async def _publish(self, session: AioSession, scope: trio.CancelScope) -> None:
         with scope:
             await session.run_publisher(self._settings.exchange, self._settings.publish_timeout)
+
+    async def _change_bindings(self, session: AioSession, scope: trio.CancelScope) -> None:
+        with scope:
+            await session.run_binding_changes(self._settings.exchange, self._broker_timeout)
 
     async def _forward(
         self,

@@ -4,7 +4,7 @@ Every aiormq call goes through :func:`call_aio` (one crossing each), except
 the two paths every message takes, which cross once per batch: publishes
 (:class:`PublishBatcher` + :func:`publish_batch`) and acks (batched by the
 backend's forwarder); re-binds after a reconnect are one crossing per batch
-too (:func:`bind_pipelined`, :func:`unbind_each`).
+too, and so are subscription changes (:class:`BindingBatcher`, :func:`change_bindings`).
 
 Why publishes are batched by hand: each ``channel.basic_publish`` is one
 crossing from Trio into the asyncio loop (an asyncio task and a Trio wakeup)
@@ -83,6 +83,7 @@ class AioSession:
         connection: aiormq.abc.AbstractConnection,
         channel: aiormq.abc.AbstractChannel,
         queue: str,
+        binding_batch: int,
     ) -> None:
         self.loop = loop
         self.connection = connection
@@ -91,6 +92,7 @@ class AioSession:
         # Set when a subscription change failed: the session is rebuilt.
         self.abandoned = trio.Event()
         self.publisher = PublishBatcher()
+        self.bindings = BindingBatcher(binding_batch)
         # The last delivery handed to Trio, and the last one acked.
         self.delivered_tag = 0
         self.acked_tag = 0
@@ -121,6 +123,18 @@ class AioSession:
             return results
 
         await self.publisher.run(send)
+
+    async def run_binding_changes(self, exchange: str, timeout: float) -> None:
+        """Send the queued binding changes, one crossing per batch, until cancelled or
+        a batch fails (which drops the session)."""
+
+        async def send(changes: list[BindingChange]) -> None:
+            await self.call(change_bindings, self.channel, self.queue, exchange, changes)
+
+        await self.bindings.run(send, timeout)
+        # It returns once a batch failed: what the channel holds (and which
+        # answers are still on their way) is unknown, so the session is rebuilt.
+        self.abandoned.set()
 
     async def ack(self) -> None:
         """Ack every delivery handed to Trio so far (``multiple``), unless done already.
@@ -175,29 +189,144 @@ async def call_aio(
         raise
 
 
-async def bind_pipelined(
-    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, keys: list[str]
+async def change_bindings(
+    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, changes: list[BindingChange]
 ) -> None:
-    # Runs on the asyncio side, so a batch costs one Trio-asyncio crossing.
-    # Every bind but the last goes out with ``nowait``; the last waits for its
-    # reply. The broker handles a channel's methods in order, so that reply
-    # means the whole batch is in place (a failed bind closes the channel,
-    # and the last call raises).
-    if not keys:
+    """(asyncio side) Apply ``changes`` in order, written at once, and wait for the last answer.
+
+    aiormq's ``queue_bind``/``queue_unbind`` hold the channel's lock from the
+    request to its answer, so one at a time reaches the broker. Here the whole
+    batch goes out in one write under that lock, the way ``rpc`` sends one
+    method: every bind but a last one with ``nowait``, every unbind answered
+    (``queue.unbind`` has no ``nowait``). The broker handles a channel's
+    methods in order, so the last answer means the whole batch is in place. A
+    method the broker refuses closes the channel; this task belongs to the
+    channel (``create_task``), so that fails it too.
+    """
+    if not changes:
         return
-    for key in keys[:-1]:
-        await channel.queue_bind(queue, exchange, routing_key=key, nowait=True)
-    await channel.queue_bind(queue, exchange, routing_key=keys[-1])
+    state: Any = channel
+    frames: list[Any] = []
+    answers = 0
+    for index, change in enumerate(changes):
+        if change.bind:
+            nowait = index < len(changes) - 1
+            answers += 0 if nowait else 1
+            frames.append(
+                spec.Queue.Bind(
+                    queue=queue, exchange=exchange, routing_key=change.key, nowait=nowait
+                )
+            )
+        else:
+            answers += 1
+            frames.append(spec.Queue.Unbind(queue=queue, exchange=exchange, routing_key=change.key))
+
+    async def send_and_wait() -> None:
+        async with state.lock:
+            await state.write_queue.put(
+                ChannelFrame.marshall(channel_number=state.number, frames=frames)
+            )
+            for _ in range(answers):
+                answer = await state.rpc_frames.get()
+                state.rpc_frames.task_done()
+                if not isinstance(answer, spec.Queue.BindOk | spec.Queue.UnbindOk):
+                    raise AioSessionLost(f"unexpected answer to a binding change: {answer!r}")
+
+    await state.create_task(send_and_wait())
 
 
-async def unbind_each(
-    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, keys: list[str]
-) -> None:
-    # Runs on the asyncio side: one crossing for the batch. ``queue.unbind``
-    # has no ``nowait``, so each waits for its reply (unbinding what is not
-    # bound is not an error).
-    for key in keys:
-        await channel.queue_unbind(queue, exchange, routing_key=key)
+class BindingChange:
+    """One ``queue.bind`` (``bind``) or ``queue.unbind`` of ``key``; ``done`` once answered."""
+
+    __slots__ = ("bind", "done", "error", "key")
+
+    def __init__(self, bind: bool, key: str) -> None:
+        self.bind = bind
+        self.key = key
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+    async def wait(self) -> None:
+        """Return once the broker confirmed the change; raise why it did not."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+SendBindings = Callable[[list[BindingChange]], Awaitable[None]]
+
+
+class BindingBatcher:
+    """Collects the binding changes of one session into ordered batches for one owner task.
+
+    Changes reach the broker in the order :meth:`enqueue` was called, whoever
+    called it, so a key's bind and unbind (and a reconnect's restore followed
+    by a change of one of its keys) never overtake each other. A change waits
+    for one batch at most, however many other keys are changing: the batch in
+    flight when it came, then its own. A caller that stops waiting does not
+    take its change back (it goes out all the same), so what the broker holds
+    is always what was asked for last.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        self._batch_size = batch_size
+        self._waiting: list[BindingChange] = []
+        self._wakeup = trio.Event()
+        self._failed: BaseException | None = None
+
+    def enqueue(self, bind: bool, key: str) -> BindingChange:
+        """Queue a change of ``key`` behind every change queued before (no await)."""
+        change = BindingChange(bind, key)
+        if self._failed is not None:
+            change.fail(self._failed)
+        else:
+            self._waiting.append(change)
+            self._wakeup.set()
+        return change
+
+    async def run(self, send: SendBindings, timeout: float) -> None:
+        """Send the waiting changes, ``batch_size`` per ``send`` and per ``timeout``.
+
+        Once a batch fails, it and every change after it fail with that error
+        (the channel's state is unknown: the session is rebuilt). On
+        cancellation (the session ended) every waiting change fails.
+        """
+        batch: list[BindingChange] = []
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                while self._waiting:
+                    batch = self._waiting[: self._batch_size]
+                    del self._waiting[: self._batch_size]
+                    try:
+                        with trio.move_on_after(timeout) as late:
+                            await send(batch)
+                    except SESSION_BROKEN as error:
+                        self._stop(batch, error)
+                        return
+                    if late.cancelled_caught:
+                        self._stop(
+                            batch, TimeoutError(f"no answer to a binding change in {timeout}s")
+                        )
+                        return
+                    for change in batch:
+                        change.done.set()
+        finally:
+            # Those of the batch out now too (``fail`` skips those answered).
+            self._stop(batch, AioSessionLost("the broker session ended"))
+
+    def _stop(self, batch: list[BindingChange], error: BaseException) -> None:
+        if self._failed is None:
+            self._failed = error
+        for change in (*batch, *self._waiting):
+            change.fail(error)
+        self._waiting.clear()
 
 
 async def closed(closable: aiormq.abc.AbstractConnection | aiormq.abc.AbstractChannel) -> None:

@@ -131,8 +131,9 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
     """
 
     LOST = (ConnectionLost, LinkRefused)
-    # Safe: ``_restore`` makes every key's subscription before its first await.
     CHANGES_IN_FLIGHT = LINK_CHANGES_IN_FLIGHT
+    # ``_restore`` makes every key's subscription before its first await.
+    RESTORES_AT_ONCE = True
 
     def __init__(self, settings: Settings) -> None:
         self._address = parse_url(settings.broker_url)
@@ -258,7 +259,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         for key in sorted(set(self._queues).difference(keys)):
             self._retire(key)
         # Every key's subscription is made before any await (see
-        # CHANGES_IN_FLIGHT): a change of a key meanwhile finds it.
+        # RESTORES_AT_ONCE): a change of a key meanwhile finds it.
         made = [
             live.subscriptions.get(key) or live.add_subscription(key, self._held_queue(live, key))
             for key in keys

@@ -202,6 +202,7 @@ class StompBackend(Supervised[StompSession]):
         # Durable subscriptions no longer consumed, to remove over STOMP on
         # the connection (now, or after the reconnect if it is lost).
         self._retired_subscriptions: set[str] = set()
+        self._removing: set[str] = set()  # of those, the ones being removed now
         # The broker redelivers at most what was unacked when a connection
         # went: one ack batch and what arrived while the ACK was on its way.
         self._handed_over = HandedOver(2 * settings.prefetch)
@@ -315,7 +316,11 @@ class StompBackend(Supervised[StompSession]):
         an ``id`` (or a destination) on every ``UNSUBSCRIBE``; on this path
         it is not looked up.
         """
-        for name in sorted(self._retired_subscriptions):
+        for name in sorted(self._retired_subscriptions.difference(self._removing)):
+            # Unsubscribes of different keys run at once: each name is removed by one.
+            if name in self._removing:
+                continue
+            self._removing.add(name)
             frame = Frame("UNSUBSCRIBE", {"id": name, "activemq.subscriptionName": name})
             try:
                 with anyio.fail_after(self._broker_timeout):
@@ -329,6 +334,8 @@ class StompBackend(Supervised[StompSession]):
                     subscription=name,
                     error=str(error).partition("\n")[0],
                 )
+            finally:
+                self._removing.discard(name)
             self._retired_subscriptions.discard(name)
 
     async def _restore(self, connection: StompSession, keys: list[str]) -> None:

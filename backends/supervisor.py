@@ -11,10 +11,14 @@ connection follows the keys) ask the broker within ``TRIOWS_BROKER_TIMEOUT``.
 A change the broker does not confirm (lost, refused, too slow) is logged as
 ``broker_binding_deferred`` and the connection is dropped, so that the
 reconnect restores exactly the held set. They never raise
-:class:`BrokerUnavailable`. Changes run one at a time under one lock, which is
-also held while a new connection restores the keys; a backend whose protocol
-can restore every key in one synchronous step (``CHANGES_IN_FLIGHT`` > 1) lets
-that many changes wait for the broker at once instead.
+:class:`BrokerUnavailable`. Changes of different keys do not wait for each
+other: up to ``CHANGES_IN_FLIGHT`` wait for the broker at once, so that some
+users' churn does not hold up everyone's connects and joins. Ordering the
+changes of one key is the caller's (the router holds a lock per key). While a
+new connection restores the held keys, changes wait for the restore, and it
+waits for those in flight (:class:`ChangeGate`), unless the backend queues the
+restore of every key in one synchronous step (``RESTORES_AT_ONCE``), after
+which a change of a key cannot overtake its restore.
 
 Readiness. ``ready`` is true from the moment every held key is restored on a
 connection until that connection is lost; :meth:`Supervised.wait_ready` waits
@@ -137,6 +141,52 @@ def first_leaf(error: BaseException, wanted: tuple[type[BaseException], ...]) ->
     raise error
 
 
+class ChangeGate:
+    """Up to ``limit`` subscription changes at once, or a restore alone.
+
+    A restore waits for the changes in flight (they act on the connection
+    that was lost) and holds back new ones until it is done, so that it reads
+    the held keys and restores them without a change of one of them in
+    between; it goes ahead of changes that are waiting, as the held keys it
+    restores already include theirs.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._slots = anyio.Semaphore(limit)
+        self._running = 0
+        self._none_running = anyio.Event()
+        self._restore_done: anyio.Event | None = None
+
+    @asynccontextmanager
+    async def change(self) -> AsyncIterator[None]:
+        """Run one change: once a slot is free and no restore runs or waits."""
+        async with self._slots:
+            while self._restore_done is not None:
+                await self._restore_done.wait()
+            self._running += 1
+            try:
+                yield
+            finally:
+                self._running -= 1
+                if self._running == 0:
+                    self._none_running.set()
+
+    @asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        """Run a restore: once no change runs; none starts until it is done."""
+        while self._restore_done is not None:
+            await self._restore_done.wait()
+        done = self._restore_done = anyio.Event()
+        try:
+            while self._running:
+                self._none_running = anyio.Event()
+                await self._none_running.wait()
+            yield
+        finally:
+            self._restore_done = None
+            done.set()
+
+
 # --- the shared half of every broker backend ---------------------------------
 
 
@@ -154,9 +204,12 @@ class Supervised(ABC, Generic[C]):
     """True where :meth:`_publish_on` bounds its own wait by ``TRIOWS_PUBLISH_TIMEOUT``
     (once per batch), so that no cancel scope is opened per message here."""
 
-    CHANGES_IN_FLIGHT: ClassVar[int] = 1
-    """Subscribes/unsubscribes that may wait for the broker at once. Above 1,
-    :meth:`_restore` must act on every key before its first ``await``."""
+    CHANGES_IN_FLIGHT: ClassVar[int] = 64
+    """Subscribes/unsubscribes (of different keys) that may wait for the broker at once."""
+
+    RESTORES_AT_ONCE: ClassVar[bool] = False
+    """True where :meth:`_restore` acts on every key (queues or makes its change)
+    before its first ``await``, so that changes need not wait for a restore."""
 
     def __init__(self, settings: Settings, broker: str) -> None:
         self._settings = settings
@@ -167,7 +220,7 @@ class Supervised(ABC, Generic[C]):
             settings.incoming_queue
         )
         self._keys: set[str] = set()
-        self._changes = anyio.Semaphore(self.CHANGES_IN_FLIGHT)
+        self._changes = ChangeGate(self.CHANGES_IN_FLIGHT)
         self._following: C | None = None  # the connection subscribe/unsubscribe act on
         self._ready: C | None = None  # the same, once every held key is restored on it
         self._ready_changed = anyio.Event()
@@ -271,7 +324,7 @@ class Supervised(ABC, Generic[C]):
 
     async def subscribe(self, key: str) -> None:
         """Hold ``key``; while connected, return once the broker confirmed it."""
-        async with self._changes:
+        async with self._changes.change():
             self._keys.add(key)
             await self._change(self._subscribe_on, "subscribe", key)
 
@@ -283,7 +336,7 @@ class Supervised(ABC, Generic[C]):
         this backend has forgotten (it would route messages for a user gone
         offline), and the reconnect restores exactly the held keys.
         """
-        async with self._changes:
+        async with self._changes.change():
             self._keys.discard(key)
             await self._change(self._unsubscribe_on, "unsubscribe", key, drop_if_cut=True)
 
@@ -357,9 +410,9 @@ class Supervised(ABC, Generic[C]):
         self._ready_changed = anyio.Event()
 
     def _all_changes(self) -> AbstractAsyncContextManager[object]:
-        if self.CHANGES_IN_FLIGHT == 1:
-            return self._changes
-        return nullcontext()
+        if self.RESTORES_AT_ONCE:
+            return nullcontext()
+        return self._changes.alone()
 
     async def _maintain(self, *, task_status: TaskStatus[None]) -> None:
         """Connect, and reconnect after every loss, until closed.

@@ -367,6 +367,13 @@ class ScriptedBackend(Supervised[str]):
         self.done = trio.Event()
         self.slow_changes = False  # subscribe/unsubscribe never get an answer
         self.abandoned: list[str] = []
+        # A subscribe of a key listed here waits until its event is set.
+        self.held_back: dict[str, trio.Event] = {}
+        self.restore_started = trio.Event()
+        self.restore_may_end = trio.Event()
+        self.restore_may_end.set()
+        self.restored: list[list[str]] = []
+        self.changed: list[str] = []  # "+key"/"-key", in the order the broker saw them
 
     async def _session(self, up: Callable[[str], Awaitable[None]]) -> None:
         self.attempts += 1
@@ -377,15 +384,21 @@ class ScriptedBackend(Supervised[str]):
         await trio.sleep_forever()
 
     async def _restore(self, connection: str, keys: list[str]) -> None:
-        return
+        self.restore_started.set()
+        await self.restore_may_end.wait()
+        self.restored.append(keys)
 
     async def _subscribe_on(self, connection: str, key: str) -> None:
         if self.slow_changes:
             await trio.sleep_forever()
+        if key in self.held_back:
+            await self.held_back[key].wait()
+        self.changed.append(f"+{key}")
 
     async def _unsubscribe_on(self, connection: str, key: str) -> None:
         if self.slow_changes:
             await trio.sleep_forever()
+        self.changed.append(f"-{key}")
 
     async def _publish_on(self, connection: str, key: str, body: bytes) -> Outcome:
         return Outcome.ACCEPTED
@@ -453,6 +466,44 @@ async def test_an_unsubscribe_cut_short_drops_the_connection_a_subscribe_does_no
         with trio.move_on_after(1):
             await backend.unsubscribe("user.Anne")
         assert backend.abandoned == ["connection"]
+
+
+async def test_a_subscribe_waiting_for_the_broker_does_not_hold_up_other_keys() -> None:
+    # One user's slow or churning subscription must not delay everyone's
+    # connects and joins: only the changes of one key wait for each other.
+    backend = ScriptedBackend([])
+    async with run_supervised(backend):
+        await backend.wait_ready()
+        backend.held_back["user.Anne"] = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.subscribe, "user.Anne")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.fail_after(READY_TIMEOUT):
+                await backend.subscribe("user.Bob")
+                await backend.unsubscribe("room.lobby")
+            assert backend.changed == ["+user.Bob", "-room.lobby"]
+            backend.held_back["user.Anne"].set()
+        assert backend.changed[-1] == "+user.Anne"
+
+
+async def test_changes_wait_for_a_restore_and_a_restore_for_changes_in_flight() -> None:
+    # A restore reads the held keys and restores them on the new connection;
+    # a change in between could be undone by it (an unsubscribe followed by
+    # the restore's subscribe of the same key).
+    backend = ScriptedBackend([ConnectionRefusedError("down")])
+    backend.restore_may_end = trio.Event()
+    await backend.subscribe("user.Anne")  # held before any connection
+    async with run_supervised(backend), trio.open_nursery() as nursery:
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.restore_started.wait()
+        nursery.start_soon(backend.unsubscribe, "user.Anne")
+        await trio.testing.wait_all_tasks_blocked()
+        assert backend.changed == []  # waits for the restore
+        backend.restore_may_end.set()
+        with trio.fail_after(READY_TIMEOUT):
+            await backend.wait_ready()
+    assert backend.restored == [["user.Anne"]]
+    assert backend.changed == ["-user.Anne"]
 
 
 async def test_publish_timeout_set_alone_is_logged_as_deprecated_when_a_backend_opens() -> None:

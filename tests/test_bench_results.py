@@ -39,7 +39,7 @@ def test_every_committed_result_is_cited_by_the_documentation() -> None:
     uncited = sorted(
         name
         for name in committed_results()
-        if not re.search(rf"(?<![\w-]){re.escape(run_stem(name))}\.(md|json|png)\b", text)
+        if not re.search(rf"(?<![\w-]){re.escape(run_stem(name))}\.(md|jsonl?|png)\b", text)
     )
     assert uncited == [], (
         "bench/results/ keeps only runs that README.md, docs/*.md or bench/README.md cite; "

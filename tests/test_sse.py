@@ -28,6 +28,7 @@ from tests.e2e import STEP_TIMEOUT, TARGETS_BY_NAME, ready_instances, send_confi
 from triows.app import TriowsApp, create_app
 from triows.auth import mint_token
 from triows.client import open_events, post_send
+from triows.process import serve_instance
 from triows.protocol import hello_frame
 from triows.settings import Settings
 from triows.sse import encode_event, message_id, requested_rooms, wants_event_stream
@@ -563,3 +564,26 @@ async def test_a_slow_sse_consumer_is_cut_and_counted_while_others_keep_receivin
                     received += chunk
             assert received.startswith(b"HTTP/1.1 200")
             assert received.count(b"\nid: ") < sent
+
+
+async def test_rooms_asked_for_faster_than_the_join_rate_are_refused_with_429() -> None:
+    # Every GET is a new connection that subscribes each ?room= on the broker:
+    # the rooms are paced per user, with the WebSocket joins' rate and burst.
+    pace = {"TRIOWS_SEND_BURST": "4", "TRIOWS_SEND_RATE": "0.001"}
+    rooms = "&room=r1&room=r2&room=r3"
+    async with serve_instance(env=pace) as instance, httpx.AsyncClient() as http:
+        url = f"{instance.base_url}/events"
+        async with open_http_stream(http, f"{url}?user=Mallory{rooms}") as stream:
+            assert frame_of(await stream.next_block())["type"] == "hello"
+        async with http.stream(
+            "GET", f"{url}?user=Mallory{rooms}", headers=EVENT_STREAM
+        ) as refused:
+            assert refused.status_code == 429
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert json.loads(await refused.aread())["status"] == 429
+            assert int(refused.headers["retry-after"]) >= 1
+        # Without rooms, and for another user, streams still open.
+        async with open_http_stream(http, f"{url}?user=Mallory") as stream:
+            assert frame_of(await stream.next_block())["type"] == "hello"
+        async with open_http_stream(http, f"{url}?user=Anne{rooms}") as stream:
+            assert frame_of(await stream.next_block())["type"] == "hello"

@@ -19,6 +19,7 @@ from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
 if TYPE_CHECKING:
     import trio
 
+    from triows.rate import RatePerUser
     from triows.router import Router
     from triows.settings import Settings
 
@@ -36,6 +37,8 @@ class Host(Protocol):
     draining: bool
     # Where each connection's writer task runs.
     nursery: trio.Nursery
+    # Event streams' ?room= joins, paced per user.
+    stream_joins: RatePerUser
 
     @property
     def router(self) -> Router: ...

@@ -154,7 +154,9 @@ async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send:
     """``GET /events`` with ``Accept: text/event-stream`` (any other plain HTTP request too).
 
     Refusals are problem details: 405 not GET, 406 no ``text/event-stream`` in
-    ``Accept``, 400 a bad dev-mode user name or room, 401 bad credentials, 503
+    ``Accept``, 400 a bad dev-mode user name or room, 401 bad credentials, 429
+    + ``Retry-After`` when the user asked for more rooms than the pace of
+    ``TRIOWS_SEND_RATE`` and ``TRIOWS_SEND_BURST`` allows, 503
     + ``Retry-After`` when the instance holds ``TRIOWS_MAX_CONNECTIONS``. A
     draining instance answers a stream that ends at once with ``retry:``, so
     a browser comes back (through the load balancer, elsewhere) by itself.
@@ -200,6 +202,19 @@ async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send:
     if refused:
         await respond_problem(
             send, 403, f"the token does not allow room {refused[0]!r}", kind="forbidden"
+        )
+        return
+    # Each room is a subscribe and an unsubscribe on the broker: paced per
+    # user like a WebSocket's joins, since every GET is a new connection.
+    joins = plane.app.stream_joins
+    wait = joins.take(identity.user, len(rooms), trio.current_time()) if rooms else 0.0
+    if wait:
+        await respond_problem(
+            send,
+            429,
+            f"rooms are joined at most {settings.send_rate:g} a second "
+            f"(bursts of {settings.send_burst}) per user",
+            headers=[(b"retry-after", str(math.ceil(wait)).encode())],
         )
         return
     retry_ms = 1000 * settings.retry_after
