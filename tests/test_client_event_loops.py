@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -16,11 +17,19 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import trio
 from anyio.from_thread import start_blocking_portal
 
 from tests.e2e import STEP_TIMEOUT
 from triows.auth import mint_token
-from triows.client import ClientClosed, RequestRefused, TriowsClient, open_client, post_send
+from triows.client import (
+    ClientClosed,
+    RequestRefused,
+    RequestTimeout,
+    TriowsClient,
+    open_client,
+    post_send,
+)
 from triows.process import Instance, serve_instance
 
 EVENT_LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "trio"])
@@ -197,3 +206,23 @@ def test_a_message_over_max_message_size_closes_with_1009_and_the_client_reconne
     with instances(1) as (server,):
         anyio.run(scenario, server.base_url, backend=event_loop)
     assert "triows client disconnected (1009)" in caplog.text
+
+
+@EVENT_LOOPS
+def test_a_request_the_server_does_not_answer_raises_a_timeout_error(event_loop: str) -> None:
+    async def scenario(server: Instance) -> None:
+        async with open_client(server.base_url, user="Anne", request_timeout=0.5) as anne:
+            # A stopped process holds the socket open and answers nothing.
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(RequestTimeout) as timed_out:
+                    await anne.send(to="Anne", message="anyone?")
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            # What asyncio code catches, and what Trio code written for trio.fail_after catches.
+            assert isinstance(timed_out.value, TimeoutError)
+            assert isinstance(timed_out.value, trio.TooSlowError)
+            assert (await anne.send(to="Anne", message="back"))["status"] == "routed"
+
+    with instances(1) as (server,):
+        anyio.run(scenario, server, backend=event_loop)
