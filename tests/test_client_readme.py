@@ -96,8 +96,13 @@ async def test_the_asyncio_web_app_example_forwards_a_post_to_the_user_on_triows
                 # Up once the route answers; a GET is not allowed on it.
                 await wait_for_status(f"{app_url}/notify/Bob", 405)
                 async with open_events(server.base_url, user="Bob") as bob:
+                    # The body as the guide's curl sends it (form content type).
                     body = {"text": "your order shipped"}
-                    answer = await http.post(f"{app_url}/notify/Bob", json=body)
+                    answer = await http.post(
+                        f"{app_url}/notify/Bob",
+                        content=b'{"text": "your order shipped"}',
+                        headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    )
                     assert answer.status_code == 202
                     assert answer.json()["status"] == "routed"
                     with trio.fail_after(30):
