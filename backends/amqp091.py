@@ -85,7 +85,8 @@ from aiormq.exceptions import (
 )
 from yarl import URL
 
-from backends.amqp091_aio import (
+from triows.backend import Outcome
+from triows.backends.amqp091_aio import (
     SESSION_BROKEN,
     AioSession,
     AioSessionLost,
@@ -93,10 +94,9 @@ from backends.amqp091_aio import (
     close_connection,
     closed,
 )
-from backends.broker_url import parse_broker_url
-from backends.handed_over import HandedOver
-from backends.supervisor import BrokerRejected, Supervised, run_supervised
-from triows.backend import Outcome
+from triows.backends.broker_url import parse_broker_url
+from triows.backends.handed_over import HandedOver
+from triows.backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.settings import Settings
 
 REFUSED_LOGIN: tuple[type[BaseException], ...] = (
