@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,9 +18,13 @@ import trio
 from tests.brokers import require_broker
 from tests.e2e import unique_exchange
 from tests.test_client import next_of_type
-from triows.client import open_client, post_send
+from tests.test_stomp_backend import rabbitmq_queues
+from triows.client import EventsClient, open_client, open_events, post_send
 from triows.cluster import open_cluster
 from triows.process import free_port, wait_for_status
+from triows.protocol import CLOSE_DRAINING
+
+STOP_TIMEOUT = 120
 
 
 def free_ports() -> tuple[int, list[int]]:
@@ -106,3 +113,91 @@ async def test_the_cluster_command_stops_everything_it_started_on_ctrl_c(moment:
         with trio.socket.socket() as probe:
             # Nothing listens any more: every port can be bound again.
             await probe.bind(("127.0.0.1", port))
+
+
+def cluster_command(front: int, ports: list[int]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "triows.cluster",
+        "--port",
+        str(front),
+        "--instance-ports",
+        ",".join(map(str, ports)),
+    ]
+
+
+async def collect_lines(stream: trio.abc.ReceiveStream, into: list[str]) -> None:
+    """Append each line of ``stream`` to ``into`` until it ends."""
+    pending = b""
+    async for chunk in stream:
+        *lines, pending = (pending + chunk).split(b"\n")
+        into.extend(line.decode(errors="replace") for line in lines)
+    if pending:
+        into.append(pending.decode(errors="replace"))
+
+
+def logged_events(lines: list[str], event: str) -> list[dict[str, object]]:
+    """The JSON log lines of ``event`` among ``lines`` (the instances' share of the output)."""
+    found = []
+    for line in lines:
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == event:
+                found.append(record)
+    return found
+
+
+async def test_ctrl_c_to_the_cluster_drains_every_instance_then_stops_haproxy() -> None:
+    # What a terminal does on Ctrl-C: SIGINT to every process of its
+    # foreground process group, here the cluster's own group.
+    await require_broker("rabbitmq")
+    front, ports = free_ports()
+    output: list[str] = []
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                cluster_command(front, ports),
+                env={**os.environ, "TRIOWS_EXCHANGE": unique_exchange()},
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                check=False,
+                process_group=0,
+            )
+        )
+        assert process.stderr is not None
+        nursery.start_soon(collect_lines, process.stderr, output)
+        await wait_for_status(f"http://127.0.0.1:{front}/readyz", 200, timeout=STOP_TIMEOUT)
+        async with AsyncExitStack() as stack:
+            clients: list[EventsClient] = []
+            for number in range(len(ports)):
+                clients.append(
+                    await stack.enter_async_context(
+                        open_events(f"http://127.0.0.1:{front}", user=f"via-haproxy-{number}")
+                    )
+                )
+            for port in ports:
+                clients.append(
+                    await stack.enter_async_context(
+                        open_events(f"http://127.0.0.1:{port}", user=f"direct-{port}")
+                    )
+                )
+            instance_ids = {client.hello["instance"] for client in clients[len(ports) :]}
+            assert len(instance_ids) == len(ports)
+            os.killpg(process.pid, signal.SIGINT)
+            with trio.fail_after(STOP_TIMEOUT):
+                codes = [await client.wait_closed() for client in clients]
+            assert codes == [CLOSE_DRAINING] * len(clients), "\n".join(output)
+        with trio.fail_after(STOP_TIMEOUT):
+            assert await process.wait() == 0
+    drained = {record["instance"] for record in logged_events(output, "drain_done")}
+    assert drained == instance_ids
+    exits = [line for line in output if line.startswith("cluster: ") and "exited" in line]
+    # HAProxy last; the instances in any order among themselves.
+    assert sorted(exits[:-1]) == sorted(
+        f"cluster: instance http://127.0.0.1:{port} exited with status 0" for port in ports
+    )
+    assert exits[-1].startswith("cluster: HAProxy exited")
+    for instance_id in instance_ids:
+        assert await rabbitmq_queues(instance_id) == set()
