@@ -20,7 +20,7 @@ from tests.e2e import unique_exchange
 from tests.test_client import next_of_type
 from tests.test_stomp_backend import rabbitmq_queues
 from triows.client import EventsClient, open_client, open_events, post_send
-from triows.cluster import open_cluster
+from triows.cluster import open_cluster, stop_instances
 from triows.process import free_port, wait_for_status
 from triows.protocol import CLOSE_DRAINING
 
@@ -201,3 +201,32 @@ async def test_ctrl_c_to_the_cluster_drains_every_instance_then_stops_haproxy() 
     assert exits[-1].startswith("cluster: HAProxy exited")
     for instance_id in instance_ids:
         assert await rabbitmq_queues(instance_id) == set()
+
+
+def time_wait_ports() -> set[int]:
+    """The local ports of this host's IPv4 TCP sockets in TIME_WAIT (from /proc/net/tcp)."""
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "06":  # TIME_WAIT
+            ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_a_cluster_starts_again_at_once_on_ports_left_in_time_wait() -> None:
+    await require_broker("rabbitmq")
+    front, ports = free_ports()
+    env = {"TRIOWS_EXCHANGE": unique_exchange()}
+    async with (
+        open_cluster(front_port=front, instance_ports=ports, env=env) as cluster,
+        open_events(cluster.url, user="Anne") as anne,
+        open_events(cluster.instances[0].base_url, user="Bob") as bob,
+    ):
+        # How the cluster stops its instances, here with both sockets open:
+        # the instances close them (1012) and so leave TIME_WAIT on their ports.
+        await stop_instances(cluster.instances)
+        assert [await anne.wait_closed(), await bob.wait_closed()] == [CLOSE_DRAINING] * 2
+    assert ports[0] in time_wait_ports()
+    async with open_cluster(front_port=front, instance_ports=ports, env=env) as cluster:
+        async with open_events(cluster.url, user="Anne") as anne:
+            assert anne.hello["user"] == "Anne"
