@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -43,6 +44,20 @@ async def test_sigterm_closes_sockets_with_1012_and_exits_0() -> None:
     async with serve_instance("memory") as server:
         async with open_events(server.base_url, user="Bob") as bob:
             server.terminate()
+            with trio.fail_after(20):
+                assert await bob.wait_closed() == 1012
+        with trio.fail_after(20):
+            assert await server.process.wait() == 0
+
+
+async def test_sigint_then_sigterm_5_ms_later_still_drains_with_1012_and_exits_0() -> None:
+    # A terminal's Ctrl-C and a supervisor's SIGTERM arriving together: the
+    # second signal must not cut the drain the first one started.
+    async with serve_instance("memory") as server:
+        async with open_events(server.base_url, user="Bob") as bob:
+            server.process.send_signal(signal.SIGINT)
+            await trio.sleep(0.005)
+            server.process.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
                 assert await bob.wait_closed() == 1012
         with trio.fail_after(20):

@@ -482,6 +482,11 @@ async def _serve_worker(
     # Held until Hypercorn has stopped, not only until the drain starts: a
     # signal that arrived after the receiver closed would get the default
     # action (KeyboardInterrupt, or death by SIGTERM) and cut the drain short.
+    # Ignored just before it opens (no checkpoint in between), so that the
+    # receiver puts "ignored" back when it closes: a signal during the last
+    # steps of the exit cannot turn a clean exit into death by signal either.
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as watching:
             watching.start_soon(_request_stop_on_signals, signals, stop_requested)
