@@ -245,6 +245,11 @@ class Amqp091Backend(Supervised[AioSession]):
             # queue goes with the connection, and deleting a queue we consume
             # from there stops it answering any later queue.declare.)
             with suppress(*SESSION_BROKEN):
+                # Our own consumer goes first: deleting a queue still consumed
+                # from makes the broker cancel the consumer, which aiormq logs
+                # as a warning meant for a cancel nobody here asked for.
+                for consumer_tag in list(session.channel.consumers):
+                    await session.call(session.channel.basic_cancel, consumer_tag)
                 await session.call(session.channel.queue_delete, session.queue)
         await close_connection(self._loop, session.connection, self._settings.close_timeout)
 

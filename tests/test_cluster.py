@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import trio
 
 from tests.brokers import require_broker
-from tests.e2e import unique_exchange
+from tests.e2e import OutputLines, unique_exchange
 from tests.test_client import next_of_type
 from tests.test_stomp_backend import rabbitmq_queues
 from triows.client import EventsClient, open_client, open_events, post_send
@@ -127,33 +126,12 @@ def cluster_command(front: int, ports: list[int]) -> list[str]:
     ]
 
 
-async def collect_lines(stream: trio.abc.ReceiveStream, into: list[str]) -> None:
-    """Append each line of ``stream`` to ``into`` until it ends."""
-    pending = b""
-    async for chunk in stream:
-        *lines, pending = (pending + chunk).split(b"\n")
-        into.extend(line.decode(errors="replace") for line in lines)
-    if pending:
-        into.append(pending.decode(errors="replace"))
-
-
-def logged_events(lines: list[str], event: str) -> list[dict[str, object]]:
-    """The JSON log lines of ``event`` among ``lines`` (the instances' share of the output)."""
-    found = []
-    for line in lines:
-        if line.startswith("{"):
-            record = json.loads(line)
-            if record.get("event") == event:
-                found.append(record)
-    return found
-
-
 async def test_ctrl_c_to_the_cluster_drains_every_instance_then_stops_haproxy() -> None:
     # What a terminal does on Ctrl-C: SIGINT to every process of its
     # foreground process group, here the cluster's own group.
     await require_broker("rabbitmq")
     front, ports = free_ports()
-    output: list[str] = []
+    output = OutputLines()
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(
             partial(
@@ -167,7 +145,7 @@ async def test_ctrl_c_to_the_cluster_drains_every_instance_then_stops_haproxy() 
             )
         )
         assert process.stderr is not None
-        nursery.start_soon(collect_lines, process.stderr, output)
+        nursery.start_soon(output.collect, process.stderr)
         await wait_for_status(f"http://127.0.0.1:{front}/readyz", 200, timeout=STOP_TIMEOUT)
         async with AsyncExitStack() as stack:
             clients: list[EventsClient] = []
@@ -188,12 +166,12 @@ async def test_ctrl_c_to_the_cluster_drains_every_instance_then_stops_haproxy() 
             os.killpg(process.pid, signal.SIGINT)
             with trio.fail_after(STOP_TIMEOUT):
                 codes = [await client.wait_closed() for client in clients]
-            assert codes == [CLOSE_DRAINING] * len(clients), "\n".join(output)
+            assert codes == [CLOSE_DRAINING] * len(clients), "\n".join(output.lines)
         with trio.fail_after(STOP_TIMEOUT):
             assert await process.wait() == 0
-    drained = {record["instance"] for record in logged_events(output, "drain_done")}
+    drained = {record["instance"] for record in output.events("drain_done")}
     assert drained == instance_ids
-    exits = [line for line in output if line.startswith("cluster: ") and "exited" in line]
+    exits = [line for line in output.lines if line.startswith("cluster: ") and "exited" in line]
     # HAProxy last; the instances in any order among themselves.
     assert sorted(exits[:-1]) == sorted(
         f"cluster: instance http://127.0.0.1:{port} exited with status 0" for port in ports
