@@ -53,7 +53,7 @@ async def test_a_graceful_stop_logs_no_warning() -> None:
 
 
 async def test_a_queue_deleted_by_an_operator_is_still_a_warning() -> None:
-    async with amqp091_instance() as (instance, output):
+    async with amqp091_instance() as (_, output):
         with trio.fail_after(STEP_TIMEOUT):
             connected = json.loads(await output.wait_for('"broker_connected"'))
         await trio.run_process(

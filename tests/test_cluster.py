@@ -110,7 +110,9 @@ async def test_the_cluster_command_stops_everything_it_started_on_ctrl_c(moment:
             assert await process.wait() == 0
     for port in (front, *ports):
         with trio.socket.socket() as probe:
-            # Nothing listens any more: every port can be bound again.
+            # Nothing listens any more: every port can be bound again (by a
+            # listener, which sets SO_REUSEADDR: TIME_WAIT does not block it).
+            probe.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
             await probe.bind(("127.0.0.1", port))
 
 

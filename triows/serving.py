@@ -506,9 +506,7 @@ async def _serve_worker(
     return FATAL_EXIT_CODE if app.failed.is_set() else 0
 
 
-async def _request_stop_on_signals(
-    signals: AsyncIterator[int], stop_requested: trio.Event
-) -> None:
+async def _request_stop_on_signals(signals: AsyncIterator[int], stop_requested: trio.Event) -> None:
     """The first SIGTERM or SIGINT starts the drain; later ones are logged and ignored.
 
     A terminal's Ctrl-C and a supervisor's SIGTERM often come together (or a
@@ -519,7 +517,9 @@ async def _request_stop_on_signals(
     async for number in signals:
         name = signal.Signals(number).name
         if stop_requested.is_set():
-            log_event("stop_signal_ignored", signal=name, detail="already stopping; SIGKILL stops now")
+            log_event(
+                "stop_signal_ignored", signal=name, detail="already stopping; SIGKILL stops now"
+            )
         else:
             log_event("stop_signal", signal=name)
             stop_requested.set()
