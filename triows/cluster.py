@@ -173,7 +173,9 @@ async def open_cluster(
                 with trio.CancelScope(shield=True):
                     # HAProxy last: the instances' close frames go through it.
                     await stop_instances(instances)
-                    await stop_process(process)
+                    # SIGUSR1 is HAProxy's soft stop (exit status 0), where
+                    # SIGTERM would be its immediate stop (killed by the signal).
+                    await stop_process(process, signal.SIGUSR1)
                     _report_exit("HAProxy", process)
 
 

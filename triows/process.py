@@ -154,10 +154,10 @@ async def stopped_by_caller(process: trio.Process) -> None:
     """
 
 
-async def stop_process(process: trio.Process) -> None:
-    """SIGTERM, then SIGKILL if it has not exited in time."""
+async def stop_process(process: trio.Process, stop_signal: int = signal.SIGTERM) -> None:
+    """``stop_signal`` (SIGTERM), then SIGKILL if it has not exited in time."""
     if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         with trio.move_on_after(STOP_TIMEOUT):
             await process.wait()
     if process.returncode is None:
