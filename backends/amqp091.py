@@ -243,6 +243,10 @@ class Amqp091Backend(Supervised[AioSession]):
             # queue goes with the connection, and deleting a queue we consume
             # from there stops it answering any later queue.declare.)
             with suppress(*SESSION_BROKEN):
+                # Our own consumer goes first: deleting a queue still consumed
+                # from makes the broker cancel the consumer, which aiormq logs
+                # as a warning meant for a cancel nobody here asked for.
+                await session.call(session.channel.basic_cancel, session.queue)
                 await session.call(session.channel.queue_delete, session.queue)
         await close_connection(self._loop, session.connection, self._settings.close_timeout)
 
@@ -389,7 +393,11 @@ class Amqp091Backend(Supervised[AioSession]):
                 consumer_cancelled.set()
 
             channel.on_consumer_cancel_callbacks.add(on_consumer_cancel)
-            await session.call(channel.basic_consume, queue, on_delivery, no_ack=False)
+            # Tagged with the queue's name (one consumer per channel), so that
+            # closing can cancel it by name.
+            await session.call(
+                channel.basic_consume, queue, on_delivery, no_ack=False, consumer_tag=queue
+            )
         return session
 
     async def _declare_exchange(self, session: AioSession, exchange_type: str) -> None:
