@@ -34,3 +34,14 @@ def test_help_has_no_restructuredtext_markup(command: list[str]) -> None:
     )
     assert result.stdout.startswith("usage: triows")
     assert "``" not in result.stdout
+
+
+def test_the_cluster_help_has_no_restructuredtext_markup() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "triows.cluster", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.startswith("usage: python -m triows.cluster")
+    assert "``" not in result.stdout

@@ -216,7 +216,7 @@ async def _fail_if_exits(process: trio.Process, name: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m triows.cluster", description=__doc__.splitlines()[0]
+        prog="python -m triows.cluster", description=__doc__.splitlines()[0].replace("``", "")
     )
     parser.add_argument("--backend", default="amqp091", help="amqp091 (default), amqp10, stomp")
     parser.add_argument("--broker-url", help="the instances' TRIOWS_BROKER_URL")
