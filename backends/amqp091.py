@@ -86,7 +86,8 @@ from aiormq.exceptions import (
 )
 from yarl import URL
 
-from backends.amqp091_aio import (
+from triows.backend import Outcome
+from triows.backends.amqp091_aio import (
     SESSION_BROKEN,
     AioSession,
     AioSessionLost,
@@ -94,11 +95,10 @@ from backends.amqp091_aio import (
     close_connection,
     closed,
 )
-from backends.broker_url import BrokerAddress, parse_broker_urls
-from backends.handed_over import HandedOver
-from backends.rabbitmq_exchange import HOME_NODE_DOWN
-from backends.supervisor import BrokerRejected, Supervised, run_supervised
-from triows.backend import Outcome
+from triows.backends.broker_url import BrokerAddress, parse_broker_urls
+from triows.backends.handed_over import HandedOver
+from triows.backends.rabbitmq_exchange import HOME_NODE_DOWN
+from triows.backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.settings import Settings
 
 REFUSED_LOGIN: tuple[type[BaseException], ...] = (
@@ -248,6 +248,10 @@ class Amqp091Backend(Supervised[AioSession]):
             # queue goes with the connection, and deleting a queue we consume
             # from there stops it answering any later queue.declare.)
             with suppress(*SESSION_BROKEN):
+                # Our own consumer goes first: deleting a queue still consumed
+                # from makes the broker cancel the consumer, which aiormq logs
+                # as a warning meant for a cancel nobody here asked for.
+                await session.call(session.channel.basic_cancel, session.queue)
                 await session.call(session.channel.queue_delete, session.queue)
         await close_connection(self._loop, session.connection, self._settings.close_timeout)
 
@@ -406,7 +410,11 @@ class Amqp091Backend(Supervised[AioSession]):
                 consumer_cancelled.set()
 
             channel.on_consumer_cancel_callbacks.add(on_consumer_cancel)
-            await session.call(channel.basic_consume, queue, on_delivery, no_ack=False)
+            # Tagged with the queue's name (one consumer per channel), so that
+            # closing can cancel it by name.
+            await session.call(
+                channel.basic_consume, queue, on_delivery, no_ack=False, consumer_tag=queue
+            )
         return session
 
     async def _declare_exchange(self, session: AioSession, exchange_type: str) -> None:

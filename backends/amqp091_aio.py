@@ -44,8 +44,8 @@ from aiormq.exceptions import (
 from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
-from backends.supervisor import TRANSIENT
 from triows.backend import BrokerUnavailable, Outcome
+from triows.backends.supervisor import TRANSIENT
 
 
 class AioSessionLost(ConnectionError):

@@ -91,8 +91,9 @@ from typing import Any
 import anyio
 from proton import Connection, Delivery, Endpoint, Event, Link, Receiver, Sender, Transport, symbol
 
-from backends.amqp10_addressing import Addressing, choose_addressing, outcome, parse_urls
-from backends.amqp10_links import (
+from triows.backend import Outcome
+from triows.backends.amqp10_addressing import Addressing, choose_addressing, outcome, parse_urls
+from triows.backends.amqp10_links import (
     LINK_ANSWERS,
     SESSION_ENDS,
     Amqp10Connection,
@@ -103,17 +104,16 @@ from backends.amqp10_links import (
     condition,
     message_body,
 )
-from backends.amqp10_pump import ConnectionLost, Wakeup
-from backends.broker_url import connect_stream
-from backends.handed_over import HandedOver
-from backends.rabbitmq_exchange import (
+from triows.backends.amqp10_pump import ConnectionLost, Wakeup
+from triows.backends.broker_url import connect_stream
+from triows.backends.handed_over import HandedOver
+from triows.backends.rabbitmq_exchange import (
     QueueOutOfReach,
     RetiredQueues,
     declare_bound_queues,
     declare_direct_exchange,
 )
-from backends.supervisor import BrokerRejected, Supervised, run_supervised
-from triows.backend import Outcome
+from triows.backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.logs import log_event
 from triows.settings import Settings
 

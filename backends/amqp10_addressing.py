@@ -36,9 +36,9 @@ from dataclasses import dataclass
 
 from proton import Delivery, symbol
 
-from backends.broker_url import BrokerAddress, parse_broker_url, parse_broker_urls
-from backends.supervisor import BrokerRejected
 from triows.backend import BrokerUnavailable, Outcome
+from triows.backends.broker_url import BrokerAddress, parse_broker_url, parse_broker_urls
+from triows.backends.supervisor import BrokerRejected
 from triows.settings import Settings
 
 SCHEMES = {"amqp": (5672, False), "amqps": (5671, True)}

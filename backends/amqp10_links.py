@@ -26,9 +26,9 @@ from proton import (
     Transport,
 )
 
-from backends.amqp10_addressing import Addressing
-from backends.amqp10_pump import ConnectionLost, ProtonPump, Wakeup
-from backends.handed_over import HandedOver
+from triows.backends.amqp10_addressing import Addressing
+from triows.backends.amqp10_pump import ConnectionLost, ProtonPump, Wakeup
+from triows.backends.handed_over import HandedOver
 
 
 class LinkRefused(Exception):

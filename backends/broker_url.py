@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import anyio
 from anyio.abc import ByteStream
 
-from backends.supervisor import BrokerRejected
+from triows.backends.supervisor import BrokerRejected
 from triows.settings import SettingsError
 
 

@@ -44,8 +44,8 @@ from anyio.abc import ByteStream
 from pamqp import base, commands, frame, header
 from pamqp.common import FieldTable
 
-from backends.broker_url import BrokerAddress, connect_stream
-from backends.supervisor import TRANSIENT, BrokerRejected
+from triows.backends.broker_url import BrokerAddress, connect_stream
+from triows.backends.supervisor import TRANSIENT, BrokerRejected
 from triows.logs import log_event
 
 PRECONDITION_FAILED = 406

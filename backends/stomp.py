@@ -97,17 +97,18 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import ByteStream
 
-from backends.broker_url import (
+from triows.backend import Outcome
+from triows.backends.broker_url import (
     BrokerAddress,
     connect_stream,
     parse_broker_url,
     parse_broker_urls,
     query_int,
 )
-from backends.handed_over import HandedOver
-from backends.rabbitmq_exchange import HOME_NODE_DOWN, RetiredQueues, declare_direct_exchange
-from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
-from backends.stomp_session import (
+from triows.backends.handed_over import HandedOver
+from triows.backends.rabbitmq_exchange import HOME_NODE_DOWN, RetiredQueues, declare_direct_exchange
+from triows.backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
+from triows.backends.stomp_session import (
     READ_SIZE,
     ConnectionClosedByUs,
     ConnectionLost,
@@ -115,8 +116,7 @@ from backends.stomp_session import (
     StompBrokerError,
     StompSession,
 )
-from backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
-from triows.backend import Outcome
+from triows.backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
 from triows.logs import log_event
 from triows.settings import Settings
 

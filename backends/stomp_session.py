@@ -26,9 +26,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, ObjectSendStream, TaskGroup
 
-from backends.handed_over import HandedOver
-from backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
 from triows.backend import BrokerUnavailable, Delivery
+from triows.backends.handed_over import HandedOver
+from triows.backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
 
 READ_SIZE = 65536
 

@@ -82,7 +82,7 @@ from triows.settings import Settings
 
 if TYPE_CHECKING:
     # broker_url imports BrokerRejected from here.
-    from backends.broker_url import BrokerAddress
+    from triows.backends.broker_url import BrokerAddress
 
 C = TypeVar("C")
 

@@ -20,9 +20,9 @@ import secrets
 import psutil
 import trio
 
-from backends.amqp10 import Amqp10Backend, open_amqp10_backend
 from bench.faults.churn import rss_slope
 from deploy.brokers import BROKERS
+from triows.backends.amqp10 import Amqp10Backend, open_amqp10_backend
 from triows.settings import Settings
 
 

@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display; must precede pyplot's import
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from bench.cpu import ROLES
 
@@ -267,58 +268,149 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The main table's columns: header, the scenarios that must all have run for the
+# column to be shown, and its cell from a target's row of each scenario that ran. So a
+# run of some scenarios (``bench direct-ws``) has no column that would say "not run".
+Found = dict[str, dict[str, Any] | None]
+LOSSES = "lost/dup/out-of-order"
+COUNTED_SCENARIOS = ("direct", "direct-ws", "latency")
+MAIN_COLUMNS: tuple[tuple[str, tuple[str, ...], Any], ...] = (
+    (
+        "direct msg/s",
+        ("direct",),
+        lambda found: _cell(
+            found["direct"],
+            lambda r: _number(r["msg_per_s"]) + (" ⚠" if r["loadgen_saturated"] else ""),
+        ),
+    ),
+    (
+        "direct p50 / p99 ms",
+        ("direct",),
+        lambda found: _cell(
+            found["direct"],
+            lambda r: (
+                f"{_number(r['latency_ms'].get('p50'), 1)} / "
+                f"{_number(r['latency_ms'].get('p99'), 1)}"
+            ),
+        ),
+    ),
+    (
+        "direct-ws msg/s",
+        ("direct-ws",),
+        lambda found: _cell(found["direct-ws"], lambda r: _number(r["msg_per_s"])),
+    ),
+    (
+        "latency @ msg/s",
+        ("latency",),
+        lambda found: _cell(found["latency"], lambda r: _number(r["params"].get("rate"))),
+    ),
+    (
+        "latency p50 / p99 / max ms",
+        ("latency",),
+        lambda found: _cell(
+            found["latency"],
+            lambda r: " / ".join(
+                _number(r["latency_ms"].get(name), 1) for name in ("p50", "p99", "max")
+            ),
+        ),
+    ),
+    (LOSSES, (), None),  # shown if one of COUNTED_SCENARIOS ran
+    (
+        "idle KiB/conn",
+        ("idle",),
+        lambda found: _cell(found["idle"], lambda r: _number(r["rss_kib_per_connection"], 1)),
+    ),
+    (
+        "idle CPU %",
+        ("idle",),
+        lambda found: _cell(found["idle"], lambda r: _number(r["idle_cpu_percent"], 1)),
+    ),
+    (
+        "ceiling msg/s",
+        ("ceiling",),
+        lambda found: _cell(found["ceiling"], lambda r: _number(r["msg_per_s"])),
+    ),
+    (
+        "direct % of ceiling",
+        ("direct", "ceiling"),
+        lambda found: _percent_of_ceiling(found["direct"], found["ceiling"]),
+    ),
+)
+
+
 def _main_table(rows: Rows) -> list[str]:
-    lines = [
-        "",
-        "| target | direct msg/s | direct p50 / p99 ms | direct-ws msg/s | latency @ msg/s "
-        "| latency p50 / p99 / max ms | lost/dup/out-of-order (direct · ws · latency) "
-        "| idle KiB/conn | idle CPU % | ceiling msg/s | direct % of ceiling |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    """One line per target that ran a main scenario; only the columns of scenarios that ran."""
+    ran = [s for s in MAIN_SCENARIOS if any(row["scenario"] == s for row in rows)]
+    counted = [s for s in COUNTED_SCENARIOS if s in ran]
+    columns = [
+        (header, render)
+        for header, needs, render in MAIN_COLUMNS
+        if (set(needs) <= set(ran) if needs else counted)
     ]
+    headers = ["target"]
+    for header, _ in columns:
+        if header == LOSSES and len(counted) > 1:
+            header += f" ({' · '.join(counted)})"
+        headers.append(header)
+    lines = ["", "| " + " | ".join(headers) + " |", "|---|" + "--:|" * len(columns)]
     for target in _targets(rows):
-        direct = _find(rows, target, "direct")
-        websocket = _find(rows, target, "direct-ws")
-        latency = _find(rows, target, "latency")
-        idle = _find(rows, target, "idle")
-        ceiling = _find(rows, target, "ceiling")
-        losses = " · ".join(
-            _cell(row, _losses) for row in (direct, websocket, latency) if row is not None
-        )
-        saturated = " ⚠" if _ok(direct) and direct and direct["loadgen_saturated"] else ""
-        cells = [
-            target,
-            _cell(direct, lambda r, mark=saturated: _number(r["msg_per_s"]) + mark),
-            _cell(
-                direct,
-                lambda r: (
-                    f"{_number(r['latency_ms'].get('p50'), 1)} / "
-                    f"{_number(r['latency_ms'].get('p99'), 1)}"
-                ),
-            ),
-            _cell(websocket, lambda r: _number(r["msg_per_s"])),
-            _cell(latency, lambda r: _number(r["params"].get("rate"))),
-            _cell(
-                latency,
-                lambda r: " / ".join(
-                    _number(r["latency_ms"].get(name), 1) for name in ("p50", "p99", "max")
-                ),
-            ),
-            losses or "not run",
-            _cell(idle, lambda r: _number(r["rss_kib_per_connection"], 1)),
-            _cell(idle, lambda r: _number(r["idle_cpu_percent"], 1)),
-            _cell(ceiling, lambda r: _number(r["msg_per_s"])),
-            _percent_of_ceiling(direct, ceiling),
-        ]
+        found: Found = {scenario: _find(rows, target, scenario) for scenario in ran}
+        if not any(found.values()):
+            continue
+        cells = [target]
+        for _, render in columns:
+            if render is None:  # the losses of each counted scenario this target ran
+                losses = [_cell(found[s], _losses) for s in counted if found[s] is not None]
+                cells.append(" · ".join(losses) or "not run")
+            else:
+                cells.append(render(found))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def chart(result: dict[str, Any], path: Path) -> None:
-    """Throughput, latency and CPU per 1,000 messages per target, as one PNG."""
+# The main chart's panels: what each draws, from which scenarios. A panel is
+# drawn only if one of its scenarios has a successful row.
+THROUGHPUT_SCENARIOS = ("direct", "direct-ws", "ceiling")
+
+
+def chart(result: dict[str, Any], path: Path) -> bool:
+    """Throughput, latency and CPU per 1,000 messages per target, as one PNG.
+
+    False, and no file, if the run has nothing to draw.
+    """
+    figure = chart_figure(result)
+    if figure is None:
+        return False
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def chart_figure(result: dict[str, Any]) -> Figure | None:
+    """The figure :func:`chart` saves: only the panels with data, and in the
+    throughput panel only the scenarios that ran; None if no panel has data."""
     rows: Rows = result["rows"]
-    targets = _targets(rows)
-    figure, (throughput, latency, cpu) = plt.subplots(1, 3, figsize=(18, 6))
-    width = 0.27
+
+    def ran(scenario: str) -> bool:
+        return any(row["scenario"] == scenario and _ok(row) for row in rows)
+
+    throughput_scenarios = [s for s in THROUGHPUT_SCENARIOS if ran(s)]
+    panels = []
+    if throughput_scenarios:
+        panels.append("throughput")
+    if ran("latency"):
+        panels.append("latency")
+    if ran("direct"):
+        panels.append("cpu")
+    if not panels:
+        return None
+    targets = [
+        target
+        for target in _targets(rows)
+        if any(_ok(_find(rows, target, s)) for s in (*THROUGHPUT_SCENARIOS, "latency"))
+    ]
+    figure, axes_list = plt.subplots(1, len(panels), figsize=(6 * len(panels), 6), squeeze=False)
+    axes_of = dict(zip(panels, axes_list[0], strict=True))
     positions = range(len(targets))
 
     def values(scenario: str, pick: Any) -> list[float]:
@@ -328,30 +420,38 @@ def chart(result: dict[str, Any], path: Path) -> None:
             picked.append(pick(row) if _ok(row) else 0.0)
         return picked
 
-    for offset, scenario in enumerate(("direct", "direct-ws", "ceiling")):
-        throughput.bar(
-            [p + (offset - 1) * width for p in positions],
-            values(scenario, lambda r: r["msg_per_s"]),
-            width,
-            label=scenario,
-        )
-    throughput.set_yscale("log")
-    throughput.set_title("delivered msg/s (log scale; 0 = error or not run)")
-    for offset, name in enumerate(("p50", "p99")):
-        latency.bar(
-            [p + (offset - 0.5) * width for p in positions],
-            values("latency", lambda r, name=name: r["latency_ms"].get(name, 0.0)),
-            width,
-            label=f"latency {name}",
-        )
-    latency.set_title("latency scenario, ms (send -> WebSocket receipt)")
-    bottom = [0.0] * len(targets)
-    for role in ROLES:
-        heights = values("direct", lambda r, role=role: r["cpu_per_1000"].get(role) or 0.0)
-        cpu.bar(list(positions), heights, 0.6, bottom=bottom, label=role)
-        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    cpu.set_title("direct: CPU seconds per 1,000 messages")
-    for axes in (throughput, latency, cpu):
+    if "throughput" in axes_of:
+        throughput = axes_of["throughput"]
+        width = 0.8 / len(throughput_scenarios)
+        middle = (len(throughput_scenarios) - 1) / 2
+        for offset, scenario in enumerate(throughput_scenarios):
+            throughput.bar(
+                [p + (offset - middle) * width for p in positions],
+                values(scenario, lambda r: r["msg_per_s"]),
+                width,
+                label=scenario,
+            )
+        throughput.set_yscale("log")
+        throughput.set_title("delivered msg/s (log scale; 0 = error or not run)")
+    if "latency" in axes_of:
+        latency = axes_of["latency"]
+        for offset, name in enumerate(("p50", "p99")):
+            latency.bar(
+                [p + (offset - 0.5) * 0.4 for p in positions],
+                values("latency", lambda r, name=name: r["latency_ms"].get(name, 0.0)),
+                0.4,
+                label=f"latency {name}",
+            )
+        latency.set_title("latency scenario, ms (send -> WebSocket receipt)")
+    if "cpu" in axes_of:
+        cpu = axes_of["cpu"]
+        bottom = [0.0] * len(targets)
+        for role in ROLES:
+            heights = values("direct", lambda r, role=role: r["cpu_per_1000"].get(role) or 0.0)
+            cpu.bar(list(positions), heights, 0.6, bottom=bottom, label=role)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        cpu.set_title("direct: CPU seconds per 1,000 messages")
+    for axes in axes_of.values():
         axes.set_xticks(list(positions))
         axes.set_xticklabels(targets, rotation=30, ha="right")
         axes.legend()
@@ -360,8 +460,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
         f"{result['machine']['logical_cores']} cores shared by load generator, instances, broker"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure
 
 
 def scaleout_chart(result: dict[str, Any], path: Path) -> None:
@@ -400,6 +499,8 @@ def scaleout_chart(result: dict[str, Any], path: Path) -> None:
 def write(result: dict[str, Any], directory: Path, stem: str) -> list[Path]:
     """Write ``STEM.json``, ``STEM.md`` and ``STEM.png`` into ``directory``.
 
+    No ``STEM.png`` if the run has nothing the chart draws (only ``batch`` or
+    ``room`` rows, say): their figures are in the Markdown tables.
     A run with ``scaleout`` rows draws them in ``STEM.png`` if that is all it ran,
     else in ``STEM-scaleout.png`` beside the usual chart.
     """
@@ -414,7 +515,8 @@ def write(result: dict[str, Any], directory: Path, stem: str) -> list[Path]:
     if all(row["scenario"] == "scaleout" for row in rows):
         scaleout_chart(result, png_path)
         return paths
-    chart(result, png_path)
+    if not chart(result, png_path):
+        paths.remove(png_path)
     if _scaleout_rows(rows):
         scaleout_path = directory / f"{stem}-scaleout.png"
         scaleout_chart(result, scaleout_path)

@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from backends.memory import MemoryBackend, open_memory_backend
 from triows.backend import Outcome
+from triows.backends.memory import MemoryBackend, open_memory_backend
 from triows.settings import Settings
 
 KILL_TASK_KEY = "user.kill-backend-task"

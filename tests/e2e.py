@@ -7,6 +7,7 @@ modules use the same helpers for what only their backend does.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -217,3 +218,43 @@ async def collect_frames(
         frame = await client.receive()
         assert frame["type"] == frame_type, frame
         into.append(frame)
+
+
+class OutputLines:
+    """The lines a child process writes to a pipe, kept as they come.
+
+    Run :meth:`collect` in a nursery on the pipe (``process.stderr``): it reads
+    until the child closes it, so the child never blocks on a full pipe.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._grew = trio.Event()
+
+    async def collect(self, stream: trio.abc.ReceiveStream) -> None:
+        pending = b""
+        async for chunk in stream:
+            *complete, pending = (pending + chunk).split(b"\n")
+            self._add(complete)
+        self._add([pending] if pending else [])
+
+    def _add(self, lines: list[bytes]) -> None:
+        self.lines.extend(line.decode(errors="replace") for line in lines)
+        self._grew.set()
+        self._grew = trio.Event()
+
+    async def wait_for(self, text: str) -> str:
+        """The first line containing ``text``, once the child has written it."""
+        while True:
+            for line in self.lines:
+                if text in line:
+                    return line
+            await self._grew.wait()
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON log lines among them (what triows logs), decoded."""
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The log records of ``event``."""
+        return [record for record in self.log_records() if record.get("event") == event]

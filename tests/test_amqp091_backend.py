@@ -21,14 +21,14 @@ import trio.lowlevel
 import trio_asyncio
 from pamqp import commands as spec
 
-import backends.amqp091
-from backends.amqp091 import Amqp091Backend, open_amqp091_backend
-from backends.amqp091_aio import AioSessionLost, call_aio
+import triows.backends.amqp091
 from deploy.brokers import BROKERS
 from tests.brokers import broker_outage, require_broker
 from tests.tcp_proxy import reachable
 from tests.test_backend_contract import open_ready, receive, wait_not_ready
 from triows.backend import BrokerUnavailable, Outcome
+from triows.backends.amqp091 import Amqp091Backend, open_amqp091_backend
+from triows.backends.amqp091_aio import AioSessionLost, call_aio
 from triows.process import free_port
 from triows.settings import Settings
 
@@ -380,7 +380,7 @@ async def test_two_acks_at_once_reach_aiormq_one_after_the_other(
     of two acks started together never overlap.
     """
     # Only this test's acks: no timer, no batch ack.
-    monkeypatch.setattr(backends.amqp091, "ACK_INTERVAL", 3600.0)
+    monkeypatch.setattr(triows.backends.amqp091, "ACK_INTERVAL", 3600.0)
     async with open_ready(amqp_settings(exchange, prefetch=100)) as backend:
         assert isinstance(backend, Amqp091Backend)
         session = backend._following

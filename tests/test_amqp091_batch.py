@@ -7,9 +7,9 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from backends.amqp091_aio import BatchResult, PublishBatcher
 from tests.test_amqp091_backend import open_instances
 from triows.backend import BrokerUnavailable, Outcome
+from triows.backends.amqp091_aio import BatchResult, PublishBatcher
 
 
 class RecordingSender:

@@ -8,9 +8,9 @@ import trio
 import trio.testing
 import trio_asyncio
 
-from backends.amqp091_aio import AioSessionLost, BindingBatcher, BindingChange
 from tests.test_amqp091_backend import RABBITMQ_URL, open_instances, publish_until_routed
 from triows.backend import Outcome
+from triows.backends.amqp091_aio import AioSessionLost, BindingBatcher, BindingChange
 
 
 class RecordingSender:

@@ -14,11 +14,11 @@ import secrets
 import pytest
 import trio
 
-from backends.amqp091 import Amqp091Backend
 from deploy.brokers import BROKERS
 from tests.brokers import memory_alarm, require_broker
 from tests.test_backend_contract import open_ready
 from triows.backend import BrokerUnavailable
+from triows.backends.amqp091 import Amqp091Backend
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker

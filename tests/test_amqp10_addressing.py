@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from proton import symbol
 
-from backends.amqp10 import check_settings
-from backends.amqp10_addressing import ANONYMOUS_RELAY, choose_addressing, parse_url
-from backends.supervisor import BrokerRejected
+from triows.backends.amqp10 import check_settings
+from triows.backends.amqp10_addressing import ANONYMOUS_RELAY, choose_addressing, parse_url
+from triows.backends.supervisor import BrokerRejected
 from triows.settings import Settings, SettingsError
 
 

@@ -21,8 +21,6 @@ import pytest
 import trio
 import trio.testing
 
-from backends.amqp10 import Amqp10Backend, open_amqp10_backend
-from backends.amqp10_links import Received
 from deploy.brokers import BROKERS
 from tests.brokers import require_broker
 from tests.tcp_proxy import open_tcp_proxy, reachable
@@ -30,6 +28,8 @@ from tests.test_backend_contract import open_ready, wait_not_ready
 from tests.test_router_unit import hold_until_closed
 from tests.test_stomp_backend import rabbitmq_queues, wait_for_queues
 from triows.backend import Outcome
+from triows.backends.amqp10 import Amqp10Backend, open_amqp10_backend
+from triows.backends.amqp10_links import Received
 from triows.connection import Connection
 from triows.metrics import Metrics
 from triows.process import free_port

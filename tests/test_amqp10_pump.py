@@ -17,7 +17,7 @@ import trio.testing
 from anyio.abc import ByteStream, ObjectReceiveStream, ObjectSendStream
 from proton import Connection, Delivery, Endpoint, Event, Message, Receiver, Sender, Transport
 
-from backends.amqp10_pump import ConnectionLost, ProtonPump
+from triows.backends.amqp10_pump import ConnectionLost, ProtonPump
 
 
 class MemoryByteStream(ByteStream):

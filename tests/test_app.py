@@ -14,6 +14,7 @@ from quart.typing import TestClientProtocol as QuartClient
 from tests.conftest import serving
 from triows.app import create_app
 from triows.auth import mint_token
+from triows.protocol import DEV_MODE_SENDER
 from triows.settings import Settings
 
 SECRET = "test-secret-" + "x" * 64
@@ -53,6 +54,18 @@ async def test_message_reaches_each_connection_of_the_user_exactly_once(
             first, second = json.loads(await socket.receive()), json.loads(await socket.receive())
             assert (first["id"], first["from"], first["message"]) == (sent["id"], "Anne", {"n": 1})
             assert second["message"] == {"n": 2}  # not a duplicate of the first
+
+
+async def test_a_dev_mode_send_without_from_is_delivered_from_anonymous(
+    client: QuartClient,
+) -> None:
+    async with client.websocket("/events?user=Bob") as bob:
+        await bob.receive()  # hello
+        assert (await post(client, {"to": "Bob", "message": "single"})).status_code == 202
+        assert (await post(client, [{"to": "Bob", "message": "batch"}])).status_code == 207
+        for text in ("single", "batch"):
+            message = json.loads(await bob.receive())
+            assert (message["message"], message["from"]) == (text, DEV_MODE_SENDER)
 
 
 async def test_send_to_offline_user_is_404_problem(client: QuartClient) -> None:
@@ -279,7 +292,9 @@ async def test_drain_turns_readyz_503_closes_sockets_with_1012_and_refuses_new_o
 async def test_chat_page_is_served_at_the_root(client: QuartClient) -> None:
     response = await client.get("/")
     assert response.status_code == 200
-    assert "/events?" in await response.get_data(as_text=True)
+    # The page speaks the protocol through the client module the app serves.
+    assert 'src="/triows.js"' in await response.get_data(as_text=True)
+    assert (await client.get("/triows.js")).status_code == 200
 
 
 async def test_connections_over_the_instance_limit_are_refused_with_503() -> None:

@@ -21,12 +21,12 @@ import pytest
 import trio
 import trio.testing
 
-from backends.broker_url import parse_broker_url
-from backends.supervisor import BrokerRejected, Supervised, rejection, run_supervised
 from deploy.brokers import BROKERS, HOST, LOGIN, PASSCODE
 from tests.brokers import require_broker
 from tests.tcp_proxy import open_tcp_proxy
 from triows.backend import Backend, BrokerUnavailable, Outcome, open_backend
+from triows.backends.broker_url import parse_broker_url
+from triows.backends.supervisor import BrokerRejected, Supervised, rejection, run_supervised
 from triows.cli import check_startup, main
 from triows.process import free_port
 from triows.settings import Settings, SettingsError

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from backends.memory import open_memory_backend
 from triows import backend as registry
 from triows.backend import UnknownBackend, known_backends, load_backend
+from triows.backends.memory import open_memory_backend
 
 
 def test_builtin_backends_are_imported_lazily_by_name() -> None:
@@ -20,7 +20,7 @@ def test_a_package_can_add_a_backend_through_the_entry_point_group(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     third_party = EntryPoint(
-        name="inproc", value="backends.memory:open_memory_backend", group="triows.backends"
+        name="inproc", value="triows.backends.memory:open_memory_backend", group="triows.backends"
     )
 
     def entry_points(**selection: Any) -> EntryPoints:

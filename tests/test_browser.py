@@ -234,6 +234,13 @@ def received(page: Page, sender: str, text: str, room: str = "") -> Locator:
     )
 
 
+def delivered_back(page: Page, text: str, room: str = "") -> Locator:
+    """The page's own entries of ``text`` that came back to it (a room it is in, a note to self)."""
+    return page.locator(
+        f'#log .entry[data-kind="sent"][data-room="{room}"][data-delivered="true"]', has_text=text
+    )
+
+
 def send(page: Page, to: str, text: str) -> None:
     """Type into the send form and submit it; wait for the page to show the ack's status."""
     page.locator("#to").fill(to)
@@ -304,9 +311,10 @@ def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_
     rooms = ("general",)
     anne, bob = pages_on_two_instances(browser, cluster.url, rooms)
     send(anne, "#general", "hello general")
-    # Every member connection receives a room message, the sender's own included.
-    for page in (anne, bob):
-        expect(received(page, "Anne", "hello general", room="general")).to_have_count(1)
+    # Every member connection receives a room message, the sender's own included:
+    # her page marks its own entry delivered rather than show the message twice.
+    expect(received(bob, "Anne", "hello general", room="general")).to_have_count(1)
+    expect(delivered_back(anne, "hello general", room="general")).to_have_count(1)
     send(anne, "Bob", "hi Bob")
     expect(received(bob, "Anne", "hi Bob")).to_have_count(1)
     shots.take(anne, "anne-room-and-direct")
@@ -316,15 +324,13 @@ def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_
     shots.take(bob, "bob-reconnected-and-rejoined")
 
     send(anne, "#general", "general, after the drain")
-    for page in (anne, bob):
-        expect(received(page, "Anne", "general, after the drain", room="general")).to_have_count(1)
+    expect(received(bob, "Anne", "general, after the drain", room="general")).to_have_count(1)
+    expect(delivered_back(anne, "general, after the drain", room="general")).to_have_count(1)
     send(anne, "Bob", "Bob, after the drain")
     expect(received(bob, "Anne", "Bob, after the drain")).to_have_count(1)
     # Each room message reached each page once: none twice across the reconnect.
-    for page in (anne, bob):
-        expect(page.locator('#log .entry[data-kind="message"][data-room="general"]')).to_have_count(
-            2
-        )
+    expect(bob.locator('#log .entry[data-kind="message"][data-room="general"]')).to_have_count(2)
+    expect(anne.locator('#log .entry[data-room="general"]')).to_have_count(2)
     expect(bob.locator('#log .entry[data-kind="message"][data-room=""]')).to_have_count(2)
     shots.take(anne, "anne-after-the-drain")
     shots.take(bob, "bob-after-the-drain")
@@ -334,8 +340,11 @@ def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_
 # routes the page's WebSocket), so that what the page shows while it re-joins can
 # be held still and looked at: no cluster, and no dependence on rooms in the server.
 
-PAGE = Path(__file__).resolve().parent.parent / "triows" / "static" / "chat.html"
+STATIC = Path(__file__).resolve().parent.parent / "triows" / "static"
+PAGE = STATIC / "chat.html"
 ORIGIN = "http://chat.test"
+# The longest delay before the module's first reconnect (its backoffInitialMs).
+FIRST_BACKOFF_MAX_MS = 250
 
 
 class ScriptedServer:
@@ -362,6 +371,18 @@ class ScriptedServer:
         self.joins.clear()
 
 
+def scripted_page(browser: Browser, server: ScriptedServer) -> Page:
+    """The chat page and its module at ``ORIGIN``, its sockets played by ``server``."""
+    page = browser.new_context().new_page()
+    page.route(f"{ORIGIN}/**", lambda route: route.fulfill(path=PAGE, content_type="text/html"))
+    page.route(
+        f"{ORIGIN}/triows.js",
+        lambda route: route.fulfill(path=STATIC / "triows.js", content_type="text/javascript"),
+    )
+    page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
+    return page
+
+
 def until(page: Page, condition: Callable[[], bool]) -> None:
     """Let Playwright deliver the page's frames to the handlers until ``condition`` holds."""
     for _ in range(STEP_TIMEOUT_MS // POLL_MS):
@@ -375,9 +396,7 @@ def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them
     browser: Browser, shots: Shots
 ) -> None:
     server = ScriptedServer()
-    page = browser.new_context().new_page()
-    page.route(f"{ORIGIN}/**", lambda route: route.fulfill(path=PAGE, content_type="text/html"))
-    page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
+    page = scripted_page(browser, server)
     page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1&room=general")
     expect(page.locator("#instance")).to_have_text("one")
     expect(room_item(page, "general")).to_have_count(0)
@@ -401,3 +420,65 @@ def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them
     expect(room_item(page, "general")).to_have_attribute("data-state", "joined")
     expect(rejoined).to_have_count(1)
     shots.take(page, "rejoined")
+
+
+@pytest.mark.parametrize(("code", "why"), [(4401, "token expired"), (4001, "slow consumer")])
+def test_the_page_stops_and_says_why_on_a_close_code_that_is_not_transient(
+    browser: Browser, code: int, why: str
+) -> None:
+    server = ScriptedServer()
+    page = scripted_page(browser, server)
+    page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1")
+    expect(page.locator("#instance")).to_have_text("one")
+    server.sockets[0].close(code=code, reason="")
+    expect(page.locator("#state")).to_have_attribute("data-state", "closed")
+    expect(page.locator("#state")).to_have_text(f"closed ({code} {why})")
+    expect(page.locator('#log .entry[data-kind="error"]', has_text=why)).to_have_count(1)
+    # Stopped for good: no second connection, even after twice the longest first backoff.
+    page.wait_for_timeout(2 * FIRST_BACKOFF_MAX_MS)
+    assert len(server.sockets) == 1
+    expect(page.locator("#connect")).to_be_enabled()
+    page.context.close()
+
+
+# Points of the leave button's outline (its rounded corners, sampled every 5
+# degrees) outside the inner edge of its room's pill border (a rounded
+# rectangle): a button drawn across the pill's border; 0.5 px of slack.
+POINTS_OUTSIDE_THE_PILL = """item => {
+  const button = item.querySelector("button.leave");
+  const outer = item.getBoundingClientRect(), box = button.getBoundingClientRect();
+  const border = parseFloat(getComputedStyle(item).borderTopWidth);
+  const pill = {left: outer.left + border, top: outer.top + border,
+                right: outer.right - border, bottom: outer.bottom - border};
+  const radius = (element, rect) => Math.min(
+    parseFloat(getComputedStyle(element).borderTopRightRadius), rect.width / 2, rect.height / 2);
+  const pillRadius = radius(item, outer) - border, buttonRadius = radius(button, box);
+  const inside = (x, y) => Math.hypot(
+    Math.max(pill.left + pillRadius - x, 0, x - (pill.right - pillRadius)),
+    Math.max(pill.top + pillRadius - y, 0, y - (pill.bottom - pillRadius))) <= pillRadius + 0.5;
+  const corners = [[box.right - buttonRadius, box.top + buttonRadius, -90],
+                   [box.right - buttonRadius, box.bottom - buttonRadius, 0],
+                   [box.left + buttonRadius, box.bottom - buttonRadius, 90],
+                   [box.left + buttonRadius, box.top + buttonRadius, 180]];
+  const outside = [];
+  for (const [x, y, from] of corners) {
+    for (let angle = from; angle <= from + 90; angle += 5) {
+      const radians = angle * Math.PI / 180;
+      const point = [x + buttonRadius * Math.cos(radians), y + buttonRadius * Math.sin(radians)];
+      if (!inside(...point)) outside.push(point.map(Math.round));
+    }
+  }
+  return outside;
+}"""
+
+
+def test_the_leave_button_lies_inside_its_room_pill(browser: Browser, shots: Shots) -> None:
+    server = ScriptedServer()
+    page = scripted_page(browser, server)
+    page.goto(f"{ORIGIN}/?user=Bob&autoconnect=1&room=general")
+    until(page, lambda: len(server.joins) == 1)
+    server.answer_joins()
+    item = room_item(page, "general")
+    expect(item).to_have_attribute("data-state", "joined")
+    shots.take(page, "room-pill")
+    assert item.evaluate(POINTS_OUTSIDE_THE_PILL) == []

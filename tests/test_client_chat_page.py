@@ -15,7 +15,9 @@ from tests.conftest import serving
 from triows.client import RECONNECT_CLOSE_CODES
 from triows.cluster import debian_executable
 
-PAGE = Path(__file__).resolve().parent.parent / "triows" / "static" / "chat.html"
+STATIC = Path(__file__).resolve().parent.parent / "triows" / "static"
+PAGE = STATIC / "chat.html"
+MODULE = STATIC / "triows.js"
 
 
 class PageOutline(HTMLParser):
@@ -83,18 +85,37 @@ def test_every_form_control_has_a_label() -> None:
     assert set(page.controls) <= page.labelled
 
 
-def test_the_page_script_parses(tmp_path: Path) -> None:
+def test_the_page_script_and_the_client_module_parse_as_modules(tmp_path: Path) -> None:
     (script,) = outline(PAGE.read_text()).scripts
-    source = tmp_path / "chat.js"
-    source.write_text(script)
+    (tmp_path / "chat.mjs").write_text(script)
+    (tmp_path / "triows.mjs").write_text(MODULE.read_text())
     node = debian_executable("node", "nodejs")
-    result = subprocess.run([node, "--check", str(source)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    for name in ("chat.mjs", "triows.mjs"):
+        result = subprocess.run(
+            [node, "--check", str(tmp_path / name)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr
 
 
-def test_the_page_reconnects_on_the_codes_the_python_client_does() -> None:
-    (script,) = outline(PAGE.read_text()).scripts
-    match = re.search(r"RECONNECT_CODES = new Set\(\[([\d, ]+)\]\)", script)
+def test_the_client_module_reconnects_on_the_codes_the_python_client_does() -> None:
+    match = re.search(r"RECONNECT_CODES = Object.freeze\(\[([\d, ]+)\]\)", MODULE.read_text())
     assert match is not None
-    page_codes = {int(code) for code in match.group(1).split(",")}
-    assert page_codes == RECONNECT_CLOSE_CODES
+    module_codes = {int(code) for code in match.group(1).split(",")}
+    assert module_codes == RECONNECT_CLOSE_CODES
+
+
+async def test_the_client_module_is_served_as_javascript_with_security_headers() -> None:
+    async with serving() as client:
+        response = await client.get("/triows.js")
+        assert response.status_code == 200
+        assert response.mimetype == "text/javascript"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert (await response.get_data(as_text=True)) == MODULE.read_text()
+
+
+async def test_the_favicon_is_served_so_a_browser_gets_no_404() -> None:
+    async with serving() as client:
+        for path in ("/favicon.ico", "/favicon.svg"):
+            response = await client.get(path)
+            assert response.status_code == 200, path
+            assert response.mimetype == "image/svg+xml"

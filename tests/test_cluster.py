@@ -6,18 +6,24 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
 from tests.brokers import require_broker
-from tests.e2e import unique_exchange
+from tests.e2e import OutputLines, unique_exchange
 from tests.test_client import next_of_type
-from triows.client import open_client, post_send
-from triows.cluster import open_cluster
+from tests.test_stomp_backend import rabbitmq_queues
+from triows.client import EventsClient, open_client, open_events, post_send
+from triows.cluster import open_cluster, stop_instances
 from triows.process import free_port, wait_for_status
+from triows.protocol import CLOSE_DRAINING
+
+STOP_TIMEOUT = 120
 
 
 def free_ports() -> tuple[int, list[int]]:
@@ -104,5 +110,103 @@ async def test_the_cluster_command_stops_everything_it_started_on_ctrl_c(moment:
             assert await process.wait() == 0
     for port in (front, *ports):
         with trio.socket.socket() as probe:
-            # Nothing listens any more: every port can be bound again.
+            # Nothing listens any more: every port can be bound again (by a
+            # listener, which sets SO_REUSEADDR: TIME_WAIT does not block it).
+            probe.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
             await probe.bind(("127.0.0.1", port))
+
+
+def cluster_command(front: int, ports: list[int]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "triows.cluster",
+        "--port",
+        str(front),
+        "--instance-ports",
+        ",".join(map(str, ports)),
+    ]
+
+
+async def test_ctrl_c_to_the_cluster_drains_every_instance_then_stops_haproxy() -> None:
+    # What a terminal does on Ctrl-C: SIGINT to every process of its
+    # foreground process group, here the cluster's own group.
+    await require_broker("rabbitmq")
+    front, ports = free_ports()
+    output = OutputLines()
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(
+                trio.run_process,
+                cluster_command(front, ports),
+                env={**os.environ, "TRIOWS_EXCHANGE": unique_exchange()},
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                check=False,
+                process_group=0,
+            )
+        )
+        assert process.stderr is not None
+        nursery.start_soon(output.collect, process.stderr)
+        await wait_for_status(f"http://127.0.0.1:{front}/readyz", 200, timeout=STOP_TIMEOUT)
+        async with AsyncExitStack() as stack:
+            clients: list[EventsClient] = []
+            for number in range(len(ports)):
+                clients.append(
+                    await stack.enter_async_context(
+                        open_events(f"http://127.0.0.1:{front}", user=f"via-haproxy-{number}")
+                    )
+                )
+            for port in ports:
+                clients.append(
+                    await stack.enter_async_context(
+                        open_events(f"http://127.0.0.1:{port}", user=f"direct-{port}")
+                    )
+                )
+            instance_ids = {client.hello["instance"] for client in clients[len(ports) :]}
+            assert len(instance_ids) == len(ports)
+            os.killpg(process.pid, signal.SIGINT)
+            with trio.fail_after(STOP_TIMEOUT):
+                codes = [await client.wait_closed() for client in clients]
+            assert codes == [CLOSE_DRAINING] * len(clients), "\n".join(output.lines)
+        with trio.fail_after(STOP_TIMEOUT):
+            assert await process.wait() == 0
+    drained = {record["instance"] for record in output.events("drain_done")}
+    assert drained == instance_ids
+    exits = [line for line in output.lines if line.startswith("cluster: ") and "exited" in line]
+    # HAProxy last; the instances in any order among themselves.
+    assert sorted(exits[:-1]) == sorted(
+        f"cluster: instance http://127.0.0.1:{port} exited with status 0" for port in ports
+    )
+    assert exits[-1] == "cluster: HAProxy exited with status 0"
+    for instance_id in instance_ids:
+        assert await rabbitmq_queues(instance_id) == set()
+
+
+def time_wait_ports() -> set[int]:
+    """The local ports of this host's IPv4 TCP sockets in TIME_WAIT (from /proc/net/tcp)."""
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "06":  # TIME_WAIT
+            ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def test_a_cluster_starts_again_at_once_on_ports_left_in_time_wait() -> None:
+    await require_broker("rabbitmq")
+    front, ports = free_ports()
+    env = {"TRIOWS_EXCHANGE": unique_exchange()}
+    async with (
+        open_cluster(front_port=front, instance_ports=ports, env=env) as cluster,
+        open_events(cluster.url, user="Anne") as anne,
+        open_events(cluster.instances[0].base_url, user="Bob") as bob,
+    ):
+        # How the cluster stops its instances, here with both sockets open:
+        # the instances close them (1012) and so leave TIME_WAIT on their ports.
+        await stop_instances(cluster.instances)
+        assert [await anne.wait_closed(), await bob.wait_closed()] == [CLOSE_DRAINING] * 2
+    assert ports[0] in time_wait_ports()
+    async with open_cluster(front_port=front, instance_ports=ports, env=env) as cluster:
+        async with open_events(cluster.url, user="Anne") as anne:
+            assert anne.hello["user"] == "Anne"

@@ -119,6 +119,23 @@ def test_every_relative_link_resolves(page: Path) -> None:
     assert broken == []
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_table_renders_as_a_table(page: Path) -> None:
+    """Each run of table rows starts with a header and a separator, with as many cells as it.
+
+    Rows cut off from their header (by a paragraph between them) show on
+    GitHub as raw pipes.
+    """
+    broken = []
+    for table in re.findall(r"(?:^\|.*\n)+", FENCE.sub("", page.read_text()), re.MULTILINE):
+        rows = table.splitlines()
+        cells = [len(re.split(r"(?<!\\)\|", row.strip().strip("|"))) for row in rows]
+        separator = len(rows) > 1 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].strip())
+        if not separator or len(set(cells)) != 1:
+            broken.append(rows[0])
+    assert broken == []
+
+
 def test_the_readme_is_a_front_door() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= README_MAX_LINES

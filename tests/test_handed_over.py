@@ -1,10 +1,10 @@
-"""backends.handed_over: the window of bodies a backend remembers across reconnects."""
+"""triows.backends.handed_over: the window of bodies a backend remembers across reconnects."""
 
 from __future__ import annotations
 
 import pytest
 
-from backends.handed_over import HandedOver
+from triows.backends.handed_over import HandedOver
 
 
 @pytest.mark.parametrize("digests", [False, True])

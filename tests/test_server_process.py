@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 import trio
 
+from tests.brokers import require_broker
+from tests.e2e import unique_exchange
 from triows.client import open_events, post_send
 from triows.process import serve_instance
 
@@ -43,6 +47,27 @@ async def test_sigterm_closes_sockets_with_1012_and_exits_0() -> None:
     async with serve_instance("memory") as server:
         async with open_events(server.base_url, user="Bob") as bob:
             server.terminate()
+            with trio.fail_after(20):
+                assert await bob.wait_closed() == 1012
+        with trio.fail_after(20):
+            assert await server.process.wait() == 0
+
+
+@pytest.mark.parametrize("backend", ["memory", "amqp091"])
+async def test_sigint_then_sigterm_5_ms_later_still_drains_with_1012_and_exits_0(
+    backend: str,
+) -> None:
+    # A terminal's Ctrl-C and a supervisor's SIGTERM arriving together: the
+    # second signal must not cut the drain the first one started.
+    env = {}
+    if backend == "amqp091":
+        await require_broker("rabbitmq")
+        env["TRIOWS_EXCHANGE"] = unique_exchange()
+    async with serve_instance(backend, env=env) as server:
+        async with open_events(server.base_url, user="Bob") as bob:
+            server.process.send_signal(signal.SIGINT)
+            await trio.sleep(0.005)
+            server.process.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
                 assert await bob.wait_closed() == 1012
         with trio.fail_after(20):

@@ -21,9 +21,14 @@ import trio
 import trio.testing
 from anyio.abc import ByteStream
 
-import backends.stomp
-from backends.broker_url import connect_stream, query_int
-from backends.stomp import (
+import triows.backends.stomp
+from deploy.brokers import BROKERS
+from tests.brokers import require_broker
+from tests.tcp_proxy import reachable
+from tests.test_backend_contract import open_ready, wait_not_ready
+from triows.backend import BrokerUnavailable, Outcome
+from triows.backends.broker_url import connect_stream, query_int
+from triows.backends.stomp import (
     StompBackend,
     StompBrokerError,
     check_settings,
@@ -31,12 +36,7 @@ from backends.stomp import (
     open_stomp_backend,
     parse_url,
 )
-from backends.stomp_frames import Frame, FrameParser, encode_frame
-from deploy.brokers import BROKERS
-from tests.brokers import require_broker
-from tests.tcp_proxy import reachable
-from tests.test_backend_contract import open_ready, wait_not_ready
-from triows.backend import BrokerUnavailable, Outcome
+from triows.backends.stomp_frames import Frame, FrameParser, encode_frame
 from triows.process import free_port
 from triows.settings import Settings, SettingsError
 
@@ -417,7 +417,7 @@ async def test_a_publish_cancelled_with_half_its_frame_sent_drops_the_connection
         streams.append(stream)
         return stream
 
-    monkeypatch.setattr(backends.stomp, "connect_stream", connect_half_frame_stream)
+    monkeypatch.setattr(triows.backends.stomp, "connect_stream", connect_half_frame_stream)
     async with open_ready(stomp_settings(STOMP_PORTS[broker], exchange)) as backend:
         assert isinstance(backend, StompBackend)
         connection = backend._following

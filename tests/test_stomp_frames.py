@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.stomp_frames import (
+from triows.backends.stomp_frames import (
     Frame,
     FrameParser,
     StompProtocolError,

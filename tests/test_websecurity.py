@@ -79,8 +79,16 @@ def test_listed_origins_and_hosts_are_normalized_and_a_bad_entry_names_the_setti
             Settings.from_env({name: value})
 
 
-def test_the_page_policy_allows_exactly_the_pages_own_script() -> None:
+def test_the_page_policy_allows_exactly_the_pages_own_script_and_its_origins_module() -> None:
     (script,) = outline(PAGE.read_text()).scripts
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     policy = page_headers(PAGE.read_text())["Content-Security-Policy"]
-    assert f"script-src 'sha256-{digest}';" in policy
+    assert f"script-src 'self' 'sha256-{digest}';" in policy
+
+
+def test_a_page_that_loads_no_script_file_gets_no_self_in_its_script_policy() -> None:
+    inline_only = page_headers("<script>run()</script>")["Content-Security-Policy"]
+    assert "script-src 'sha256-" in inline_only
+    assert "'self'" not in inline_only.split("script-src", 1)[1].split(";", 1)[0]
+    file_only = page_headers('<script type="module" src="/triows.js"></script>')
+    assert "script-src 'self';" in file_only["Content-Security-Policy"]

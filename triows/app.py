@@ -34,9 +34,12 @@ from triows.protocol import CLOSE_DRAINING
 from triows.rate import RatePerUser
 from triows.router import Router
 from triows.settings import Settings
-from triows.websecurity import host_allowed, page_headers
+from triows.websecurity import host_allowed, page_headers, static_file_headers
 
 STATIC_DIR = Path(__file__).parent / "static"
+# The browser client module (served at /triows.js) and the pages' icon.
+CLIENT_MODULE = "triows.js"
+FAVICON = "favicon.svg"
 # Hypercorn's own hard frame limit, above ours so our check answers first with a log line.
 HYPERCORN_FRAME_LIMIT_FACTOR = 2
 # The exit status of an instance whose backend or router died (EX_SOFTWARE).
@@ -47,7 +50,8 @@ class TriowsApp(QuartTrio):
     """A QuartTrio app that also knows its settings, router and drain state."""
 
     def __init__(self, settings: Settings) -> None:
-        # No static route: the one page is served at "/", with its security headers.
+        # No static route: the page, its module and its icon are served by name,
+        # with their security headers.
         super().__init__("triows", static_folder=None)
         self.settings = settings
         self.metrics = Metrics()
@@ -285,6 +289,22 @@ def create_app(settings: Settings | None = None) -> TriowsApp:
     async def chat_page() -> Response:
         response = await send_from_directory(STATIC_DIR, "chat.html")
         response.headers.update(chat_page_headers)
+        return response
+
+    @app.get("/triows.js")
+    async def client_module() -> Response:
+        response = await send_from_directory(
+            STATIC_DIR, CLIENT_MODULE, mimetype="text/javascript; charset=utf-8"
+        )
+        response.headers.update(static_file_headers())
+        return response
+
+    # Browsers ask for /favicon.ico on every page that names no icon.
+    @app.get("/favicon.ico")
+    @app.get("/favicon.svg")
+    async def favicon() -> Response:
+        response = await send_from_directory(STATIC_DIR, FAVICON, mimetype="image/svg+xml")
+        response.headers.update(static_file_headers())
         return response
 
     @app.get("/healthz")

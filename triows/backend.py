@@ -87,10 +87,10 @@ BackendOpener = Callable[["Settings"], AbstractAsyncContextManager[Backend]]
 backend's background tasks and closes its broker connection on exit."""
 
 BUILTIN_BACKENDS: dict[str, str] = {
-    "memory": "backends.memory:open_memory_backend",
-    "amqp091": "backends.amqp091:open_amqp091_backend",
-    "amqp10": "backends.amqp10:open_amqp10_backend",
-    "stomp": "backends.stomp:open_stomp_backend",
+    "memory": "triows.backends.memory:open_memory_backend",
+    "amqp091": "triows.backends.amqp091:open_amqp091_backend",
+    "amqp10": "triows.backends.amqp10:open_amqp10_backend",
+    "stomp": "triows.backends.stomp:open_stomp_backend",
 }
 ENTRY_POINT_GROUP = "triows.backends"
 

@@ -20,6 +20,12 @@ from triows.protocol import InvalidInput
 from triows.serving import serve
 from triows.settings import Settings, SettingsError
 
+# Plain text for --help: argparse prints it as is, so no reStructuredText markup.
+DESCRIPTION = (
+    "triows: serve runs the server (Hypercorn's trio worker), token mints a JWT, "
+    "demo shows Anne messaging Bob on one machine."
+)
+
 
 class StartupError(Exception):
     """The server must not start with these settings; the message says why and what to do."""
@@ -46,7 +52,7 @@ def check_startup(settings: Settings) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="triows", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="triows", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the server (Hypercorn, trio worker)")
     serve_parser.add_argument(

@@ -1,8 +1,13 @@
-"""Clients of the triows wire protocol.
+"""The triows client for applications: ``open_client`` and ``post_send``.
 
-``open_client`` is the one for applications: it reconnects by itself. ``open_events``,
-``post_send`` and ``SendConnection`` are single-connection helpers for the demo,
-the tests and the bench.
+Both run under asyncio and Trio alike: ``open_client`` is built on AnyIO (tasks,
+cancel scopes, memory streams, timeouts) with its WebSocket in
+:mod:`triows.client_websocket`, and ``post_send`` on httpx. ``open_client``
+holds one logical connection that reconnects by itself.
+
+The single-connection helpers of the demo, the tests and the bench
+(``open_events``, ``SendConnection``, ...) live in
+:mod:`triows.single_connection` (Trio only) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,93 +19,52 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
 
-import h11
+import anyio
+import anyio.abc
 import httpx
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
 
 from triows.backoff import Backoff
+from triows.client_websocket import (
+    ClientWebSocket,
+    HandshakeRefused,
+    WebSocketClosed,
+    open_websocket,
+)
+from triows.single_connection import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    EventsClient,
+    SendConnection,
+    events_url,
+    open_events,
+    open_send_connection,
+    send_body,
+)
 
-DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
-RECEIVE_SIZE = 65536
-
-
-@dataclass
-class EventsClient:
-    """An open ``/events`` WebSocket; ``hello`` is the server's first frame."""
-
-    websocket: WebSocketConnection
-    hello: dict[str, Any]
-
-    async def receive(self) -> dict[str, Any]:
-        """The next frame from the server, decoded."""
-        frame: dict[str, Any] = json.loads(await self.websocket.get_message())
-        return frame
-
-    async def send(
-        self, to: str | None, message: Any, ref: str | None = None, *, room: str | None = None
-    ) -> None:
-        """Send to user ``to`` or (``to=None``) to ``room``; the answer comes as a frame."""
-        frame: dict[str, Any] = {"type": "send", "to": to, "message": message}
-        if room is not None:
-            del frame["to"]
-            frame["room"] = room
-        if ref is not None:
-            frame["ref"] = ref
-        await self.websocket.send_message(json.dumps(frame))
-
-    async def join(self, room: str, ref: str | None = None) -> None:
-        """Ask to join ``room``; ``joined`` (or an ``error``) comes as a frame."""
-        await self.websocket.send_message(json.dumps({"type": "join", "room": room, "ref": ref}))
-
-    async def leave(self, room: str, ref: str | None = None) -> None:
-        """Ask to leave ``room``; ``left`` comes as a frame."""
-        await self.websocket.send_message(json.dumps({"type": "leave", "room": room, "ref": ref}))
-
-    @property
-    def close_code(self) -> int | None:
-        """The close code once the connection is closed, else None."""
-        closed = self.websocket.closed
-        return None if closed is None else closed.code
-
-    async def wait_closed(self) -> int:
-        """Read (and discard) frames until the server closes; return the close code."""
-        try:
-            while True:
-                await self.websocket.get_message()
-        except ConnectionClosed as closed:
-            code: int = closed.reason.code if closed.reason is not None else 1005
-            return code
-
-
-def events_url(base_url: str, *, user: str | None = None, token: str | None = None) -> str:
-    query = {key: value for key, value in (("user", user), ("token", token)) if value}
-    scheme, _, rest = base_url.partition("://")
-    ws_scheme = "wss" if scheme == "https" else "ws"
-    return f"{ws_scheme}://{rest}/events" + (f"?{urlencode(query)}" if query else "")
-
-
-@asynccontextmanager
-async def open_events(
-    base_url: str,
-    *,
-    user: str | None = None,
-    token: str | None = None,
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-) -> AsyncIterator[EventsClient]:
-    """Connect to ``/events`` as ``user`` (dev mode) or with ``token``; wait for ``hello``."""
-    url = events_url(base_url, user=user, token=token)
-    async with open_websocket_url(url, max_message_size=max_message_size) as websocket:
-        hello = json.loads(await websocket.get_message())
-        yield EventsClient(websocket, hello)
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_INCOMING_QUEUE",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_RECONNECT_MAX",
+    "DEFAULT_REQUEST_TIMEOUT",
+    "FINAL_HANDSHAKE_STATUSES",
+    "RECONNECT_CLOSE_CODES",
+    "ClientClosed",
+    "ClientError",
+    "ConnectionLost",
+    "EventsClient",
+    "RequestRefused",
+    "RequestTimeout",
+    "SendConnection",
+    "TriowsClient",
+    "client_logger",
+    "events_url",
+    "open_client",
+    "open_events",
+    "open_send_connection",
+    "post_send",
+]
 
 
 async def post_send(
@@ -121,106 +85,8 @@ async def post_send(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return await http.post(
-        f"{base_url}/send", content=_send_body(to, message, sender, room), headers=headers
+        f"{base_url}/send", content=send_body(to, message, sender, room), headers=headers
     )
-
-
-def _send_body(to: str | None, message: Any, sender: str | None, room: str | None = None) -> bytes:
-    body: dict[str, Any] = {"to": to, "message": message} if room is None else {"room": room}
-    body["message"] = message
-    if sender is not None:
-        body["from"] = sender
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
-class SendConnection:
-    """One keep-alive HTTP/1.1 connection that POSTs ``/send`` requests one at a time.
-
-    The same request as :func:`post_send`, for a caller that sends many: h11
-    over a Trio stream spends a fraction of the CPU httpx's pool spends per
-    request, so the bench's load generator measures the server, not itself.
-    When the server ended keep-alive with its last answer (Hypercorn does
-    after ``keep_alive_max_requests``), the next request opens a new
-    connection first. Not safe for concurrent use: one request in flight.
-    """
-
-    def __init__(
-        self, stream: trio.SocketStream, address: tuple[str, int], host: str, token: str | None
-    ) -> None:
-        self._stream = stream
-        self._address = address
-        self._http = h11.Connection(h11.CLIENT)
-        self._headers = [("Host", host), ("Content-Type", "application/json")]
-        if token:
-            self._headers.append(("Authorization", f"Bearer {token}"))
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    async def send(
-        self, to: str | None, message: Any, *, sender: str | None = None, room: str | None = None
-    ) -> tuple[int, bytes]:
-        """``POST /send`` to ``to`` or (``to=None``) ``room``; return the status and the body.
-
-        Raises :class:`h11.RemoteProtocolError` if the server closes the connection.
-        """
-        return await self.post(_send_body(to, message, sender, room))
-
-    async def post(self, body: bytes) -> tuple[int, bytes]:
-        """``POST /send`` with ``body`` (a JSON object, or an array for a batch); the status
-        code and the response body. Raises :class:`h11.RemoteProtocolError` if the server
-        closes the connection."""
-        if self._http.our_state is not h11.IDLE:
-            # The last answer ended keep-alive: this request goes on a new connection.
-            await self._stream.aclose()
-            self._stream = await trio.open_tcp_stream(*self._address)
-            self._http = h11.Connection(h11.CLIENT)
-        request = h11.Request(
-            method="POST",
-            target="/send",
-            headers=[*self._headers, ("Content-Length", str(len(body)))],
-        )
-        # One write per request: headers and body together.
-        await self._stream.send_all(
-            b"".join(
-                self._http.send(event) or b""
-                for event in (request, h11.Data(data=body), h11.EndOfMessage())
-            )
-        )
-        status = 0
-        chunks: list[bytes] = []
-        while True:
-            event = self._http.next_event()
-            if event is h11.NEED_DATA:
-                self._http.receive_data(await self._stream.receive_some(RECEIVE_SIZE))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                if self._http.our_state is h11.DONE and self._http.their_state is h11.DONE:
-                    self._http.start_next_cycle()
-                # Else the server ended keep-alive (``Connection: close``): this answer
-                # stands, and the next request goes on a new connection.
-                return status, b"".join(chunks)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError("the server closed the connection")
-
-
-@asynccontextmanager
-async def open_send_connection(
-    base_url: str, *, token: str | None = None
-) -> AsyncIterator[SendConnection]:
-    """Open one keep-alive connection to ``base_url`` (``http://`` only) for ``POST /send``."""
-    parts = urlsplit(base_url)
-    if parts.scheme != "http" or parts.hostname is None:
-        raise ValueError(f"open_send_connection takes an http:// URL, got {base_url!r}")
-    address = (parts.hostname, parts.port or 80)
-    connection = SendConnection(await trio.open_tcp_stream(*address), address, parts.netloc, token)
-    try:
-        yield connection
-    finally:
-        await connection.aclose()
 
 
 # --- A reconnecting client: open_client -------------------------------------
@@ -274,6 +140,14 @@ class ConnectionLost(ClientError):
     """
 
 
+class RequestTimeout(ClientError, TimeoutError, trio.TooSlowError):
+    """No connection, or no answer from the server, within the request timeout.
+
+    A ``TimeoutError`` under any event loop, and also a ``trio.TooSlowError``
+    so that Trio code written against earlier releases keeps catching it.
+    """
+
+
 class ClientClosed(ClientError):
     """The client stopped for good: a close code or handshake status that reconnecting cannot fix.
 
@@ -289,7 +163,7 @@ class ClientClosed(ClientError):
 
 @dataclass
 class _Pending:
-    answered: trio.Event = field(default_factory=trio.Event)
+    answered: anyio.Event = field(default_factory=anyio.Event)
     frame: dict[str, Any] | None = None
     error: ClientError | None = None
 
@@ -325,11 +199,11 @@ class TriowsClient:
         self._request_timeout = request_timeout
         self._connect_timeout = connect_timeout
         self._max_message_size = max_message_size
-        self._incoming_send, self._incoming = trio.open_memory_channel[dict[str, Any]](
+        self._incoming_send, self._incoming = anyio.create_memory_object_stream[dict[str, Any]](
             incoming_queue
         )
-        self._websocket: WebSocketConnection | None = None
-        self._connected = trio.Event()
+        self._websocket: ClientWebSocket | None = None
+        self._connected = anyio.Event()
         self._pending: dict[str, _Pending] = {}
         self._refs = itertools.count(1)
         self._rooms: set[str] = set()
@@ -359,7 +233,7 @@ class TriowsClient:
 
         Raises :class:`RequestRefused` for an ``error`` answer, :class:`ConnectionLost`
         if the connection closed first, :class:`ClientClosed` once the client has
-        stopped, ``trio.TooSlowError`` after the request timeout.
+        stopped, :class:`RequestTimeout` after the request timeout.
         """
         if (to is None) == (room is None):
             raise ValueError("send takes exactly one of to= or room=")
@@ -382,7 +256,15 @@ class TriowsClient:
         return await self._request({"type": "leave", "room": room})
 
     async def _request(self, frame: dict[str, Any]) -> dict[str, Any]:
-        with trio.fail_after(self._request_timeout):
+        try:
+            return await self._request_within_timeout(frame)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no answer within the request timeout ({self._request_timeout}s)"
+            ) from None
+
+    async def _request_within_timeout(self, frame: dict[str, Any]) -> dict[str, Any]:
+        with anyio.fail_after(self._request_timeout):
             while True:
                 if self._closed is not None:
                     raise self._closed
@@ -396,8 +278,8 @@ class TriowsClient:
             pending = self._pending[ref] = _Pending()
             try:
                 try:
-                    await websocket.send_message(json.dumps({**frame, "ref": ref}))
-                except ConnectionClosed:
+                    await websocket.send_text(json.dumps({**frame, "ref": ref}))
+                except WebSocketClosed:
                     raise ConnectionLost(
                         "the connection closed before the frame was sent"
                     ) from None
@@ -420,7 +302,7 @@ class TriowsClient:
         """The next frame; raises :class:`ClientClosed` once the client has stopped for good."""
         try:
             return await self._incoming.receive()
-        except trio.EndOfChannel:
+        except anyio.EndOfStream:
             if self._closed is not None:
                 raise self._closed from None
             raise StopAsyncIteration from None
@@ -431,7 +313,9 @@ class TriowsClient:
 
     # -- the connection loop -------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Connect, read, and reconnect until cancelled or closed for good.
 
         Signals ``task_status.started()`` after the first ``hello``; a final
@@ -445,23 +329,17 @@ class TriowsClient:
                 close_code: int | str
                 try:
                     close_code = await self._connect_and_read(previous, task_status)
-                except ConnectionRejected as rejected:
-                    if rejected.status_code in FINAL_HANDSHAKE_STATUSES:
-                        body = (rejected.body or b"").decode(errors="replace")
-                        raise ClientClosed(rejected.status_code, body) from None
-                    close_code = f"handshake {rejected.status_code}"
-                except ConnectionClosed as closed:
+                except HandshakeRefused as refused:
+                    if refused.status in FINAL_HANDSHAKE_STATUSES:
+                        raise ClientClosed(refused.status, refused.body) from None
+                    close_code = f"handshake {refused.status}"
+                except WebSocketClosed as closed:
                     # Closed before or instead of hello (e.g. 1013: the instance is full).
-                    code, reason = _close_code(closed)
-                    if code not in RECONNECT_CLOSE_CODES:
-                        raise ClientClosed(code, reason) from None
-                    close_code = code
-                except (
-                    OSError,
-                    HandshakeError,
-                    trio.BrokenResourceError,
-                    trio.TooSlowError,
-                ) as error:
+                    if closed.code not in RECONNECT_CLOSE_CODES:
+                        raise ClientClosed(closed.code, closed.reason) from None
+                    close_code = closed.code
+                except (OSError, anyio.BrokenResourceError) as error:
+                    # OSError covers refused connections, TLS errors and TimeoutError.
                     close_code = type(error).__name__
                 previous = self.hello
                 index += 1
@@ -472,7 +350,7 @@ class TriowsClient:
                     self._urls[index % len(self._urls)],
                     delay,
                 )
-                await trio.sleep(delay)
+                await anyio.sleep(delay)
         except ClientClosed as closed:
             self._closed = closed
             if not self.hello:
@@ -485,22 +363,19 @@ class TriowsClient:
             self._incoming_send.close()
 
     async def _connect_and_read(
-        self, previous: dict[str, Any], task_status: trio.TaskStatus[None]
+        self, previous: dict[str, Any], task_status: anyio.abc.TaskStatus[None]
     ) -> int:
         """One connection: handshake, hello, re-join, read until closed; return the close code.
 
         Raises :class:`ClientClosed` for a close code reconnecting cannot fix.
         """
         url = events_url(self.url, user=self._user, token=self._token)
-        async with open_websocket_url(
-            url,
-            max_message_size=self._max_message_size,
-            connect_timeout=self._connect_timeout,
-            disconnect_timeout=self._connect_timeout,
+        async with open_websocket(
+            url, max_message_size=self._max_message_size, connect_timeout=self._connect_timeout
         ) as websocket:
             try:
-                with trio.fail_after(self._connect_timeout):
-                    hello = json.loads(await websocket.get_message())
+                with anyio.fail_after(self._connect_timeout):
+                    hello = json.loads(await websocket.receive_text())
                 reconnected = bool(self.hello)
                 self.hello = hello
                 self._backoff.reset()
@@ -508,31 +383,31 @@ class TriowsClient:
                 self._connected.set()
                 if not reconnected:
                     task_status.started()
-                async with trio.open_nursery() as nursery:
+                async with anyio.create_task_group() as tasks:
                     if reconnected:
-                        nursery.start_soon(self._rejoin, previous)
+                        tasks.start_soon(self._rejoin, previous)
                     code, reason = await self._read(websocket)
-                    nursery.cancel_scope.cancel()
+                    tasks.cancel_scope.cancel()
             finally:
                 self._websocket = None
-                self._connected = trio.Event()
+                self._connected = anyio.Event()
                 self._fail_pending(ConnectionLost(_lost_detail(websocket)))
         if code not in RECONNECT_CLOSE_CODES:
             raise ClientClosed(code, reason)
         return code
 
-    async def _read(self, websocket: WebSocketConnection) -> tuple[int, str]:
+    async def _read(self, websocket: ClientWebSocket) -> tuple[int, str]:
         try:
             while True:
-                frame: dict[str, Any] = json.loads(await websocket.get_message())
+                frame: dict[str, Any] = json.loads(await websocket.receive_text())
                 pending = self._pending.get(str(frame.get("ref")))
                 if frame.get("type") in ("ack", "error", "joined", "left") and pending:
                     pending.frame = frame
                     pending.answered.set()
                 else:
                     await self._incoming_send.send(frame)
-        except ConnectionClosed as closed:
-            return _close_code(closed)
+        except WebSocketClosed as closed:
+            return closed.code, closed.reason
 
     async def _rejoin(self, previous: dict[str, Any]) -> None:
         rejoined, failed = [], {}
@@ -543,7 +418,7 @@ class TriowsClient:
             except RequestRefused as refused:
                 self._rooms.discard(room)
                 failed[room] = refused.code
-            except (ConnectionLost, trio.TooSlowError):
+            except (ConnectionLost, RequestTimeout):
                 # This connection is going away; the next one joins every room again.
                 return
         self.reconnects += 1
@@ -571,16 +446,10 @@ class TriowsClient:
                 pending.answered.set()
 
 
-def _lost_detail(websocket: WebSocketConnection) -> str:
+def _lost_detail(websocket: ClientWebSocket) -> str:
     closed = websocket.closed
-    why = "" if closed is None else f" (closed with {closed.code} {closed.reason or ''})".rstrip()
+    why = "" if closed is None else f" ({closed})"
     return f"the connection closed before the server answered{why}"
-
-
-def _close_code(closed: ConnectionClosed) -> tuple[int, str]:
-    if closed.reason is None:
-        return 1006, ""
-    return closed.reason.code, closed.reason.reason or ""
 
 
 @asynccontextmanager
@@ -618,12 +487,12 @@ async def open_client(
         max_message_size=max_message_size,
     )
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(client.run)
             try:
                 yield client
             finally:
-                nursery.cancel_scope.cancel()
+                tasks.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # After it has started, client.run stores its errors rather than
         # raising them, so the group holds one exception: the caller's own,

@@ -4,7 +4,14 @@
 :func:`open_cluster`. HAProxy is started from ``deploy/haproxy.cfg`` as it
 stands — the addresses come from the environment variables that file reads —
 so what runs here is the file an operator would deploy. Everything started is
-stopped when the block ends (Ctrl-C included).
+stopped when the block ends (Ctrl-C included), in this order: each instance gets
+one SIGTERM and drains (its clients get 1012 through HAProxy, its broker queue
+is deleted), and once every instance has exited HAProxy stops.
+
+The instances and HAProxy run in process groups of their own, so a Ctrl-C in
+the terminal reaches only the cluster, which then stops each of them once: if
+they shared the terminal's group, HAProxy would stop at the first Ctrl-C, before
+the instances could close their clients' sockets through it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,13 @@ from pathlib import Path
 
 import trio
 
-from triows.process import Instance, serve_instance, stop_process, wait_for_status
+from triows.process import (
+    Instance,
+    serve_instance,
+    stop_process,
+    stopped_by_caller,
+    wait_for_status,
+)
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 HAPROXY_CONFIG = REPO_DIR / "deploy" / "haproxy.cfg"
@@ -37,6 +50,8 @@ HAPROXY_BIND_VARIABLE = "TRIOWS_HAPROXY_BIND"
 # The broker (a deploy/brokers.sh name) each backend runs on by default.
 DEFAULT_BROKERS = {"amqp091": "rabbitmq", "amqp10": "rabbitmq-amqp10", "stomp": "rabbitmq-stomp"}
 READY_TIMEOUT = 60.0
+# What stops the cluster; repeated while it stops, each is ignored (with a line saying so).
+CLUSTER_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ClusterError(Exception):
@@ -136,7 +151,9 @@ async def open_cluster(
         instances = []
         for port in instance_ports:
             instance = await stack.enter_async_context(
-                serve_instance(backend, broker_url=broker_url, env=env, port=port)
+                serve_instance(
+                    backend, broker_url=broker_url, env=env, port=port, own_process_group=True
+                )
             )
             instances.append(instance)
         for instance in instances:
@@ -149,6 +166,8 @@ async def open_cluster(
                     [haproxy, "-db", "-f", str(haproxy_config)],
                     env={**os.environ, **haproxy_env},
                     check=False,
+                    process_group=0,
+                    deliver_cancel=stopped_by_caller,
                 )
             )
             try:
@@ -160,11 +179,35 @@ async def open_cluster(
                 yield Cluster(url, instances, process)
             finally:
                 with trio.CancelScope(shield=True):
-                    await stop_process(process)
+                    # HAProxy last: the instances' close frames go through it.
+                    await stop_instances(instances)
+                    # SIGUSR1 is HAProxy's soft stop (exit status 0), where
+                    # SIGTERM would be its immediate stop (killed by the signal).
+                    await stop_process(process, signal.SIGUSR1)
+                    _report_exit("HAProxy", process)
+
+
+async def stop_instances(instances: Sequence[Instance]) -> None:
+    """Stop every instance at once (one SIGTERM each: a drain); return once all have exited."""
+    async with trio.open_nursery() as nursery:
+        for instance in instances:
+            nursery.start_soon(_stop_instance, instance)
+
+
+async def _stop_instance(instance: Instance) -> None:
+    await stop_process(instance.process)
+    _report_exit(f"instance {instance.base_url}", instance.process)
+
+
+def _report_exit(name: str, process: trio.Process) -> None:
+    print(f"cluster: {name} exited with status {process.returncode}", file=sys.stderr, flush=True)
 
 
 def _check_port_free(port: int) -> None:
     with socket.socket() as probe:
+        # As the instances' and HAProxy's own listeners do: a connection of
+        # the previous run still in TIME_WAIT must not count as "in use".
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -181,7 +224,7 @@ async def _fail_if_exits(process: trio.Process, name: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m triows.cluster", description=__doc__.splitlines()[0]
+        prog="python -m triows.cluster", description=__doc__.splitlines()[0].replace("``", "")
     )
     parser.add_argument("--backend", default="amqp091", help="amqp091 (default), amqp10, stomp")
     parser.add_argument("--broker-url", help="the instances' TRIOWS_BROKER_URL")
@@ -209,34 +252,55 @@ async def _run(args: argparse.Namespace) -> None:
         args.broker_url = await broker_cluster_url(args.backend)
     # Instances log at INFO here (connects, drains), unless the caller chose.
     env = {"TRIOWS_LOG_LEVEL": os.environ.get("TRIOWS_LOG_LEVEL", "INFO")}
-    # Ctrl-C (or SIGTERM) at any moment, start-up included, cancels the
-    # cluster's block, and open_cluster stops everything it started.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
-            async with open_cluster(
-                args.backend,
-                broker_url=args.broker_url,
-                broker=args.broker,
-                front_port=args.port,
-                instance_ports=ports,
-                env=env,
-            ) as cluster:
-                print(
-                    f"cluster: HAProxy on {cluster.url} (chat page: {cluster.url}/), instances "
-                    + ", ".join(instance.base_url for instance in cluster.instances)
-                    + f", backend {args.backend}. Ctrl-C stops everything.",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                await trio.sleep_forever()
+    # Ctrl-C (or SIGTERM, or the terminal closing) at any moment, start-up
+    # included, cancels the cluster's block, and open_cluster stops everything
+    # it started. The receiver stays open until then: a repeated Ctrl-C is
+    # reported and ignored rather than cutting the instances' drain short.
+    with trio.open_signal_receiver(*CLUSTER_STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as watching:
+            running = trio.CancelScope()
+            watching.start_soon(_stop_on_signals, signals, running)
+            with running:
+                async with open_cluster(
+                    args.backend,
+                    broker_url=args.broker_url,
+                    broker=args.broker,
+                    front_port=args.port,
+                    instance_ports=ports,
+                    env=env,
+                ) as cluster:
+                    print(
+                        f"cluster: HAProxy on {cluster.url} (chat page: {cluster.url}/), "
+                        "instances "
+                        + ", ".join(
+                            f"{instance.base_url} (pid {instance.process.pid})"
+                            for instance in cluster.instances
+                        )
+                        + f", backend {args.backend}. Ctrl-C stops everything.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    await trio.sleep_forever()
+            watching.cancel_scope.cancel()
 
 
-async def _cancel_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
-    async for _ in signals:
-        print("cluster: stopping (instances drain first)", file=sys.stderr, flush=True)
-        scope.cancel()
-        return
+async def _stop_on_signals(signals: AsyncIterator[int], running: trio.CancelScope) -> None:
+    async for number in signals:
+        name = signal.Signals(number).name
+        if running.cancel_called:
+            print(
+                f"cluster: {name} ignored, already stopping; an instance that must stop "
+                "now can be sent SIGKILL (its pid is in the start-up line)",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(
+                f"cluster: {name}: stopping (each instance drains, then HAProxy stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+            running.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,10 +80,15 @@ async def serve_instance(
     args: Sequence[str] = (),
     port: int | None = None,
     stderr: int | None = None,
+    own_process_group: bool = False,
 ) -> AsyncIterator[Instance]:
-    """Start ``triows serve`` and yield it once ``/healthz`` answers; kill it on exit.
+    """Start ``triows serve`` and yield it once ``/healthz`` answers; stop it on exit.
 
-    It listens on 127.0.0.1:``port``, by default a port the kernel picks.
+    It listens on 127.0.0.1:``port``, by default a port the kernel picks. On
+    exit it gets one SIGTERM (a drain) and is killed only if it has not
+    exited within ``STOP_TIMEOUT``. ``own_process_group``: start it in a
+    process group of its own, so that a Ctrl-C in the terminal reaches only
+    the caller, which then stops it (once) when it chooses.
     """
     with tempfile.TemporaryDirectory(prefix="triows-serve-") as folder:
         url_file = trio.Path(folder) / "url"
@@ -107,7 +112,15 @@ async def serve_instance(
         child_env = {**os.environ, "TRIOWS_LOG_LEVEL": "WARNING", **(env or {})}
         async with trio.open_nursery() as nursery:
             process: trio.Process = await nursery.start(
-                partial(trio.run_process, command, env=child_env, check=False, stderr=stderr)
+                partial(
+                    trio.run_process,
+                    command,
+                    env=child_env,
+                    check=False,
+                    stderr=stderr,
+                    process_group=0 if own_process_group else None,
+                    deliver_cancel=stopped_by_caller,
+                )
             )
             try:
                 instance = Instance(await _reported_url(url_file, process), process)
@@ -131,10 +144,20 @@ async def _reported_url(url_file: trio.Path, process: trio.Process) -> str:
             await trio.sleep(POLL_INTERVAL)
 
 
-async def stop_process(process: trio.Process) -> None:
-    """SIGTERM, then SIGKILL if it has not exited in time."""
+async def stopped_by_caller(process: trio.Process) -> None:
+    """``deliver_cancel`` for ``trio.run_process`` when the caller's ``finally`` stops the child.
+
+    Trio's default sends SIGTERM the moment the block is cancelled, and
+    SIGKILL 5 s later: a second SIGTERM on top of the caller's, and a kill in
+    the middle of a drain that may rightly take longer. Here nothing is sent;
+    :func:`stop_process` in the caller's ``finally`` stops the child, once.
+    """
+
+
+async def stop_process(process: trio.Process, stop_signal: int = signal.SIGTERM) -> None:
+    """``stop_signal`` (SIGTERM), then SIGKILL if it has not exited in time."""
     if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         with trio.move_on_after(STOP_TIMEOUT):
             await process.wait()
     if process.returncode is None:

@@ -322,16 +322,22 @@ def _utf8(raw: bytes) -> str:
         raise InvalidInput("the body is not valid JSON: it must be UTF-8") from None
 
 
+# The sender of a dev-mode POST /send whose body has no "from".
+DEV_MODE_SENDER = "anonymous"
+
+
 def send_object(
     raw: str, value: dict[str, Any], *, dev_mode: bool
 ) -> tuple[SendRequest, str | None]:
     """Check one send object (a body, or an item of a batch) decoded from ``raw``.
 
-    The request and, in dev mode, its ``from``; :class:`InvalidInput` says why not.
+    The request and, in dev mode, its ``from`` (:data:`DEV_MODE_SENDER` when
+    the body names none, so a delivery always names a sender, as with a
+    token); :class:`InvalidInput` says why not.
     """
     check_json(raw, value)
     request = _send_fields(value)
-    sender = None
+    sender = DEV_MODE_SENDER if dev_mode else None
     if dev_mode and value.get("from") is not None:
         try:
             sender = check_user_name(value["from"])

@@ -12,7 +12,8 @@ pyproject.toml until that test passes on a newer one).
   send lock taken only when a write must wait, and :class:`KeepAliveTimer`.
 - :class:`HTTP11OnlyProtocol`: HTTP/1.1 only; HTTP/2 is refused, and request
   heads a proxy could read differently are refused before h11 reads them.
-- :func:`serve`: one worker process per ``TRIOWS_WORKERS``, drained on SIGTERM.
+- :func:`serve`: one worker process per ``TRIOWS_WORKERS``, drained on SIGTERM or SIGINT
+  (once: a repeated signal does not cut the drain short; SIGKILL does).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
@@ -50,6 +51,8 @@ from triows.logs import log_event, logger
 from triows.openfiles import fit_connections_to_open_files
 from triows.settings import Settings
 
+# What asks ``triows serve`` to drain and stop; repeated during a drain, each is ignored.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # How often a worker process checks whether its parent asked it to stop.
 SHUTDOWN_POLL_INTERVAL = 0.1
 # TCP keepalive probes left unanswered before the kernel drops a connection.
@@ -465,31 +468,61 @@ async def _serve_worker(
     if sockets is None:
         sockets = _listening_sockets(config, settings, listen=True)
 
+    stop_requested = trio.Event()
+
     async def drain_on_shutdown() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                if stop is not None:
-                    nursery.start_soon(_wait_for_process_event, stop, nursery.cancel_scope)
-                nursery.start_soon(_cancel_when, app.failed, nursery.cancel_scope)
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+        async with trio.open_nursery() as nursery:
+            if stop is not None:
+                nursery.start_soon(_wait_for_process_event, stop, nursery.cancel_scope)
+            nursery.start_soon(_cancel_when, app.failed, nursery.cancel_scope)
+            nursery.start_soon(_cancel_when, stop_requested, nursery.cancel_scope)
         if not app.failed.is_set():
             await app.drain()
 
-    async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(
-            partial(
-                worker_serve,
-                wrap_app(app, config.wsgi_max_body_size, None),
-                config,
-                sockets=sockets,
-                shutdown_trigger=drain_on_shutdown,
-            )
-        )
-        if url_file is not None:
-            write_url_file(url_file, urls)
+    # Held until Hypercorn has stopped, not only until the drain starts: a
+    # signal that arrived after the receiver closed would get the default
+    # action (KeyboardInterrupt, or death by SIGTERM) and cut the drain short.
+    # Ignored just before it opens (no checkpoint in between), so that the
+    # receiver puts "ignored" back when it closes: a signal during the last
+    # steps of the exit cannot turn a clean exit into death by signal either.
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as watching:
+            watching.start_soon(_request_stop_on_signals, signals, stop_requested)
+            async with trio.open_nursery() as nursery:
+                urls: list[str] = await nursery.start(
+                    partial(
+                        worker_serve,
+                        wrap_app(app, config.wsgi_max_body_size, None),
+                        config,
+                        sockets=sockets,
+                        shutdown_trigger=drain_on_shutdown,
+                    )
+                )
+                if url_file is not None:
+                    write_url_file(url_file, urls)
+            watching.cancel_scope.cancel()
     return FATAL_EXIT_CODE if app.failed.is_set() else 0
+
+
+async def _request_stop_on_signals(signals: AsyncIterator[int], stop_requested: trio.Event) -> None:
+    """The first SIGTERM or SIGINT starts the drain; later ones are logged and ignored.
+
+    A terminal's Ctrl-C and a supervisor's SIGTERM often come together (or a
+    second Ctrl-C follows an impatient first): none of them may cut the drain
+    short, which is bounded by ``TRIOWS_DRAIN_TIMEOUT`` anyway. Only SIGKILL
+    stops the process at once.
+    """
+    async for number in signals:
+        name = signal.Signals(number).name
+        if stop_requested.is_set():
+            log_event(
+                "stop_signal_ignored", signal=name, detail="already stopping; SIGKILL stops now"
+            )
+        else:
+            log_event("stop_signal", signal=name)
+            stop_requested.set()
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

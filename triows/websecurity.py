@@ -28,7 +28,9 @@ from urllib.parse import urlsplit
 # "*" in TRIOWS_ALLOWED_ORIGINS or TRIOWS_ALLOWED_HOSTS: anything passes.
 ANY = "*"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+# A script element without src (any type), and one with src.
+_INLINE_SCRIPT = re.compile(r"<script(?![^>]*\ssrc=)[^>]*>(.*?)</script>", re.DOTALL)
+_SCRIPT_FILE = re.compile(r"<script[^>]*\ssrc=")
 _INLINE_STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 
@@ -159,9 +161,11 @@ def page_headers(html: str) -> dict[str, str]:
     """The security headers of an HTML page whose scripts and styles are inline in ``html``.
 
     The Content-Security-Policy allows exactly the page's own ``<script>`` and
-    ``<style>`` blocks (by their SHA-256), connections to its own origin
-    (``/events``; CSP's ``'self'`` covers ``ws:``/``wss:`` to it) and nothing
-    else: no other script, no inline attribute, no plugin, no framing.
+    ``<style>`` blocks (by their SHA-256), scripts from its own origin only if
+    the page loads one (``<script src=...>``, the client module), connections
+    to its own origin (``/events``; CSP's ``'self'`` covers ``ws:``/``wss:`` to
+    it), images from its own origin (the favicon) and nothing else: no other
+    script, no inline attribute, no plugin, no framing.
     """
 
     markup = _COMMENT.sub("", html)
@@ -173,10 +177,13 @@ def page_headers(html: str) -> dict[str, str]:
         }
         return " ".join(f"'sha256-{digest}'" for digest in sorted(digests)) or "'none'"
 
+    script_sources = sources(_INLINE_SCRIPT)
+    if _SCRIPT_FILE.search(markup):
+        script_sources = "'self'" if script_sources == "'none'" else f"'self' {script_sources}"
     policy = "; ".join(
         (
             "default-src 'none'",
-            f"script-src {sources(_INLINE_SCRIPT)}",
+            f"script-src {script_sources}",
             f"style-src {sources(_INLINE_STYLE)}",
             "connect-src 'self'",
             "img-src 'self'",
@@ -190,4 +197,18 @@ def page_headers(html: str) -> dict[str, str]:
         "X-Frame-Options": "DENY",
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "no-referrer",
+    }
+
+
+def static_file_headers() -> dict[str, str]:
+    """The security headers of a file the pages load (the client module, the favicon).
+
+    Never sniffed as another type, and not to be embedded by another site's
+    page (``Cross-Origin-Resource-Policy``); triows sends no CORS headers, so a
+    page of another origin serves its own copy of the module.
+    """
+    return {
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cross-Origin-Resource-Policy": "same-origin",
     }

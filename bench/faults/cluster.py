@@ -179,7 +179,7 @@ def sessions_lost(cluster: Cluster) -> dict[str, list[str]]:
                 entry = json.loads(line)
             except ValueError:
                 continue
-            # backends.supervisor via triows.backoff: one line per lost session.
+            # triows.backends.supervisor via triows.backoff: one line per lost session.
             if isinstance(entry, dict) and entry.get("event") == "broker_unavailable":
                 reasons.setdefault(label, []).append(str(entry.get("error"))[:100])
     return reasons
