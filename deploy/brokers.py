@@ -1006,6 +1006,12 @@ def start_rabbitmq_cluster(broker: Broker) -> None:
     for node, pings in zip(nodes, up, strict=True):
         if not pings:
             boot_cluster_node(node, fresh=not any(up))
+        elif node.check() is not None and not succeeds(
+            "rabbitmq-diagnostics", "-q", "-n", node.name, "check_running"
+        ):
+            # Its app was left stopped (an outage test that died before outage-end).
+            log(f"rabbitmq-cluster: node {node.name} up, app not running: start_app")
+            run("rabbitmqctl", "-q", "-n", node.name, "start_app")
     for node in nodes:
         wait_for(RABBITMQ_START_TIMEOUT, f"RabbitMQ node {node.name}", node.check)
     first = nodes[0]
