@@ -43,7 +43,9 @@ def test_the_wheel_installs_only_the_triows_package_with_the_backends_inside(
     for module in ("memory", "amqp091", "amqp10", "stomp", "supervisor"):
         assert f"triows/backends/{module}.py" in names
     assert "triows/backends/py.typed" in names
+    assert "triows/static/chat.html" in names
     assert "triows/static/triows.js" in names
+    assert any(name.endswith("entry_points.txt") for name in names)
 
 
 def test_the_backend_registry_names_modules_under_triows() -> None:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -137,20 +136,6 @@ def test_demo_shows_bob_receiving_both_messages() -> None:
     result = run_cli("demo")
     assert result.returncode == 0, result.stderr
     assert "demo OK" in result.stdout
-
-
-def test_built_wheel_contains_both_packages(tmp_path: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-        check=True,
-        timeout=300,
-    )
-    (wheel,) = tmp_path.glob("triows-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "triows/app.py" in names
-    assert "backends/memory.py" in names
-    assert "triows/static/chat.html" in names
-    assert any(name.endswith("entry_points.txt") for name in names)
 
 
 def test_every_library_the_packages_import_is_a_declared_dependency() -> None:
