@@ -22,6 +22,7 @@ import trio
 from deploy.brokers import CLUSTER_CA, RABBITMQ_CLUSTER_UNNAMED_HOST, SCRIPT
 from tests.brokers import broker_outage, cluster_urls, require_broker
 from tests.e2e import POLL_INTERVAL, RECONNECT_MAX, STEP_TIMEOUT, unique_exchange
+from tests.test_amqp091_backend import Rejections
 from triows.backend import open_backend
 from triows.client import EventsClient, open_events, post_send
 from triows.process import Instance, serve_instance
@@ -146,20 +147,6 @@ async def test_instances_on_the_tls_listeners_verify_the_ca_and_carry_annes_mess
         with trio.fail_after(STEP_TIMEOUT):
             frame = await send_until_received(http, a, bob, "over TLS")
         assert frame["from"] == "Anne"
-
-
-class Rejections(logging.Handler):
-    """The fields of every ``broker_rejected`` event."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fields: list[dict[str, object]] = []
-        self.seen = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "broker_rejected":
-            self.fields.append(getattr(record, "fields", {}))
-            self.seen.set()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
