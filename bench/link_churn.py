@@ -27,6 +27,7 @@ from triows.settings import Settings
 
 
 def proton_links(backend: Amqp10Backend) -> int:
+    """How many links proton keeps on the backend's connection (freed ones are gone)."""
     live = backend._following
     assert live is not None
     count, link = 0, live.pump.connection.link_head(0)

@@ -116,11 +116,7 @@ async def publish_until_routed(backend: Amqp091Backend, key: str, body: bytes) -
 async def test_publishing_into_a_deleted_exchange_repairs_the_backend(exchange: str) -> None:
     async with open_instances(exchange, 1) as (backend,):
         await backend.subscribe("user.Bob")
-        async with trio_asyncio.open_loop():
-            operator = await trio_asyncio.aio_as_trio(aiormq.connect)(RABBITMQ_URL)
-            channel = await trio_asyncio.aio_as_trio(operator.channel)()
-            await trio_asyncio.aio_as_trio(channel.exchange_delete)(exchange)
-            await trio_asyncio.aio_as_trio(operator.close)()
+        await operator_call("exchange_delete", exchange=exchange)
 
         # The broker closes the channel of a publish into a missing exchange
         # (NOT_FOUND): that publish is BrokerUnavailable, not a crash, and the

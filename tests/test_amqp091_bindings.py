@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import aiormq
 import pytest
 import trio
 import trio.testing
-import trio_asyncio
 
-from tests.test_amqp091_backend import RABBITMQ_URL, open_instances, publish_until_routed
+from tests.test_amqp091_backend import (
+    open_instances,
+    operator_call,
+    publish_until_routed,
+)
 from triows.backend import Outcome
 from triows.backends.amqp091_aio import AioSessionLost, BindingBatcher, BindingChange
 
@@ -120,11 +122,7 @@ async def test_a_bind_the_broker_refuses_drops_the_session_and_the_reconnect_bin
 ) -> None:
     async with open_instances(exchange, 1) as (backend,):
         await backend.subscribe("user.Bob")
-        async with trio_asyncio.open_loop():
-            operator = await trio_asyncio.aio_as_trio(aiormq.connect)(RABBITMQ_URL)
-            channel = await trio_asyncio.aio_as_trio(operator.channel)()
-            await trio_asyncio.aio_as_trio(channel.exchange_delete)(exchange)
-            await trio_asyncio.aio_as_trio(operator.close)()
+        await operator_call("exchange_delete", exchange=exchange)
         # NOT_FOUND closes the channel: the batch fails, the session is
         # rebuilt (the exchange declared again) and both keys bound.
         await backend.subscribe("user.Eve")

@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from bench.link_churn import proton_links
 from deploy.brokers import BROKERS
 from tests.brokers import require_broker
 from tests.tcp_proxy import open_tcp_proxy, reachable
@@ -346,16 +347,6 @@ async def test_closing_the_backend_deletes_its_queues_on_rabbitmq(exchange: str)
 # One key held and released this often on one connection (a user's last
 # disconnect, a room leave): enough that a leak per cycle would stand out.
 CHURN_CYCLES = 1000
-
-
-def proton_links(backend: Amqp10Backend) -> int:
-    """How many links proton keeps on the backend's connection (freed ones are gone)."""
-    live = backend._following
-    assert live is not None
-    count, link = 0, live.pump.connection.link_head(0)
-    while link is not None:
-        count, link = count + 1, link.next(0)
-    return count
 
 
 async def test_subscribing_and_releasing_one_key_again_and_again_keeps_no_link_behind(
