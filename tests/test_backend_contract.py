@@ -56,6 +56,8 @@ class Case:
             "exchange": exchange,
             "instance_id": f"test-{secrets.token_hex(4)}",
             "reconnect_max_delay": 0.5,
+            # The key contract (subscribe -> incoming); sessions have their own suite.
+            "resume_window": 0,
         }
         if self.broker is not None:
             values["broker_url"] = self.url.format(port=self.port if port is None else port)
