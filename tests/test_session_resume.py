@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -42,6 +43,18 @@ class Received:
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
         self.hellos: list[dict[str, Any]] = []
+        # What the sender was answered: (status, message id of a 202).
+        self.outcomes: list[tuple[int, str | None]] = []
+        self._changed = trio.Event()
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition()`` holds (checked after each frame and each send)."""
+        while not condition():
+            self._changed = trio.Event()
+            await self._changed.wait()
 
     @property
     def cursor(self) -> str | None:
@@ -53,24 +66,27 @@ class Received:
     async def read(self, socket: WebSocketConnection) -> None:
         """Read until the socket closes."""
         self.hellos.append(json.loads(await socket.get_message()))
+        self.changed()
         try:
             while True:
                 frame = json.loads(await socket.get_message())
                 if frame["type"] == "message":
                     self.frames.append(frame)
+                    self.changed()
         except ConnectionClosed:
             return
 
 
 async def sender(
-    http: httpx.AsyncClient, base_url: str, outcomes: list[tuple[int, str | None]], done: trio.Event
+    http: httpx.AsyncClient, base_url: str, received: Received, done: trio.Event
 ) -> None:
     n = 0
     while not done.is_set():
         response = await http.post(f"{base_url}/send", json={"to": "Bob", "message": n})
         body = response.json()
         status = response.status_code
-        outcomes.append((status, body.get("id") if status == 202 else None))
+        received.outcomes.append((status, body.get("id") if status == 202 else None))
+        received.changed()
         n += 1
         await trio.sleep(SEND_EVERY)
 
@@ -80,7 +96,7 @@ async def run_case(
 ) -> tuple[list[tuple[int, str | None]], Received]:
     await require_broker(target.broker)
     received = Received()
-    outcomes: list[tuple[int, str | None]] = []
+    outcomes = received.outcomes
     async with ready_instances(target, 2) as (a, b), httpx.AsyncClient(timeout=30) as http:
         done = trio.Event()
         with trio.fail_after(STEP_TIMEOUT):
@@ -88,11 +104,9 @@ async def run_case(
                 async with open_websocket_url(events_url(b.base_url, "Bob")) as socket:
                     async with trio.open_nursery() as reading:
                         reading.start_soon(received.read, socket)
-                        while not received.hellos:
-                            await trio.sleep(0.01)
-                        sending.start_soon(sender, http, a.base_url, outcomes, done)
-                        while len(received.frames) < 50:
-                            await trio.sleep(0.01)
+                        await received.until(lambda: bool(received.hellos))
+                        sending.start_soon(sender, http, a.base_url, received, done)
+                        await received.until(lambda: len(received.frames) >= 50)
                         b.process.send_signal(stop_signal)
                         if stop_signal == signal.SIGKILL:
                             await b.process.wait()
@@ -102,12 +116,12 @@ async def run_case(
                 url = events_url(a.base_url, "Bob", token, received.cursor)
                 async with open_websocket_url(url) as socket, trio.open_nursery() as reading:
                     reading.start_soon(received.read, socket)
-                    while len(outcomes) < sent_before + SENDS_AFTER:
-                        await trio.sleep(0.01)
+                    await received.until(lambda: len(outcomes) >= sent_before + SENDS_AFTER)
                     done.set()
                     wanted = {message_id for status, message_id in outcomes if status == 202}
-                    while not wanted <= {frame["id"] for frame in received.frames}:
-                        await trio.sleep(0.01)
+                    await received.until(
+                        lambda: wanted <= {frame["id"] for frame in received.frames}
+                    )
                     await trio.sleep(0.5)  # a duplicate would come now
                     reading.cancel_scope.cancel()
     return outcomes, received
