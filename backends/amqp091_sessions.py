@@ -10,6 +10,7 @@ arguments::
     x-max-length-bytes        TRIOWS_SESSION_MAX_BYTES
     x-overflow                reject-publish         (the publisher gets a nack: "full")
     x-single-active-consumer  true                   (a resume waits for the old consumer)
+    x-queue-type              TRIOWS_QUEUE_TYPE      (quorum: replicated over a cluster)
 
 Every session of the instance is consumed on one channel of the instance's
 connection, the *sessions channel*, with ``basic.qos`` = ``TRIOWS_SESSION_PREFETCH``
@@ -75,6 +76,7 @@ def session_arguments(settings: Settings) -> dict[str, Any]:
         "x-max-length-bytes": settings.session_max_bytes,
         "x-overflow": "reject-publish",
         "x-single-active-consumer": True,
+        "x-queue-type": settings.queue_type,
     }
 
 
@@ -202,9 +204,14 @@ class AmqpSessions:
         """
         channel = await self._call(session, session.connection.channel)
         try:
-            declared = await self._call(session, channel.queue_declare, name, passive=True)
+            with trio.fail_after(self._timeout):
+                declared = await session.call(channel.queue_declare, name, passive=True)
         except ChannelNotFoundEntity:
             return None
+        except TimeoutError:
+            raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
+        except SESSION_BROKEN as error:
+            raise BrokerUnavailable(f"lost the broker: {error!r}") from None
         finally:
             with suppress(*SESSION_BROKEN):
                 await session.call(channel.close)

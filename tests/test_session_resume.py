@@ -92,12 +92,15 @@ async def sender(
 
 
 async def run_case(
-    target: Target, stop_signal: int
+    target: Target, stop_signal: int, env: dict[str, str] | None = None
 ) -> tuple[list[tuple[int, str | None]], Received]:
     await require_broker(target.broker)
     received = Received()
     outcomes = received.outcomes
-    async with ready_instances(target, 2) as (a, b), httpx.AsyncClient(timeout=30) as http:
+    async with (
+        ready_instances(target, 2, env=env) as (a, b),
+        httpx.AsyncClient(timeout=30) as http,
+    ):
         done = trio.Event()
         with trio.fail_after(STEP_TIMEOUT):
             async with trio.open_nursery() as sending:
@@ -127,11 +130,17 @@ async def run_case(
     return outcomes, received
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["drain", "kill"])
+@pytest.mark.parametrize(
+    ("stop_signal", "queue_type"),
+    [(signal.SIGTERM, "classic"), (signal.SIGKILL, "classic"), (signal.SIGKILL, "quorum")],
+    ids=["drain", "kill", "kill-quorum"],
+)
 async def test_an_instance_gone_under_traffic_loses_and_refuses_nothing_for_a_resumed_session(
-    stop_signal: int,
+    stop_signal: int, queue_type: str
 ) -> None:
-    outcomes, received = await run_case(TARGETS_BY_NAME["amqp091-rabbitmq"], stop_signal)
+    outcomes, received = await run_case(
+        TARGETS_BY_NAME["amqp091-rabbitmq"], stop_signal, {"TRIOWS_QUEUE_TYPE": queue_type}
+    )
     assert [status for status, _ in outcomes if status != 202] == []
     assert received.hellos[1]["resumed"] is True
     ids = [frame["id"] for frame in received.frames]
