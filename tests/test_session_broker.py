@@ -46,6 +46,18 @@ async def test_a_session_left_unused_past_its_window_is_deleted_by_the_broker() 
             assert (hello["resumed"], hello["session"] != token) == (False, True)
 
 
+async def test_a_client_that_closes_normally_ends_its_session_at_once() -> None:
+    await require_broker(TARGET.broker)
+    async with ready_instances(TARGET, 1) as (a,), httpx.AsyncClient() as http:
+        with trio.fail_after(STEP_TIMEOUT):
+            async with open_websocket_url(events_url(a.base_url, "Bob")) as socket:
+                token = json.loads(await socket.get_message())["session"]
+            # The session goes with the close frame (1000), long before its window (120 s).
+            await wait_until_offline(http, a.base_url, "Bob")
+            hello = await hello_of(events_url(a.base_url, "Bob", token))
+            assert hello["resumed"] is False
+
+
 async def test_a_full_session_makes_the_broker_refuse_and_the_sender_hears_so() -> None:
     await require_broker(TARGET.broker)
     env = {"TRIOWS_SESSION_MAX_MESSAGES": "2"}
