@@ -143,3 +143,13 @@ async def _data_lines(lines: Any, count: int) -> Any:
 
 async def send(http: httpx.AsyncClient, base_url: str, to: str, message: object) -> httpx.Response:
     return await http.post(f"{base_url}/send", json={"to": to, "message": message})
+
+
+async def test_on_garagemq_which_cannot_expire_a_queue_the_hello_says_not_resumable() -> None:
+    garagemq = TARGETS_BY_NAME["amqp091-garagemq"]
+    await require_broker(garagemq.broker)
+    async with ready_instances(garagemq, 1) as (a,):
+        with trio.fail_after(STEP_TIMEOUT):
+            async with open_websocket_url(events_url(a.base_url, "Bob")) as socket:
+                hello = json.loads(await socket.get_message())
+    assert (hello["session"], hello["resumable"]) == (None, False)
