@@ -22,6 +22,11 @@ given back (flagged *redelivered*, at the head of the queue) until it has seen
 either the message of the cursor's id (it and those before it are skipped) or
 the end of what was given back (none was seen).
 
+The same happens when the instance's own broker connection is lost: what
+the connection had not acked comes back, redelivered, on the next one. The
+link remembers the ids of the last ``TRIOWS_SESSION_PREFETCH`` frames it
+wrote (no more can be unacked at once) and skips a redelivery of one of them.
+
 Rooms. The session's rooms live in the queue too, as its *note*
 (:meth:`triows.backend.SessionQueue.note`, ``{"rooms": [...]}``), which the
 connection keeps unacked; a resume finds it among what comes back.
@@ -34,6 +39,7 @@ import json
 import logging
 import re
 import secrets
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,6 +118,7 @@ class SessionLink:
         "_pending",
         "_prefix_seen",
         "_router",
+        "_written",
         "connection",
         "missed",
         "queue",
@@ -137,6 +144,8 @@ class SessionLink:
         self._note_tag: int | None = None
         self._pending: list[SessionDelivery] | None = []
         self._acks_waiting: list[int] = []
+        # The ids of the last frames written (made on the first redelivery worth checking).
+        self._written: _Recent | None = None
         # Set once the resume knows where what came back ends (see the module docstring).
         self._prefix_seen = trio.Event()
 
@@ -230,6 +239,10 @@ class SessionLink:
             self._write(delivery)
 
     def _write(self, delivery: SessionDelivery) -> None:
+        written = self._written
+        if delivery.redelivered and written is not None and delivery.body in written:
+            self._ack(delivery.tag)  # written before this instance's broker connection went
+            return
         frame = self._router.checked_frame(delivery.key, delivery.body)
         if frame is None:
             self._ack(delivery.tag)  # dropped and counted by the router
@@ -238,6 +251,9 @@ class SessionLink:
         if self.connection.offer(with_seq(frame, seq), delivery.tag):
             self.seq = seq
             self._router.count_delivered(delivery.key)
+            if written is None:
+                written = self._written = _Recent(self._router.session_prefetch)
+            written.add(delivery.body)
         # Otherwise the connection is closing: left unacked, the queue gets it back.
 
     def written(self, tag: int) -> None:
@@ -290,6 +306,31 @@ class SessionLink:
                 await queue.end()
             else:
                 await queue.detach()
+
+
+class _Recent:
+    """The last ``size`` bodies written, as 64-bit digests in a ring (``size`` * 8 bytes).
+
+    A frame's body holds its unique message id; it is looked up only for a
+    redelivery (rare), so a linear scan in C is enough.
+    """
+
+    __slots__ = ("_next", "_ring")
+
+    def __init__(self, size: int) -> None:
+        self._ring = array("q", bytes(8 * size))
+        self._next = 0
+
+    def add(self, body: bytes) -> None:
+        self._ring[self._next] = _digest(body)
+        self._next = (self._next + 1) % len(self._ring)
+
+    def __contains__(self, body: bytes) -> bool:
+        return _digest(body) in self._ring
+
+
+def _digest(body: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "little", signed=True)
 
 
 def _holds_id(body: bytes, message_id: str) -> bool:
