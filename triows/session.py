@@ -143,11 +143,12 @@ class SessionLink:
         self.rooms: set[str] = set()
         self._note_tag: int | None = None
         self._pending: list[SessionDelivery] | None = []
-        self._acks_waiting: list[int] = []
-        # The ids of the last frames written (made on the first redelivery worth checking).
+        # Acks asked for while the queue was still opening.
+        self._acks_waiting: list[int] | None = None
+        # Digests of the last frames written (made with the first one).
         self._written: _Recent | None = None
-        # Set once the resume knows where what came back ends (see the module docstring).
-        self._prefix_seen = trio.Event()
+        # A resume's: set once it knows where what came back ends (see the module docstring).
+        self._prefix_seen = trio.Event() if resume is not None else None
 
     # Called by the backend, in queue order; never blocks.
 
@@ -161,10 +162,12 @@ class SessionLink:
             self._write(delivery)
 
     def _ack(self, tag: int) -> None:
-        if self.queue is None:
-            self._acks_waiting.append(tag)
-        else:
+        if self.queue is not None:
             self.queue.ack(tag)
+        elif self._acks_waiting is None:
+            self._acks_waiting = [tag]
+        else:
+            self._acks_waiting.append(tag)
 
     def _take_note(self, delivery: SessionDelivery) -> None:
         try:
@@ -181,8 +184,8 @@ class SessionLink:
             self.rooms = checked
 
     def _check_prefix(self) -> None:
-        pending = self._pending
-        if pending is None or self._prefix_seen.is_set() or self.queue is None:
+        pending, seen = self._pending, self._prefix_seen
+        if pending is None or seen is None or seen.is_set() or self.queue is None:
             return
         last_id = self.resume.last_id if self.resume is not None else None
         if (
@@ -198,18 +201,20 @@ class SessionLink:
                 )
             )
         ):
-            self._prefix_seen.set()
+            seen.set()
 
     def attach(self, queue: SessionQueue) -> None:
         """The queue, once opened: acks held while it was opening go out."""
         self.queue = queue
-        for tag in self._acks_waiting:
+        for tag in self._acks_waiting or ():
             queue.ack(tag)
-        self._acks_waiting.clear()
+        self._acks_waiting = None
         self._check_prefix()
 
     async def wait_prefix(self, timeout: float) -> None:
         """Wait (at most ``timeout``) until what the broker gave back has come (resume only)."""
+        if self._prefix_seen is None:
+            return
         with trio.move_on_after(timeout):
             await self._prefix_seen.wait()
 
