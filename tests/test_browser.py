@@ -49,7 +49,7 @@ from tests.e2e import TARGETS_BY_NAME, ready_instances, unique_exchange
 from tests.tcp_proxy import TcpProxy, open_tcp_proxy
 from triows.client import open_client
 from triows.cluster import debian_executable, open_cluster
-from triows.process import Instance, free_port
+from triows.process import Instance, free_port, serve_instance
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -455,6 +455,55 @@ def test_the_page_shows_every_message_sent_while_its_instance_drained_once_after
         "after the resume",
     ]
     shots.take(bob, "bob-resumed")
+
+
+def connections_open(http: httpx.Client, instance: Instance) -> float:
+    text = http.get(f"{instance.base_url}/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith("triows_connections_open "))
+    return float(line.split()[1])
+
+
+def test_a_reload_of_the_page_resumes_its_session_and_its_rooms(
+    browser: Browser, shots: Shots
+) -> None:
+    with held_in_a_thread(lambda _: serve_instance("memory")) as server:
+        bob = open_page(browser, server.base_url, "Bob", ("general",))
+        page_url = bob.url
+        with httpx.Client(timeout=STEP_TIMEOUT_MS / 1000) as http:
+            assert post_to_bob(http, server, "before the reload")["status"] == "routed"
+            expect(received(bob, "Anne", "before the reload")).to_have_count(1)
+            # Leaving the page closes its socket with 1001 ("going away"): the session waits.
+            bob.goto("about:blank")
+            while connections_open(http, server) != 0:
+                pass
+            away = post_to_bob(http, server, "while reloading")
+            assert away["status"] == "queued"
+            room = http.post(
+                f"{server.base_url}/send",
+                json={"room": "general", "from": "Anne", "message": "general, while reloading"},
+            )
+            assert room.status_code == 202
+            bob.goto(page_url)
+            shows(bob, bob.locator('#state[data-state="connected"]'))
+            connected = bob.locator('#log .entry[data-kind="system"]', has_text="connected as Bob")
+            expect(connected).to_contain_text("session resumed, 2 missed")
+            expect(received(bob, "Anne", "while reloading")).to_have_attribute(
+                "data-id", away["id"]
+            )
+            expect(received(bob, "Anne", "general, while reloading", room="general")).to_have_count(
+                1
+            )
+            # The room came back with the session: joined by the server, not by the page.
+            expect(room_item(bob, "general")).to_have_attribute("data-state", "joined")
+            live = http.post(
+                f"{server.base_url}/send",
+                json={"room": "general", "from": "Anne", "message": "general, live"},
+            )
+            assert live.json()["status"] == "routed"
+            expect(received(bob, "Anne", "general, live", room="general")).to_have_count(1)
+            # Nothing of before the reload came again.
+            expect(bob.locator('#log .entry[data-kind="message"]')).to_have_count(3)
+            shots.take(bob, "bob-after-the-reload")
 
 
 # The page's own reconnect logic, with the server played by the test (Playwright
