@@ -350,6 +350,10 @@ async def test_messages_sent_while_the_clients_instance_drains_arrive_once_after
             )
             assert response.status_code == 202
             sent.append(response.json()["id"])
+            async with open_client(a.base_url, user="Anne") as anne:
+                ack = await anne.send(to="Bob", message="from Anne's client, away")
+                assert ack["status"] == "queued"
+                sent.append(ack["id"])
             async with open_tcp_proxy(urlsplit(a.base_url).port or 80, port=gate):
                 event = await next_of_type(bob, "reconnected")
                 assert (event["previous_instance"], event["url"]) == (drained, gate_url)
