@@ -149,15 +149,22 @@ async def run(target_name: str, sessions: int, holders: int, fault: str) -> dict
                 broker_rss_open = sum(p.memory_info().rss for p in broker)
                 progress(f"B gets {fault}")
                 signalled = time.monotonic()
+                b_exit_s: float | None = None
+                b_exited = trio.Event()
+
+                async def watch_b_exit() -> None:
+                    nonlocal b_exit_s
+                    await b.process.wait()
+                    b_exit_s = round(time.monotonic() - signalled, 3)
+                    b_exited.set()
+
+                sampling.start_soon(watch_b_exit)
                 b.process.send_signal(signal.SIGTERM if fault == "drain" else signal.SIGKILL)
                 with trio.fail_after(RESUME_TIMEOUT):
                     for process, buffer in zip(processes, buffers, strict=True):
                         assert process.stdout is not None
                         summaries.append(json.loads(await _read_line(process.stdout, buffer)))
-                    b_exit_s = None
-                    if b.process.returncode is None:
-                        await b.process.wait()
-                    b_exit_s = round(time.monotonic() - signalled, 3)
+                    await b_exited.wait()
                 sampling.cancel_scope.cancel()
             progress("every holder reported")
             erlang_after = await rabbitmq_memory() if on_rabbitmq else None
@@ -183,6 +190,8 @@ async def run(target_name: str, sessions: int, holders: int, fault: str) -> dict
         "fault": fault,
         "started": started,
         "command": "python -m bench.mass_resume " + " ".join(sys.argv[1:]),
+        # Settings the instances took from this environment.
+        "env": {key: value for key, value in os.environ.items() if key.startswith("TRIOWS_")},
         "sessions": sessions,
         "holders": holders,
         "opened": opened,

@@ -7,8 +7,8 @@ to ``THEN_URL`` with its session's token (``?session=``; nothing was received,
 so no cursor), again after each refused attempt. Once every session came back
 (or ``DEADLINE`` passed) it prints one JSON line: when each ``hello`` after
 the end came (``time.monotonic()``, comparable across processes), whether it
-said ``"resumed": true``, and the attempts. Closing its stdin closes every
-socket normally (which ends the sessions) and exits. The client side of
+said ``"resumed": true``, and the attempts. Closing its stdin (at any stage)
+closes every socket normally (which ends the sessions) and exits. The client side of
 ``bench.mass_resume``: many sockets per process, one process per share.
 """
 
@@ -92,15 +92,17 @@ async def hold_all(first_url: str, then_url: str, prefix: str, count: int) -> No
                 await trio.sleep(random.uniform(0, RETRY_JITTER))
 
     async def until_stdin_closes() -> None:
-        await trio.to_thread.run_sync(sys.stdin.read)
+        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
         finish.set()
+        all_open.set()  # whatever stage this is: report and stop
+        all_back.set()
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(until_stdin_closes)
         for index in range(count):
             nursery.start_soon(hold, index)
         await all_open.wait()
         print(f"open {opened} failed {failed}", flush=True)
-        nursery.start_soon(until_stdin_closes)
         with trio.move_on_after(DEADLINE):
             await all_back.wait()
         resumed_at = [entry["at"] for entry in back.values() if entry["resumed"]]
