@@ -170,7 +170,9 @@ class AmqpSessions:
         try:
             with trio.fail_after(self._timeout):
                 return await session.call(operation, *args, **kwargs)
-        except TimeoutError:
+        # trio.TooSlowError is not a TimeoutError: caught as such, it escaped the
+        # handshake (an "Error in ASGI Framework" instead of a refusal).
+        except trio.TooSlowError:
             raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
         except SESSION_BROKEN as error:
             raise BrokerUnavailable(f"lost the broker: {error!r}") from None
