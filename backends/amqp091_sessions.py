@@ -205,24 +205,33 @@ class AmqpSessions:
     async def _probe(self, session: AioSession, name: str) -> int | None:
         """Messages waiting in queue ``name``, or None when it is not there (expired, unknown).
 
-        A passive declare of a queue that is not there closes its channel:
-        it gets a channel of its own.
+        A passive declare of a queue that is not there makes the broker close
+        its channel, so probes go on a channel of their own, opened again
+        after such a close (a probe that was on it meanwhile is asked again).
         """
-        channel = await self._call(session, session.connection.channel)
-        try:
-            with anyio.fail_after(self._timeout):
-                declared = await session.call(channel.queue_declare, name, passive=True)
-        except ChannelNotFoundEntity:
-            return None
-        except TimeoutError:
-            raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
-        except SESSION_BROKEN as error:
-            raise BrokerUnavailable(f"lost the broker: {error!r}") from None
-        finally:
-            with suppress(*SESSION_BROKEN):
-                await session.call(channel.close)
-        count: int = declared.message_count or 0
-        return count
+        for attempt in (1, 2):
+            channel = await self._probe_channel(session)
+            try:
+                with anyio.fail_after(self._timeout):
+                    declared = await session.call(channel.queue_declare, name, passive=True)
+            except ChannelNotFoundEntity:
+                return None
+            except TimeoutError:
+                raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
+            except SESSION_BROKEN as error:
+                if attempt == 2 or session.connection.is_closed:
+                    raise BrokerUnavailable(f"lost the broker: {error!r}") from None
+                continue  # another probe's NOT_FOUND closed the channel under this one
+            count: int = declared.message_count or 0
+            return count
+        raise AssertionError("unreachable")
+
+    async def _probe_channel(self, session: AioSession) -> aiormq.abc.AbstractChannel:
+        channel = session.probe_channel
+        if channel is None or channel.is_closed:
+            channel = await self._call(session, session.connection.channel)
+            session.probe_channel = channel
+        return channel
 
     async def _declare(self, session: AioSession, name: str) -> None:
         assert session.sessions_channel is not None
@@ -239,7 +248,11 @@ class AmqpSessions:
         channel = session.sessions_channel
         assert channel is not None
         for key in sorted(handle.keys):
-            await self._call(session, channel.queue_bind, handle.name, self._exchange, key)
+            # No wait for the answer: the queue is there (declared, or found by
+            # the probe), so nothing can refuse it; the consume's answer follows it.
+            await self._call(
+                session, channel.queue_bind, handle.name, self._exchange, key, nowait=True
+            )
         await self._call(
             session,
             channel.basic_consume,
