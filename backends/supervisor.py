@@ -10,7 +10,11 @@ Held keys. ``subscribe``/``unsubscribe`` record the key, then (while a
 connection follows the keys) ask the broker within ``TRIOWS_BROKER_TIMEOUT``.
 A change the broker does not confirm (lost, refused, too slow) is logged as
 ``broker_binding_deferred`` and the connection is dropped, so that the
-reconnect restores exactly the held set. They never raise
+reconnect restores exactly the held set. A subscribe that no connection
+confirmed (none followed the keys, or it was lost under the call) then does
+what the protocol can without one (``_subscribe_offline``; on RabbitMQ's
+AMQP 1.0 plugin: declare the key's queue, so that what is published for it
+from then on waits for the reconnect). They never raise
 :class:`BrokerUnavailable`. Changes of different keys do not wait for each
 other: up to ``CHANGES_IN_FLIGHT`` wait for the broker at once, so that some
 users' churn does not hold up everyone's connects and joins. Ordering the
