@@ -188,7 +188,9 @@ async def test_a_peer_that_never_reads_is_cut_and_leaves_the_instance() -> None:
 
 
 async def test_sigterm_drain_ends_although_a_peer_never_reads() -> None:
-    env = {"TRIOWS_CLOSE_TIMEOUT": "1", "TRIOWS_DRAIN_TIMEOUT": "1"}
+    # A session's queue would hold only 1 MiB of it (the sender then hears "full"):
+    # without one, all 6 MB head for the socket.
+    env = {"TRIOWS_CLOSE_TIMEOUT": "1", "TRIOWS_DRAIN_TIMEOUT": "1", "TRIOWS_RESUME_WINDOW": "0"}
     async with serve_instance("memory", env=env) as server, httpx.AsyncClient() as http:
         stream, _ = await raw_handshake(server, "/events?user=Sloth", rcvbuf=4096)
         for _ in range(100):  # about 6 MB: more than the socket buffers hold

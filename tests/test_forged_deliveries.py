@@ -35,7 +35,9 @@ INVALID = [
 ]
 TOO_LARGE = (
     b'{"type":"message","id":"x","from":"Anne","to":"Bob","message":"'
-    + b"x" * (5 * 1024 * 1024)
+    # Over TRIOWS_MAX_MESSAGE_BYTES (64 KiB), under a session's TRIOWS_SESSION_MAX_BYTES
+    # (1 MiB; a body over that is refused by the broker itself).
+    + b"x" * (100 * 1024)
     + b'","ts":1}'
 )
 
@@ -62,10 +64,12 @@ def dropped(metrics: str, reason: str) -> float:
     return float(lines[0].removeprefix(prefix)) if lines else 0.0
 
 
-async def test_foreign_bodies_published_to_the_exchange_never_reach_bob() -> None:
+@pytest.mark.parametrize("window", ["120", "0"], ids=["session", "no-session"])
+async def test_foreign_bodies_published_to_the_exchange_never_reach_bob(window: str) -> None:
     exchange = unique_exchange()
+    env = {"TRIOWS_RESUME_WINDOW": window}
     async with (
-        ready_instances(RABBITMQ, 1, exchange=exchange) as (b,),
+        ready_instances(RABBITMQ, 1, exchange=exchange, env=env) as (b,),
         httpx.AsyncClient() as http,
         open_events(b.base_url, user="Bob") as bob,
     ):

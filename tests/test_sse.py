@@ -150,6 +150,11 @@ async def answer(client: QuartClient, path: str, **kwargs: Any) -> tuple[Stream,
     return stream, json.loads(body)
 
 
+def names_message(block: list[tuple[str, str]], message_id: str) -> bool:
+    """Whether ``block``'s event id is a session's cursor at message ``message_id``."""
+    return block[0][0] == "id" and block[0][1].endswith(f"-{message_id}")
+
+
 async def open_hello(stream: Stream) -> dict[str, Any]:
     """Read the stream's opening: ``retry:``, then the hello event."""
     with trio.fail_after(STEP_TIMEOUT):
@@ -242,18 +247,24 @@ async def test_stream_opens_with_retry_then_hello_and_a_message_carries_its_id()
         assert bob.status == 200
         assert bob.headers["content-type"].startswith("text/event-stream")
         assert bob.headers["cache-control"] == "no-store"
-        assert await open_hello(bob) == {
+        hello = await open_hello(bob)
+        session = hello.pop("session")
+        assert hello == {
             "type": "hello",
             "user": "Bob",
             "instance": "inst-1",
             "protocol": 1,
+            "resumable": True,
+            "resumed": False,
+            "missed": 0,
         }
         sent = await client.post("/send", json={"to": "Bob", "message": {"n": 1}, "from": "Anne"})
         assert sent.status_code == 202
         message_id = (await sent.get_json())["id"]
         with trio.fail_after(STEP_TIMEOUT):
             block = await bob.next_block()
-        assert block[0] == ("id", message_id)
+        # What Last-Event-ID brings back on a reconnect: the session and the cursor.
+        assert block[0] == ("id", f"{session}:1-{message_id}")
         frame = frame_of(block)
         assert (frame["type"], frame["from"], frame["message"]) == ("message", "Anne", {"n": 1})
 
@@ -351,7 +362,8 @@ async def test_a_room_the_token_does_not_allow_is_403() -> None:
 
 async def test_slow_consumer_stream_ends_and_is_counted_while_others_keep_receiving() -> None:
     async with (
-        serving(send_queue=4) as client,
+        # Without sessions: with one, the backlog waits at the broker instead.
+        serving(send_queue=4, resume_window=0) as client,
         open_stream(client, "/events?user=Sloth", buffer=10) as sloth,
         open_stream(client, "/events?user=Bob") as bob,
     ):
@@ -483,7 +495,7 @@ async def test_core_scenario_over_sse_bob_on_b_gets_annes_send_to_a() -> None:
             assert hello["type"] == "hello" and hello["instance"] != a_instance
             first = await send_confirmed(http, RABBITMQ, a.base_url, "Bob", {"text": "hi Bob"})
             block = await bob.next_block()
-            assert block[0] == ("id", first)
+            assert names_message(block, first)
             frame = frame_of(block)
             assert (frame["from"], frame["to"], frame["message"]) == (
                 "Anne",
@@ -492,7 +504,7 @@ async def test_core_scenario_over_sse_bob_on_b_gets_annes_send_to_a() -> None:
             )
             # Once: the next event is the next message, not a second copy.
             second = await send_confirmed(http, RABBITMQ, a.base_url, "Bob", "marker")
-            assert (await bob.next_block())[0] == ("id", second)
+            assert names_message(await bob.next_block(), second)
 
 
 @pytest.mark.broker
@@ -504,7 +516,7 @@ async def test_sigterm_drains_the_sse_stream_after_flushing_with_retry() -> None
             sent = await send_confirmed(http, RABBITMQ, a.base_url, "Bob", "before the drain")
             b.terminate()
             blocks = await bob.rest()
-        assert blocks[0][0] == ("id", sent)
+        assert names_message(blocks[0], sent)
         (comment, retry) = blocks[-1]
         assert comment == ("", "close 1012 instance draining, reconnect")
         assert retry[0] == "retry" and int(retry[1]) >= 2000
@@ -525,7 +537,8 @@ def never_reading_stream(base_url: str, path: str) -> socket.socket:
 @pytest.mark.broker
 async def test_a_slow_sse_consumer_is_cut_and_counted_while_others_keep_receiving() -> None:
     await require_broker(RABBITMQ.broker)
-    env = {"TRIOWS_SEND_QUEUE": "8", "TRIOWS_CLOSE_TIMEOUT": "1"}
+    # Without sessions: with one, the backlog waits at the broker instead.
+    env = {"TRIOWS_SEND_QUEUE": "8", "TRIOWS_CLOSE_TIMEOUT": "1", "TRIOWS_RESUME_WINDOW": "0"}
     payload = "x" * 60000
     async with ready_instances(RABBITMQ, env=env) as (a, b), httpx.AsyncClient() as http:
         sloth = never_reading_stream(b.base_url, "/events?user=Sloth")

@@ -71,6 +71,7 @@ class TriowsApp(QuartTrio):
         self.checks_host = self.guards_dev_mode or bool(settings.allowed_hosts)
         # Rooms asked for by event streams' ``?room=``, per user (triows.rate).
         self.stream_joins = RatePerUser(settings.send_rate, settings.send_burst)
+        self.session_opens = RatePerUser(settings.send_rate, settings.send_burst)
         # POST /send and /events are answered in front of Quart (triows.dataplane).
         self.data_plane = DataPlane(self, super().asgi_app)
 

@@ -42,6 +42,8 @@ class Host(Protocol):
     nursery: trio.Nursery
     # Event streams' ?room= joins, paced per user.
     stream_joins: RatePerUser
+    # Sessions opened or resumed (each is a queue at the broker), paced per user.
+    session_opens: RatePerUser
 
     @property
     def router(self) -> Router: ...

@@ -336,7 +336,7 @@ class DataPlane:
         """
         if not self.sessions_on:
             return 0.0
-        return self.app.stream_joins.take(user, 1, trio.current_time())
+        return self.app.session_opens.take(user, 1, trio.current_time())
 
     def session_rate_detail(self) -> str:
         settings = self.settings
