@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -22,10 +23,11 @@ import trio
 from deploy.brokers import CLUSTER_CA, RABBITMQ_CLUSTER_UNNAMED_HOST, SCRIPT
 from tests.brokers import broker_outage, cluster_urls, require_broker
 from tests.e2e import POLL_INTERVAL, RECONNECT_MAX, STEP_TIMEOUT, unique_exchange
+from tests.tcp_proxy import open_tcp_proxy
 from tests.test_amqp091_backend import Rejections
-from triows.backend import open_backend
+from triows.backend import Outcome, open_backend
 from triows.client import EventsClient, open_events, post_send
-from triows.process import Instance, serve_instance
+from triows.process import Instance, free_port, serve_instance
 from triows.settings import Settings
 
 pytestmark = pytest.mark.broker
@@ -34,6 +36,10 @@ BACKENDS = ("amqp091", "amqp10", "stomp")
 # Hang guards: the cluster's start (a cold one boots three nodes); a node's outage.
 CLUSTER_START_TIMEOUT = 600
 OUTAGE_TIMEOUT = 120
+# How long a send is given to reach an instance before the test lets its move
+# end (not a bound on anything: a send that waits for the move passes however
+# long this is; one refused at once fails).
+MOVE_SEND_LEAD = 0.5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,6 +130,112 @@ async def test_bob_on_node_2_gets_annes_send_to_node_1_and_again_after_node_2_go
                 assert bob.close_code is None
         assert during["from"] == "Anne"
         assert b.process.returncode is None
+
+
+def via_port(url: str, port: int) -> str:
+    """``url`` with its port replaced by ``port`` (a proxy's, in front of that node)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{host}:{port}"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_send_through_an_instance_moving_to_another_node_waits_for_it_and_reaches_bob(
+    backend: str,
+) -> None:
+    """Node 2 goes while B is on it; B's next node (3) answers only once the test lets it,
+    through a proxy that holds B's connection: the send Anne makes through B meanwhile
+    waits for B to be ready on node 3 and is delivered, instead of being refused (503)."""
+    await require_broker("rabbitmq-cluster")
+    urls = cluster_urls(backend).split(",")  # type: ignore[arg-type]
+    env = {"TRIOWS_EXCHANGE": unique_exchange(), "TRIOWS_RECONNECT_MAX": RECONNECT_MAX}
+    proxy_port = free_port()
+    b_urls = ",".join([urls[1], via_port(urls[2], proxy_port), urls[0]])
+    async with (
+        open_tcp_proxy(urlsplit(urls[2]).port or 0, port=proxy_port) as node_3,
+        serve_instance(backend, broker_url=",".join(urls), env=env) as a,
+        serve_instance(backend, broker_url=b_urls, env=env) as b,
+        httpx.AsyncClient(timeout=OUTAGE_TIMEOUT) as http,
+    ):
+        await a.wait_ready(STEP_TIMEOUT)
+        await b.wait_ready(STEP_TIMEOUT)
+        async with open_events(b.base_url, user="Bob") as bob:
+            with trio.fail_after(STEP_TIMEOUT):
+                await send_until_received(http, a, bob, "before")
+            node_3.hold()
+            with trio.fail_after(OUTAGE_TIMEOUT):
+                async with broker_outage("rabbitmq-cluster-2"):
+                    # B lost node 2 and is connecting to node 3: moving.
+                    await node_3.wait_someone_held()
+                    response: httpx.Response | None = None
+
+                    async def send_while_moving() -> None:
+                        nonlocal response
+                        response = await post_send(
+                            http, b.base_url, "Bob", "while B moves", sender="Anne"
+                        )
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(send_while_moving)
+                        # Time for the request to reach B (before the fix it
+                        # was answered 503 at once; it must wait instead).
+                        await trio.sleep(MOVE_SEND_LEAD)
+                        node_3.release()
+                    assert response is not None
+                    assert response.status_code == 202, response.text
+                    # (Sends of "before" may still be on their way.)
+                    while (await bob.receive()).get("message") != "while B moves":
+                        pass
+
+
+class BackendEvents(logging.Handler):
+    """The names of the ``triows`` log events, in order; ``back`` is set by a
+    ``broker_ready`` that follows a ``broker_not_ready``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.back = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = record.getMessage()
+        self.names.append(name)
+        if name == "broker_ready" and "broker_not_ready" in self.names:
+            self.back.set()
+
+
+async def test_amqp091_takes_a_new_queue_on_the_same_connection_when_its_node_is_gone() -> None:
+    """The node holding the backend's queue goes; on the next node that queue is out of
+    reach (its home node is down), and the backend declares a new one on the same
+    connection: ready again after one lost connection, not a second reconnect."""
+    await require_broker("rabbitmq-cluster")
+    urls = cluster_urls("amqp091").split(",")  # type: ignore[arg-type]
+    settings = Settings(
+        backend="amqp091",
+        broker_url=rotated(",".join(urls), 1),
+        exchange=unique_exchange(),
+        reconnect_max_delay=float(RECONNECT_MAX),
+    )
+    events = BackendEvents()
+    logger = logging.getLogger("triows")
+    level = logger.level
+    logger.addHandler(events)
+    logger.setLevel(logging.INFO)  # broker_ready and broker_not_ready are INFO
+    try:
+        async with open_backend(settings) as backend:
+            with trio.fail_after(STEP_TIMEOUT):
+                await backend.wait_ready()
+                await backend.subscribe("user.Bob")
+            with trio.fail_after(OUTAGE_TIMEOUT):
+                async with broker_outage("rabbitmq-cluster-2"):
+                    await events.back.wait()
+                    assert await backend.publish("user.Bob", b"after the move") == Outcome.ROUTED
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(events)
+    moved = events.names[events.names.index("broker_not_ready") :]
+    assert moved.count("broker_unavailable") == 1, moved
+    assert moved.count("broker_queue_replaced") == 1, moved
 
 
 # TLS: every node also listens with TLS, on a certificate of the script's CA
