@@ -4,28 +4,42 @@
 first of its list and, when it loses that node, moves to the next one and
 restores its subscriptions there. Here instance A lists node 1 first and B
 node 2, so Bob's socket on B and Anne's send to A cross the cluster; then
-node 2 goes down (its outage lock held) and B must carry Bob on.
+node 2 goes down (its outage lock held) and B must carry Bob on. Nodes are
+also SIGKILLed and shut down whole, and booted again (they rejoin the
+cluster), and an instance is held in the middle of a move.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 import trio
 
-from deploy.brokers import CLUSTER_CA, RABBITMQ_CLUSTER_UNNAMED_HOST, SCRIPT
+from deploy.brokers import (
+    BROKERS,
+    CLUSTER_CA,
+    RABBITMQ_CLUSTER_UNNAMED_HOST,
+    SCRIPT,
+    cluster_node,
+    cluster_nodes,
+    running_cluster_nodes,
+)
 from tests.brokers import broker_outage, cluster_urls, require_broker
 from tests.e2e import POLL_INTERVAL, RECONNECT_MAX, STEP_TIMEOUT, unique_exchange
 from tests.tcp_proxy import open_tcp_proxy
 from tests.test_amqp091_backend import Rejections
 from triows.backend import Outcome, open_backend
+from triows.backends.broker_url import rotated_broker_urls
 from triows.client import EventsClient, open_events, post_send
 from triows.process import Instance, free_port, serve_instance
 from triows.settings import Settings
@@ -55,12 +69,6 @@ def cluster_started() -> None:
     assert started.returncode == 0, started.stderr
 
 
-def rotated(urls: str, first: int) -> str:
-    """The URL list ``urls`` starting from its entry ``first`` (0-based), round the list."""
-    entries = urls.split(",")
-    return ",".join(entries[first:] + entries[:first])
-
-
 @asynccontextmanager
 async def instances_on_nodes(
     backend: str, first_nodes: tuple[int, ...], *, tls: bool = False
@@ -72,7 +80,7 @@ async def instances_on_nodes(
         instances = []
         for first in first_nodes:
             instance = await stack.enter_async_context(
-                serve_instance(backend, broker_url=rotated(urls, first), env=env)
+                serve_instance(backend, broker_url=rotated_broker_urls(urls, first), env=env)
             )
             await instance.wait_ready(STEP_TIMEOUT)
             instances.append(instance)
@@ -129,6 +137,85 @@ async def test_bob_on_node_2_gets_annes_send_to_node_1_and_again_after_node_2_go
                 during = await send_until_received(http, a, bob, "during")
                 assert bob.close_code is None
         assert during["from"] == "Anne"
+        assert b.process.returncode is None
+
+
+# Cluster nodes by the table's names, and their Erlang names.
+NODE_1, NODE_2 = "rabbitmq-cluster-1", "rabbitmq-cluster-2"
+
+
+def erlang_name(node: str) -> str:
+    return cluster_node(BROKERS[node]).name
+
+
+async def rabbitmqctl(node: str, *args: str) -> str:
+    result = await trio.run_process(
+        ["rabbitmqctl", "-q", "-n", erlang_name(node), *args], capture_stdout=True
+    )
+    return result.stdout.decode()
+
+
+async def kill_node(node: str) -> None:
+    """SIGKILL the node's Erlang VM: its OS closes every connection, nothing is said."""
+    pid = int((await rabbitmqctl(node, "eval", "os:getpid().")).strip().strip('"'))
+    os.kill(pid, signal.SIGKILL)
+
+
+async def stop_node(node: str) -> None:
+    """Shut the whole node down (``rabbitmqctl stop``: its Erlang VM exits)."""
+    await rabbitmqctl(node, "stop")
+
+
+async def running_nodes() -> list[str]:
+    """The nodes node 3 sees running in its cluster."""
+    return await trio.to_thread.run_sync(running_cluster_nodes, cluster_nodes()[2])
+
+
+async def test_the_node_under_the_sending_instance_killed_and_booted_again_annes_sends_go_on() -> (
+    None
+):
+    """Anne sends through A, Bob listens on B: node 1, A's node, is SIGKILLed. A moves to
+    node 2 (the next in its list) and Anne's sends through it reach Bob again; node 1
+    boots again, rejoins the cluster, and nothing needs it to."""
+    await require_broker("rabbitmq-cluster")
+    async with (
+        instances_on_nodes("amqp091", (0, 1)) as (a, b),
+        httpx.AsyncClient() as http,
+        open_events(b.base_url, user="Bob") as bob,
+    ):
+        with trio.fail_after(STEP_TIMEOUT):
+            await send_until_received(http, a, bob, "before")
+        with trio.fail_after(OUTAGE_TIMEOUT):
+            async with broker_outage(NODE_1, take_down=partial(kill_node, NODE_1)):
+                during = await send_until_received(http, a, bob, "during")
+            # Booted with its data, it synced with the running nodes before
+            # opening its listeners (outage-end waits for those).
+            assert erlang_name(NODE_1) in await running_nodes()
+            after = await send_until_received(http, a, bob, "after")
+        assert during["from"] == after["from"] == "Anne"
+        assert bob.close_code is None
+        assert a.process.returncode is None
+
+
+async def test_a_node_restarted_whole_rejoins_and_delivery_to_the_instance_on_it_goes_on() -> None:
+    """Node 2, under B (Bob's instance), is shut down whole and booted again while Anne
+    sends: B moves to node 3 and Bob keeps getting her messages; node 2 rejoins the
+    cluster, and Bob still gets them."""
+    await require_broker("rabbitmq-cluster")
+    async with (
+        instances_on_nodes("amqp091", (0, 1)) as (a, b),
+        httpx.AsyncClient() as http,
+        open_events(b.base_url, user="Bob") as bob,
+    ):
+        with trio.fail_after(STEP_TIMEOUT):
+            await send_until_received(http, a, bob, "before")
+        with trio.fail_after(OUTAGE_TIMEOUT):
+            async with broker_outage(NODE_2, take_down=partial(stop_node, NODE_2)):
+                during = await send_until_received(http, a, bob, "during")
+            assert erlang_name(NODE_2) in await running_nodes()
+            after = await send_until_received(http, a, bob, "after")
+        assert during["from"] == after["from"] == "Anne"
+        assert bob.close_code is None
         assert b.process.returncode is None
 
 
@@ -212,7 +299,7 @@ async def test_amqp091_takes_a_new_queue_on_the_same_connection_when_its_node_is
     urls = cluster_urls("amqp091").split(",")  # type: ignore[arg-type]
     settings = Settings(
         backend="amqp091",
-        broker_url=rotated(",".join(urls), 1),
+        broker_url=rotated_broker_urls(",".join(urls), 1),
         exchange=unique_exchange(),
         reconnect_max_delay=float(RECONNECT_MAX),
     )
