@@ -197,7 +197,7 @@ def _is_broker_process(target: Target, process: psutil.Process) -> bool:
     name = process.info["name"] or ""
     cmdline = " ".join(process.info["cmdline"] or [])
     family = target.family
-    if family == "rabbitmq":
+    if family in ("rabbitmq", "rabbitmq-cluster"):
         # The Erlang VM does the work; epmd and the port helpers are idle.
         # Which node it is (the machine's, the cluster's, the alarm one) is
         # only in its environment.
