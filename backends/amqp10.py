@@ -86,6 +86,7 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -194,22 +195,38 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         queues = [(s.queue.name, s.key) for s in subscriptions if s.queue is not None]
         if exchange is None or not queues:
             return
+        declare = partial(
+            declare_bound_queues,
+            self._address,
+            port=self._address.port,
+            exchange=exchange,
+            expires=self._settings.queue_expires,
+            batch_timeout=self._broker_timeout,
+        )
         try:
-            await declare_bound_queues(
-                self._address,
-                port=self._address.port,
-                exchange=exchange,
-                queues=queues,
-                expires=self._settings.queue_expires,
-                batch_timeout=self._broker_timeout,
+            await declare(queues=queues)
+        except QueueOutOfReach as error:
+            # Our queues were made on a cluster node that is down (we were
+            # connected to it, and moved to another node): what they hold is
+            # out of reach until it returns. New queues for these keys, declared
+            # now for this connection's links, so that sends to our users are
+            # routed again without another reconnect; the old ones expire
+            # unused. (Another key's queue from that node is replaced the same
+            # way when it is declared.)
+            log_event(
+                "broker_queue_replaced",
+                logging.WARNING,
+                broker=self._broker,
+                queues=len(queues),
+                error=str(error),
             )
-        except QueueOutOfReach:
-            # Our queues were made on a cluster node that is down: what they
-            # hold is out of reach until it returns. New queues (the next
-            # connection declares them for every held key); the old ones
-            # expire unused.
-            self._queues = {}
-            raise
+            for subscription in subscriptions:
+                if subscription.queue is None:
+                    continue
+                if self._queues.get(subscription.key) is subscription.queue:
+                    del self._queues[subscription.key]
+                subscription.queue = self._held_queue(live, subscription.key)
+            await declare(queues=[(s.queue.name, s.key) for s in subscriptions if s.queue])
 
     def _attach(self, live: Amqp10Connection, subscription: Subscription) -> None:
         """Attach the subscription's link, unless it has one or is not the key's any more."""
