@@ -72,6 +72,7 @@ then the bindings it held are gone and sends to its users answer 404.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import secrets
@@ -108,6 +109,7 @@ from triows.backends.broker_url import BrokerAddress, parse_broker_urls
 from triows.backends.handed_over import HandedOver
 from triows.backends.rabbitmq_exchange import HOME_NODE_DOWN
 from triows.backends.supervisor import BrokerRejected, Supervised, run_supervised
+from triows.logs import log_event
 from triows.protocol import USER_KEY_PREFIX
 from triows.settings import Settings
 
@@ -478,10 +480,22 @@ class Amqp091Backend(Supervised[AioSession]):
                 # A cluster whose node holding our queue is down (we were
                 # connected to it, and moved to another node): the queue, and
                 # what it held, is out of reach until that node returns. Take a
-                # new queue; the next connection binds every held key to it,
-                # and the old one expires unused (x-expires).
-                self._queue = queue_name(settings.instance_id)
-                raise AioSessionLost(f"our queue {queue} is out of reach: {error}") from error
+                # new queue, here on this connection (the broker closed only
+                # the channel), so that the keys are bound again, and sends to
+                # our users routed again, without another reconnect; the old
+                # queue expires unused (x-expires).
+                queue = self._queue = queue_name(settings.instance_id)
+                log_event(
+                    "broker_queue_replaced",
+                    logging.WARNING,
+                    broker=self._broker,
+                    queue=session.queue,
+                    replaced_by=queue,
+                    error=str(error),
+                )
+                channel = await call_aio(self._loop, connection.channel, publisher_confirms=True)
+                session = AioSession(self._loop, connection, channel, queue, BINDING_BATCH)
+                await session.call(channel.queue_declare, queue, exclusive=False, **lifetime)
             await session.call(channel.basic_qos, prefetch_count=settings.prefetch)
 
             def on_delivery(message: aiormq.abc.DeliveredMessage) -> None:

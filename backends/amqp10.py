@@ -202,28 +202,45 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         """Declare and bind the queues of ``subscriptions`` (those that have one)."""
         exchange = live.addressing.queue_exchange if live.addressing else None
         queues = [(s.queue.name, s.key) for s in subscriptions if s.queue is not None]
-        await self._declare_queues(exchange, queues)
+        try:
+            await self._declare_queues(exchange, queues)
+        except QueueOutOfReach as error:
+            # Our queues were made on a cluster node that is down (we were
+            # connected to it, and moved to another node): what they hold is
+            # out of reach until it returns. New queues for these keys, declared
+            # now for this connection's links, so that sends to our users are
+            # routed again without another reconnect; the old ones expire
+            # unused. (Another key's queue from that node is replaced the same
+            # way when it is declared.)
+            log_event(
+                "broker_queue_replaced",
+                logging.WARNING,
+                broker=self._broker,
+                queues=len(queues),
+                error=str(error),
+            )
+            for subscription in subscriptions:
+                if subscription.queue is None:
+                    continue
+                if self._queues.get(subscription.key) is subscription.queue:
+                    del self._queues[subscription.key]
+                subscription.queue = self._held_queue(live, subscription.key)
+            await self._declare_queues(
+                exchange, [(s.queue.name, s.key) for s in subscriptions if s.queue]
+            )
 
     async def _declare_queues(self, exchange: str | None, queues: list[tuple[str, str]]) -> None:
         """Declare each ``(queue, key)`` and bind it to ``exchange`` (over AMQP 0-9-1)."""
         if exchange is None or not queues:
             return
-        try:
-            await declare_bound_queues(
-                self._address,
-                port=self._address.port,
-                exchange=exchange,
-                queues=queues,
-                expires=self._settings.queue_expires,
-                batch_timeout=self._broker_timeout,
-            )
-        except QueueOutOfReach:
-            # Our queues were made on a cluster node that is down: what they
-            # hold is out of reach until it returns. New queues (the next
-            # connection declares them for every held key); the old ones
-            # expire unused.
-            self._queues = {}
-            raise
+        await declare_bound_queues(
+            self._address,
+            port=self._address.port,
+            exchange=exchange,
+            expires=self._settings.queue_expires,
+            batch_timeout=self._broker_timeout,
+            queues=queues,
+        )
 
     async def _subscribe_offline(self, key: str) -> None:
         # No AMQP 1.0 connection follows the keys (not yet back, or lost under
@@ -239,7 +256,10 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         if exchange is None:
             return
         queue = self._key_queue(key)
-        with anyio.move_on_after(self._broker_timeout), suppress(*self._broker_failures):
+        with (
+            anyio.move_on_after(self._broker_timeout),
+            suppress(QueueOutOfReach, *self._broker_failures),
+        ):
             await self._declare_queues(exchange, [(queue.name, key)])
 
     def _attach(self, live: Amqp10Connection, subscription: Subscription) -> None:

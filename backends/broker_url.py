@@ -89,6 +89,18 @@ def broker_urls(raw: str) -> list[str]:
     return urls
 
 
+def rotated_broker_urls(raw: str, first: int) -> str:
+    """The URL list ``raw`` from its entry ``first`` (0-based, round the list) on.
+
+    How instances on one cluster spread over its nodes: instance ``i`` gets the
+    list rotated by ``i``, so each connects first to a different node and, on
+    losing it, moves to the next.
+    """
+    urls = broker_urls(raw)
+    first %= len(urls)
+    return ",".join(urls[first:] + urls[:first])
+
+
 def parse_broker_urls(raw: str, schemes: Mapping[str, tuple[int, bool]]) -> list[BrokerAddress]:
     """Parse every URL of ``raw``; :class:`SettingsError` names the first one that is wrong.
 

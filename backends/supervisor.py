@@ -28,7 +28,12 @@ Readiness. ``ready`` is true from the moment every held key is restored on a
 connection until that connection is lost; :meth:`Supervised.wait_ready` waits
 for it. ``publish`` raises :class:`BrokerUnavailable` at once while not ready,
 and when no confirm comes within ``TRIOWS_PUBLISH_TIMEOUT`` (the only place
-that timeout is applied).
+that timeout is applied). One exception: while the backend *moves*, from the
+loss of a ready connection until it is ready on another node of its list or
+has tried each of them once, a publish waits for the move (within
+``TRIOWS_PUBLISH_TIMEOUT``) rather than fail: a move takes a fraction of a
+second, and a send refused then would be refused for a node the cluster can
+do without.
 
 Reconnects and errors. Each failure of a connection is classified:
 
@@ -242,7 +247,11 @@ class Supervised(ABC, Generic[C]):
         self._changes = ChangeGate(self.CHANGES_IN_FLIGHT)
         self._following: C | None = None  # the connection subscribe/unsubscribe act on
         self._ready: C | None = None  # the same, once every held key is restored on it
-        self._ready_changed = anyio.Event()
+        self._ready_changed = anyio.Event()  # also set when ``_moving`` changes
+        # Moving to another node after losing a ready connection (see the module
+        # docstring), and how many other nodes are left to try.
+        self._moving = False
+        self._nodes_left = 0
         self._closing = False
         self._loss: tuple[type[BaseException], ...] = (*TRANSIENT, *self.LOST)
         self._broker_failures: tuple[type[BaseException], ...] = (
@@ -349,14 +358,21 @@ class Supervised(ABC, Generic[C]):
     async def publish(self, key: str, body: bytes) -> Outcome:
         """Publish ``body`` to ``key`` and wait (``TRIOWS_PUBLISH_TIMEOUT``) for the confirm.
 
-        Raises :class:`BrokerUnavailable` at once while not ready, and when the
-        broker refuses the message, the connection drops or the confirm is late.
+        Raises :class:`BrokerUnavailable` at once while not ready (while the
+        backend moves to another node of its list: once the move has taken
+        ``TRIOWS_PUBLISH_TIMEOUT`` or failed), and when the broker refuses the
+        message, the connection drops or the confirm is late.
         On cancellation the message may or may not have been published.
         """
         connection = self._ready
+        timeout = self._settings.publish_timeout
+        if connection is None and self._moving:
+            with anyio.move_on_after(timeout):
+                while self._ready is None and self._moving:
+                    await self._ready_changed.wait()
+            connection = self._ready
         if connection is None:
             raise BrokerUnavailable(f"not connected to the broker {self._broker}")
-        timeout = self._settings.publish_timeout
         try:
             if self.PUBLISH_BOUNDED:
                 return await self._publish_on(connection, key, body)
@@ -440,6 +456,9 @@ class Supervised(ABC, Generic[C]):
         self._closing = True
         connection = self._following
         self._lost(connection)
+        self._moving = False
+        self._ready_changed.set()
+        self._ready_changed = anyio.Event()
         if connection is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._settings.close_timeout):
                 try:
@@ -455,10 +474,27 @@ class Supervised(ABC, Generic[C]):
         """``connection`` is gone: stop following and publishing on it."""
         if connection is None or self._following is not connection:
             return
+        if self._ready is connection and len(self._addresses) > 1 and not self._closing:
+            # In the same step as readiness ends, so that no publish in between
+            # fails for want of it.
+            self._nodes_left = len(self._addresses) - 1
+            self._moving = True
         self._following = None
         self._set_ready(None)
 
+    def _attempt_failed(self) -> None:
+        """An attempt on another node of the list failed to come up: one fewer left to try."""
+        if not self._moving:
+            return
+        self._nodes_left -= 1
+        if self._nodes_left <= 0:
+            self._moving = False
+            self._ready_changed.set()
+            self._ready_changed = anyio.Event()
+
     def _set_ready(self, connection: C | None) -> None:
+        if connection is not None:
+            self._moving = False
         if (connection is None) == (self._ready is None):
             self._ready = connection
             return
@@ -491,13 +527,16 @@ class Supervised(ABC, Generic[C]):
                 started = True
                 task_status.started()
 
+        came_up = False
+
         async def up(connection: C) -> None:
-            nonlocal reported
+            nonlocal reported, came_up
             async with self._all_changes():
                 keys = sorted(self._keys)
                 self._following = connection  # same step as reading the keys
                 await self._restore(connection, keys)
                 self._set_ready(connection)
+                came_up = True
             backoff.reset()
             reported.clear()
             log_event(
@@ -511,6 +550,7 @@ class Supervised(ABC, Generic[C]):
         lost = self._loss
         while not self._closing:
             error: BaseException
+            came_up = False
             try:
                 await self._session(up)
                 error = ConnectionError("the broker connection ended")
@@ -520,6 +560,8 @@ class Supervised(ABC, Generic[C]):
                     raise
             finally:
                 self._lost(self._following)
+                if not came_up:
+                    self._attempt_failed()
             report_started()
             if self._closing:
                 return

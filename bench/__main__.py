@@ -26,7 +26,7 @@ import trio
 from bench.machine import machine_facts
 from bench.report import write
 from bench.scenarios import MATRIX_SCENARIOS, SCENARIOS, TRAFFIC_SCENARIOS, Options, run_target
-from bench.targets import PEER_TARGETS, TARGETS, Target, with_resume_window
+from bench.targets import CLUSTER_TARGETS, PEER_TARGETS, TARGETS, Target, with_resume_window
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Quick runs prove the bench works; their figures are not results.
@@ -45,9 +45,13 @@ def _targets(names: list[str] | None, scenarios: list[str] | None = None) -> lis
         return list(every.values())
     chosen: list[Target] = []
     for name in names:
-        matches = [t for t in every.values() if name in (t.name, t.backend)]
+        # A cluster target only by its own name (a backend name means the single brokers).
+        matches = [t for t in every.values() if name in (t.name, t.backend)] + [
+            t for t in CLUSTER_TARGETS.values() if name == t.name
+        ]
         if not matches:
-            known = ", ".join([*every, *sorted({t.backend for t in every.values()})])
+            backends = sorted({t.backend for t in every.values()})
+            known = ", ".join([*every, *CLUSTER_TARGETS, *backends])
             raise SystemExit(f"bench: unknown target or backend {name!r}; known: {known}")
         chosen += [target for target in matches if target not in chosen]
     return chosen
@@ -141,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         metavar="TARGET",
         help=(
-            f"a target ({', '.join([*TARGETS, *PEER_TARGETS])}) or a backend name; "
-            "repeatable; default: all (scaleout alone: " + ", ".join(SCALEOUT_TARGETS) + ")"
+            f"a target ({', '.join([*TARGETS, *PEER_TARGETS, *CLUSTER_TARGETS])}) or a "
+            "backend name (the single-broker targets); repeatable; default: all but the "
+            "cluster ones (scaleout alone: " + ", ".join(SCALEOUT_TARGETS) + ")"
         ),
     )
     parser.add_argument("--quick", action="store_true", help="brief runs that prove it works")

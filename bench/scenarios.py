@@ -36,6 +36,7 @@ from bench.targets import (
     broker_processes,
     ensure_broker,
     holding_broker,
+    rotated_urls,
 )
 from bench.traffic import (
     OpenReceiver,
@@ -168,13 +169,15 @@ async def _instances(
     """Start ``count`` ready instances of ``target`` (one after the other if it must)."""
     async with AsyncExitStack() as stack:
         instances: list[Instance] = []
-        for _ in range(count):
+        for index in range(count):
+            # On a cluster, instance i starts on node i (round the list).
+            broker_url = rotated_urls(target.broker_url, index)
             serving = (
-                serve_peer(broker_url=target.broker_url, channel=exchange)
+                serve_peer(broker_url=broker_url, channel=exchange)
                 if target.server == "peer"
                 else serve_instance(
                     target.backend,
-                    broker_url=target.broker_url or None,
+                    broker_url=broker_url or None,
                     env=_instance_env(exchange, **dict(target.env), **env),
                 )
             )
@@ -486,7 +489,13 @@ async def run_ceiling(target: Target, exchange: str, options: Options) -> dict[s
         if target.single_instance:
             consumer = publisher
         else:
-            consumer_settings = replace(settings, instance_id=f"bench-ceiling-sub-{tag}")
+            # On a cluster the consumer starts on the next node: its messages
+            # cross from node to node.
+            consumer_settings = replace(
+                settings,
+                instance_id=f"bench-ceiling-sub-{tag}",
+                broker_url=rotated_urls(target.broker_url, 1),
+            )
             consumer = await stack.enter_async_context(open_backend(consumer_settings))
             await _wait_ready(consumer)
         for key in keys:

@@ -18,7 +18,15 @@ from dataclasses import dataclass, replace
 import psutil
 import trio
 
-from deploy.brokers import BROKERS, LOCK_TIMEOUT, SCRIPT, SCRIPT_NAME, cluster_urls
+from deploy.brokers import (
+    BROKERS,
+    LOCK_TIMEOUT,
+    RABBITMQ_CLUSTER_NODES,
+    SCRIPT,
+    SCRIPT_NAME,
+    cluster_urls,
+)
+from triows.backends.broker_url import rotated_broker_urls
 
 # The table's script waits up to 90 s for RabbitMQ itself; this only guards a hang.
 BROKER_START_TIMEOUT = 300.0
@@ -95,17 +103,36 @@ TARGETS: dict[str, Target] = {
 }
 
 
-# On the table's three-node RabbitMQ cluster, for the node faults (bench/faults):
-# each instance lists every node, instance A node 1 first and B node 2 first.
+# On the table's three-node RabbitMQ cluster: each instance lists every node,
+# and the lists are rotated so that instances start on different nodes (in
+# bench/faults instance A lists node 1 first and B node 2; in the bench's
+# scenarios instance i lists node i mod 3 first, see rotated_urls). Named
+# explicitly (--target, --backend), never part of a default run.
 CLUSTER_TARGETS: dict[str, Target] = {
-    "amqp091-rabbitmq-cluster": Target(
-        "amqp091-rabbitmq-cluster",
-        "amqp091",
+    f"{backend}-rabbitmq-cluster": Target(
+        f"{backend}-rabbitmq-cluster",
+        backend,
         "rabbitmq-cluster",
         BROKERS["rabbitmq-cluster"].family,
-        cluster_urls("amqp091"),
-    ),
+        cluster_urls(backend),
+    )
+    for backend in ("amqp091", "amqp10", "stomp")
 }
+# The same cluster, every instance on node 1 only: the one-node side of a
+# comparison (the other two nodes idle in the same cluster).
+CLUSTER_TARGETS["amqp091-rabbitmq-cluster-node1"] = Target(
+    "amqp091-rabbitmq-cluster-node1",
+    "amqp091",
+    "rabbitmq-cluster",
+    BROKERS["rabbitmq-cluster"].family,
+    cluster_urls("amqp091").split(",")[0],
+)
+
+
+def rotated_urls(broker_url: str, first: int) -> str:
+    """The target's URL list from its entry ``first`` on (round the list); a single URL,
+    or none (memory), as it is."""
+    return rotated_broker_urls(broker_url, first) if broker_url else broker_url
 
 
 # Not triows: the alternative it is measured against, on the same broker in the same run.
@@ -180,12 +207,24 @@ async def holding_broker(target: Target) -> AsyncIterator[None]:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def _is_broker_process(family: str, process: psutil.Process) -> bool:
+def _is_broker_process(target: Target, process: psutil.Process) -> bool:
     name = process.info["name"] or ""
     cmdline = " ".join(process.info["cmdline"] or [])
-    if family == "rabbitmq":
+    family = target.family
+    if family in ("rabbitmq", "rabbitmq-cluster"):
         # The Erlang VM does the work; epmd and the port helpers are idle.
-        return name == "beam.smp" and "rabbit" in cmdline
+        # Which node it is (the machine's, the cluster's, the alarm one) is
+        # only in its environment.
+        if name != "beam.smp" or "rabbit" not in cmdline:
+            return False
+        try:
+            node = process.environ().get("RABBITMQ_NODENAME", "")
+        except psutil.Error:
+            return True
+        in_cluster = node in RABBITMQ_CLUSTER_NODES
+        if target.broker == "rabbitmq-cluster":
+            return in_cluster
+        return not in_cluster and not node.startswith("triows-alarm@")
     if family == "activemq":
         return name == "java" and "activemq" in cmdline
     if family == "garagemq":
@@ -198,5 +237,5 @@ def broker_processes(target: Target) -> list[psutil.Process]:
     return [
         process
         for process in psutil.process_iter(["name", "cmdline"])
-        if _is_broker_process(target.family, process)
+        if _is_broker_process(target, process)
     ]

@@ -882,7 +882,7 @@ def ensure_cluster_tls() -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     log(f"rabbitmq-cluster: making a CA and a server certificate in {folder}")
-    openssl = ["openssl", "req", "-new", "-nodes", "-newkey", "rsa:2048"]
+    openssl = ["req", "-new", "-nodes", "-newkey", "rsa:2048"]
     run_openssl(
         *openssl,
         "-x509",

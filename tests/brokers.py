@@ -16,7 +16,7 @@ import fcntl
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
@@ -58,11 +58,16 @@ async def require_broker(name: str) -> None:
 
 
 @asynccontextmanager
-async def broker_outage(name: str) -> AsyncIterator[None]:
+async def broker_outage(
+    name: str, *, take_down: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[None]:
     """Take broker ``name`` down for the block, then bring it back and wait until it answers.
 
     ``name`` is ``rabbitmq`` (its app is stopped; the AMQP 1.0 and STOMP
-    plugins go down with it) or ``activemq`` (the process is stopped). The
+    plugins go down with it) or ``activemq`` (the process is stopped), or a
+    node of ``rabbitmq-cluster``; ``take_down`` replaces the script's
+    ``outage-begin`` (say, to SIGKILL a cluster node: ``outage-end`` boots a
+    node that is gone, with its data, and it rejoins the cluster). The
     broker family's outage lock (``Broker.lock_path``) is held from before the
     broker goes down until it answers again, so concurrent test runs never
     overlap their outages and ``deploy/brokers.py start``/``check`` wait for the
@@ -82,9 +87,13 @@ async def broker_outage(name: str) -> AsyncIterator[None]:
         # still take.
         await trio.to_thread.run_sync(fcntl.flock, lock_fd, fcntl.LOCK_EX, abandon_on_cancel=True)
         try:
-            begun = await run_brokers_script("outage-begin", name)
-            if begun.returncode != 0:
-                pytest.fail(f"outage-begin {name} failed: {_script_message(begun)}", pytrace=False)
+            if take_down is None:
+                begun = await run_brokers_script("outage-begin", name)
+                if begun.returncode != 0:
+                    message = _script_message(begun)
+                    pytest.fail(f"outage-begin {name} failed: {message}", pytrace=False)
+            else:
+                await take_down()
             yield
         finally:
             with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_END_TIMEOUT):

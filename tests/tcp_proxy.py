@@ -1,4 +1,4 @@
-"""A loopback TCP proxy in front of a broker, to make it appear late or drop connections.
+"""A loopback TCP proxy in front of a broker: it makes it appear late, holds or drops connections.
 
 Stopping the shared RabbitMQ disturbs every other test running at the same
 time; a proxy shows "the broker is not there yet" and "the network dropped the
@@ -27,6 +27,25 @@ class TcpProxy:
     port: int
     target_port: int
     _links: set[trio.CancelScope] = field(default_factory=set)
+    # While set (not yet released), a new connection is accepted and then held:
+    # nothing is forwarded either way, as a broker that answers late.
+    _held: trio.Event | None = None
+    _someone_held: trio.Event = field(default_factory=trio.Event)
+
+    def hold(self) -> None:
+        """Hold every new connection (accepted, silent) until :meth:`release`."""
+        self._held = trio.Event()
+        self._someone_held = trio.Event()
+
+    def release(self) -> None:
+        """Forward the held connections, and new ones, again."""
+        if self._held is not None:
+            self._held.set()
+        self._held = None
+
+    async def wait_someone_held(self) -> None:
+        """Return once a connection made since :meth:`hold` is being held."""
+        await self._someone_held.wait()
 
     @property
     def connections(self) -> int:
@@ -40,6 +59,10 @@ class TcpProxy:
 
     async def _forward(self, client: trio.SocketStream) -> None:
         async with client:
+            held = self._held
+            if held is not None:
+                self._someone_held.set()
+                await held.wait()
             try:
                 server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
             except OSError:

@@ -296,6 +296,25 @@ async def test_a_reconnect_restores_exactly_the_held_keys(broker_case: Case, exc
             assert sorted(received) == [("user.Bob", b"1"), ("user.New", b"2")]
 
 
+async def test_a_publish_once_every_node_of_the_list_is_lost_is_refused_not_held(
+    broker_case: Case, exchange: str
+) -> None:
+    """Ready on the first node of its list, the backend loses it, and the other nodes
+    refuse it: a publish meanwhile waits for the move only until every node was tried,
+    then is refused, however long ``TRIOWS_PUBLISH_TIMEOUT`` is."""
+    port = free_port()
+    nodes = ",".join(broker_case.url.format(port=node) for node in (port, free_port(), free_port()))
+    settings = broker_case.settings(exchange, broker_url=nodes, publish_timeout=3600.0)
+    async with open_backend(settings) as holder:
+        async with open_tcp_proxy(broker_case.port, port=port):
+            with trio.fail_after(READY_TIMEOUT):
+                await holder.wait_ready()
+        # The proxy is closed: the connection dropped and every node refuses.
+        await wait_not_ready(holder)
+        with trio.fail_after(READY_TIMEOUT), pytest.raises(BrokerUnavailable):
+            await holder.publish("user.Bob", b"{}")
+
+
 # --- start-up checks and the supervisor's error classes (no broker) ------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,17 +10,24 @@ import sys
 from contextlib import AsyncExitStack
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import trio
 
+from deploy.brokers import RABBITMQ_CLUSTER_NODES
 from tests.brokers import require_broker
 from tests.e2e import OutputLines, unique_exchange
 from tests.test_client import next_of_type
 from tests.test_stomp_backend import rabbitmq_queues
 from triows.client import EventsClient, open_client, open_events, post_send
-from triows.cluster import open_cluster, stop_instances
+from triows.cluster import (
+    broker_cluster_url,
+    instance_broker_url,
+    open_cluster,
+    stop_instances,
+)
 from triows.process import free_port, wait_for_status
 from triows.protocol import CLOSE_DRAINING
 
@@ -68,6 +76,58 @@ async def test_behind_haproxy_users_spread_over_instances_and_survive_a_drain() 
             response = await post_send(http, cluster.url, "Bob", "via /send", sender="Anne")
             assert response.status_code == 202
             assert (await next_of_type(bob, "message"))["message"] == "via /send"
+
+
+def test_a_broker_url_list_is_rotated_per_instance_and_one_url_kept() -> None:
+    nodes = "amqp://n1/,amqp://n2/,amqp://n3/"
+    assert [instance_broker_url(nodes, index) for index in range(4)] == [
+        nodes,
+        "amqp://n2/,amqp://n3/,amqp://n1/",
+        "amqp://n3/,amqp://n1/,amqp://n2/",
+        nodes,
+    ]
+    assert instance_broker_url("amqp://n1/", 2) == "amqp://n1/"
+    assert instance_broker_url(None, 1) is None
+
+
+async def test_on_the_broker_cluster_the_instances_start_on_three_different_nodes() -> None:
+    """``nox -s cluster -- --broker-cluster``: each instance lists every node, from a
+    different one, so the three instances' broker connections are on the three nodes."""
+    await require_broker("rabbitmq-cluster")
+    front, ports = free_ports()
+    env = {"TRIOWS_EXCHANGE": unique_exchange()}
+    urls = await broker_cluster_url("amqp091")
+    async with open_cluster(
+        broker_url=urls, broker="rabbitmq-cluster", front_port=front, instance_ports=ports, env=env
+    ) as cluster:
+        ids = [await _hello_of(instance.base_url) for instance in cluster.instances]
+        node_ports = await broker_ports_of_connections()
+        assert sorted(node_ports[f"triows {instance_id}"] for instance_id in ids) == sorted(
+            urlsplit(url).port for url in urls.split(",")
+        )
+
+
+async def broker_ports_of_connections() -> dict[str, int]:
+    """The cluster's AMQP connections: the node port each is on, by connection name."""
+    listed = await trio.run_process(
+        [
+            "rabbitmqctl",
+            "-q",
+            "-n",
+            RABBITMQ_CLUSTER_NODES[0],
+            "list_connections",
+            "port",
+            "client_properties",
+            "--formatter",
+            "json",
+        ],
+        capture_stdout=True,
+    )
+    ports = {}
+    for connection in json.loads(listed.stdout):
+        properties = {entry[0]: entry[-1] for entry in connection["client_properties"]}
+        ports[str(properties.get("connection_name"))] = int(connection["port"])
+    return ports
 
 
 async def _hello_of(base_url: str) -> str:

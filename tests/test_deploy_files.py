@@ -22,6 +22,9 @@ import yaml
 from tests.brokers import require_broker
 from tests.conftest import serving
 from tests.e2e import STEP_TIMEOUT, TARGETS_BY_NAME, ready_instances
+from triows.backend import check_backend_settings
+from triows.backends.amqp091 import SCHEMES as AMQP091_SCHEMES
+from triows.backends.broker_url import parse_broker_urls
 from triows.client import open_client, post_send
 from triows.cluster import (
     DEFAULT_FRONT_PORT,
@@ -90,6 +93,7 @@ def test_the_manifests_have_what_a_cluster_operator_expects() -> None:
         "Service",
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
+        "RabbitmqCluster",
     } <= kinds
 
 
@@ -176,6 +180,78 @@ def test_the_container_has_resource_requests_and_limits() -> None:
     resources = deployment_container()["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"])
     assert {"cpu", "memory"} <= set(resources["limits"])
+
+
+# --- RabbitMQ, as its Kubernetes operator runs it --------------------------------
+
+# What the backends other than amqp091 need enabled: AMQP 1.0 (amqp10), STOMP (stomp).
+PLUGINS_TRIOWS_USES = {"rabbitmq_amqp1_0", "rabbitmq_stomp"}
+# The AMQP port of the operator's services.
+OPERATOR_AMQP_PORT = 5672
+
+
+def rabbitmq_cluster() -> dict[str, Any]:
+    cluster: dict[str, Any] = manifests()["RabbitmqCluster"]
+    return cluster
+
+
+def node_host_names(cluster: dict[str, Any]) -> list[str]:
+    """The stable DNS names the operator gives the nodes: NAME-server-i.NAME-nodes.NAMESPACE
+    (pod i of the StatefulSet NAME-server behind the headless Service NAME-nodes)."""
+    name = cluster["metadata"]["name"]
+    namespace = cluster["metadata"]["namespace"]
+    return [
+        f"{name}-server-{node}.{name}-nodes.{namespace}"
+        for node in range(cluster["spec"]["replicas"])
+    ]
+
+
+def broker_url_list() -> str:
+    url: str = manifests()["Secret"]["stringData"]["broker-url"]
+    return url
+
+
+def test_rabbitmq_is_an_operator_cluster_of_three_nodes_with_the_plugins_triows_uses() -> None:
+    cluster = rabbitmq_cluster()
+    assert cluster["apiVersion"] == "rabbitmq.com/v1beta1"
+    assert cluster["spec"]["replicas"] >= 3
+    assert set(cluster["spec"]["rabbitmq"]["additionalPlugins"]) >= PLUGINS_TRIOWS_USES
+    # Its namespace comes with it.
+    assert manifests()["Namespace"]["metadata"]["name"] == cluster["metadata"]["namespace"]
+
+
+def test_the_broker_url_list_names_every_node_of_the_cluster_in_order() -> None:
+    addresses = parse_broker_urls(broker_url_list(), AMQP091_SCHEMES)
+    assert [address.host for address in addresses] == node_host_names(rabbitmq_cluster())
+    assert {address.port for address in addresses} == {OPERATOR_AMQP_PORT}
+    assert {address.vhost for address in addresses} == {"/"}
+    # And the backend the ConfigMap names accepts the list at start-up.
+    check_backend_settings(
+        Settings.from_env(
+            {
+                **configmap_settings(),
+                "TRIOWS_SECRET": manifests()["Secret"]["stringData"]["secret"],
+                "TRIOWS_BROKER_URL": broker_url_list(),
+            }
+        )
+    )
+
+
+def test_the_broker_credentials_are_in_the_secret_and_nowhere_in_the_configmap() -> None:
+    addresses = parse_broker_urls(broker_url_list(), AMQP091_SCHEMES)
+    assert all(address.user and address.password for address in addresses)
+    configmap_text = yaml.safe_dump(manifests()["ConfigMap"])
+    for address in addresses:
+        assert address.host not in configmap_text
+        assert f"{address.user}:{address.password}@" not in configmap_text
+    # The Deployment reads the list from the Secret (and only from there).
+    (broker_url,) = [
+        variable
+        for variable in deployment_container()["env"]
+        if variable["name"] == "TRIOWS_BROKER_URL"
+    ]
+    reference = broker_url["valueFrom"]["secretKeyRef"]
+    assert reference == {"name": manifests()["Secret"]["metadata"]["name"], "key": "broker-url"}
 
 
 # --- Containerfile ----------------------------------------------------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import trio
 
+from triows.backends.broker_url import rotated_broker_urls
 from triows.process import (
     Instance,
     serve_instance,
@@ -107,6 +108,15 @@ def haproxy_environment(front_port: int, instance_ports: Sequence[int]) -> dict[
     return {HAPROXY_BIND_VARIABLE: f"127.0.0.1:{front_port}", **addresses}
 
 
+def instance_broker_url(broker_url: str | None, index: int) -> str | None:
+    """Instance ``index``'s broker URL: a URL list rotated to start from node ``index``
+    (round the list), so that the instances spread over a cluster's nodes and each
+    moves to the next when it loses its own; one URL (or none) as it is."""
+    if broker_url is None or "," not in broker_url:
+        return broker_url
+    return rotated_broker_urls(broker_url, index)
+
+
 async def broker_cluster_url(backend: str) -> str:
     """``TRIOWS_BROKER_URL`` for the table's RabbitMQ cluster: one URL per node."""
     result = await trio.run_process(
@@ -133,6 +143,8 @@ async def open_cluster(
 ) -> AsyncIterator[Cluster]:
     """Start the broker, the instances (each ready) and HAProxy; yield once HAProxy routes.
 
+    A ``broker_url`` that lists a cluster's nodes is rotated per instance
+    (:func:`instance_broker_url`), so the instances start on different nodes.
     ``broker`` names the ``deploy/brokers.sh`` broker to start (by default the
     one for ``backend``; none for ``memory``, which cannot carry messages
     between instances and is refused). ``env`` is added to each instance's
@@ -149,10 +161,14 @@ async def open_cluster(
         await start_brokers(broker)
     async with AsyncExitStack() as stack:
         instances = []
-        for port in instance_ports:
+        for index, port in enumerate(instance_ports):
             instance = await stack.enter_async_context(
                 serve_instance(
-                    backend, broker_url=broker_url, env=env, port=port, own_process_group=True
+                    backend,
+                    broker_url=instance_broker_url(broker_url, index),
+                    env=env,
+                    port=port,
+                    own_process_group=True,
                 )
             )
             instances.append(instance)

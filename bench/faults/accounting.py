@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import pairwise
 
 import trio
 
@@ -94,6 +95,23 @@ def recovery(traffic: Traffic, fault_end: float, alive: list[str]) -> dict[str, 
         ready_at.append(max(transitions[-1][0], fault_end))
     all_ready = round(max(ready_at) - fault_end, 3) if ready_at else None
     return {"first_delivery_s": first_delivery, "all_ready_s": all_ready}
+
+
+def longest_silence(traffic: Traffic, since: float, until: float) -> dict[str, float | str]:
+    """The longest time any user went without a delivery within ``[since, until]``, and who.
+
+    Under steady traffic each user gets a message every few tenths of a
+    second, so this is how long delivery stopped for the users a fault hit:
+    the seconds until it resumed.
+    """
+    longest, who = 0.0, ""
+    for user in traffic.users:
+        times = sorted(t for _, _, t in traffic.receipts.get(user, []) if since <= t <= until)
+        edges = [since, *times, until]
+        gap = max(later - earlier for earlier, later in pairwise(edges))
+        if gap > longest:
+            longest, who = gap, user
+    return {"seconds": round(longest, 3), "user": who}
 
 
 def users_resumed(traffic: Traffic, since: float) -> set[str]:

@@ -18,6 +18,7 @@ from bench.faults.broker_side import (
 from bench.faults.cluster import Cluster
 from bench.faults.options import OUTAGE_TIMEOUT, Options
 from bench.faults.traffic import Clock, Traffic
+from deploy.brokers import cluster_nodes, running_cluster_nodes
 
 
 async def fault_outage(
@@ -46,42 +47,80 @@ async def fault_outage(
     return {"how": f"deploy/brokers.py outage-begin {family}; sleep; outage-end {family}"}
 
 
-# The node under instance B: the first of its URL list (bench/faults/cluster.py).
-NODE_UNDER_B = "rabbitmq-cluster-2"
-NODE_UNDER_B_NAME = "triows-c2@localhost"
+# The node under each instance: the first of its URL list (bench/faults/cluster.py).
+NODE_UNDER = {"a": "rabbitmq-cluster-1", "b": "rabbitmq-cluster-2"}
+NODE_NAME = {"a": "triows-c1@localhost", "b": "triows-c2@localhost"}
 
 
 async def fault_node_stop(
     cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
 ) -> dict[str, Any]:
     """The cluster node under instance B stopped (``stop_app``) for ``opts.duration`` s."""
+    node = NODE_UNDER["b"]
     async with outage_lock(cluster.target):
         clock.began()
-        await run_script_checked("outage-begin", NODE_UNDER_B)
+        await run_script_checked("outage-begin", node)
         try:
             await trio.sleep(opts.duration)
         finally:
             with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
-                await run_script_checked("outage-end", NODE_UNDER_B)
+                await run_script_checked("outage-end", node)
         clock.ended()
-    return {"how": f"deploy/brokers.py outage-begin {NODE_UNDER_B}; sleep; outage-end"}
+    return {"how": f"deploy/brokers.py outage-begin {node}; sleep; outage-end"}
+
+
+async def kill_node(cluster: Cluster, clock: Clock, opts: Options, under: str) -> dict[str, Any]:
+    """SIGKILL the cluster node under instance ``under``; boot it after ``opts.kill_down`` s."""
+    node, name = NODE_UNDER[under], NODE_NAME[under]
+    async with outage_lock(cluster.target):
+        answer = await rabbitmqctl("-n", name, "eval", "os:getpid().")
+        pid = int(answer.strip().strip('"'))
+        clock.began()
+        os.kill(pid, signal.SIGKILL)
+        await trio.sleep(opts.kill_down)
+        with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
+            await run_script_checked("outage-end", node)
+        clock.ended()
+    return {"how": f"kill -KILL {pid} ({name}); deploy/brokers.py outage-end {node}"}
 
 
 async def fault_node_kill(
     cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
 ) -> dict[str, Any]:
     """SIGKILL the cluster node under instance B; boot it again after ``opts.kill_down`` s."""
+    return await kill_node(cluster, clock, opts, "b")
+
+
+async def fault_node_kill_sender(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
+    """SIGKILL the node under instance A while A takes every send and B holds every socket
+    (the case sets that up); boot it again after ``opts.kill_down`` s."""
+    assert (traffic.send_to, traffic.receive_on) == ("a", "b")
+    return await kill_node(cluster, clock, opts, "a")
+
+
+async def fault_node_restart(
+    cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
+) -> dict[str, Any]:
+    """Shut the node under instance B down whole (``rabbitmqctl stop``: its Erlang VM
+    exits), boot it again after ``opts.kill_down`` s, and see it rejoin the cluster."""
+    node, name = NODE_UNDER["b"], NODE_NAME["b"]
     async with outage_lock(cluster.target):
-        answer = await rabbitmqctl("-n", NODE_UNDER_B_NAME, "eval", "os:getpid().")
-        pid = int(answer.strip().strip('"'))
         clock.began()
-        os.kill(pid, signal.SIGKILL)
+        await rabbitmqctl("-n", name, "stop")
         await trio.sleep(opts.kill_down)
         with trio.CancelScope(shield=True), trio.fail_after(OUTAGE_TIMEOUT):
-            await run_script_checked("outage-end", NODE_UNDER_B)
+            # The node does not answer: outage-end boots it with its data, and
+            # it rejoins the nodes still running.
+            await run_script_checked("outage-end", node)
         clock.ended()
-    how = f"kill -KILL {pid} ({NODE_UNDER_B_NAME}); deploy/brokers.py outage-end {NODE_UNDER_B}"
-    return {"how": how}
+    running = await trio.to_thread.run_sync(running_cluster_nodes, cluster_nodes()[0])
+    return {
+        "how": f"rabbitmqctl -n {name} stop; deploy/brokers.py outage-end {node}",
+        "rejoined": name in running,
+        "running_nodes": running,
+    }
 
 
 async def fault_kill(

@@ -11,12 +11,20 @@ import trio
 from bench.faults.accounting import (
     account,
     first_404,
+    longest_silence,
     recovered,
     recovery,
     sent_rate,
     wait_delivered,
 )
-from bench.faults.broker import fault_kill, fault_node_kill, fault_node_stop, fault_outage
+from bench.faults.broker import (
+    fault_kill,
+    fault_node_kill,
+    fault_node_kill_sender,
+    fault_node_restart,
+    fault_node_stop,
+    fault_outage,
+)
 from bench.faults.cluster import log_tails, open_cluster, process_stats, sessions_lost
 from bench.faults.fault import FaultRun, NotPossible
 from bench.faults.instance import fault_death, fault_drain
@@ -44,6 +52,8 @@ FAULT_RUNS: dict[str, FaultRun] = {
     "death": fault_death,
     "node-stop": fault_node_stop,
     "node-kill": fault_node_kill,
+    "node-kill-sender": fault_node_kill_sender,
+    "node-restart": fault_node_restart,
 }
 
 
@@ -55,6 +65,8 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
         traffic = Traffic(cluster, rate, opts.users)
         if fault == "death":
             traffic.pinned[PINNED_USER] = "a"
+        if fault == "node-kill-sender":
+            traffic.send_to, traffic.receive_on = "a", "b"
         async with traffic.running():
             await trio.sleep(opts.before)
             before_sockets = {
@@ -84,6 +96,7 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 while not recovered(traffic, clock.end, alive, waiting_for_404):  # noqa: ASYNC110
                     await trio.sleep(POLL)
             settled_after = round(now() - settled_after, 3)
+            stopped_sending = now()
             traffic.stop_sending()
             await trio.sleep(opts.grace)
             await wait_delivered(traffic, DELIVERY_TIMEOUT)
@@ -135,9 +148,27 @@ async def run_case(target: Target, fault: str, opts: Options) -> dict[str, Any]:
                 "users": len(traffic.users),
                 "users_resumed": len([u for u in resumed if u in traffic.users]),
                 "recovery": recovery(traffic, clock.end, alive),
+                # From the fault's start: how long delivery stopped for anyone.
+                "longest_silence": longest_silence(traffic, clock.begin, stopped_sending),
                 "instances": stats,
                 "details": details,
                 "errors": traffic.errors,
+                # Each refusal from the fault's start: when it was asked (s), its
+                # status, and for a 503 from an instance its detail.
+                "refusals": [
+                    [round(s.t0 - clock.begin, 3), s.status, s.detail]
+                    for s in traffic.sends
+                    if s.status != 202 and s.t0 >= clock.begin
+                ][:40],
+                # Each instance's /readyz changes from the fault's start: (s, status).
+                "readiness": {
+                    label: [
+                        [round(t - clock.begin, 3), status]
+                        for t, status in changes
+                        if t >= clock.begin
+                    ]
+                    for label, changes in traffic.ready.items()
+                },
                 # What the instances logged, kept when something went wrong.
                 "log_tail": (
                     log_tails(cluster) if traffic.errors or exited or not resumed_all else {}

@@ -22,6 +22,7 @@ import trio
 from bench.faults.options import HAPROXY_CFG, STEP_TIMEOUT, Options
 from bench.faults.proxy import FaultProxy, open_fault_proxy
 from bench.targets import Target
+from triows.backends.broker_url import rotated_broker_urls
 from triows.process import Instance, free_port, serve_instance, wait_for_status
 
 
@@ -77,11 +78,9 @@ def broker_url_via(url: str, port: int) -> str:
 def instance_broker_url(target: Target, label: str, proxy: FaultProxy) -> str:
     """Instance ``label``'s broker URL: through its proxy, or for a broker cluster (a URL
     list) every node, instance A's list from node 1, B's from node 2, without the proxy."""
-    urls = target.broker_url.split(",")
-    if len(urls) == 1:
+    if "," not in target.broker_url:
         return broker_url_via(target.broker_url, proxy.port)
-    first = ("a", "b").index(label)
-    return ",".join(urls[first:] + urls[:first])
+    return rotated_broker_urls(target.broker_url, ("a", "b").index(label))
 
 
 @asynccontextmanager

@@ -72,8 +72,11 @@ FAULTS = BROKER_FAULTS + INSTANCE_FAULTS
 
 
 # On a cluster target only: the node under instance B (node 2, first in B's
-# list) stopped (rabbitmqctl stop_app) or SIGKILLed, then brought back.
-CLUSTER_FAULTS = ("node-stop", "node-kill")
+# list) stopped (rabbitmqctl stop_app) or SIGKILLed, then brought back;
+# node-kill-sender: every send goes to instance A and every socket to B, and
+# the node under A (node 1) is SIGKILLed; node-restart: the node under B shut
+# down whole (rabbitmqctl stop) and booted again, rejoining the cluster.
+CLUSTER_FAULTS = ("node-stop", "node-kill", "node-kill-sender", "node-restart")
 
 
 @dataclass

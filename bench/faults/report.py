@@ -48,7 +48,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "was connected) / refused (503 instance, 503 HAProxy, 404, transport error) / "
         "duplicated / reordered, over the whole run; `during` = sent while the fault lasted. "
         "Recovery: seconds from the fault's end to the first delivery of a message sent "
-        "after it, and to /readyz 200 on every surviving instance.",
+        'after it, and to /readyz 200 on every surviving instance; "longest without a '
+        "delivery\": from the fault's start, the longest any user went without a message "
+        "(under steady traffic: how long delivery stopped for the users the fault hit).",
         "",
         "| target | fault | rate msg/s asked / sent | 2xx | delivered | 2xx-but-lost (connected) | "
         "refused during: 503 / lb503 / 404 / err | dup | reord | first delivery s | all ready s | "
@@ -178,7 +180,12 @@ def _extra_notes(row: dict[str, Any]) -> str:
         "broker_forgot_s",
         "pinned_first_404_s",
         "heartbeat_s",
+        "rejoined",
     ):
         if key in details:
             notes.append(f"{key}={_fmt(details[key])}")
+    silence = row.get("longest_silence")
+    if silence is not None:
+        # From the fault's start: how long delivery stopped for the users it hit.
+        notes.append(f"longest without a delivery: {silence['seconds']} s")
     return "; ".join(notes)

@@ -32,6 +32,7 @@ class Send:
     outcome: str = ""  # routed / accepted for a 2xx
     from_lb: bool = False  # a 503 HAProxy gave itself (no instance in rotation)
     lane: int = 0  # which of the user's sender loops: order is per (user, lane)
+    detail: str = ""  # a refusal's problem detail, as the instance gave it
 
 
 @dataclass
@@ -63,6 +64,10 @@ class Traffic:
         self.errors: list[str] = []  # the first few unexpected 5xx answers
         self.ready: dict[str, list[tuple[float, int]]] = defaultdict(list)
         self._sending = True
+        # Labels: every send to this instance, every receiver's socket on that
+        # one (directly, reconnecting there), instead of both through HAProxy.
+        self.send_to: str | None = None
+        self.receive_on: str | None = None
 
     def stop_sending(self) -> None:
         self._sending = False
@@ -75,7 +80,8 @@ class Traffic:
 
     async def receiver(self, user: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         pinned = self.pinned.get(user)
-        url = self.cluster.nodes[pinned].base_url if pinned else self.cluster.lb_url
+        on = pinned or self.receive_on
+        url = self.cluster.nodes[on].base_url if on else self.cluster.lb_url
         started = False
         while True:
             try:
@@ -109,6 +115,7 @@ class Traffic:
         seq = 0
         index = self.all_users.index(user) * self.lanes + lane
         next_at = now() + interval * index / loops
+        url = self.cluster.nodes[self.send_to].base_url if self.send_to else self.cluster.lb_url
         while self._sending:
             await trio.sleep_until(next_at)
             if not self._sending:
@@ -117,12 +124,14 @@ class Traffic:
             body = {"to": user, "from": "faults", "message": {"s": seq, "l": lane}}
             record = Send(user, seq, t0, t0, phase, 0, lane=lane)
             try:
-                response = await http.post(f"{self.cluster.lb_url}/send", json=body)
+                response = await http.post(f"{url}/send", json=body)
                 record.status = response.status_code
                 if response.status_code == 202:
                     record.outcome = response.json().get("status", "")
                 elif response.status_code == 503:
                     record.from_lb = "problem+json" not in response.headers.get("content-type", "")
+                    if not record.from_lb:
+                        record.detail = str(response.json().get("detail", ""))[:120]
                 elif (
                     response.status_code >= 500
                     # HAProxy's own 502/504 for a request its instance died on
