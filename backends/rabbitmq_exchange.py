@@ -218,7 +218,10 @@ async def change_bindings(
     that does not exist (any more) is (:class:`QueueDeclareError`).
     """
     methods: list[tuple[base.Frame, type[object]]] = [
-        (commands.Queue.Bind(queue=queue, exchange=exchange, routing_key=key), commands.Queue.BindOk)
+        (
+            commands.Queue.Bind(queue=queue, exchange=exchange, routing_key=key),
+            commands.Queue.BindOk,
+        )
         for key in sorted(set(bind))
     ]
     methods += [
