@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import anyio
 from anyio.abc import ObjectReceiveStream, TaskStatus
 
-from triows.backend import BrokerUnavailable, Delivery, Outcome
+from triows.backend import BrokerUnavailable, Delivery, Outcome, Sessions
 from triows.backoff import Backoff
 from triows.logs import log_event
 from triows.settings import Settings
@@ -299,6 +299,11 @@ class Supervised(ABC, Generic[C]):
     def incoming(self) -> ObjectReceiveStream[Delivery]:
         """``(key, body)`` for the keys this instance holds, in broker order (bounded)."""
         return self._incoming_receive
+
+    @property
+    def sessions(self) -> Sessions | None:
+        """Session queues; None until a backend and its broker can hold them."""
+        return None
 
     @property
     def _address(self) -> BrokerAddress:

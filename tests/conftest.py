@@ -34,6 +34,16 @@ async def serving(**settings: Any) -> AsyncIterator[QuartClient]:
         yield test_app.test_client()
 
 
+async def close_normally(websocket: Any) -> None:
+    """Close a test client's WebSocket with 1000, as a client that is done would.
+
+    Quart-trio's own ``close()`` sends ``websocket.close`` to the app (and the
+    type ``int`` as its code); a client's close reaches an ASGI app as
+    ``websocket.disconnect`` with the client's code.
+    """
+    await websocket._server_send.send({"type": "websocket.disconnect", "code": 1000})
+
+
 @pytest.fixture
 def exchange() -> str:
     """A fresh exchange name, so that tests sharing a broker never see each other's messages."""

@@ -27,6 +27,7 @@ class DyingBackend:
         self._kill = kill
         self.subscribe = memory.subscribe
         self.unsubscribe = memory.unsubscribe
+        self.sessions = memory.sessions
 
     @property
     def ready(self) -> bool:

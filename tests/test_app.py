@@ -11,7 +11,7 @@ import trio
 from quart.testing.connections import WebsocketDisconnectError, WebsocketResponseError
 from quart.typing import TestClientProtocol as QuartClient
 
-from tests.conftest import serving
+from tests.conftest import close_normally, serving
 from triows.app import create_app
 from triows.auth import mint_token
 from triows.protocol import DEV_MODE_SENDER
@@ -28,11 +28,29 @@ async def post(client: QuartClient, body: object, **kwargs: object):  # type: ig
 async def test_hello_frame_names_user_instance_and_protocol() -> None:
     async with serving(instance_id="inst-1") as client:
         async with client.websocket("/events?user=Bob") as bob:
+            hello = json.loads(await bob.receive())
+            assert len(hello.pop("session")) == 22  # 128 random bits, URL-safe base64
+            assert hello == {
+                "type": "hello",
+                "user": "Bob",
+                "instance": "inst-1",
+                "protocol": 1,
+                "resumable": True,
+                "resumed": False,
+                "missed": 0,
+            }
+
+
+async def test_without_sessions_the_hello_says_the_connection_is_not_resumable() -> None:
+    async with serving(instance_id="inst-1", resume_window=0) as client:
+        async with client.websocket("/events?user=Bob") as bob:
             assert json.loads(await bob.receive()) == {
                 "type": "hello",
                 "user": "Bob",
                 "instance": "inst-1",
                 "protocol": 1,
+                "session": None,
+                "resumable": False,
             }
 
 
@@ -81,6 +99,7 @@ async def test_recipient_is_offline_again_after_last_connection_left(
     async with client.websocket("/events?user=Carol") as carol:
         await carol.receive()
         assert (await post(client, {"to": "Carol", "message": 1})).status_code == 202
+        await close_normally(carol)  # a normal close ends the session at once
     # Leaving the block waited for the handler, and so for its unsubscribe.
     assert (await post(client, {"to": "Carol", "message": 2})).status_code == 404
 
@@ -223,7 +242,8 @@ async def test_bad_frames_close_the_socket(frame: str, code: int) -> None:
 
 async def test_slow_consumer_is_closed_with_4001_while_others_keep_receiving() -> None:
     async with (
-        serving(send_queue=4) as client,
+        # Without sessions: with one, the backlog waits at the broker instead.
+        serving(send_queue=4, resume_window=0) as client,
         client.websocket("/events?user=Sloth") as sloth,
         client.websocket("/events?user=Bob") as bob,
     ):

@@ -32,6 +32,9 @@ class RecordingBackend:
         self.unsubscribes: list[str] = []
         self.hang_unsubscribe = False
 
+    # Without sessions: subscribed keys' messages come on ``incoming``.
+    sessions = None
+
     @property
     def ready(self) -> bool:
         return True

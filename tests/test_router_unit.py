@@ -44,6 +44,9 @@ class RecordingBackend:
         send, self._receive = anyio.create_memory_object_stream[Delivery](16)
         self._send = send
 
+    # Without sessions: subscribed keys' messages come on ``incoming``.
+    sessions = None
+
     @property
     def ready(self) -> bool:
         return True

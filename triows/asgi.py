@@ -19,8 +19,11 @@ from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
 if TYPE_CHECKING:
     import trio
 
+    from triows.auth import Identity
+    from triows.connection import Connection
     from triows.rate import RatePerUser
     from triows.router import Router
+    from triows.session import Resume, SessionLink
     from triows.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -57,6 +60,14 @@ class Plane(Protocol):
     def full_detail(self) -> str: ...
 
     def full_refusal(self) -> dict[str, Any]: ...
+
+    def session_wait(self, user: str) -> float: ...
+
+    def session_rate_detail(self) -> str: ...
+
+    async def open_link(
+        self, connection: Connection, resume: Resume | None, identity: Identity
+    ) -> SessionLink | None: ...
 
 
 def query_args(scope: Scope) -> dict[str, str]:

@@ -12,6 +12,7 @@ import enum
 import importlib
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +28,10 @@ class Outcome(enum.Enum):
     ROUTED = "routed"  # confirmed, and at least one instance holds the key
     UNROUTED = "unrouted"  # confirmed, and nobody holds the key (recipient offline)
     ACCEPTED = "accepted"  # confirmed; this backend cannot tell whether anyone holds it
+    # With sessions: confirmed and held for the user's sessions, none of them connected now.
+    QUEUED = "queued"
+    # With sessions: a session of the key holds its maximum, so the broker refused the message.
+    FULL = "full"
 
 
 class BrokerUnavailable(Exception):
@@ -39,6 +44,91 @@ class UnknownBackend(Exception):
 
 Delivery = tuple[str, bytes]
 """A message handed over by the broker: ``(key, body)``."""
+
+
+NOTE_KEY = "session.note"
+"""The key of a session's own note (:meth:`SessionQueue.note`) among its deliveries."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDelivery:
+    """A message a session's queue handed over: ack ``tag`` once it is written to the socket."""
+
+    key: str  # user.<name>, room.<name>, or NOTE_KEY
+    body: bytes
+    tag: int
+    # The broker handed it over before (to a connection that went away without acking it).
+    redelivered: bool
+
+
+SessionDeliver = Callable[[SessionDelivery], None]
+"""Called by the backend, in queue order, for each delivery of a session; must not block."""
+
+
+class SessionQueue(Protocol):
+    """One session's messages, held by the broker while the session is inside its window.
+
+    The queue is bound to the session's keys and consumed with manual acks;
+    at most ``prefetch`` deliveries are unacknowledged at a time, so what the
+    broker hands over is bounded. What is not acked when the session is
+    detached (the connection went away, the instance drains or dies) goes back
+    to the queue, in order, for the next connection that resumes it.
+    """
+
+    @property
+    def waiting(self) -> int:
+        """Messages (notes included) the broker held for the session when it was opened."""
+        ...
+
+    async def bind(self, key: str) -> None:
+        """Hold ``key``'s messages from now on (raises :class:`BrokerUnavailable`)."""
+        ...
+
+    async def unbind(self, key: str) -> None:
+        """Stop holding ``key``'s messages (raises :class:`BrokerUnavailable`)."""
+        ...
+
+    async def note(self, body: bytes) -> None:
+        """Put ``body`` in the queue itself; it comes back as a delivery on :data:`NOTE_KEY`.
+
+        The session keeps its latest note unacked, so a resume finds it again
+        (the rooms joined). Raises :class:`BrokerUnavailable`.
+        """
+        ...
+
+    def ack(self, tag: int) -> None:
+        """The delivery ``tag`` is done (written to the socket): the broker forgets it."""
+        ...
+
+    async def stop(self) -> None:
+        """Take no more deliveries; those not acked stay unacked until :meth:`detach`."""
+        ...
+
+    async def detach(self) -> None:
+        """Stop, and give back every delivery not acked; the queue stays for the window.
+
+        Idempotent; never raises (a broker that is gone gives them back itself).
+        """
+        ...
+
+    async def end(self) -> None:
+        """Delete the queue and what it holds: the session is over. Idempotent, never raises."""
+        ...
+
+
+class Sessions(Protocol):
+    """What a backend that can resume offers: session queues at the broker."""
+
+    async def open(
+        self, name: str, key: str, deliver: SessionDeliver, *, resume: bool
+    ) -> SessionQueue | None:
+        """Open session ``name``'s queue, bound to ``key``, and start handing its deliveries over.
+
+        ``resume``: the queue must exist already (None when it does not: it
+        expired or never was); otherwise it is made. Raises
+        :class:`BrokerUnavailable`.
+        """
+        ...
 
 
 class Backend(Protocol):
@@ -69,6 +159,16 @@ class Backend(Protocol):
     @property
     def incoming(self) -> ObjectReceiveStream[Delivery]:
         """Messages for the keys this instance holds, in broker order (bounded)."""
+        ...
+
+    @property
+    def sessions(self) -> Sessions | None:
+        """Session queues, or None: this backend (or its broker) cannot hold sessions.
+
+        With sessions, ``subscribe`` and ``unsubscribe`` mark a key as
+        *connected here* (no messages arrive for it on :attr:`incoming`), and
+        ``publish`` answers ``QUEUED`` for a key held only by sessions away.
+        """
         ...
 
     async def publish(self, key: str, body: bytes) -> Outcome: ...

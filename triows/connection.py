@@ -21,7 +21,7 @@ import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -46,6 +46,18 @@ def websocket_text(frame: str) -> dict[str, Any]:
     return {"type": "websocket.send", "text": frame}
 
 
+class SessionSide(Protocol):
+    """What a connection and the router need of its session (a ``triows.session.SessionLink``)."""
+
+    def written(self, tag: int) -> None:
+        """The frame of delivery ``tag`` is written to the socket."""
+        ...
+
+    async def stop(self) -> None:
+        """Take no more deliveries (the instance drains)."""
+        ...
+
+
 class Connection:
     """A local WebSocket or event stream of ``user``; ``close_code`` is set once closing starts.
 
@@ -67,6 +79,7 @@ class Connection:
         "close_reason",
         "flushed",
         "id",
+        "session",
         "stopped",
         "user",
     )
@@ -79,9 +92,12 @@ class Connection:
         self.stopped = False
         # True once everything queued before closing was written (a close frame may follow).
         self.flushed = False
+        # Its session (None: not resumable), told of each session frame once written.
+        self.session: SessionSide | None = None
         self._limit = queue_size
         # A list, not a deque: an empty deque is 760 bytes, an empty list 56.
-        self._queue: list[str] = []
+        # A session's frame is queued with its delivery tag.
+        self._queue: list[str | tuple[str, int]] = []
         self._reader: trio.CancelScope | None = None
         # Where writers run, once the transport is known; None again once a writer failed.
         self._nursery: trio.Nursery | None = None
@@ -93,18 +109,19 @@ class Connection:
         self._writer_done: trio.Event | None = None
         self._error: Exception | None = None
 
-    def offer(self, frame: str) -> bool:
+    def offer(self, frame: str, tag: int | None = None) -> bool:
         """Queue ``frame`` without waiting; on overflow close with 4001. Never raises.
 
         Returns False when the frame will not be written: the connection is
-        closing or gone, or its queue just overflowed.
+        closing or gone, or its queue just overflowed. ``tag``: a session
+        delivery's, passed to ``session.written`` once the frame is written.
         """
         if self.stopped:
             return False
         if len(self._queue) >= self._limit:
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: outbound queue overflowed")
             return False
-        self._queue.append(frame)
+        self._queue.append(frame if tag is None else (frame, tag))
         if self._writer is None:
             self._start_writer()
         return True
@@ -196,7 +213,13 @@ class Connection:
         try:
             with scope:
                 while queue:
-                    await send(message(queue.pop(0)))
+                    item = queue.pop(0)
+                    if isinstance(item, str):
+                        await send(message(item))
+                    else:
+                        await send(message(item[0]))
+                        assert self.session is not None
+                        self.session.written(item[1])
                 wrote_all = True  # inside the scope: skipped when it was cancelled
         except Exception as error:
             self._error = error

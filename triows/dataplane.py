@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,8 +43,10 @@ from triows.logs import log_event
 from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
 from triows.protocol import (
     CLOSE_INVALID_FRAME,
+    CLOSE_NORMAL,
     CLOSE_TOKEN_EXPIRED,
     CLOSE_TOO_LARGE,
+    CLOSE_TRY_AGAIN,
     InvalidInput,
     InvalidSendFrame,
     MessageTooLarge,
@@ -54,7 +57,6 @@ from triows.protocol import (
     check_body_tokens,
     check_tokens,
     error_frame,
-    hello_frame,
     joined_frame,
     json_tokens,
     left_frame,
@@ -63,6 +65,7 @@ from triows.protocol import (
     parse_send_body,
 )
 from triows.router import TooManyRooms
+from triows.session import Resume, SessionLink, hello_for, open_session, parse_resume
 from triows.websecurity import origin_allowed
 
 # Items of one batch published at the same time (each waits for its broker confirm).
@@ -70,6 +73,7 @@ BATCH_CONCURRENCY = 16
 JSON_CONTENT_TYPE = b"application/json"
 # What a client is told when the broker fails; the broker's address stays in the server's log.
 BROKER_UNAVAILABLE = "the broker is unavailable: retry later"
+FULL_DETAIL = "the recipient is away and its session holds as many messages as it may: retry later"
 ORIGIN_REFUSED = (
     "a page of this origin may not open /events on this server (TRIOWS_ALLOWED_ORIGINS)"
 )
@@ -253,6 +257,8 @@ class DataPlane:
             return 503, problem_document(503, BROKER_UNAVAILABLE, kind="broker-unavailable")
         if outcome is Outcome.UNROUTED:
             return 404, problem_document(404, offline_detail(request), kind="offline")
+        if outcome is Outcome.FULL:
+            return 503, problem_document(503, FULL_DETAIL, kind="recipient-full")
         return 202, {"id": message_id, "status": outcome.value}
 
     async def send_batch(
@@ -297,6 +303,7 @@ class DataPlane:
                 dev_user=args.get("user"),
                 leeway=settings.jwt_leeway,
             )
+            resume = parse_resume(args.get("session"), args.get("last"))
         except InvalidInput as error:
             await refuse(scope, send, 400, str(error), kind="invalid")
             return
@@ -307,34 +314,116 @@ class DataPlane:
         if self.app.draining:
             await refuse(scope, send, 503, "this instance is draining", kind="draining")
             return
+        wait = self.session_wait(identity.user)
+        if wait:
+            await refuse(scope, send, 429, self.session_rate_detail(), **retry_after(wait))
+            return
         if not self.reserve_slot("websocket"):
             await refuse(scope, send, 503, self.full_detail(), **self.full_refusal())
             return
         try:
             await send({"type": "websocket.accept"})
-            await self.serve_connection(identity, receive, send)
+            await self.serve_connection(identity, receive, send, resume)
         finally:
             self.slots_taken -= 1
 
-    async def serve_connection(self, identity: Identity, receive: Receive, send: Send) -> None:
-        """Run one accepted WebSocket until it closes, whoever closes it."""
+    def session_wait(self, user: str) -> float:
+        """Seconds ``user`` must wait before opening another session (0: now).
+
+        Each session (new or resumed) is a queue made or taken over at the
+        broker, so they are paced per user like joins (``TRIOWS_SEND_RATE``,
+        bursts of ``TRIOWS_SEND_BURST``).
+        """
+        if not self.sessions_on:
+            return 0.0
+        return self.app.stream_joins.take(user, 1, trio.current_time())
+
+    def session_rate_detail(self) -> str:
+        settings = self.settings
+        return (
+            f"a user opens at most {settings.send_rate:g} connections a second "
+            f"(bursts of {settings.send_burst})"
+        )
+
+    @property
+    def sessions_on(self) -> bool:
+        return bool(self.settings.resume_window) and self.app.router.backend.sessions is not None
+
+    async def open_link(
+        self, connection: Connection, resume: Resume | None, identity: Identity
+    ) -> SessionLink | None:
+        """Open (or resume) ``connection``'s session; None without sessions.
+
+        Rooms the session joined that ``identity`` no longer allows are left.
+        When the broker is unavailable the connection is closed with 1013
+        (try again later): a resume token stays good for the next try.
+        """
+        sessions = self.app.router.backend.sessions
+        if not self.settings.resume_window or sessions is None:
+            return None
+        try:
+            link = await open_session(
+                sessions,
+                connection,
+                self.app.router,
+                self.settings.exchange,
+                resume,
+                self.settings.broker_timeout,
+            )
+        except BrokerUnavailable:
+            connection.close(CLOSE_TRY_AGAIN, BROKER_UNAVAILABLE)
+            return None
+        for room in sorted(link.rooms):
+            if not identity.may_use_room(room):
+                with trio.move_on_after(self.settings.broker_timeout):
+                    await link.leave(room)
+        return link
+
+    async def serve_connection(
+        self, identity: Identity, receive: Receive, send: Send, resume: Resume | None = None
+    ) -> None:
+        """Run one accepted WebSocket until it closes, whoever closes it.
+
+        Its session (if the backend holds sessions) is resumed or opened
+        before the hello; when the connection ends, a normal close by the
+        client (1000) or a protocol violation ends the session, and any other
+        end leaves it to wait for a resume within ``TRIOWS_RESUME_WINDOW``.
+        """
         settings = self.settings
         connection = Connection(identity.user, settings.send_queue)
-        connection.offer(hello_frame(identity.user, settings.instance_id))
         deadline = trio_deadline(identity.expires_at)
+        client_code: int | None = None
+        link: SessionLink | None = None
         try:
             async with self.app.router.attached(connection):
-                log_event("connect", user=identity.user, connection=connection.id)
+                link = await self.open_link(connection, resume, identity)
+                connection.offer(hello_for(identity.user, settings.instance_id, link))
+                if link is not None:
+                    link.start()
+                log_event(
+                    "connect",
+                    user=identity.user,
+                    connection=connection.id,
+                    resumed=link is not None and link.resumed,
+                )
                 connection.start_writing(self.app.nursery, send)
                 try:
                     with trio.CancelScope(deadline=deadline) as reading:
                         connection.read_under(reading)
-                        await self.read_frames(connection, receive, identity)
+                        client_code = await self.read_frames(connection, receive, identity, link)
                     if reading.cancelled_caught and not connection.stopped:
                         connection.close(CLOSE_TOKEN_EXPIRED, "token expired")
                 finally:
                     # If nobody started closing, the peer went away: stop writing.
-                    await connection.finish(settings.close_timeout)
+                    try:
+                        await connection.finish(settings.close_timeout)
+                    finally:
+                        if link is not None:
+                            ended = client_code == CLOSE_NORMAL or connection.close_code in (
+                                CLOSE_INVALID_FRAME,
+                                CLOSE_TOO_LARGE,
+                            )
+                            await link.close(end=ended)
             if connection.flushed and connection.close_code is not None:
                 with trio.move_on_after(settings.close_timeout):
                     await send(
@@ -354,9 +443,15 @@ class DataPlane:
             )
 
     async def read_frames(
-        self, connection: Connection, receive: Receive, identity: Identity | None = None
-    ) -> None:
+        self,
+        connection: Connection,
+        receive: Receive,
+        identity: Identity | None = None,
+        link: SessionLink | None = None,
+    ) -> int | None:
         """Read the client's frames and answer each: ``ack``, ``joined``, ``left`` or ``error``.
+
+        Returns the close code of a client that went away (None: the server closed).
 
         One frame is handled at a time (its publish or subscribe is awaited
         before the next frame is read), and at most ``TRIOWS_SEND_RATE`` frames
@@ -375,16 +470,17 @@ class DataPlane:
             if message["type"] == "websocket.connect":
                 continue
             if message["type"] != "websocket.receive":
-                return  # websocket.disconnect: the peer is gone
+                code: int | None = message.get("code")  # websocket.disconnect: the peer is gone
+                return code
             data = message.get("text")
             if data is None:
                 connection.close(CLOSE_INVALID_FRAME, "binary frames are not part of the protocol")
-                return
+                return None
             # A character is at most 4 bytes in UTF-8: encode only a frame that could be over.
             if len(data) > limit or (len(data) * 4 > limit and len(data.encode()) > limit):
                 log_event("frame_too_large", level=logging.WARNING, user=connection.user)
                 connection.close(CLOSE_TOO_LARGE, f"frames are limited to {limit} bytes")
-                return
+                return None
             # A frame costs one send plus one per ``send_cost_tokens`` of structure,
             # paid before it is parsed: costly JSON slows its sender down.
             structure = json_tokens(data)
@@ -407,17 +503,21 @@ class DataPlane:
                     "invalid_frame", level=logging.WARNING, user=connection.user, reason=str(error)
                 )
                 connection.close(CLOSE_INVALID_FRAME, str(error))
-                return
+                return None
             except InvalidSendFrame as error:
                 connection.offer(error_frame(error.ref, "invalid", str(error)))
                 continue
             if isinstance(request, RoomRequest):
-                connection.offer(await self.answer_room(connection, request, identity))
+                connection.offer(await self.answer_room(connection, request, identity, link))
             else:
                 connection.offer(await self.answer_send(connection.user, request, identity))
 
     async def answer_room(
-        self, connection: Connection, request: RoomRequest, identity: Identity | None
+        self,
+        connection: Connection,
+        request: RoomRequest,
+        identity: Identity | None,
+        link: SessionLink | None = None,
     ) -> str:
         """Join or leave a room; return the ``joined``/``left`` or ``error`` frame.
 
@@ -426,12 +526,21 @@ class DataPlane:
         """
         ref, room = request.ref, request.room
         if request.action == "leave":
-            await self.app.router.leave(connection, room)
+            if link is not None:
+                try:
+                    await link.leave(room)
+                except BrokerUnavailable:
+                    return error_frame(ref, "unavailable", BROKER_UNAVAILABLE)
+            else:
+                await self.app.router.leave(connection, room)
             return left_frame(ref, room)
         if identity is not None and not identity.may_use_room(room):
             return error_frame(ref, "forbidden", f"the token does not allow room {room}")
         try:
-            await self.app.router.join(connection, room)
+            if link is not None:
+                await link.join(room, self.settings.max_rooms)
+            else:
+                await self.app.router.join(connection, room)
         except TooManyRooms as error:
             return error_frame(ref, "too_many_rooms", str(error))
         except BrokerUnavailable:
@@ -460,7 +569,16 @@ class DataPlane:
             return error_frame(ref, "unavailable", BROKER_UNAVAILABLE)
         if outcome is Outcome.UNROUTED:
             return error_frame(ref, "offline", offline_detail(send_request))
+        if outcome is Outcome.FULL:
+            return error_frame(ref, "full", FULL_DETAIL)
         return ack_frame(ref, message_id, outcome.value)
+
+
+def retry_after(seconds: float) -> dict[str, Any]:
+    return {
+        "kind": "too-many-requests",
+        "headers": [(b"retry-after", str(math.ceil(seconds)).encode())],
+    }
 
 
 def offline_detail(request: SendRequest) -> str:

@@ -35,9 +35,11 @@ _TOKENS_COUNTED_ROUGHLY: Final = 64
 _TOKENS_PREFIX_BYTES: Final = 65536
 
 # WebSocket close codes (docs/protocol.md).
+CLOSE_NORMAL: Final = 1000
 CLOSE_INVALID_FRAME: Final = 1008
 CLOSE_TOO_LARGE: Final = 1009
 CLOSE_DRAINING: Final = 1012
+CLOSE_TRY_AGAIN: Final = 1013
 CLOSE_SLOW_CONSUMER: Final = 4001
 CLOSE_TOKEN_EXPIRED: Final = 4401
 
@@ -489,10 +491,27 @@ def encode_message(message_id: str, sender: str | None, request: SendRequest) ->
         raise RefusedJson(f"JSON may nest at most {MAX_JSON_DEPTH} levels deep") from None
 
 
-def hello_frame(user: str, instance: str) -> str:
-    return _dumps(
-        {"type": "hello", "user": user, "instance": instance, "protocol": PROTOCOL_VERSION}
-    )
+def hello_frame(
+    user: str,
+    instance: str,
+    session: str | None = None,
+    *,
+    resumed: bool = False,
+    missed: int = 0,
+) -> str:
+    """The first frame of a connection; ``session`` None: this one cannot be resumed."""
+    frame: dict[str, Any] = {
+        "type": "hello",
+        "user": user,
+        "instance": instance,
+        "protocol": PROTOCOL_VERSION,
+        "session": session,
+        "resumable": session is not None,
+    }
+    if session is not None:
+        frame["resumed"] = resumed
+        frame["missed"] = missed
+    return _dumps(frame)
 
 
 def ack_frame(ref: str | None, message_id: str, status: str) -> str:

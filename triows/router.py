@@ -142,6 +142,7 @@ class Router:
         self._unsubscribe_timeout = UNSUBSCRIBE_TIMEOUT_FACTOR * settings.broker_timeout
         self._max_message_bytes = settings.max_message_bytes
         self._max_rooms = settings.max_rooms
+        self.session_prefetch = settings.session_prefetch
         self._keys: dict[str, _LocalKey] = {}
         self._connections: set[Connection] = set()
         # The rooms each connection joined (only connections that joined one).
@@ -348,6 +349,9 @@ class Router:
         before they are closed.
         """
         self.released = True
+        if self.backend.sessions is not None:
+            await self._release_sessions(timeout)
+            return
         marker = MARKER_USER_PREFIX + new_message_id()[:16]
         arrived = trio.Event()
         self._markers[user_key(marker)] = arrived
@@ -368,6 +372,21 @@ class Router:
                 with trio.move_on_after(self._unsubscribe_timeout, shield=True):
                     await self.backend.unsubscribe(user_key(marker))
                 del self._markers[user_key(marker)]
+
+    async def _release_sessions(self, timeout: float) -> None:
+        """With sessions: no more deliveries to any session here, and no key marked connected.
+
+        What the sessions' queues handed over before stopping is flushed by
+        each connection as it closes, and acked; the rest stays in the queues
+        for the resume elsewhere, so no marker round trip is needed.
+        """
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for connection in self._connections:
+                    if connection.session is not None:
+                        nursery.start_soon(connection.session.stop)
+                for key, local in list(self._keys.items()):
+                    nursery.start_soon(self._release, key, local)
 
     async def _release(self, key: str, local: _LocalKey) -> None:
         # Not recorded when cut short: the instance is going away with its queue.
@@ -418,15 +437,8 @@ class Router:
             # A message in flight while the last connection left: nobody to give it to.
             self._metrics.messages_dropped.labels("no_connection").inc()
             return
-        if len(body) > self._max_message_bytes:
-            self._drop("too_large", key, len(body), "over TRIOWS_MAX_MESSAGE_BYTES")
-            return
-        try:
-            frame = body.decode()
-            check_delivery(key, frame)
-        except (UnicodeDecodeError, InvalidDelivery) as error:
-            # Not from a triows instance: someone else published to our exchange.
-            self._drop("invalid", key, len(body), str(error))
+        frame = self.checked_frame(key, body)
+        if frame is None:
             return
         delivered = self._delivered["room" if key.startswith(ROOM_KEY_PREFIX) else "user"]
         for connection in tuple(local.connections):
@@ -439,6 +451,29 @@ class Router:
                 delivered.inc()
             else:
                 self._metrics.messages_dropped.labels("slow_consumer").inc()
+
+    def checked_frame(self, key: str, body: bytes) -> str | None:
+        """``body`` as the frame to write, or None (dropped and counted) when it is not one.
+
+        A delivery over the size limit, or that is not a well-formed
+        ``message`` frame for its key, is dropped: anyone with credentials on
+        the broker can publish to the exchange.
+        """
+        if len(body) > self._max_message_bytes:
+            self._drop("too_large", key, len(body), "over TRIOWS_MAX_MESSAGE_BYTES")
+            return None
+        try:
+            frame = body.decode()
+            check_delivery(key, frame)
+        except (UnicodeDecodeError, InvalidDelivery) as error:
+            # Not from a triows instance: someone else published to our exchange.
+            self._drop("invalid", key, len(body), str(error))
+            return None
+        return frame
+
+    def count_delivered(self, key: str) -> None:
+        """One frame of ``key`` queued to a local connection (a session's)."""
+        self._delivered["room" if key.startswith(ROOM_KEY_PREFIX) else "user"].inc()
 
     def _drop(self, reason: str, key: str, size: int, detail: str) -> None:
         """Count a dropped delivery; log at most one line per reason per interval."""

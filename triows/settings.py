@@ -98,6 +98,16 @@ class Settings:
     # Rooms one connection may be in at once: each is a broker subscription at most.
     max_rooms: int = field(default=32, metadata={"env": "TRIOWS_MAX_ROOMS"})
     sse_heartbeat: float = field(default=15.0, metadata={"env": "TRIOWS_SSE_HEARTBEAT"})
+    # Seconds a session outlives its connection, held at the broker for a
+    # resume (the queue's x-expires); 0 turns sessions off.
+    resume_window: float = field(default=120.0, metadata={"env": "TRIOWS_RESUME_WINDOW"})
+    # What one session's queue may hold while its user is away; past either
+    # bound the broker refuses new messages for it (the sender is told: full).
+    session_max_messages: int = field(default=1000, metadata={"env": "TRIOWS_SESSION_MAX_MESSAGES"})
+    session_max_bytes: int = field(default=1048576, metadata={"env": "TRIOWS_SESSION_MAX_BYTES"})
+    # Deliveries a session's connection holds unacked (queued or being written);
+    # at most half TRIOWS_SEND_QUEUE, so the broker never overflows a connection's queue.
+    session_prefetch: int = field(default=64, metadata={"env": "TRIOWS_SESSION_PREFETCH"})
     # Browser pages that may open /events besides the server's own ("*": any page).
     allowed_origins: tuple[str, ...] = field(default=(), metadata={"env": "TRIOWS_ALLOWED_ORIGINS"})
     # Host names served besides loopback ones: checked in dev mode, and whenever set.
@@ -122,6 +132,9 @@ class Settings:
             "max_json_tokens",
             "send_cost_tokens",
             "max_rooms",
+            "session_max_messages",
+            "session_max_bytes",
+            "session_prefetch",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
@@ -147,6 +160,16 @@ class Settings:
             raise SettingsError(
                 f"TRIOWS_JWT_LEEWAY must be 0-{MAX_JWT_LEEWAY} seconds, got {self.jwt_leeway}"
             )
+        if self.resume_window < 0:
+            raise SettingsError(
+                f"TRIOWS_RESUME_WINDOW must not be negative (0 turns sessions off), "
+                f"got {self.resume_window}"
+            )
+        # Half the connection's queue at most: frames of its own (acks, errors)
+        # share it, and the broker's deliveries must never overflow it.
+        object.__setattr__(
+            self, "session_prefetch", min(self.session_prefetch, max(1, self.send_queue // 2))
+        )
         if self.send_rate <= 0:
             raise SettingsError(f"TRIOWS_SEND_RATE must be positive, got {self.send_rate}")
         if self.ping_interval < 0:

@@ -5,7 +5,7 @@ Same credentials, same routing and the same :class:`~triows.connection.Connectio
 ``TRIOWS_MAX_CONNECTIONS`` slots) as the WebSocket; only the writer's framing
 differs. Each frame is one event::
 
-    id: <message id>          (message frames only)
+    id: <session>:<seq>-<message id>   (message frames; without a session: the message id)
     data: <the JSON frame>
 
 There is no ``event:`` field: a browser's ``EventSource.onmessage`` sees every
@@ -14,8 +14,10 @@ stream opens with ``retry:`` (``TRIOWS_RETRY_AFTER``), carries a ``: ping``
 comment every ``TRIOWS_SSE_HEARTBEAT`` seconds when nothing is queued, and when the
 server ends it (drain, token expiry, slow consumer) a last comment says why
 with the WebSocket's close code (``: close 1012 ...``) next to a ``retry:``.
-Messages are not stored, so ``Last-Event-ID`` is ignored: nothing is replayed.
-Sending stays ``POST /send``.
+With sessions the hello's event id is ``<session>:<seq>`` too, so a browser's
+``EventSource`` that reconnects by itself sends ``Last-Event-ID`` and resumes
+its session (:mod:`triows.session`); a stream cut for any reason keeps its
+session for the window. Sending stays ``POST /send``.
 
 The encoders here are pure functions over strings (tested without sockets);
 :func:`serve_event_stream` is the ASGI handler the data plane dispatches to.
@@ -27,23 +29,26 @@ import json
 import math
 import random
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
 
 from triows.asgi import Plane, Receive, Scope, Send, auth_headers, query_args, respond_problem
-from triows.auth import AuthError, identify
+from triows.auth import AuthError, Identity, identify
 from triows.backend import BrokerUnavailable
 from triows.connection import Connection, trio_deadline
 from triows.logs import log_event
 from triows.protocol import (
     CLOSE_DRAINING,
     CLOSE_TOKEN_EXPIRED,
+    CLOSE_TRY_AGAIN,
     InvalidInput,
     check_room_name,
-    hello_frame,
 )
+from triows.router import TooManyRooms
+from triows.session import Resume, hello_for, parse_resume
 
 EVENT_STREAM = "text/event-stream"
 # Every frame triows writes starts so; the id is read without parsing the JSON.
@@ -123,9 +128,41 @@ def message_id(frame: str) -> str | None:
     return None
 
 
-def encode_event(frame: str) -> bytes:
-    """One frame as one SSE event: ``id:`` for a message frame, then ``data:`` line(s)."""
+_SEQ_TAIL = re.compile(r',"seq":(\d+)}$')
+
+
+def event_id(frame: str, session: str | None, first_seq: int) -> str | None:
+    """The ``id:`` of ``frame``'s event: what ``Last-Event-ID`` brings back on a reconnect.
+
+    In a session, ``<session>:<seq>-<message id>`` for a message and
+    ``<session>:<seq>`` for the hello (the seq the stream starts after);
+    without one, a message's id.
+    """
+    if session is None:
+        return message_id(frame)
+    if frame.startswith('{"type":"hello"'):
+        return f"{session}:{first_seq}"
     found = message_id(frame)
+    seq = _SEQ_TAIL.search(frame)
+    if found is None or seq is None:
+        return None
+    return f"{session}:{seq.group(1)}-{found}"
+
+
+def resume_of(last_event_id: bytes | None) -> Resume | None:
+    """The resume a ``Last-Event-ID`` asks for; None for an id that names no session."""
+    if last_event_id is None:
+        return None
+    session, colon, cursor = last_event_id.decode("latin-1").partition(":")
+    try:
+        return parse_resume(session, cursor) if colon else None
+    except InvalidInput:
+        return None  # an id from before sessions, or not ours: a fresh session
+
+
+def encode_event(frame: str, session: str | None = None, first_seq: int = 0) -> bytes:
+    """One frame as one SSE event: ``id:`` (see :func:`event_id`), then ``data:`` line(s)."""
+    found = event_id(frame, session, first_seq)
     head = f"id: {found}\n" if found is not None else ""
     if "\n" in frame or "\r" in frame:
         data = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(frame))
@@ -142,6 +179,16 @@ def event_message(frame: str) -> dict[str, Any]:
     """
     body = _PING if frame == HEARTBEAT else encode_event(frame)
     return {"type": "http.response.body", "body": body, "more_body": True}
+
+
+def session_event_message(session: str, first_seq: int) -> Callable[[str], dict[str, Any]]:
+    """:func:`event_message` for a stream of ``session`` (event ids carry the session)."""
+
+    def message(frame: str) -> dict[str, Any]:
+        body = _PING if frame == HEARTBEAT else encode_event(frame, session, first_seq)
+        return {"type": "http.response.body", "body": body, "more_body": True}
+
+    return message
 
 
 def closing_chunk(code: int, reason: str, retry_ms: int) -> bytes:
@@ -184,6 +231,9 @@ async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send:
             leeway=settings.jwt_leeway,
         )
         rooms = requested_rooms(scope.get("query_string", b""))
+        resume = parse_resume(args.get("session"), args.get("last")) or resume_of(
+            headers.get(b"last-event-id")
+        )
     except InvalidInput as error:
         await respond_problem(send, 400, str(error), kind="invalid")
         return
@@ -217,6 +267,15 @@ async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send:
             headers=[(b"retry-after", str(math.ceil(wait)).encode())],
         )
         return
+    wait = plane.session_wait(identity.user)
+    if wait:
+        await respond_problem(
+            send,
+            429,
+            plane.session_rate_detail(),
+            headers=[(b"retry-after", str(math.ceil(wait)).encode())],
+        )
+        return
     retry_ms = 1000 * settings.retry_after
     if plane.app.draining:
         await start_stream(send)
@@ -227,43 +286,65 @@ async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send:
         return
     try:
         await start_stream(send, f"retry: {retry_ms}\n\n".encode())
-        await run_stream(plane, identity.user, identity.expires_at, rooms, receive, send)
+        await run_stream(plane, identity, rooms, receive, send, resume)
     finally:
         plane.slots_taken -= 1
 
 
 async def run_stream(
     plane: Plane,
-    user: str,
-    expires_at: float | None,
+    identity: Identity,
     rooms: list[str],
     receive: Receive,
     send: Send,
+    resume: Resume | None = None,
 ) -> None:
-    """Run one accepted event stream, a member of ``rooms``, until it ends, whoever ends it."""
+    """Run one accepted event stream, a member of ``rooms``, until it ends, whoever ends it.
+
+    Its session (if the backend holds sessions) is resumed or opened first;
+    a stream that ends leaves it to wait for a resume within the window
+    (an event stream has no normal close a client could send).
+    """
     settings = plane.settings
+    user = identity.user
     connection = Connection(user, settings.send_queue)
-    connection.offer(hello_frame(user, settings.instance_id))
     heartbeat = settings.sse_heartbeat
+    link = None
     try:
         async with plane.app.router.attached(connection):
+            link = await plane.open_link(connection, resume, identity)
             try:
                 for room in rooms:
-                    await plane.app.router.join(connection, room)
+                    if link is not None:
+                        await link.join(room, settings.max_rooms)
+                    else:
+                        await plane.app.router.join(connection, room)
             except BrokerUnavailable:
-                # Only while draining: the stream ends with 1012 like the others.
-                connection.close(CLOSE_DRAINING, "instance draining, reconnect")
+                # Without a session only while draining: the stream ends with 1012 like the others.
+                code = CLOSE_DRAINING if link is None else CLOSE_TRY_AGAIN
+                connection.close(code, "instance draining, reconnect")
+            except TooManyRooms:
+                pass  # the rooms resumed and asked for are over the bound: those first are kept
+            connection.offer(hello_for(user, settings.instance_id, link))
+            writes: Callable[[str], dict[str, Any]] = event_message
+            if link is not None:
+                writes = session_event_message(link.token, link.seq)
+                link.start()
             log_event("connect", user=user, connection=connection.id, transport="sse")
-            connection.start_writing(plane.app.nursery, send, event_message)
+            connection.start_writing(plane.app.nursery, send, writes)
             try:
-                with trio.CancelScope(deadline=trio_deadline(expires_at)) as reading:
+                with trio.CancelScope(deadline=trio_deadline(identity.expires_at)) as reading:
                     connection.read_under(reading)
                     await wait_for_disconnect(receive, connection, heartbeat or math.inf)
                 if reading.cancelled_caught and not connection.stopped:
                     connection.close(CLOSE_TOKEN_EXPIRED, "token expired")
             finally:
                 # If nobody started closing, the peer went away: stop writing.
-                await connection.finish(settings.close_timeout)
+                try:
+                    await connection.finish(settings.close_timeout)
+                finally:
+                    if link is not None:
+                        await link.close(end=False)
         if connection.flushed and connection.close_code is not None:
             retry_ms = 1000 * settings.retry_after
             if connection.close_code == CLOSE_DRAINING:
