@@ -60,7 +60,9 @@ from triows.backend import NOTE_KEY, BrokerUnavailable, SessionDeliver, SessionD
 from triows.backends.broker_url import BrokerAddress, connect_stream
 from triows.backends.rabbitmq_exchange import (
     DELETE_FAILURES,
+    QueueOutOfReach,
     change_bindings,
+    declare_direct_exchange,
     declare_session_queue,
     delete_queues,
 )
@@ -94,6 +96,53 @@ def session_queue_arguments(settings: Settings) -> dict[str, Any]:
         "x-overflow": "drop-head",
         "x-single-active-consumer": True,
     }
+
+
+async def wait_to_reconnect(backoff: Backoff, queue: str, error: BaseException) -> None:
+    """Wait the backend's next delay before a session connection is made again.
+
+    Only the first loss of a run is logged (at INFO): the backend's own
+    ``broker_unavailable`` says the broker is gone, once per attempt, not once
+    per session.
+    """
+    delay = backoff.next_delay()
+    if backoff.attempts == 1:
+        log_event("session_connection_lost", queue=queue, error=str(error) or repr(error))
+    await anyio.sleep(delay)
+
+
+async def restore_session_queue(
+    settings: Settings, address: BrokerAddress, port: int, names: list[str], keys: set[str]
+) -> None:
+    """Before a session's connection is made again: its exchange, queue and bindings.
+
+    A broker restart drops the (transient) exchange and with it the queue's
+    bindings; the queue itself may have expired meanwhile. Declared again
+    (idempotent), the session carries on. A queue whose cluster node is down
+    cannot be declared again under its name: the session carries on live on a
+    new one, ``names[-1]`` (appended here), which a resume cannot find: it
+    starts a fresh session.
+    """
+    with anyio.fail_after(settings.broker_timeout):
+        await declare_direct_exchange(address, port=port, exchange=settings.exchange)
+        try:
+            await _declare(settings, address, port, names[-1], keys)
+        except QueueOutOfReach:
+            names.append(f"{names[0]}.{len(names)}")
+            await _declare(settings, address, port, names[-1], keys)
+
+
+async def _declare(
+    settings: Settings, address: BrokerAddress, port: int, name: str, keys: set[str]
+) -> None:
+    await declare_session_queue(
+        address,
+        port=port,
+        queue=name,
+        arguments=session_queue_arguments(settings),
+        exchange=settings.exchange,
+        keys=keys,
+    )
 
 
 class StompSessions:
@@ -137,7 +186,7 @@ class StompSessions:
             raise BrokerUnavailable(f"session queue {name!r} not declared: {error}") from error
         if waiting is None:
             return None
-        queue = StompSessionQueue(self, name, deliver, waiting)
+        queue = StompSessionQueue(self, name, key, deliver, waiting)
         await queue.start()
         return queue
 
@@ -146,11 +195,13 @@ class StompSessionQueue:
     """One session's queue, consumed on a STOMP connection of its own (module docstring)."""
 
     def __init__(
-        self, sessions: StompSessions, name: str, deliver: SessionDeliver, waiting: int
+        self, sessions: StompSessions, name: str, key: str, deliver: SessionDeliver, waiting: int
     ) -> None:
         self._sessions = sessions
         self._settings = sessions.settings
-        self.name = name
+        # The queue's names: the session's, then any replacement (restore_session_queue).
+        self._names = [name]
+        self._keys = {key}
         self._deliver: SessionDeliver | None = deliver
         self._waiting = waiting
         self._tags = itertools.count(1)
@@ -170,6 +221,10 @@ class StompSessionQueue:
         self._gone = anyio.Event()  # the connection task has ended
         self._exchange_prefix = f"/exchange/{self._settings.exchange}/"
         self._early: list[Frame] = []  # deliveries that came before the SUBSCRIBE's receipt
+
+    @property
+    def name(self) -> str:
+        return self._names[-1]
 
     @property
     def waiting(self) -> int:
@@ -245,16 +300,20 @@ class StompSessionQueue:
                         error = first_leaf(raised, LOST)
                         if self._over:
                             return
-                        await backoff.wait_after_loss(f"STOMP session {self.name}", error)
+                        await wait_to_reconnect(backoff, self.name, error)
                     while not self._over:
                         try:
+                            address, amqp_port = self._sessions.where()
+                            await restore_session_queue(
+                                self._settings, address, amqp_port, self._names, self._keys
+                            )
                             with anyio.fail_after(self._settings.broker_timeout):
                                 stream, parser, intervals = await self._connect()
                             self._adopt(stream)
                             backoff.reset()
                             break
                         except LOST as error:
-                            await backoff.wait_after_loss(f"STOMP session {self.name}", error)
+                            await wait_to_reconnect(backoff, self.name, error)
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()  # also one made or adopted but never served
@@ -355,8 +414,10 @@ class StompSessionQueue:
 
     async def bind(self, key: str) -> None:
         await self._change_bindings(bind=[key])
+        self._keys.add(key)
 
     async def unbind(self, key: str) -> None:
+        self._keys.discard(key)
         await self._change_bindings(unbind=[key])
 
     async def _change_bindings(self, **change: list[str]) -> None:
@@ -413,7 +474,7 @@ class StompSessionQueue:
         with anyio.CancelScope(shield=True):
             try:
                 with anyio.fail_after(self._settings.broker_timeout):
-                    await delete_queues(address, port=amqp_port, queues=[self.name])
+                    await delete_queues(address, port=amqp_port, queues=self._names)
             except DELETE_FAILURES as error:
                 # It expires after the resume window instead.
                 log_event(

@@ -100,6 +100,7 @@ BROKER_CASES = [case for case in CASES if case.broker is not None]
 # The backends (and brokers) that hold sessions (Backend.sessions).
 SESSION_CASES = [
     Case("memory"),
+    broker_case("rabbitmq-amqp10", routes=False),
     broker_case("rabbitmq-stomp", routes=False),
 ]
 
