@@ -50,6 +50,13 @@ declares every held key's queue on one). Other brokers keep the
 connection-bound links of the key's address: what was in flight to a lost
 connection is lost there.
 
+Sessions (``TRIOWS_RESUME_WINDOW`` > 0) on RabbitMQ with
+``/exchange/<TRIOWS_EXCHANGE>/{key}`` addresses: :mod:`backends.amqp10_sessions`
+(a queue per session declared over AMQP 0-9-1, consumed on a connection of
+its own). Users' and rooms' keys then go to session queues only, and
+``subscribe`` of such a key attaches nothing (RabbitMQ 3.x cannot tell a
+sender whether a user is connected). Other brokers hold no sessions.
+
 Receiving. Each receiver link has at most ``settings.prefetch`` credit out.
 Complete deliveries go to a backlog (bounded by the credit); one task moves
 them onto the bounded ``incoming`` stream, and only then settles each with

@@ -66,6 +66,15 @@ receipts and acks are :class:`backends.stomp_session.StompSession`.
   (otherwise ``CONNECT`` is refused). Other brokers (Artemis ...) keep
   non-durable topic subscriptions, ack ``auto``: what was in flight to a lost
   connection is lost there.
+- Sessions (``TRIOWS_RESUME_WINDOW`` > 0) on RabbitMQ with
+  ``/exchange/<TRIOWS_EXCHANGE>/{key}`` destinations:
+  :mod:`backends.stomp_sessions` (a queue per session declared over AMQP
+  0-9-1, consumed on a STOMP connection of its own). Users' and rooms' keys
+  then go to session queues only, and ``subscribe`` of such a key sends
+  nothing (STOMP cannot tell a sender whether a user is connected). ActiveMQ
+  and other brokers hold no sessions (:attr:`StompBackend.sessions` is None):
+  ActiveMQ Classic cannot delete a queue over STOMP nor expire one that still
+  holds messages (docs/backends.md).
 - Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
   we send ours, and a broker silent for twice its interval counts as dead.
 - Reconnects, held keys, readiness, timeouts and error classes are

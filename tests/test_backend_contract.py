@@ -562,6 +562,33 @@ async def test_a_queue_nobody_consumed_for_the_window_is_gone(
         )
 
 
+@pytest.mark.parametrize(
+    "case",
+    [case for case in SESSION_CASES if case.broker is not None],
+    ids=[case.id for case in SESSION_CASES if case.broker is not None],
+)
+async def test_past_its_bound_a_rabbitmq_session_queue_drops_its_oldest_and_senders_carry_on(
+    case: Case, exchange: str
+) -> None:
+    # RabbitMQ 3.x's STOMP and AMQP 1.0 plugins drop the publisher's whole
+    # connection on the nack of a reject-publish queue: these backends bound
+    # session queues with drop-head instead (backends/stomp_sessions.py).
+    await require_broker(case.broker or "")
+    settings = case.settings(exchange, resume_window=SESSION_WINDOW, session_max_messages=3)
+    async with open_ready(settings) as sender, open_ready(settings) as holder:
+        name = session_name(exchange)
+        queue = await open_queue(holder, name, Collected())
+        await queue.detach()
+        for n in range(5):
+            assert await sender.publish("user.Bob", b"%d" % n) == Outcome.ACCEPTED
+        assert sender.ready
+        collected = Collected()
+        resumed = await sessions_of(holder).open(name, "user.Bob", collected.deliver, resume=True)
+        assert resumed is not None
+        assert [d.body for d in await collected.take(3)] == [b"2", b"3", b"4"]
+        await resumed.end()
+
+
 # --- start-up checks and the supervisor's error classes (no broker) ------------
 
 
