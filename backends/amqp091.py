@@ -40,7 +40,14 @@ was only there answers ``routed`` rather than 404 until then. A graceful close
 deletes the queue at once. ``publish`` uses ``mandatory`` on a
 channel in publisher-confirm mode: aiormq turns a ``basic.return`` into
 ``PublishError`` (-> ``UNROUTED``), an ack into a result (-> ``ROUTED``) and a
-nack into ``DeliveryError`` (-> :class:`BrokerUnavailable`).
+nack into ``DeliveryError`` (-> :class:`BrokerUnavailable`; with sessions,
+``FULL``: a session queue over its bound refused it).
+
+Sessions (:mod:`backends.amqp091_sessions`): a queue per session, consumed on
+a channel of their own; user keys are then bound (``subscribe``) to an
+exclusive queue of length 0 on ``<exchange>.live``, so that a send can tell
+``routed`` (a session of the user is connected) from ``queued``. Not on
+GarageMQ, which ignores ``x-expires``: its ``hello`` says not resumable.
 
 Backpressure. aiormq runs the consumer callback as one asyncio task per
 delivery. The callback only puts the delivery, without waiting, on a Trio
@@ -65,6 +72,7 @@ then the bindings it held are gone and sends to its users answer 404.
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -86,7 +94,7 @@ from aiormq.exceptions import (
 )
 from yarl import URL
 
-from triows.backend import Outcome
+from triows.backend import BrokerUnavailable, Outcome
 from triows.backends.amqp091_aio import (
     SESSION_BROKEN,
     AioSession,
@@ -95,10 +103,12 @@ from triows.backends.amqp091_aio import (
     close_connection,
     closed,
 )
+from triows.backends.amqp091_sessions import AmqpSessions
 from triows.backends.broker_url import BrokerAddress, parse_broker_urls
 from triows.backends.handed_over import HandedOver
 from triows.backends.rabbitmq_exchange import HOME_NODE_DOWN
 from triows.backends.supervisor import BrokerRejected, Supervised, run_supervised
+from triows.protocol import USER_KEY_PREFIX
 from triows.settings import Settings
 
 REFUSED_LOGIN: tuple[type[BaseException], ...] = (
@@ -127,6 +137,8 @@ class BrokerQuirks:
 
     queue_outlives_connection: bool = True
     exchange_type: str = "direct"
+    # Session queues need x-expires (and the rest of the session arguments).
+    holds_sessions: bool = True
 
 
 BROKER_QUIRKS: dict[str, BrokerQuirks] = {
@@ -141,7 +153,9 @@ BROKER_QUIRKS: dict[str, BrokerQuirks] = {
     #   with the same key, which would break "every connection of a user gets
     #   every message". Its topic exchange fans out; keys never contain ``*`` or
     #   ``#`` (user names forbid them), so topic matching stays exact.
-    "garagemq": BrokerQuirks(queue_outlives_connection=False, exchange_type="topic"),
+    "garagemq": BrokerQuirks(
+        queue_outlives_connection=False, exchange_type="topic", holds_sessions=False
+    ),
 }
 """Brokers whose quirks the backend works around, by lower-cased ``product``."""
 
@@ -198,6 +212,34 @@ class Amqp091Backend(Supervised[AioSession]):
         # reconnect, so what was unsubscribed meanwhile is unbound then.
         self._maybe_bound: set[str] = set()
         self._bound_queue = ""
+        self._sessions = AmqpSessions(self, settings) if settings.resume_window else None
+        # Until a broker says otherwise (GarageMQ, see BROKER_QUIRKS).
+        self._holds_sessions = True
+
+    @property
+    def sessions(self) -> AmqpSessions | None:
+        return self._sessions if self._holds_sessions else None
+
+    @property
+    def ready_session(self) -> AioSession | None:
+        """The connection while ready (sessions act on it)."""
+        return self._ready
+
+    @property
+    def broker(self) -> str:
+        return self._broker
+
+    @property
+    def live_exchange(self) -> str:
+        """Where user keys held here are bound, with sessions (see the module docstring)."""
+        return f"{self._settings.exchange}.live"
+
+    def _binding_target(self, session: AioSession) -> Callable[[str], tuple[str, str]]:
+        exchange = self._settings.exchange
+        if self.sessions is None:
+            return lambda key: (session.queue, exchange)
+        live = (f"{session.queue}.live", self.live_exchange)
+        return lambda key: live if key.startswith(USER_KEY_PREFIX) else (session.queue, exchange)
 
     @property
     def queue(self) -> str:
@@ -206,7 +248,26 @@ class Amqp091Backend(Supervised[AioSession]):
         return self._queue if session is None else session.queue
 
     async def _publish_on(self, session: AioSession, key: str, body: bytes) -> Outcome:
-        return await session.publish(key, body)
+        if self.sessions is None:
+            outcome = await session.publish(key, body)
+            if outcome is Outcome.FULL:
+                raise BrokerUnavailable("the broker refused the message (nack)")
+            return outcome
+        if not key.startswith(USER_KEY_PREFIX):
+            return await session.publish(key, body)
+        # The message and its probe go in the same batch (see the module docstring).
+        probe: Outcome | None = None
+
+        async def send_probe() -> None:
+            nonlocal probe
+            probe = await session.publish(key, b"", self.live_exchange)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_probe)
+            outcome = await session.publish(key, body)
+        if outcome is Outcome.ROUTED and probe is not Outcome.ROUTED:
+            return Outcome.QUEUED
+        return outcome
 
     async def _subscribe_on(self, session: AioSession, key: str) -> None:
         self._maybe_bound.add(key)
@@ -237,6 +298,8 @@ class Amqp091Backend(Supervised[AioSession]):
         for change in changes:
             await change.wait()
         self._forget_unbound(stale)
+        if self.sessions is not None:
+            await self.sessions.reconsume(session)
 
     def _abandon(self, session: AioSession) -> None:
         session.abandoned.set()
@@ -267,10 +330,17 @@ class Amqp091Backend(Supervised[AioSession]):
                 settings.prefetch
             )
             consumer_cancelled = trio.Event()
-            session = await self._set_up(connection, buffer_send, consumer_cancelled)
+            # Bounded by basic.qos: each session's consumer holds at most its prefetch.
+            session_send, session_receive = trio.open_memory_channel[aiormq.abc.DeliveredMessage](
+                math.inf
+            )
+            session = await self._set_up(connection, buffer_send, consumer_cancelled, session_send)
             lost: BaseException
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, session, buffer_receive)
+                if self._sessions is not None and session.sessions_channel is not None:
+                    nursery.start_soon(self._forward_sessions, self._sessions, session_receive)
+                    nursery.start_soon(self._sessions.settle_periodically, session)
                 publishing = trio.CancelScope()
                 nursery.start_soon(self._publish, session, publishing)
                 changing = trio.CancelScope()
@@ -349,6 +419,8 @@ class Amqp091Backend(Supervised[AioSession]):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_closing, session.connection, "broker connection")
             nursery.start_soon(watch_closing, session.channel, "channel")
+            if session.sessions_channel is not None:
+                nursery.start_soon(watch_closing, session.sessions_channel, "sessions channel")
             nursery.start_soon(
                 watch_event,
                 consumer_cancelled,
@@ -365,6 +437,7 @@ class Amqp091Backend(Supervised[AioSession]):
         connection: aiormq.abc.AbstractConnection,
         deliveries: trio.MemorySendChannel[aiormq.abc.DeliveredMessage],
         consumer_cancelled: trio.Event,
+        session_deliveries: trio.MemorySendChannel[aiormq.abc.DeliveredMessage],
     ) -> AioSession:
         settings = self._settings
         self._connections_made += 1
@@ -415,7 +488,42 @@ class Amqp091Backend(Supervised[AioSession]):
             await session.call(
                 channel.basic_consume, queue, on_delivery, no_ack=False, consumer_tag=queue
             )
+            self._holds_sessions = quirks.holds_sessions
+            if self.sessions is not None:
+                await self._set_up_sessions(session, session_deliveries)
         return session
+
+    async def _set_up_sessions(
+        self,
+        session: AioSession,
+        deliveries: trio.MemorySendChannel[aiormq.abc.DeliveredMessage],
+    ) -> None:
+        """The live exchange and queue, and the channel sessions are consumed on."""
+        channel = session.channel
+        await session.call(
+            channel.exchange_declare,
+            exchange=self.live_exchange,
+            exchange_type="direct",
+            durable=False,
+        )
+        # Length 0: a probe routed here is dropped at once (routed, never delivered).
+        await session.call(
+            channel.queue_declare,
+            f"{session.queue}.live",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": 0},
+        )
+        sessions_channel = await call_aio(self._loop, session.connection.channel)
+        await session.call(
+            sessions_channel.basic_qos, prefetch_count=self._settings.session_prefetch
+        )
+
+        def on_session_delivery(message: aiormq.abc.DeliveredMessage) -> None:
+            deliveries.send_nowait(message)  # bounded by basic.qos per session
+
+        session.sessions_channel = sessions_channel
+        session.on_session_delivery = on_session_delivery
 
     async def _declare_exchange(self, session: AioSession, exchange_type: str) -> None:
         exchange = self._settings.exchange
@@ -445,7 +553,7 @@ class Amqp091Backend(Supervised[AioSession]):
 
     async def _change_bindings(self, session: AioSession, scope: trio.CancelScope) -> None:
         with scope:
-            await session.run_binding_changes(self._settings.exchange, self._broker_timeout)
+            await session.run_binding_changes(self._binding_target(session), self._broker_timeout)
 
     async def _forward(
         self,
@@ -481,6 +589,14 @@ class Amqp091Backend(Supervised[AioSession]):
                 else:
                     session.ack_wanted.set()
             nursery.cancel_scope.cancel()
+
+    async def _forward_sessions(
+        self,
+        sessions: AmqpSessions,
+        deliveries: trio.MemoryReceiveChannel[aiormq.abc.DeliveredMessage],
+    ) -> None:
+        async for message in deliveries:
+            sessions.hand_over(message)
 
     async def _ack_periodically(self, session: AioSession) -> None:
         while True:

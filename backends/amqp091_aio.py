@@ -98,6 +98,10 @@ class AioSession:
         self.acked_tag = 0
         self.ack_wanted = trio.Event()
         self._acking = trio.Lock()
+        # With sessions: the channel their queues are consumed on, and what
+        # takes its deliveries (see backends.amqp091_sessions).
+        self.sessions_channel: aiormq.abc.AbstractChannel | None = None
+        self.on_session_delivery: Callable[[aiormq.abc.DeliveredMessage], None] | None = None
 
     async def call(
         self, operation: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
@@ -105,18 +109,21 @@ class AioSession:
         """Await an aiormq operation from Trio."""
         return await call_aio(self.loop, operation, *args, **kwargs)
 
-    async def publish(self, key: str, body: bytes) -> Outcome:
+    async def publish(self, key: str, body: bytes, exchange: str | None = None) -> Outcome:
         """Publish in the next batch and wait for the broker's confirm: the one place a
-        publish crosses (see :meth:`run_publisher`)."""
-        return await self.publisher.publish(key, body)
+        publish crosses (see :meth:`run_publisher`). ``exchange`` None: the session's."""
+        return await self.publisher.publish(key, body, exchange)
 
     async def run_publisher(self, exchange: str, timeout: float) -> None:
         """Send the waiting publishes, one crossing per batch, until cancelled."""
 
-        async def send(keys: list[str], bodies: list[bytes]) -> list[BatchResult]:
+        async def send(
+            keys: list[str], bodies: list[bytes], exchanges: list[str | None]
+        ) -> list[BatchResult]:
+            targets = [exchange if other is None else other for other in exchanges]
             try:
                 results: list[BatchResult] = await self.call(
-                    publish_batch, self.channel, exchange, keys, bodies, timeout
+                    publish_batch, self.channel, targets, keys, bodies, timeout
                 )
             except SESSION_BROKEN as error:
                 return [f"lost the AMQP broker: {error!r}"] * len(keys)
@@ -124,12 +131,12 @@ class AioSession:
 
         await self.publisher.run(send)
 
-    async def run_binding_changes(self, exchange: str, timeout: float) -> None:
+    async def run_binding_changes(self, target: BindingTarget, timeout: float) -> None:
         """Send the queued binding changes, one crossing per batch, until cancelled or
-        a batch fails (which drops the session)."""
+        a batch fails (which drops the session). ``target(key)``: the queue and exchange."""
 
         async def send(changes: list[BindingChange]) -> None:
-            await self.call(change_bindings, self.channel, self.queue, exchange, changes)
+            await self.call(change_bindings, self.channel, target, changes)
 
         await self.bindings.run(send, timeout)
         # It returns once a batch failed: what the channel holds (and which
@@ -189,8 +196,12 @@ async def call_aio(
         raise
 
 
+BindingTarget = Callable[[str], tuple[str, str]]
+"""The queue and the exchange a key is bound to / unbound from."""
+
+
 async def change_bindings(
-    channel: aiormq.abc.AbstractChannel, queue: str, exchange: str, changes: list[BindingChange]
+    channel: aiormq.abc.AbstractChannel, target: BindingTarget, changes: list[BindingChange]
 ) -> None:
     """(asyncio side) Apply ``changes`` in order, written at once, and wait for the last answer.
 
@@ -209,6 +220,7 @@ async def change_bindings(
     frames: list[Any] = []
     answers = 0
     for index, change in enumerate(changes):
+        queue, exchange = target(change.key)
         if change.bind:
             nowait = index < len(changes) - 1
             answers += 0 if nowait else 1
@@ -356,16 +368,17 @@ BatchResult = Outcome | str
 class _Batch:
     """Messages that go to the broker together; ``results`` is set before ``sent``."""
 
-    __slots__ = ("bodies", "keys", "results", "sent")
+    __slots__ = ("bodies", "exchanges", "keys", "results", "sent")
 
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.bodies: list[bytes] = []
+        self.exchanges: list[str | None] = []
         self.results: list[BatchResult] = []
         self.sent = trio.Event()
 
 
-SendBatch = Callable[[list[str], list[bytes]], Awaitable[list[BatchResult]]]
+SendBatch = Callable[[list[str], list[bytes], list[str | None]], Awaitable[list[BatchResult]]]
 
 
 class PublishBatcher:
@@ -375,12 +388,16 @@ class PublishBatcher:
         self._waiting = _Batch()
         self._wakeup = trio.Event()
 
-    async def publish(self, key: str, body: bytes) -> Outcome:
-        """Queue ``body`` for ``key``, wait for the broker's answer to it, return the outcome."""
+    async def publish(self, key: str, body: bytes, exchange: str | None = None) -> Outcome:
+        """Queue ``body`` for ``key``, wait for the broker's answer to it, return the outcome.
+
+        ``exchange`` None: the one the sender publishes to.
+        """
         batch = self._waiting
         index = len(batch.keys)
         batch.keys.append(key)
         batch.bodies.append(body)
+        batch.exchanges.append(exchange)
         self._wakeup.set()
         await batch.sent.wait()
         result = batch.results[index]
@@ -405,7 +422,7 @@ class PublishBatcher:
 
     async def _send(self, send: SendBatch, batch: _Batch, lost: str) -> None:
         try:
-            batch.results = await send(batch.keys, batch.bodies)
+            batch.results = await send(batch.keys, batch.bodies, batch.exchanges)
         finally:
             self._fail(batch, lost)
 
@@ -419,7 +436,7 @@ class PublishBatcher:
 
 async def publish_batch(
     channel: aiormq.abc.AbstractChannel,
-    exchange: str,
+    exchanges: list[str],
     keys: list[str],
     bodies: list[bytes],
     timeout: float,
@@ -436,7 +453,7 @@ async def publish_batch(
     deadline = loop.time() + timeout
     try:
         async with asyncio.timeout_at(deadline):
-            confirmations = await _write_batch(channel, exchange, keys, bodies)
+            confirmations = await _write_batch(channel, exchanges, keys, bodies)
     except TimeoutError:
         return [_late(timeout)] * len(keys)  # nothing of it reached the writer
     await asyncio.wait(confirmations, timeout=max(0.0, deadline - loop.time()))
@@ -444,7 +461,10 @@ async def publish_batch(
 
 
 async def _write_batch(
-    channel: aiormq.abc.AbstractChannel, exchange: str, keys: list[str], bodies: list[bytes]
+    channel: aiormq.abc.AbstractChannel,
+    exchanges: list[str],
+    keys: list[str],
+    bodies: list[bytes],
 ) -> list[asyncio.Future[object]]:
     """Hand the batch's frames to aiormq's writer; return each message's confirmation.
 
@@ -455,7 +475,7 @@ async def _write_batch(
     confirmations: list[asyncio.Future[object]] = []
     frames: list[Any] = []
     async with state.lock:
-        for key, body in zip(keys, bodies, strict=True):
+        for exchange, key, body in zip(exchanges, keys, bodies, strict=True):
             state.delivery_tag += 1
             tag: int = state.delivery_tag
             message_id = str(tag)
@@ -513,5 +533,6 @@ def _result(confirmation: asyncio.Future[object], timeout: float) -> BatchResult
     if isinstance(error, PublishError):
         return Outcome.UNROUTED
     if isinstance(error, DeliveryError):
-        return f"the broker refused the message: {error}"
+        # A nack: with sessions, a session queue over its bound (reject-publish).
+        return Outcome.FULL
     return f"lost the AMQP broker: {error!r}"

@@ -54,7 +54,7 @@ def amqp_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: Any)
         broker_url=f"amqp://guest:guest@127.0.0.1:{port}/",
         exchange=exchange,
         instance_id=f"test-{secrets.token_hex(4)}",
-        **overrides,
+        **{"resume_window": 0, **overrides},  # the key contract; sessions: test_session_queues
     )
 
 

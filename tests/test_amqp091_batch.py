@@ -19,7 +19,9 @@ class RecordingSender:
         self.batches: list[list[str]] = []
         self.release = trio.Event()
 
-    async def __call__(self, keys: list[str], bodies: list[bytes]) -> list[BatchResult]:
+    async def __call__(
+        self, keys: list[str], bodies: list[bytes], exchanges: list[str | None]
+    ) -> list[BatchResult]:
         self.batches.append(list(keys))
         await self.release.wait()
         return [Outcome.ROUTED] * len(keys)

@@ -55,6 +55,7 @@ async def test_a_publish_behind_a_change_the_blocked_broker_never_answers_gets_i
         instance_id=f"test-{secrets.token_hex(4)}",
         publish_timeout=1.0,
         broker_timeout=LONG_BROKER_TIMEOUT,
+        resume_window=0,  # a user key's binding, on the instance's queue
     )
     async with open_ready(settings) as backend:
         assert isinstance(backend, Amqp091Backend)

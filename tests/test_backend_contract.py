@@ -65,7 +65,7 @@ class Case:
             "exchange": exchange,
             "instance_id": f"test-{secrets.token_hex(4)}",
             "reconnect_max_delay": 0.5,
-            # Keys' messages on ``incoming``; the session tests turn sessions on.
+            # The key contract (subscribe -> incoming); sessions have their own suite.
             "resume_window": 0,
         }
         if self.broker is not None:

@@ -29,6 +29,7 @@ MIN_SECRET_BYTES = 32
 # Clock skew is seconds; a leeway of minutes would extend every token's life.
 MAX_JWT_LEEWAY = 300
 DEFAULT_PUBLISH_TIMEOUT = 10.0
+QUEUE_TYPES = ("classic", "quorum")
 
 
 class SettingsError(Exception):
@@ -108,6 +109,9 @@ class Settings:
     # Deliveries a session's connection holds unacked (queued or being written);
     # at most half TRIOWS_SEND_QUEUE, so the broker never overflows a connection's queue.
     session_prefetch: int = field(default=64, metadata={"env": "TRIOWS_SESSION_PREFETCH"})
+    # AMQP 0-9-1 on RabbitMQ: the type of session queues. "quorum" replicates
+    # them over a cluster's nodes, so a node lost loses nothing they hold.
+    queue_type: str = field(default="classic", metadata={"env": "TRIOWS_QUEUE_TYPE"})
     # Browser pages that may open /events besides the server's own ("*": any page).
     allowed_origins: tuple[str, ...] = field(default=(), metadata={"env": "TRIOWS_ALLOWED_ORIGINS"})
     # Host names served besides loopback ones: checked in dev mode, and whenever set.
@@ -207,6 +211,10 @@ class Settings:
                 object.__setattr__(self, name, tuple(check(entry) for entry in getattr(self, name)))
             except ValueError as error:
                 raise SettingsError(f"{_env(name)}: {error}") from None
+        if self.queue_type not in QUEUE_TYPES:
+            raise SettingsError(
+                f"TRIOWS_QUEUE_TYPE must be {' or '.join(QUEUE_TYPES)}, got {self.queue_type!r}"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(
                 f"TRIOWS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}"
