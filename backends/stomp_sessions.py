@@ -20,7 +20,8 @@ expiry, length, TTL, dead-letter, priority and queue-type headers), and a
   no ``full`` outcome here;
 - ``x-single-active-consumer``: a second consumer (a resume while the old
   connection has not gone yet) waits until the first goes, then gets what
-  it left unacked.
+  it left unacked;
+- ``x-queue-type`` = ``TRIOWS_QUEUE_TYPE`` (as the ``amqp091`` backend's).
 
 Each session is consumed on a STOMP connection of its own, ``SUBSCRIBE``
 ``/amq/queue/<name>`` (consumes the queue, declares nothing) with
@@ -95,6 +96,8 @@ def session_queue_arguments(settings: Settings) -> dict[str, Any]:
         "x-max-length-bytes": settings.session_max_bytes,
         "x-overflow": "drop-head",
         "x-single-active-consumer": True,
+        # quorum: replicated over a cluster, so a session outlives a node.
+        "x-queue-type": settings.queue_type,
     }
 
 
