@@ -49,6 +49,7 @@ import trio
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from triows.backend import (
+    NOTE_KEY,
     BrokerUnavailable,
     SessionDeliver,
     SessionDelivery,
@@ -272,9 +273,11 @@ class AmqpSessions:
             self._settle_wanted.set()
             return
         handle.unacked.add(raw)
+        # A note was published to the queue itself, through the default exchange.
+        key = NOTE_KEY if not message.exchange else message.routing_key or ""
         handle.deliver(
             SessionDelivery(
-                message.routing_key or "",
+                key,
                 message.body,
                 (self.generation << _GENERATION_SHIFT) | raw,
                 bool(message.redelivered),
