@@ -12,12 +12,12 @@ link with source ``/amq/queue/<name>`` (consumes, declares nothing) and
 ``TRIOWS_SESSION_PREFETCH`` credit, topped up by one for each delivery
 settled, so at most that many are unsettled; a delivery is settled
 ``accepted`` once written to the socket. A redelivery has ``first-acquirer``
-false. Why not the instance's connection: RabbitMQ 3.10 gives an unsettled
-delivery back only when its session (channel) ends. Released while the link
-is attached, it comes straight back to the same link (the active consumer);
-released after the link is detached it is not given back at all; and a queue
-deleted under an attached link crashes the plugin's session process, taking
-the connection with it. Closing the session's own connection gives every
+false. Why not the instance's connection: on RabbitMQ 3.10.8 unsettled
+deliveries released after their link was detached were not given back (the
+next consumer got nothing); released while it is attached they would go to
+that link again, the queue's single active consumer; and a queue deleted
+under an attached link crashes the plugin's session process (no clause for
+``basic.cancel``), taking the connection with it. Closing the session's own connection gives every
 unsettled delivery back at once, in order, for the next consumer: that is
 :meth:`Amqp10SessionQueue.detach`; :meth:`Amqp10SessionQueue.end` closes it
 and then deletes the queue. The key of a delivery is its ``subject`` (the
