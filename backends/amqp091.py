@@ -338,9 +338,10 @@ class Amqp091Backend(Supervised[AioSession]):
             lost: BaseException
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward, session, buffer_receive)
+                settling = trio.CancelScope()
                 if self._sessions is not None and session.sessions_channel is not None:
                     nursery.start_soon(self._forward_sessions, self._sessions, session_receive)
-                    nursery.start_soon(self._sessions.settle_periodically, session)
+                    nursery.start_soon(self._settle, self._sessions, session, settling)
                 publishing = trio.CancelScope()
                 nursery.start_soon(self._publish, session, publishing)
                 changing = trio.CancelScope()
@@ -354,10 +355,13 @@ class Amqp091Backend(Supervised[AioSession]):
                     # binding changes still queued on it, fail now.
                     publishing.cancel()
                     changing.cancel()
+                    # Acks of this connection's deliveries mean nothing on the next.
+                    settling.cancel()
                     # No more deliveries can come. The forwarder hands over
                     # what is buffered (the senders were told "routed") and
                     # then ends, unless the backend itself is being closed.
                     buffer_send.close()
+                    session_send.close()
             raise lost
         finally:
             await close_connection(self._loop, connection, settings.close_timeout)
@@ -589,6 +593,12 @@ class Amqp091Backend(Supervised[AioSession]):
                 else:
                     session.ack_wanted.set()
             nursery.cancel_scope.cancel()
+
+    async def _settle(
+        self, sessions: AmqpSessions, session: AioSession, scope: trio.CancelScope
+    ) -> None:
+        with scope:
+            await sessions.settle_periodically(session)
 
     async def _forward_sessions(
         self,

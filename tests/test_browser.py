@@ -1,5 +1,8 @@
 """The chat page in a real browser, against three instances behind HAProxy.
 
+(And, for the session a page resumes, two instances behind a TCP proxy that
+the test points at one and then the other.)
+
 Headless Chromium from Debian's ``chromium`` package (installed here with
 apt-get if it is missing; Playwright never downloads a browser of its own)
 driven by Playwright's synchronous Python API. The cluster is
@@ -22,13 +25,14 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
+from typing import Any, TypeVar
+from urllib.parse import urlencode, urlsplit
 
+import httpx
 import pytest
 import trio
 from playwright.sync_api import (
@@ -41,10 +45,11 @@ from playwright.sync_api import (
 )
 
 from tests.brokers import require_broker
-from tests.e2e import unique_exchange
+from tests.e2e import TARGETS_BY_NAME, ready_instances, unique_exchange
+from tests.tcp_proxy import TcpProxy, open_tcp_proxy
 from triows.client import open_client
 from triows.cluster import debian_executable, open_cluster
-from triows.process import Instance, free_port
+from triows.process import Instance, free_port, serve_instance
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -68,6 +73,48 @@ PAGE_ATTEMPTS = 5
 expect.set_options(timeout=STEP_TIMEOUT_MS)
 
 
+Held = TypeVar("Held")
+
+
+@contextmanager
+def held_in_a_thread(
+    open_it: Callable[[trio.lowlevel.TrioToken], AbstractAsyncContextManager[Held]],
+) -> Iterator[Held]:
+    """What ``open_it`` opens, held by a Trio run in a thread of its own, for the block."""
+    handed: queue.Queue[Held | BaseException] = queue.Queue()
+    failures: list[BaseException] = []
+    stop: trio.Event | None = None
+    token: trio.lowlevel.TrioToken | None = None
+
+    async def hold() -> None:
+        nonlocal stop, token
+        try:
+            stop, token = trio.Event(), trio.lowlevel.current_trio_token()
+            async with open_it(token) as held:
+                handed.put(held)
+                await stop.wait()
+        except BaseException as error:  # handed to the test's thread, raised there
+            failures.append(error)
+            handed.put(error)
+
+    thread = threading.Thread(target=trio.run, args=(hold,), name="held", daemon=True)
+    thread.start()
+    got = handed.get(timeout=CLUSTER_TIMEOUT)
+    if isinstance(got, BaseException):
+        thread.join()
+        raise got
+    assert stop is not None and token is not None
+    try:
+        yield got
+    finally:
+        # The run may have ended already (what it held failed): then there is nothing to stop.
+        with suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(stop.set, trio_token=token)
+        thread.join(CLUSTER_TIMEOUT)
+    if failures:
+        raise failures[0]
+
+
 @dataclass
 class RunningCluster:
     """A cluster held by a Trio run in another thread; ``url`` is HAProxy's."""
@@ -76,49 +123,64 @@ class RunningCluster:
     # The instance id each instance reports in its hello, to the instance.
     instances: dict[str, Instance]
     trio_token: trio.lowlevel.TrioToken
-    stop: trio.Event
 
     def terminate(self, instance_id: str) -> None:
         """SIGTERM the instance whose hello names ``instance_id`` (it drains, closing with 1012)."""
         trio.from_thread.run_sync(self.instances[instance_id].terminate, trio_token=self.trio_token)
 
 
-@contextmanager
-def cluster_in_a_thread() -> Iterator[RunningCluster]:
-    """Brokers, three instances on free ports and HAProxy, for the block."""
-    handed: queue.Queue[RunningCluster | BaseException] = queue.Queue()
-    failures: list[BaseException] = []
+@asynccontextmanager
+async def open_running_cluster(token: trio.lowlevel.TrioToken) -> AsyncIterator[RunningCluster]:
+    """Brokers, three instances on free ports and HAProxy."""
+    await require_broker("rabbitmq")
+    front, ports = free_port(), [free_port() for _ in range(3)]
+    env = {"TRIOWS_EXCHANGE": unique_exchange()}
+    async with open_cluster(front_port=front, instance_ports=ports, env=env) as cluster:
+        instances = {await _instance_id(i.base_url): i for i in cluster.instances}
+        yield RunningCluster(cluster.url, instances, token)
 
-    async def hold() -> None:
-        try:
-            await require_broker("rabbitmq")
-            front, ports = free_port(), [free_port() for _ in range(3)]
-            env = {"TRIOWS_EXCHANGE": unique_exchange()}
-            async with open_cluster(front_port=front, instance_ports=ports, env=env) as cluster:
-                instances = {await _instance_id(i.base_url): i for i in cluster.instances}
-                stop = trio.Event()
-                token = trio.lowlevel.current_trio_token()
-                handed.put(RunningCluster(cluster.url, instances, token, stop))
-                await stop.wait()
-        except BaseException as error:  # handed to the test's thread, raised there
-            failures.append(error)
-            handed.put(error)
 
-    thread = threading.Thread(target=trio.run, args=(hold,), name="cluster", daemon=True)
-    thread.start()
-    got = handed.get(timeout=CLUSTER_TIMEOUT)
-    if isinstance(got, BaseException):
-        thread.join()
-        raise got
-    try:
-        yield got
-    finally:
-        # The run may have ended already (the cluster failed): then there is nothing to stop.
-        with suppress(trio.RunFinishedError):
-            trio.from_thread.run_sync(got.stop.set, trio_token=got.trio_token)
-        thread.join(CLUSTER_TIMEOUT)
-    if failures:
-        raise failures[0]
+@dataclass
+class GatedPair:
+    """Instances A and B (amqp091 on RabbitMQ); the pages' origin, ``url``, is a proxy to B.
+
+    The proxy is the load balancer a test steers: after B has drained and gone,
+    a page's reconnects fail until :meth:`point_at_a`.
+    """
+
+    url: str
+    a: Instance
+    b: Instance
+    proxy: TcpProxy
+    trio_token: trio.lowlevel.TrioToken
+
+    def drain_b(self) -> None:
+        """SIGTERM B (it drains, closing its sockets with 1012) and wait until it exited."""
+        trio.from_thread.run(self._drain_b, trio_token=self.trio_token)
+
+    async def _drain_b(self) -> None:
+        self.b.terminate()
+        with trio.fail_after(CLUSTER_TIMEOUT):
+            await self.b.process.wait()
+
+    def point_at_a(self) -> None:
+        """Forward the proxy's new connections to A."""
+        port = urlsplit(self.a.base_url).port
+        assert port is not None
+        trio.from_thread.run_sync(
+            setattr, self.proxy, "target_port", port, trio_token=self.trio_token
+        )
+
+
+@asynccontextmanager
+async def open_gated_pair(token: trio.lowlevel.TrioToken) -> AsyncIterator[GatedPair]:
+    target = TARGETS_BY_NAME["amqp091-rabbitmq"]
+    await require_broker(target.broker)
+    async with ready_instances(target, 2) as (a, b):
+        port = urlsplit(b.base_url).port
+        assert port is not None
+        async with open_tcp_proxy(port) as proxy:
+            yield GatedPair(f"http://127.0.0.1:{proxy.port}", a, b, proxy, token)
 
 
 async def _instance_id(base_url: str) -> str:
@@ -163,8 +225,14 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def cluster() -> Iterator[RunningCluster]:
-    with cluster_in_a_thread() as running:
+    with held_in_a_thread(open_running_cluster) as running:
         yield running
+
+
+@pytest.fixture
+def gated_pair() -> Iterator[GatedPair]:
+    with held_in_a_thread(open_gated_pair) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -334,6 +402,108 @@ def test_room_messages_reach_every_member_page_and_the_room_is_rejoined_after_a_
     expect(bob.locator('#log .entry[data-kind="message"][data-room=""]')).to_have_count(2)
     shots.take(anne, "anne-after-the-drain")
     shots.take(bob, "bob-after-the-drain")
+
+
+def post_to_bob(http: httpx.Client, instance: Instance, text: str) -> dict[str, Any]:
+    """Anne's ``POST /send`` to Bob (dev mode); the 202's body."""
+    response = http.post(
+        f"{instance.base_url}/send", json={"to": "Bob", "from": "Anne", "message": text}
+    )
+    assert response.status_code == 202, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_the_page_shows_every_message_sent_while_its_instance_drained_once_after_resuming(
+    browser: Browser, gated_pair: GatedPair, shots: Shots
+) -> None:
+    pair = gated_pair
+    bob = open_page(browser, pair.url, "Bob")
+    drained = instance_of(bob)
+    with httpx.Client(timeout=STEP_TIMEOUT_MS / 1000) as http:
+        assert post_to_bob(http, pair.a, "before the drain")["status"] == "routed"
+        expect(received(bob, "Anne", "before the drain")).to_have_count(1)
+
+        pair.drain_b()
+        # B is gone and the proxy still points at it: the page keeps trying.
+        expect(bob.locator("#state")).to_have_attribute("data-state", "reconnecting")
+        gap = [post_to_bob(http, pair.a, f"during the gap {n}") for n in range(5)]
+        assert [answer["status"] for answer in gap] == ["queued"] * len(gap)
+        shots.take(bob, "bob-away")
+
+        pair.point_at_a()
+        expect(bob.locator("#reconnects")).to_have_text("1")
+        reconnected = bob.locator('#log .entry[data-kind="reconnected"]')
+        expect(reconnected).to_have_count(1)
+        expect(reconnected).to_contain_text(f"(was {drained}); session resumed, 5 missed")
+        expect(reconnected).to_have_attribute("data-resumed", "true")
+        for n, answer in enumerate(gap):
+            entry = received(bob, "Anne", f"during the gap {n}")
+            expect(entry).to_have_count(1)
+            expect(entry).to_have_attribute("data-id", answer["id"])
+        live = post_to_bob(http, pair.a, "after the resume")
+        assert live["status"] == "routed"
+        expect(received(bob, "Anne", "after the resume")).to_have_count(1)
+    # Every message once, in the order sent: none twice across the resume.
+    expect(bob.locator('#log .entry[data-kind="message"]')).to_have_count(len(gap) + 2)
+    texts = bob.locator('#log .entry[data-kind="message"]').evaluate_all(
+        "entries => entries.map((entry) => entry.lastChild.textContent)"
+    )
+    assert texts == [
+        "before the drain",
+        *(f"during the gap {n}" for n in range(len(gap))),
+        "after the resume",
+    ]
+    shots.take(bob, "bob-resumed")
+
+
+def connections_open(http: httpx.Client, instance: Instance) -> float:
+    text = http.get(f"{instance.base_url}/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith("triows_connections_open "))
+    return float(line.split()[1])
+
+
+def test_a_reload_of_the_page_resumes_its_session_and_its_rooms(
+    browser: Browser, shots: Shots
+) -> None:
+    with held_in_a_thread(lambda _: serve_instance("memory")) as server:
+        bob = open_page(browser, server.base_url, "Bob", ("general",))
+        page_url = bob.url
+        with httpx.Client(timeout=STEP_TIMEOUT_MS / 1000) as http:
+            assert post_to_bob(http, server, "before the reload")["status"] == "routed"
+            expect(received(bob, "Anne", "before the reload")).to_have_count(1)
+            # Leaving the page closes its socket with 1001 ("going away"): the session waits.
+            bob.goto("about:blank")
+            while connections_open(http, server) != 0:
+                pass
+            away = post_to_bob(http, server, "while reloading")
+            assert away["status"] == "queued"
+            room = http.post(
+                f"{server.base_url}/send",
+                json={"room": "general", "from": "Anne", "message": "general, while reloading"},
+            )
+            assert room.status_code == 202
+            bob.goto(page_url)
+            shows(bob, bob.locator('#state[data-state="connected"]'))
+            connected = bob.locator('#log .entry[data-kind="system"]', has_text="connected as Bob")
+            expect(connected).to_contain_text("session resumed, 2 missed")
+            expect(received(bob, "Anne", "while reloading")).to_have_attribute(
+                "data-id", away["id"]
+            )
+            expect(received(bob, "Anne", "general, while reloading", room="general")).to_have_count(
+                1
+            )
+            # The room came back with the session: joined by the server, not by the page.
+            expect(room_item(bob, "general")).to_have_attribute("data-state", "joined")
+            live = http.post(
+                f"{server.base_url}/send",
+                json={"room": "general", "from": "Anne", "message": "general, live"},
+            )
+            assert live.json()["status"] == "routed"
+            expect(received(bob, "Anne", "general, live", room="general")).to_have_count(1)
+            # Nothing of before the reload came again.
+            expect(bob.locator('#log .entry[data-kind="message"]')).to_have_count(3)
+            shots.take(bob, "bob-after-the-reload")
 
 
 # The page's own reconnect logic, with the server played by the test (Playwright

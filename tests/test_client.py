@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import signal
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from tests.brokers import require_broker
 from tests.e2e import STEP_TIMEOUT, TARGETS_BY_NAME, ready_instances
+from tests.tcp_proxy import open_tcp_proxy
 from triows.auth import mint_token
 from triows.client import (
     ClientClosed,
@@ -314,3 +318,106 @@ async def test_after_a_reconnect_the_client_is_in_its_rooms_again() -> None:
             assert response.json()["status"] == "routed"
             frame = await next_of_type(bob, "message")
             assert (frame["room"], frame["message"]) == ("general", "again")
+
+
+async def test_messages_sent_while_the_clients_instance_drains_arrive_once_after_it_resumes() -> (
+    None
+):
+    # Bob's URLs: B, then a gate in front of A that stays shut until the test
+    # has sent while he is away, so that the gap is certain, not a race.
+    target = TARGETS_BY_NAME["amqp091-rabbitmq"]
+    await require_broker(target.broker)
+    gate = free_port()
+    gate_url = f"http://127.0.0.1:{gate}"
+    async with ready_instances(target, 2) as (a, b), httpx.AsyncClient() as http:
+        async with open_client([b.base_url, gate_url], user="Bob", reconnect_max=0.2) as bob:
+            await bob.join("general")
+            before = await post_send(http, a.base_url, "Bob", "before", sender="Anne")
+            assert before.json()["status"] == "routed"
+            assert (await next_of_type(bob, "message"))["id"] == before.json()["id"]
+            drained = bob.instance
+            b.terminate()
+            with trio.fail_after(STEP_TIMEOUT):
+                await b.process.wait()
+            # B closed Bob's socket with 1012 and exited: his session waits at the broker.
+            sent = []
+            for n in range(3):
+                response = await post_send(http, a.base_url, "Bob", f"away {n}", sender="Anne")
+                assert (response.status_code, response.json()["status"]) == (202, "queued")
+                sent.append(response.json()["id"])
+            response = await post_send(
+                http, a.base_url, None, "general, away", sender="Anne", room="general"
+            )
+            assert response.status_code == 202
+            sent.append(response.json()["id"])
+            async with open_client(a.base_url, user="Anne") as anne:
+                ack = await anne.send(to="Bob", message="from Anne's client, away")
+                assert ack["status"] == "queued"
+                sent.append(ack["id"])
+            async with open_tcp_proxy(urlsplit(a.base_url).port or 80, port=gate):
+                event = await next_of_type(bob, "reconnected")
+                assert (event["previous_instance"], event["url"]) == (drained, gate_url)
+                assert (event["resumed"], event["missed"]) == (True, len(sent))
+                assert (event["rooms"], event["rooms_failed"]) == (["general"], {})
+                live = await post_send(http, a.base_url, "Bob", "live", sender="Anne")
+                assert live.json()["status"] == "routed"
+                frames = [await next_of_type(bob, "message") for _ in range(len(sent) + 1)]
+                # The missed ones first, in order, none seen before; then the live one.
+                assert [frame["id"] for frame in frames] == [*sent, live.json()["id"]]
+                # The server joined the room again: the client did not ask.
+                room = await post_send(
+                    http, a.base_url, None, "general, live", sender="Anne", room="general"
+                )
+                assert room.json()["status"] == "routed"
+                frame = await next_of_type(bob, "message")
+                assert (frame["id"], frame["room"]) == (room.json()["id"], "general")
+                assert bob.reconnects == 1
+                await bob.aclose()
+
+
+async def test_a_client_that_cannot_resume_says_so_and_joins_its_rooms_itself() -> None:
+    # Two memory instances share nothing: the session of the killed one is unknown to the other.
+    async with serve_instance("memory") as first, serve_instance("memory") as second:
+        async with open_client([first.base_url, second.base_url], user="Bob") as bob:
+            await bob.join("general")
+            first_session = bob.session
+            assert first_session is not None
+            first.process.send_signal(signal.SIGKILL)
+            event = await next_of_type(bob, "reconnected")
+            assert (event["resumed"], event["missed"]) == (False, 0)
+            assert (event["rooms"], event["rooms_failed"]) == (["general"], {})
+            assert bob.session not in (None, first_session)
+            assert bob.cursor is None
+
+
+async def test_aclose_closes_with_1000_which_ends_the_session_at_the_server() -> None:
+    # The server is played here, so that the close code the client sends is what is read.
+    close_codes: list[int] = []
+    closed = trio.Event()
+
+    async def server(request: WebSocketRequest) -> None:
+        websocket = await request.accept()
+        hello = {"type": "hello", "user": "Bob", "instance": "i", "protocol": 1}
+        await websocket.send_message(json.dumps({**hello, "session": "s" * 22, "resumed": False}))
+        try:
+            while True:
+                await websocket.get_message()
+        except ConnectionClosed as connection_closed:
+            assert connection_closed.reason is not None
+            close_codes.append(connection_closed.reason.code)
+            closed.set()
+
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_websocket, server, "127.0.0.1", port, None)
+        async with open_client(f"http://127.0.0.1:{port}", user="Bob") as bob:
+            await bob.aclose()
+            await bob.aclose()
+            with trio.fail_after(STEP_TIMEOUT):
+                await closed.wait()
+            assert close_codes == [1000]
+            with pytest.raises(StopAsyncIteration):
+                await bob.receive()
+            with pytest.raises(ClientClosed):
+                await bob.send(to="Anne", message="after aclose")
+        nursery.cancel_scope.cancel()

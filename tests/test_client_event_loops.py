@@ -13,14 +13,18 @@ import signal
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
+import anyio.to_thread
 import httpx
 import pytest
 import trio
-from anyio.from_thread import start_blocking_portal
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from tests.e2e import STEP_TIMEOUT
+from tests.brokers import require_broker
+from tests.e2e import STEP_TIMEOUT, TARGETS_BY_NAME, ready_instances
+from tests.tcp_proxy import open_tcp_proxy
 from triows.auth import mint_token
 from triows.client import (
     ClientClosed,
@@ -30,7 +34,7 @@ from triows.client import (
     open_client,
     post_send,
 )
-from triows.process import Instance, serve_instance
+from triows.process import Instance, free_port, serve_instance
 
 EVENT_LOOPS = pytest.mark.parametrize("event_loop", ["asyncio", "trio"])
 SECRET = secrets.token_urlsafe(48)
@@ -226,3 +230,43 @@ def test_a_request_the_server_does_not_answer_raises_a_timeout_error(event_loop:
 
     with instances(1) as (server,):
         anyio.run(scenario, server, backend=event_loop)
+
+
+@EVENT_LOOPS
+def test_messages_sent_while_the_client_was_away_arrive_once_after_it_resumes(
+    event_loop: str,
+) -> None:
+    # Two amqp091 instances; Bob's URLs are B, then a gate in front of A that the
+    # test opens only once it has sent while he is away.
+    target = TARGETS_BY_NAME["amqp091-rabbitmq"]
+    gate = free_port()
+
+    async def scenario(a: Instance, b: Instance, portal: BlockingPortal, stack: ExitStack) -> None:
+        gate_url = f"http://127.0.0.1:{gate}"
+        async with (
+            open_client([b.base_url, gate_url], user="Bob", reconnect_max=0.2) as bob,
+            httpx.AsyncClient() as http,
+        ):
+            drained = bob.instance
+            b.terminate()
+            await anyio.to_thread.run_sync(portal.call, b.process.wait)
+            sent = []
+            for n in range(3):
+                response = await post_send(http, a.base_url, "Bob", n, sender="Anne")
+                assert response.json()["status"] == "queued"
+                sent.append(response.json()["id"])
+            gate_to_a = portal.wrap_async_context_manager(
+                open_tcp_proxy(urlsplit(a.base_url).port or 80, port=gate)
+            )
+            await anyio.to_thread.run_sync(stack.enter_context, gate_to_a)
+            event = await next_of_type(bob, "reconnected")
+            assert (event["previous_instance"], event["url"]) == (drained, gate_url)
+            assert (event["resumed"], event["missed"]) == (True, len(sent))
+            live = await post_send(http, a.base_url, "Bob", "live", sender="Anne")
+            frames = [await next_of_type(bob, "message") for _ in range(len(sent) + 1)]
+            assert [frame["id"] for frame in frames] == [*sent, live.json()["id"]]
+
+    with start_blocking_portal(backend="trio") as portal, ExitStack() as stack:
+        portal.call(require_broker, target.broker)
+        a, b = stack.enter_context(portal.wrap_async_context_manager(ready_instances(target, 2)))
+        anyio.run(scenario, a, b, portal, stack, backend=event_loop)

@@ -288,3 +288,16 @@ def test_websocket_handshake_builds_permessage_deflate_by_its_module_global_name
     assert "PerMessageDeflate" in global_names(ws_stream.Handshake.accept), moved(
         "Handshake.accept's use of the PerMessageDeflate global", "declining permessage-deflate"
     )
+
+
+def test_the_websocket_stream_is_built_by_name_in_the_h11_protocol() -> None:
+    from hypercorn.protocol import h11 as hypercorn_h11
+
+    use = "telling the app the code a client closed with (ClientCloseWSStream)"
+    assert "WSStream" in global_names(H11Protocol._create_stream), moved("H11Protocol", use)
+    assert vars(hypercorn_h11).get("WSStream") is not None, moved("h11.WSStream", use)
+    source = inspect.getsource(ws_stream.WSStream._handle_events)
+    # ClientCloseWSStream._handle_events is a copy of this one with one line added.
+    for name in ("self.buffer.extend", "message_finished", "REMOTE_CLOSING", "StreamClosed"):
+        assert name in source, moved("WSStream._handle_events", use)
+    assert "client_close_code" not in source, "Hypercorn reports the client's code now: drop it"

@@ -15,9 +15,17 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.brokers import require_broker
-from tests.e2e import TARGETS_BY_NAME, Target, ready_instances, wait_until_offline
-from tests.test_session_resume import events_url
+from tests.brokers import BROKERS, require_broker
+from tests.e2e import (
+    TARGETS_BY_NAME,
+    Target,
+    ready_instances,
+    serve_target,
+    unique_exchange,
+    wait_until_offline,
+)
+from tests.tcp_proxy import open_tcp_proxy
+from tests.test_session_resume import Received, events_url, sender
 from triows.auth import mint_token
 
 TARGET = TARGETS_BY_NAME["amqp091-rabbitmq"]
@@ -53,6 +61,18 @@ async def test_a_session_left_unused_past_its_window_is_deleted_by_the_broker() 
             await wait_until_offline(http, a.base_url, "Bob")
             hello = await hello_of(events_url(a.base_url, "Bob", token))
             assert (hello["resumed"], hello["session"] != token) == (False, True)
+
+
+async def test_a_client_that_closes_normally_ends_its_session_at_once() -> None:
+    await require_broker(TARGET.broker)
+    async with ready_instances(TARGET, 1) as (a,), httpx.AsyncClient() as http:
+        with trio.fail_after(STEP_TIMEOUT):
+            async with open_websocket_url(events_url(a.base_url, "Bob")) as socket:
+                token = json.loads(await socket.get_message())["session"]
+            # The session goes with the close frame (1000), long before its window (120 s).
+            await wait_until_offline(http, a.base_url, "Bob")
+            hello = await hello_of(events_url(a.base_url, "Bob", token))
+            assert hello["resumed"] is False
 
 
 async def test_a_full_session_makes_the_broker_refuse_and_the_sender_hears_so() -> None:
@@ -145,3 +165,52 @@ async def _data_lines(lines: Any, count: int) -> Any:
 
 async def send(http: httpx.AsyncClient, base_url: str, to: str, message: object) -> httpx.Response:
     return await http.post(f"{base_url}/send", json={"to": to, "message": message})
+
+
+async def test_on_garagemq_which_cannot_expire_a_queue_the_hello_says_not_resumable() -> None:
+    garagemq = TARGETS_BY_NAME["amqp091-garagemq"]
+    await require_broker(garagemq.broker)
+    async with ready_instances(garagemq, 1) as (a,):
+        with trio.fail_after(STEP_TIMEOUT):
+            async with open_websocket_url(events_url(a.base_url, "Bob")) as socket:
+                hello = json.loads(await socket.get_message())
+    assert (hello["session"], hello["resumable"]) == (None, False)
+
+
+async def test_a_session_rides_through_its_instance_losing_the_broker_with_nothing_twice() -> None:
+    await require_broker(TARGET.broker)
+    exchange = unique_exchange()
+    received = Received()
+    async with (
+        open_tcp_proxy(BROKERS[TARGET.broker].port) as proxy,
+        serve_target(TARGET, exchange) as a,
+        serve_target(TARGET, exchange, broker_url=via(proxy.port)) as b,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        done = trio.Event()
+        with trio.fail_after(STEP_TIMEOUT * 2):
+            for instance in (a, b):
+                await instance.wait_ready()
+            async with (
+                open_websocket_url(events_url(b.base_url, "Bob")) as socket,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(received.read, socket)
+                await received.until(lambda: bool(received.hellos))
+                nursery.start_soon(sender, http, a.base_url, received, done)
+                await received.until(lambda: len(received.frames) >= 50)
+                proxy.cut()  # B's broker connection; it reconnects through the proxy
+                await received.until(lambda: len(received.outcomes) >= 400)
+                done.set()
+                wanted = {message_id for _, message_id in received.outcomes}
+                await received.until(lambda: wanted <= {f["id"] for f in received.frames})
+                await trio.sleep(0.5)  # a duplicate would come now
+                nursery.cancel_scope.cancel()
+    assert [status for status, _ in received.outcomes if status != 202] == []
+    ids = [frame["id"] for frame in received.frames]
+    assert ids == [message_id for _, message_id in received.outcomes]
+    assert [frame["seq"] for frame in received.frames] == list(range(1, len(ids) + 1))
+
+
+def via(port: int) -> str:
+    return TARGET.broker_url.replace(f":{BROKERS[TARGET.broker].port}", f":{port}")

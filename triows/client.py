@@ -120,8 +120,9 @@ class ClientError(Exception):
 class RequestRefused(ClientError):
     """The server answered a request with an ``error`` frame.
 
-    ``code`` is the protocol's: ``offline``, ``invalid``, ``too_large``,
-    ``unavailable`` (and, for rooms, whatever the server documents).
+    ``code`` is the protocol's: ``offline``, ``full`` (the recipient's session,
+    away, holds all it may), ``invalid``, ``too_large``, ``unavailable`` (and,
+    for rooms, whatever the server documents).
     """
 
     def __init__(self, frame: dict[str, Any]) -> None:
@@ -176,6 +177,14 @@ class TriowsClient:
     one ``{"type": "reconnected", ...}`` frame, made by the client, each time it
     connects again. ``hello`` is the current connection's ``hello`` frame, so
     ``client.hello["instance"]`` names the instance it is on.
+
+    When the server holds sessions, each reconnect presents the session's token
+    and the cursor of the last message frame received: ``"resumed": true`` in
+    the ``reconnected`` frame means that the messages sent meanwhile (``missed``
+    of them) follow it, none already received, and that the server joined the
+    session's rooms again; ``"resumed": false`` (the window passed, or the
+    server holds no sessions) means that they are lost, and the client joined
+    its rooms again itself.
     """
 
     def __init__(
@@ -209,6 +218,12 @@ class TriowsClient:
         self._rooms: set[str] = set()
         self._closed: ClientClosed | None = None
         self._stopped = False
+        self._run_scope: anyio.CancelScope | None = None
+        self._finished = anyio.Event()
+        # The session to resume on the next connection: its token (from the
+        # hello) and the cursor of the last message frame read off the socket.
+        self._session: str | None = None
+        self._cursor: str | None = None
         self.hello: dict[str, Any] = {}
         self.url: str = self._urls[0]
         self.reconnects = 0
@@ -221,8 +236,28 @@ class TriowsClient:
 
     @property
     def rooms(self) -> frozenset[str]:
-        """The rooms this client has joined; it joins them again after each reconnect."""
+        """The rooms this client has joined; they are joined again after each reconnect."""
         return frozenset(self._rooms)
+
+    @property
+    def session(self) -> str | None:
+        """The token of the session the next reconnect resumes (None: the server holds none)."""
+        return self._session
+
+    @property
+    def cursor(self) -> str | None:
+        """``<seq>-<message id>`` of the last message frame of the session received, or None."""
+        return self._cursor
+
+    async def aclose(self) -> None:
+        """Close for good with a normal close (1000), which ends the session at the server.
+
+        Safe to call twice. Afterwards iterating ends and requests raise
+        :class:`ClientClosed`. Leaving :func:`open_client`'s block does the same.
+        """
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+            await self._finished.wait()
 
     # -- requests ----------------------------------------------------------------
 
@@ -321,36 +356,9 @@ class TriowsClient:
         Signals ``task_status.started()`` after the first ``hello``; a final
         refusal before that (e.g. a 401 handshake) raises :class:`ClientClosed`.
         """
-        index = 0
-        previous: dict[str, Any] = {}
         try:
-            while True:
-                self.url = self._urls[index % len(self._urls)]
-                close_code: int | str
-                try:
-                    close_code = await self._connect_and_read(previous, task_status)
-                except HandshakeRefused as refused:
-                    if refused.status in FINAL_HANDSHAKE_STATUSES:
-                        raise ClientClosed(refused.status, refused.body) from None
-                    close_code = f"handshake {refused.status}"
-                except WebSocketClosed as closed:
-                    # Closed before or instead of hello (e.g. 1013: the instance is full).
-                    if closed.code not in RECONNECT_CLOSE_CODES:
-                        raise ClientClosed(closed.code, closed.reason) from None
-                    close_code = closed.code
-                except (OSError, anyio.BrokenResourceError) as error:
-                    # OSError covers refused connections, TLS errors and TimeoutError.
-                    close_code = type(error).__name__
-                previous = self.hello
-                index += 1
-                delay = self._backoff.next_delay()
-                client_logger.warning(
-                    "triows client disconnected (%s); reconnecting to %s in %.3fs",
-                    close_code,
-                    self._urls[index % len(self._urls)],
-                    delay,
-                )
-                await anyio.sleep(delay)
+            with anyio.CancelScope() as self._run_scope:
+                await self._connect_until_closed(task_status)
         except ClientClosed as closed:
             self._closed = closed
             if not self.hello:
@@ -361,15 +369,54 @@ class TriowsClient:
             self._connected.set()
             self._fail_pending(ConnectionLost("the client stopped"))
             self._incoming_send.close()
+            self._finished.set()
+
+    async def _connect_until_closed(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        index = 0
+        previous: dict[str, Any] = {}
+        while True:
+            self.url = self._urls[index % len(self._urls)]
+            close_code: int | str
+            try:
+                close_code = await self._connect_and_read(previous, task_status)
+            except HandshakeRefused as refused:
+                if refused.status in FINAL_HANDSHAKE_STATUSES:
+                    raise ClientClosed(refused.status, refused.body) from None
+                close_code = f"handshake {refused.status}"
+            except WebSocketClosed as closed:
+                # Closed before or instead of hello (e.g. 1013: the instance is full).
+                if closed.code not in RECONNECT_CLOSE_CODES:
+                    raise ClientClosed(closed.code, closed.reason) from None
+                close_code = closed.code
+            except (OSError, anyio.BrokenResourceError) as error:
+                # OSError covers refused connections, TLS errors and TimeoutError.
+                close_code = type(error).__name__
+            previous = self.hello
+            index += 1
+            delay = self._backoff.next_delay()
+            client_logger.warning(
+                "triows client disconnected (%s); reconnecting to %s in %.3fs",
+                close_code,
+                self._urls[index % len(self._urls)],
+                delay,
+            )
+            await anyio.sleep(delay)
 
     async def _connect_and_read(
         self, previous: dict[str, Any], task_status: anyio.abc.TaskStatus[None]
     ) -> int:
-        """One connection: handshake, hello, re-join, read until closed; return the close code.
+        """One connection: handshake, hello, resume or re-join, read until closed.
 
-        Raises :class:`ClientClosed` for a close code reconnecting cannot fix.
+        Returns the close code; raises :class:`ClientClosed` for a close code
+        reconnecting cannot fix.
         """
-        url = events_url(self.url, user=self._user, token=self._token)
+        url = events_url(
+            self.url,
+            user=self._user,
+            token=self._token,
+            session=self._session,
+            last=self._cursor,
+        )
         async with open_websocket(
             url, max_message_size=self._max_message_size, connect_timeout=self._connect_timeout
         ) as websocket:
@@ -377,14 +424,23 @@ class TriowsClient:
                 with anyio.fail_after(self._connect_timeout):
                     hello = json.loads(await websocket.receive_text())
                 reconnected = bool(self.hello)
+                resumed = bool(hello.get("resumed"))
                 self.hello = hello
+                self._session = hello.get("session")
+                if not resumed:
+                    # A fresh session (or none): its frames are numbered from 1.
+                    self._cursor = None
                 self._backoff.reset()
                 self._websocket = websocket
                 self._connected.set()
                 if not reconnected:
                     task_status.started()
+                elif resumed:
+                    # The server joined the session's rooms again; the frame goes
+                    # ahead of the messages that waited, which come first.
+                    await self._reconnected(previous, sorted(self._rooms), {})
                 async with anyio.create_task_group() as tasks:
-                    if reconnected:
+                    if reconnected and not resumed:
                         tasks.start_soon(self._rejoin, previous)
                     code, reason = await self._read(websocket)
                     tasks.cancel_scope.cancel()
@@ -406,6 +462,10 @@ class TriowsClient:
                     pending.answered.set()
                 else:
                     await self._incoming_send.send(frame)
+                    if frame.get("type") == "message" and "seq" in frame:
+                        # Received is enough: the frames queued here outlive the
+                        # connection, so a resume must not bring them again.
+                        self._cursor = f"{frame['seq']}-{frame['id']}"
         except WebSocketClosed as closed:
             return closed.code, closed.reason
 
@@ -421,21 +481,31 @@ class TriowsClient:
             except (ConnectionLost, RequestTimeout):
                 # This connection is going away; the next one joins every room again.
                 return
+        await self._reconnected(previous, rejoined, failed)
+
+    async def _reconnected(
+        self, previous: dict[str, Any], rooms: list[str], failed: dict[str, str]
+    ) -> None:
+        """Count the reconnect, log it and hand the ``reconnected`` frame to the iteration."""
         self.reconnects += 1
+        resumed = bool(self.hello.get("resumed"))
         event = {
             "type": "reconnected",
             "instance": self.instance,
             "previous_instance": previous.get("instance"),
             "url": self.url,
-            "rooms": rejoined,
+            "resumed": resumed,
+            "missed": int(self.hello.get("missed", 0)),
+            "rooms": rooms,
             "rooms_failed": failed,
         }
         client_logger.warning(
-            "triows client reconnected to %s (instance %s, was %s); rooms re-joined: %s",
+            "triows client reconnected to %s (instance %s, was %s); %s; rooms: %s",
             self.url,
             event["instance"],
             event["previous_instance"],
-            ", ".join(rejoined) or "none",
+            f"session resumed, {event['missed']} missed" if resumed else "not resumed",
+            ", ".join(rooms) or "none",
         )
         await self._incoming_send.send(event)
 
@@ -470,10 +540,13 @@ async def open_client(
     its one URL; without one, a list of instance URLs: each reconnect tries the
     next URL in the list. On 1012 (drain), 1006 (connection broke) and
     connection errors the client reconnects with capped, jittered backoff
-    (:class:`triows.backoff.Backoff`), joins its rooms again, logs a warning and
-    yields a ``{"type": "reconnected", "instance": ..., "rooms": [...]}`` frame.
-    Iterate the client while sending: frames wait in a bounded queue
-    (``incoming_queue``), and while it is full the socket is not read.
+    (:class:`triows.backoff.Backoff`), resumes its session (or, when that is
+    not possible, joins its rooms again), logs a warning and yields a
+    ``{"type": "reconnected", "instance": ..., "resumed": ..., "missed": ...,
+    "rooms": [...]}`` frame. Iterate the client while sending: frames wait in a
+    bounded queue (``incoming_queue``), and while it is full the socket is not
+    read. Leaving the block (or :meth:`TriowsClient.aclose`) closes with 1000,
+    which ends the session.
     """
     urls = [url] if isinstance(url, str) else list(url)
     client = TriowsClient(

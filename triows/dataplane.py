@@ -440,6 +440,7 @@ class DataPlane:
                 connection=connection.id,
                 code=connection.close_code or "client",
                 reason=connection.close_reason,
+                client_code=client_code,
             )
 
     async def read_frames(

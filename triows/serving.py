@@ -38,13 +38,20 @@ from h2.errors import ErrorCodes
 from hypercorn.config import Config, Sockets
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol import h11 as hypercorn_h11
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError, H11Protocol
+from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
 from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio import tcp_server
 from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.utils import repr_socket_addr, wrap_app
 from hyperframe.frame import GoAwayFrame, SettingsFrame
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.frame_protocol import CloseReason
 
 from triows.app import FATAL_EXIT_CODE, HYPERCORN_FRAME_LIMIT_FACTOR, create_app
 from triows.logs import log_event, logger
@@ -411,17 +418,65 @@ class HTTP11OnlyProtocol(ProtocolWrapper):
             await self.send(Closed())
 
 
+class ClientCloseWSStream(WSStream):
+    """Hypercorn's WebSocket stream, telling the app the code the *client* closed with.
+
+    Hypercorn reports every close the client starts as 1006 (it reports 1000
+    only when the app closed first), so the app cannot tell a client that is
+    done (1000: its session ends at once) from one whose network went (its
+    session waits for a resume). This records the code of the client's close
+    frame and hands it over in ``websocket.disconnect``. ``_handle_events`` is
+    Hypercorn's own (0.17), with that one line added.
+    """
+
+    client_close_code: int | None = None
+
+    async def handle(self, event: StreamEvent) -> None:
+        code = self.client_close_code
+        if isinstance(event, StreamClosed) and code is not None and self.app_put is not None:
+            if not self.closed:
+                self.closed = True
+                await self.app_put({"type": "websocket.disconnect", "code": code})
+            return
+        await super().handle(event)
+
+    async def _handle_events(self) -> None:
+        put = self.app_put
+        assert put is not None  # the app runs once the handshake is accepted
+        for event in self.connection.events():
+            if isinstance(event, Message):
+                try:
+                    self.buffer.extend(event)
+                except FrameTooLargeError:
+                    await self._send_wsproto_event(
+                        CloseConnection(code=CloseReason.MESSAGE_TOO_BIG)
+                    )
+                    break
+                if event.message_finished:
+                    await put(self.buffer.to_message())
+                    self.buffer.clear()
+            elif isinstance(event, Ping):
+                await self._send_wsproto_event(event.response())
+            elif isinstance(event, CloseConnection):
+                self.client_close_code = event.code  # the added line
+                if self.connection.state == ConnectionState.REMOTE_CLOSING:
+                    await self._send_wsproto_event(event.response())
+                await self.send(StreamClosed(stream_id=self.stream_id))
+
+
 def install_hypercorn_adaptation(settings: Settings) -> None:
     """Adapt Hypercorn's trio worker in this process.
 
     Replaces the ``TCPServer`` name in ``hypercorn.trio.run`` (see
     :class:`DeadlineTCPServer`; writes give up after ``TRIOWS_CLOSE_TIMEOUT``
-    seconds) and the ``ProtocolWrapper`` name in ``hypercorn.trio.tcp_server``
-    (see :class:`HTTP11OnlyProtocol`).
+    seconds), the ``ProtocolWrapper`` name in ``hypercorn.trio.tcp_server``
+    (see :class:`HTTP11OnlyProtocol`) and the ``WSStream`` name in
+    ``hypercorn.protocol.h11`` (see :class:`ClientCloseWSStream`).
     """
     DeadlineTCPServer.write_timeout = settings.close_timeout
     vars(hypercorn_run)["TCPServer"] = DeadlineTCPServer
     vars(tcp_server)["ProtocolWrapper"] = HTTP11OnlyProtocol
+    vars(hypercorn_h11)["WSStream"] = ClientCloseWSStream
 
 
 def _tune_listener(sock: socket.socket, settings: Settings) -> None:

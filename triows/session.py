@@ -22,6 +22,11 @@ given back (flagged *redelivered*, at the head of the queue) until it has seen
 either the message of the cursor's id (it and those before it are skipped) or
 the end of what was given back (none was seen).
 
+The same happens when the instance's own broker connection is lost: what
+the connection had not acked comes back, redelivered, on the next one. The
+link remembers the ids of the last ``TRIOWS_SESSION_PREFETCH`` frames it
+wrote (no more can be unacked at once) and skips a redelivery of one of them.
+
 Rooms. The session's rooms live in the queue too, as its *note*
 (:meth:`triows.backend.SessionQueue.note`, ``{"rooms": [...]}``), which the
 connection keeps unacked; a resume finds it among what comes back.
@@ -34,6 +39,7 @@ import json
 import logging
 import re
 import secrets
+from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,6 +118,7 @@ class SessionLink:
         "_pending",
         "_prefix_seen",
         "_router",
+        "_written",
         "connection",
         "missed",
         "queue",
@@ -136,9 +143,12 @@ class SessionLink:
         self.rooms: set[str] = set()
         self._note_tag: int | None = None
         self._pending: list[SessionDelivery] | None = []
-        self._acks_waiting: list[int] = []
-        # Set once the resume knows where what came back ends (see the module docstring).
-        self._prefix_seen = trio.Event()
+        # Acks asked for while the queue was still opening.
+        self._acks_waiting: list[int] | None = None
+        # Digests of the last frames written (made with the first one).
+        self._written: _Recent | None = None
+        # A resume's: set once it knows where what came back ends (see the module docstring).
+        self._prefix_seen = trio.Event() if resume is not None else None
 
     # Called by the backend, in queue order; never blocks.
 
@@ -152,10 +162,12 @@ class SessionLink:
             self._write(delivery)
 
     def _ack(self, tag: int) -> None:
-        if self.queue is None:
-            self._acks_waiting.append(tag)
-        else:
+        if self.queue is not None:
             self.queue.ack(tag)
+        elif self._acks_waiting is None:
+            self._acks_waiting = [tag]
+        else:
+            self._acks_waiting.append(tag)
 
     def _take_note(self, delivery: SessionDelivery) -> None:
         try:
@@ -172,8 +184,8 @@ class SessionLink:
             self.rooms = checked
 
     def _check_prefix(self) -> None:
-        pending = self._pending
-        if pending is None or self._prefix_seen.is_set() or self.queue is None:
+        pending, seen = self._pending, self._prefix_seen
+        if pending is None or seen is None or seen.is_set() or self.queue is None:
             return
         last_id = self.resume.last_id if self.resume is not None else None
         if (
@@ -189,18 +201,20 @@ class SessionLink:
                 )
             )
         ):
-            self._prefix_seen.set()
+            seen.set()
 
     def attach(self, queue: SessionQueue) -> None:
         """The queue, once opened: acks held while it was opening go out."""
         self.queue = queue
-        for tag in self._acks_waiting:
+        for tag in self._acks_waiting or ():
             queue.ack(tag)
-        self._acks_waiting.clear()
+        self._acks_waiting = None
         self._check_prefix()
 
     async def wait_prefix(self, timeout: float) -> None:
         """Wait (at most ``timeout``) until what the broker gave back has come (resume only)."""
+        if self._prefix_seen is None:
+            return
         with trio.move_on_after(timeout):
             await self._prefix_seen.wait()
 
@@ -230,6 +244,10 @@ class SessionLink:
             self._write(delivery)
 
     def _write(self, delivery: SessionDelivery) -> None:
+        written = self._written
+        if delivery.redelivered and written is not None and delivery.body in written:
+            self._ack(delivery.tag)  # written before this instance's broker connection went
+            return
         frame = self._router.checked_frame(delivery.key, delivery.body)
         if frame is None:
             self._ack(delivery.tag)  # dropped and counted by the router
@@ -238,6 +256,9 @@ class SessionLink:
         if self.connection.offer(with_seq(frame, seq), delivery.tag):
             self.seq = seq
             self._router.count_delivered(delivery.key)
+            if written is None:
+                written = self._written = _Recent(self._router.session_prefetch)
+            written.add(delivery.body)
         # Otherwise the connection is closing: left unacked, the queue gets it back.
 
     def written(self, tag: int) -> None:
@@ -290,6 +311,31 @@ class SessionLink:
                 await queue.end()
             else:
                 await queue.detach()
+
+
+class _Recent:
+    """The last ``size`` bodies written, as 64-bit digests in a ring (``size`` * 8 bytes).
+
+    A frame's body holds its unique message id; it is looked up only for a
+    redelivery (rare), so a linear scan in C is enough.
+    """
+
+    __slots__ = ("_next", "_ring")
+
+    def __init__(self, size: int) -> None:
+        self._ring = array("q", bytes(8 * size))
+        self._next = 0
+
+    def add(self, body: bytes) -> None:
+        self._ring[self._next] = _digest(body)
+        self._next = (self._next + 1) % len(self._ring)
+
+    def __contains__(self, body: bytes) -> bool:
+        return _digest(body) in self._ring
+
+
+def _digest(body: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(body, digest_size=8).digest(), "little", signed=True)
 
 
 def _holds_id(body: bytes, message_id: str) -> bool:

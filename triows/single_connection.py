@@ -72,9 +72,21 @@ class EventsClient:
             return code
 
 
-def events_url(base_url: str, *, user: str | None = None, token: str | None = None) -> str:
-    """The ``/events`` WebSocket URL of the instance (or load balancer) at ``base_url``."""
-    query = {key: value for key, value in (("user", user), ("token", token)) if value}
+def events_url(
+    base_url: str,
+    *,
+    user: str | None = None,
+    token: str | None = None,
+    session: str | None = None,
+    last: str | None = None,
+) -> str:
+    """The ``/events`` WebSocket URL of the instance (or load balancer) at ``base_url``.
+
+    ``session`` and ``last`` resume a session: its token and the cursor
+    (``<seq>-<message id>``) of the last message frame seen.
+    """
+    pairs = (("user", user), ("token", token), ("session", session), ("last", last))
+    query = {key: value for key, value in pairs if value}
     scheme, _, rest = base_url.partition("://")
     ws_scheme = "wss" if scheme == "https" else "ws"
     return f"{ws_scheme}://{rest}/events" + (f"?{urlencode(query)}" if query else "")

@@ -7,6 +7,7 @@
 //   const client = new TriowsClient({user: "Anne"});       // or {token: jwt}
 //   client.addEventListener("message", (event) => console.log(event.detail.frame));
 //   await client.connect();                                   // the first hello
+//   // {storage: sessionStorage} in the options: a reload of the page resumes too
 //   await client.join("general");                             // the joined frame
 //   const ack = await client.send({room: "general", message: "hi"});
 
@@ -51,11 +52,14 @@ export class ConnectionLost extends Error {
  *   "state"   {state, code, reason, delay}: state is connecting | connected |
  *             reconnecting | closed | disconnected; code/reason of the close that
  *             caused it; delay (ms) before the next attempt when reconnecting
- *   "hello"   {hello, reconnected, previousInstance}: a connection is up
+ *   "hello"   {hello, reconnected, previousInstance, resumed, missed}: a
+ *             connection is up; resumed: it took up the session of the last one,
+ *             and the `missed` messages sent meanwhile come next (none twice)
  *   "message" {frame, echo}: a delivered message; echo is the object given to
  *             send() when the message is this client's own send coming back
  *             (a room it is in, a note to itself), else null
- *   "rejoined" {room} / "rejoin-failed" {room, error}: a room after a reconnect
+ *   "rejoined" {room, resumed} / "rejoin-failed" {room, error}: a room after a
+ *             reconnect; resumed: the server joined it again with the session
  *   "closed"  {code, reason, established}: stopped for good (not by close());
  *             code 4401 (TOKEN_EXPIRED): call connect({token: fresh}) again
  */
@@ -63,6 +67,9 @@ export class TriowsClient extends EventTarget {
   #url; #credentials; #socket = null; #wanted = false; #established = false;
   #reconnecting = false; #attempt = 0; #timer = null; #refs = 0; #first = null;
   #lastInstance = null;
+  // The session the next connection resumes: its token (from the hello) and the
+  // cursor, "<seq>-<message id>" of the last message frame received.
+  #session = null; #cursor = null; #storage; #storageKey;
   #pending = new Map();   // ref -> {resolve, reject, timer, request, echoId}
   #echoes = new Map();    // message id -> the send() request it acknowledged
   #rooms = new Set();     // joined rooms, joined again after each reconnect
@@ -76,11 +83,16 @@ export class TriowsClient extends EventTarget {
    * @param {number} [options.backoffInitialMs=250] the first reconnect's delay cap
    * @param {number} [options.backoffMaxMs=10000] the cap of every reconnect's delay
    * @param {number} [options.requestTimeoutMs=30000] how long send/join/leave wait for an answer
+   * @param {Storage} [options.storage] where the session, its cursor and the rooms are kept
+   *   (e.g. sessionStorage), so that a client made by a reload of the page resumes them
    */
   constructor({url = globalThis.location?.origin, user, token,
-               backoffInitialMs = 250, backoffMaxMs = 10000, requestTimeoutMs = 30000} = {}) {
+               backoffInitialMs = 250, backoffMaxMs = 10000, requestTimeoutMs = 30000,
+               storage = null} = {}) {
     super();
     this.#url = url;
+    this.#storage = storage;
+    this.#storageKey = `triows-session ${url}`;
     this.#credentials = {user, token};
     this.backoffInitialMs = backoffInitialMs;
     this.backoffMaxMs = backoffMaxMs;
@@ -94,6 +106,8 @@ export class TriowsClient extends EventTarget {
   get instance() { return this.hello?.instance ?? null; }
   get rooms() { return new Set(this.#rooms); }
   get rejoining() { return new Set(this.#rejoining); }
+  /** The session token the next connection presents (null: none yet, or the server keeps none). */
+  get session() { return this.#session; }
 
   /** Connect (optionally with new credentials, e.g. a fresh token after 4401).
    * Resolves with the first hello; rejects with ConnectionLost if the socket
@@ -106,6 +120,7 @@ export class TriowsClient extends EventTarget {
     this.#established = false;
     this.#reconnecting = false;
     this.#attempt = 0;
+    if (this.#session === null) this.#restore();
     for (const room of this.#rooms) this.#rejoining.add(room);
     return new Promise((resolve, reject) => {
       this.#first = {resolve, reject};
@@ -113,13 +128,16 @@ export class TriowsClient extends EventTarget {
     });
   }
 
-  /** Close for good (code 1000), forget the rooms; in-flight requests reject. */
+  /** Close for good (code 1000, which ends the session at the server), forget the
+   * session and the rooms; in-flight requests reject. */
   close() {
     this.#wanted = false;
     clearTimeout(this.#timer);
     this.#timer = null;
     this.#rooms.clear();
     this.#rejoining.clear();
+    this.#session = this.#cursor = null;
+    this.#forget();
     if (this.#socket) this.#socket.close(1000);
     else this.#setState("disconnected");
   }
@@ -137,6 +155,7 @@ export class TriowsClient extends EventTarget {
     const answer = await this.#request({type: "join", room});
     this.#rooms.add(room);
     this.#rejoining.delete(room);
+    this.#save();
     return answer;
   }
 
@@ -150,6 +169,7 @@ export class TriowsClient extends EventTarget {
     const answer = await this.#request({type: "leave", room});
     this.#rooms.delete(room);
     this.#rejoining.delete(room);
+    this.#save();
     return answer;
   }
 
@@ -182,6 +202,10 @@ export class TriowsClient extends EventTarget {
     const {user, token} = this.#credentials;
     if (token) target.searchParams.set("token", token);
     else target.searchParams.set("user", user ?? "");
+    if (this.#session !== null) {
+      target.searchParams.set("session", this.#session);
+      if (this.#cursor !== null) target.searchParams.set("last", this.#cursor);
+    }
     this.#setState(this.#reconnecting ? "reconnecting" : "connecting", {attempt: this.#attempt});
     const socket = new WebSocket(target);
     this.#socket = socket;
@@ -197,7 +221,12 @@ export class TriowsClient extends EventTarget {
     }
     switch (frame.type) {
       case "hello": return this.#onHello(frame);
-      case "message": return this.#emit("message", {frame, echo: this.#echoOf(frame)});
+      case "message":
+        if (frame.seq != null) {
+          this.#cursor = `${frame.seq}-${frame.id}`;
+          this.#save();
+        }
+        return this.#emit("message", {frame, echo: this.#echoOf(frame)});
       case "ack":
         if (waiting) {
           if (waiting.echoId === null && this.#mayComeBack(waiting.request)) this.#remember(frame.id, waiting.request);
@@ -214,21 +243,33 @@ export class TriowsClient extends EventTarget {
   #onHello(hello) {
     const previousInstance = this.#lastInstance;
     const reconnected = this.#reconnecting;
+    const resumed = hello.resumed === true, missed = hello.missed ?? 0;
     this.#lastInstance = hello.instance;
     this.hello = hello;
     this.#established = true;
     this.#reconnecting = false;
     this.#attempt = 0;
+    this.#session = hello.session ?? null;
+    // A fresh session (or none) numbers its frames from 1.
+    if (!resumed) this.#cursor = null;
+    this.#save();
     if (reconnected) this.reconnects += 1;
     this.#setState("connected");
-    this.#emit("hello", {hello, reconnected, previousInstance});
+    this.#emit("hello", {hello, reconnected, previousInstance, resumed, missed});
     if (this.#first) {
       this.#first.resolve(hello);
       this.#first = null;
     }
+    if (resumed) {
+      // The server joined the session's rooms again; what was missed comes next.
+      const rooms = [...this.#rejoining];
+      this.#rejoining.clear();
+      for (const room of rooms) this.#emit("rejoined", {room, resumed: true});
+      return;
+    }
     for (const room of this.#rejoining) {
       this.join(room).then(
-        () => this.#emit("rejoined", {room}),
+        () => this.#emit("rejoined", {room, resumed: false}),
         (error) => {
           // Refused (e.g. the token no longer allows it): the room is gone. Lost
           // again: the next connection tries it again.
@@ -239,6 +280,29 @@ export class TriowsClient extends EventTarget {
           this.#emit("rejoin-failed", {room, error});
         });
     }
+  }
+
+  // The session in `storage` (when given), for a client made by a reload of the
+  // page. Storage can be unavailable (disabled, full): then it is not kept.
+  #save() {
+    if (!this.#storage || this.#session === null) return;
+    const kept = {session: this.#session, cursor: this.#cursor, user: this.user, rooms: [...this.#rooms]};
+    try { this.#storage.setItem(this.#storageKey, JSON.stringify(kept)); } catch {}
+  }
+
+  #restore() {
+    let kept = null;
+    try { kept = JSON.parse(this.#storage?.getItem(this.#storageKey) ?? "null"); } catch {}
+    const {user} = this.#credentials;
+    // Another user's session would not resume anyway (the server checks); skip it.
+    if (!kept?.session || (user && kept.user !== user)) return;
+    this.#session = kept.session;
+    this.#cursor = kept.cursor ?? null;
+    for (const room of kept.rooms ?? []) this.#rooms.add(room);
+  }
+
+  #forget() {
+    try { this.#storage?.removeItem(this.#storageKey); } catch {}
   }
 
   // A room message, or a message to itself, comes back to the connection that
