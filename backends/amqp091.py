@@ -414,6 +414,12 @@ class Amqp091Backend(Supervised[AioSession]):
                 reason.__cause__ = error
             nursery.cancel_scope.cancel()
 
+        async def watch_sessions_channel(channel: aiormq.abc.AbstractChannel) -> None:
+            with suppress(*SESSION_BROKEN):
+                await session.call(closed, channel)
+            if not session.sessions_released:  # else a drain closed it
+                await watch_closing(channel, "sessions channel")
+
         async def watch_event(event: trio.Event, why: str) -> None:
             nonlocal reason
             await event.wait()
@@ -424,7 +430,7 @@ class Amqp091Backend(Supervised[AioSession]):
             nursery.start_soon(watch_closing, session.connection, "broker connection")
             nursery.start_soon(watch_closing, session.channel, "channel")
             if session.sessions_channel is not None:
-                nursery.start_soon(watch_closing, session.sessions_channel, "sessions channel")
+                nursery.start_soon(watch_sessions_channel, session.sessions_channel)
             nursery.start_soon(
                 watch_event,
                 consumer_cancelled,

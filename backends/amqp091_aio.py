@@ -101,6 +101,10 @@ class AioSession:
         # With sessions: the channel their queues are consumed on, and what
         # takes its deliveries (see backends.amqp091_sessions).
         self.sessions_channel: aiormq.abc.AbstractChannel | None = None
+        # Set once a drain closed the sessions channel on purpose.
+        self.sessions_released = False
+        # Where a resume looks for its session's queue (see backends.amqp091_sessions).
+        self.probe_channel: aiormq.abc.AbstractChannel | None = None
         self.on_session_delivery: Callable[[aiormq.abc.DeliveredMessage], None] | None = None
 
     async def call(

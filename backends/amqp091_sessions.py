@@ -45,10 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiormq
 import aiormq.abc
+import anyio
 import trio
 from aiormq.exceptions import ChannelNotFoundEntity
 
 from triows.backend import (
+    LOST_KEY,
     NOTE_KEY,
     BrokerUnavailable,
     SessionDeliver,
@@ -157,7 +159,9 @@ class AmqpSessions:
 
     def _session(self) -> AioSession:
         session = self._backend.ready_session
-        if session is None or session.sessions_channel is None:
+        channel = None if session is None else session.sessions_channel
+        if session is None or channel is None or channel.is_closed:
+            # Closed: the connection is being rebuilt (or the instance drains).
             raise BrokerUnavailable(f"not connected to the broker {self._backend.broker}")
         return session
 
@@ -169,7 +173,8 @@ class AmqpSessions:
         **kwargs: Any,
     ) -> Any:
         try:
-            with trio.fail_after(self._timeout):
+            # anyio's raises TimeoutError (trio's TooSlowError is not one).
+            with anyio.fail_after(self._timeout):
                 return await session.call(operation, *args, **kwargs)
         except TimeoutError:
             raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
@@ -200,24 +205,33 @@ class AmqpSessions:
     async def _probe(self, session: AioSession, name: str) -> int | None:
         """Messages waiting in queue ``name``, or None when it is not there (expired, unknown).
 
-        A passive declare of a queue that is not there closes its channel:
-        it gets a channel of its own.
+        A passive declare of a queue that is not there makes the broker close
+        its channel, so probes go on a channel of their own, opened again
+        after such a close (a probe that was on it meanwhile is asked again).
         """
-        channel = await self._call(session, session.connection.channel)
-        try:
-            with trio.fail_after(self._timeout):
-                declared = await session.call(channel.queue_declare, name, passive=True)
-        except ChannelNotFoundEntity:
-            return None
-        except TimeoutError:
-            raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
-        except SESSION_BROKEN as error:
-            raise BrokerUnavailable(f"lost the broker: {error!r}") from None
-        finally:
-            with suppress(*SESSION_BROKEN):
-                await session.call(channel.close)
-        count: int = declared.message_count or 0
-        return count
+        for attempt in (1, 2):
+            channel = await self._probe_channel(session)
+            try:
+                with anyio.fail_after(self._timeout):
+                    declared = await session.call(channel.queue_declare, name, passive=True)
+            except ChannelNotFoundEntity:
+                return None
+            except TimeoutError:
+                raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
+            except SESSION_BROKEN as error:
+                if attempt == 2 or session.connection.is_closed:
+                    raise BrokerUnavailable(f"lost the broker: {error!r}") from None
+                continue  # another probe's NOT_FOUND closed the channel under this one
+            count: int = declared.message_count or 0
+            return count
+        raise AssertionError("unreachable")
+
+    async def _probe_channel(self, session: AioSession) -> aiormq.abc.AbstractChannel:
+        channel = session.probe_channel
+        if channel is None or channel.is_closed:
+            channel = await self._call(session, session.connection.channel)
+            session.probe_channel = channel
+        return channel
 
     async def _declare(self, session: AioSession, name: str) -> None:
         assert session.sessions_channel is not None
@@ -234,7 +248,11 @@ class AmqpSessions:
         channel = session.sessions_channel
         assert channel is not None
         for key in sorted(handle.keys):
-            await self._call(session, channel.queue_bind, handle.name, self._exchange, key)
+            # No wait for the answer: the queue is there (declared, or found by
+            # the probe), so nothing can refuse it; the consume's answer follows it.
+            await self._call(
+                session, channel.queue_bind, handle.name, self._exchange, key, nowait=True
+            )
         await self._call(
             session,
             channel.basic_consume,
@@ -253,15 +271,45 @@ class AmqpSessions:
             handle.unacked.clear()  # the old channel's tags; the broker gives them back
 
         async def again(handle: AmqpSessionQueue) -> None:
-            async with self._opening:
-                await self._declare(session, handle.name)
-                await self._consume(session, handle)
+            try:
+                async with self._opening:
+                    await self._declare(session, handle.name)
+                    await self._consume(session, handle)
+            except BrokerUnavailable:
+                # Its connection closes and its client resumes; the others go on.
+                self.handles.pop(handle.name, None)
+                deliver, handle.deliver = handle.deliver, None
+                if deliver is not None:
+                    deliver(SessionDelivery(LOST_KEY, b"", 0, False))
 
         async with trio.open_nursery() as nursery:
             for handle in handles:
                 nursery.start_soon(again, handle)
         if handles:
             log_event("sessions_consumed_again", sessions=len(handles))
+
+    async def release(self) -> None:
+        """A drain: the waiting acks go out, then the sessions channel closes.
+
+        Closing it gives every unacked delivery back to its queue and ends
+        every consumer in one step (a cancel and a reject per session took a
+        round trip each, one at a time on the channel: 15 sessions a second).
+        """
+        handles = list(self.handles.values())
+        self.handles.clear()
+        for handle in handles:
+            handle.deliver = None
+            handle.closed = True
+            handle.unacked.clear()
+        session = self._backend.ready_session
+        if session is None or session.sessions_channel is None:
+            return
+        await self._settle(session)
+        self.generation = next(self._generations)  # later acks are of the closed channel
+        channel, session.sessions_channel = session.sessions_channel, None
+        session.sessions_released = True
+        with anyio.move_on_after(self._timeout), suppress(*SESSION_BROKEN):
+            await session.call(channel.close)
 
     def hand_over(self, message: aiormq.abc.DeliveredMessage) -> None:
         """A delivery of the sessions channel, in the Trio task that forwards them."""
@@ -273,11 +321,11 @@ class AmqpSessions:
             self._settle_wanted.set()
             return
         handle.unacked.add(raw)
-        # A note was published to the queue itself, through the default exchange.
-        key = NOTE_KEY if not message.exchange else message.routing_key or ""
+        # A note comes by the default exchange, with the queue's name as its key.
+        key = message.routing_key or ""
         handle.deliver(
             SessionDelivery(
-                key,
+                NOTE_KEY if key == handle.name else key,
                 message.body,
                 (self.generation << _GENERATION_SHIFT) | raw,
                 bool(message.redelivered),

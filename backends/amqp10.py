@@ -36,7 +36,11 @@ receiver link whose source is ``/amq/queue/<name>`` (which consumes an
 existing queue, declaring nothing). Deliveries are unsettled until handed
 over (below), so when a connection is closed, dropped or silent the broker
 requeues what it had not seen settled, and the reconnect attaches to the
-same queues: what the broker confirmed meanwhile waits there. A redelivery
+same queues: what the broker confirmed meanwhile waits there. So does what
+is published for a key subscribed while no connection follows the keys (not
+back yet, or lost under the subscribe): its queue is declared and bound over
+AMQP 0-9-1 all the same before ``subscribe`` returns, which needs no AMQP 1.0
+connection, and the reconnect attaches to it. A redelivery
 (``first-acquirer`` false) of a body this instance already handed over, its
 settlement lost with the connection, is skipped: bodies hold a unique
 message id, and per queue the digests of the last ``prefetch`` bodies handed
@@ -92,7 +96,7 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -159,6 +163,9 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         # again never consumes what an earlier subscription left behind.
         self._queue_prefix = f"triows.{settings.instance_id}.{secrets.token_hex(4)}"
         self._queues: dict[str, HeldQueue] = {}  # held key -> its queue
+        # The exchange the queues are bound to, from the broker of the latest
+        # connection (None before the first, and where queues do not outlive it).
+        self._queue_exchange: str | None = None
         self._queues_made = itertools.count(1)
         # Queues no longer consumed, deleted over AMQP 0-9-1.
         self._retired = RetiredQueues(
@@ -211,6 +218,9 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         assert live.addressing is not None
         if live.addressing.queue_exchange is None:
             return None
+        return self._key_queue(key)
+
+    def _key_queue(self, key: str) -> HeldQueue:
         queue = self._queues.get(key)
         if queue is None:
             name = f"{self._queue_prefix}.{next(self._queues_made)}.{key}"
@@ -223,6 +233,10 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         """Declare and bind the queues of ``subscriptions`` (those that have one)."""
         exchange = live.addressing.queue_exchange if live.addressing else None
         queues = [(s.queue.name, s.key) for s in subscriptions if s.queue is not None]
+        await self._declare_queues(exchange, queues)
+
+    async def _declare_queues(self, exchange: str | None, queues: list[tuple[str, str]]) -> None:
+        """Declare each ``(queue, key)`` and bind it to ``exchange`` (over AMQP 0-9-1)."""
         if exchange is None or not queues:
             return
         try:
@@ -241,6 +255,23 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
             # expire unused.
             self._queues = {}
             raise
+
+    async def _subscribe_offline(self, key: str) -> None:
+        # No AMQP 1.0 connection follows the keys (not yet back, or lost under
+        # this subscribe), but the key's queue is declared over AMQP 0-9-1,
+        # which needs none: bound now, it keeps what is published for the key
+        # from here on, and the reconnect attaches to it. Without it, what was
+        # published between this return and the reconnect's restore had no
+        # queue to go to. A broker that is down refuses at once; one that does
+        # not answer is given the usual bound. Either way the restore declares
+        # the queue again, and the reconnect loop's broker_unavailable lines
+        # already report a broker out of reach: no line per key here.
+        exchange = self._queue_exchange
+        if exchange is None:
+            return
+        queue = self._key_queue(key)
+        with anyio.move_on_after(self._broker_timeout), suppress(*self._broker_failures):
+            await self._declare_queues(exchange, [(queue.name, key)])
 
     def _attach(self, live: Amqp10Connection, subscription: Subscription) -> None:
         """Attach the subscription's link, unless it has one or is not the key's any more."""
@@ -463,6 +494,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
             self._settings, connection.remote_properties, connection.remote_offered_capabilities
         )
         live.addressing = self._latest_addressing = addressing
+        self._queue_exchange = addressing.queue_exchange
         exchange = addressing.rabbitmq_exchange
         if exchange is not None:
             # RabbitMQ never creates the exchange, and AMQP 1.0 cannot declare

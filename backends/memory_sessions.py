@@ -78,6 +78,11 @@ class MemorySessions:
         consumer.pump()
         return consumer
 
+    async def release(self) -> None:
+        for held in self._queues.values():
+            if held.consumer is not None:
+                await held.consumer.detach()
+
     def expire(self) -> None:
         """Delete the queues nobody consumed for the resume window."""
         now = trio.current_time()

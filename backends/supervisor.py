@@ -10,7 +10,11 @@ Held keys. ``subscribe``/``unsubscribe`` record the key, then (while a
 connection follows the keys) ask the broker within ``TRIOWS_BROKER_TIMEOUT``.
 A change the broker does not confirm (lost, refused, too slow) is logged as
 ``broker_binding_deferred`` and the connection is dropped, so that the
-reconnect restores exactly the held set. They never raise
+reconnect restores exactly the held set. A subscribe that no connection
+confirmed (none followed the keys, or it was lost under the call) then does
+what the protocol can without one (``_subscribe_offline``; on RabbitMQ's
+AMQP 1.0 plugin: declare the key's queue, so that what is published for it
+from then on waits for the reconnect). They never raise
 :class:`BrokerUnavailable`. Changes of different keys do not wait for each
 other: up to ``CHANGES_IN_FLIGHT`` wait for the broker at once, so that some
 users' churn does not hold up everyone's connects and joins. Ordering the
@@ -280,6 +284,15 @@ class Supervised(ABC, Generic[C]):
     async def _close(self, connection: C) -> None:
         """Close ``connection`` gracefully (the caller bounds the time)."""
 
+    async def _subscribe_offline(self, key: str) -> None:
+        """What a subscribe of ``key`` does while no connection follows the held keys.
+
+        By default nothing: the next connection restores it. A protocol whose
+        broker can keep a key's messages without our connection (a queue that
+        outlives it) prepares that here, so that what is published for the key
+        after ``subscribe`` returned waits for the reconnect.
+        """
+
     def _describe(self, connection: C) -> dict[str, Any]:
         """Protocol details for the ``broker_connected`` line."""
         return {}
@@ -357,10 +370,17 @@ class Supervised(ABC, Generic[C]):
             raise BrokerUnavailable(f"lost the broker: {error!r}") from None
 
     async def subscribe(self, key: str) -> None:
-        """Hold ``key``; while connected, return once the broker confirmed it."""
+        """Hold ``key``; while connected, return once the broker confirmed it.
+
+        While not connected (also when the connection is lost under this
+        call), the key is recorded for the next connection to restore; see
+        :meth:`_subscribe_offline` for what a protocol may do meanwhile.
+        """
         async with self._changes.change():
             self._keys.add(key)
-            await self._change(self._subscribe_on, "subscribe", key)
+            confirmed = await self._change(self._subscribe_on, "subscribe", key)
+            if not confirmed:
+                await self._subscribe_offline(key)
 
     async def unsubscribe(self, key: str) -> None:
         """Release ``key``; while connected, return once the broker confirmed it.
@@ -381,10 +401,13 @@ class Supervised(ABC, Generic[C]):
         key: str,
         *,
         drop_if_cut: bool = False,
-    ) -> None:
+    ) -> bool:
+        """Run ``operation`` on the connection that follows the held keys; whether the
+        broker confirmed it (False also with no such connection: the next one restores
+        the held keys)."""
         connection = self._following
         if connection is None:
-            return  # the next connection restores the held keys
+            return False
         ended = False  # with the broker's answer or a failure (not cancelled)
         error: BaseException | None = None
         try:
@@ -408,6 +431,7 @@ class Supervised(ABC, Generic[C]):
                     error=repr(error) if error is not None else "cut short by cancellation",
                 )
                 self._abandon(connection)
+        return error is None
 
     async def aclose(self) -> None:
         """Close the connection gracefully (``TRIOWS_CLOSE_TIMEOUT``) and stop. Idempotent."""

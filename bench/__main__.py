@@ -26,7 +26,7 @@ import trio
 from bench.machine import machine_facts
 from bench.report import write
 from bench.scenarios import MATRIX_SCENARIOS, SCENARIOS, TRAFFIC_SCENARIOS, Options, run_target
-from bench.targets import PEER_TARGETS, TARGETS, Target
+from bench.targets import PEER_TARGETS, TARGETS, Target, with_resume_window
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Quick runs prove the bench works; their figures are not results.
@@ -155,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--instances", help="scaleout: instance counts, comma-separated (default 2,4,6)"
     )
+    parser.add_argument(
+        "--resume-window",
+        metavar="S,S",
+        help=(
+            "run each triows target once per TRIOWS_RESUME_WINDOW, comma-separated "
+            "(0,120: sessions off, then on), named TARGET:resumeS"
+        ),
+    )
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     scenarios = list(MATRIX_SCENARIOS) if args.matrix else args.scenarios
@@ -181,6 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         overrides["scaleout_instances"] = counts
     options = dataclasses.replace(options, **{k: v for k, v in overrides.items() if v})
     targets = _targets(args.backend, scenarios)
+    if args.resume_window:
+        windows = args.resume_window.split(",")
+        if not all(window.replace(".", "", 1).isdigit() for window in windows):
+            parser.error(f"--resume-window takes seconds like 0,120, not {args.resume_window!r}")
+        targets = [
+            variant
+            for target in targets
+            for variant in (
+                [with_resume_window(target, window) for window in windows]
+                if target.server == "triows"
+                else [target]
+            )
+        ]
     _raise_file_limit()
 
     started = datetime.now(UTC)

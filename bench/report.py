@@ -233,7 +233,7 @@ def markdown(result: dict[str, Any]) -> str:
     if any(row["scenario"] in MAIN_SCENARIOS for row in rows):
         lines += _main_table(rows)
     lines += _vs_peer(rows, "direct") + _vs_peer(rows, "direct-ws")
-    lines += _batch(rows) + _scaleout(rows) + _room(rows)
+    lines += _batch(rows) + _scaleout(rows) + _room(rows) + _sessions(rows)
     lines += [
         "",
         "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "
@@ -266,6 +266,71 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Errors:", ""]
         lines += [f"- {row['target']} / {row['scenario']}: {row['error']}" for row in errors]
     return "\n".join(lines) + "\n"
+
+
+# A target run with --resume-window W is named TARGET:resumeW.
+RESUME_SUFFIX = ":resume"
+
+
+def _sessions(rows: Rows) -> list[str]:
+    """Each target with sessions off (window 0) and on, side by side, with on / off ratios."""
+    variants: dict[str, dict[str, str]] = {}
+    for name in _targets(rows):
+        base, found, window = name.partition(RESUME_SUFFIX)
+        if found:
+            variants.setdefault(base, {})[window] = name
+    if not variants:
+        return []
+    lines = [
+        "",
+        "Sessions off (`TRIOWS_RESUME_WINDOW=0`) and on, same run: `direct` msg/s and server "
+        "CPU per message, RSS per idle connection on the instance, the broker's memory "
+        "(`erlang:memory(total)`, a shared node) grown per idle connection and the session "
+        "queues it held with what each queue's process uses (`list_queues memory`), "
+        "`room` deliveries/s:",
+        "",
+        "| target | window s | direct msg/s | server CPU ms/msg | idle KiB/conn "
+        "| broker KiB/idle conn | session queues | KiB per session queue | room deliveries/s |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for base, by_window in variants.items():
+        for window, name in by_window.items():
+            direct, idle, room = (_find(rows, name, s) for s in ("direct", "idle", "room"))
+            lines.append(
+                f"| {base} | {window} "
+                f"| {_cell(direct, lambda r: _number(r['msg_per_s']))} "
+                f"| {_cell(direct, lambda r: _number(_server_ms(r), 3))} "
+                f"| {_cell(idle, lambda r: _number(r['rss_kib_per_connection'], 1))} "
+                f"| {_cell(idle, lambda r: _number(r.get('broker_kib_per_connection'), 1))} "
+                f"| {_cell(idle, lambda r: _number(r.get('session_queues')))} "
+                f"| {_cell(idle, lambda r: _number(r.get('broker_queue_kib_per_session'), 1))} "
+                f"| {_cell(room, lambda r: _number(r['msg_per_s']))} |"
+            )
+        off = by_window.get("0")
+        for window, name in by_window.items():
+            if off is None or name == off:
+                continue
+            on_direct, off_direct = _find(rows, name, "direct"), _find(rows, off, "direct")
+            on_room, off_room = _find(rows, name, "room"), _find(rows, off, "room")
+            on_idle, off_idle = _find(rows, name, "idle"), _find(rows, off, "idle")
+            direct_ok = _ok(on_direct) and _ok(off_direct)
+            idle_ok = _ok(on_idle) and _ok(off_idle)
+            room_ok = _ok(on_room) and _ok(off_room)
+            cells = [
+                f"**{base} {window} / 0**",
+                "",
+                _ratio(on_direct["msg_per_s"], off_direct["msg_per_s"]) if direct_ok else "-",
+                _ratio(_server_ms(on_direct), _server_ms(off_direct)) if direct_ok else "-",
+                _ratio(on_idle["rss_kib_per_connection"], off_idle["rss_kib_per_connection"])
+                if idle_ok
+                else "-",
+                "",
+                "",
+                "",
+                _ratio(on_room["msg_per_s"], off_room["msg_per_s"]) if room_ok else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # The main table's columns: header, the scenarios that must all have run for the

@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import trio
 
+from bench.broker_memory import rabbitmq_memory, session_queues
 from bench.cpu import CpuMeter, CpuWindow
 from bench.peer import open_socketio, serve_peer
 from bench.tally import Tally
@@ -174,7 +175,7 @@ async def _instances(
                 else serve_instance(
                     target.backend,
                     broker_url=target.broker_url or None,
-                    env=_instance_env(exchange, **env),
+                    env=_instance_env(exchange, **dict(target.env), **env),
                 )
             )
             instance = await stack.enter_async_context(serving)
@@ -376,9 +377,11 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
     count = options.idle_connections
     tag = secrets.token_hex(3)
     opener = _open_receiver(target)
+    on_rabbitmq = target.family == "rabbitmq"
     async with _instances(target, exchange, 1) as (instance,):
         server = psutil.Process(instance.process.pid)
         rss_before = server.memory_info().rss
+        broker_before = await rabbitmq_memory() if on_rabbitmq else None
         connected = 0
         all_connected = trio.Event()
         handshakes = trio.Semaphore(IDLE_CONNECT_CONCURRENCY)
@@ -410,6 +413,8 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
             await trio.sleep(options.idle_window)
             window = meter.stop()
             rss_after = server.memory_info().rss
+            broker_after = await rabbitmq_memory() if on_rabbitmq else None
+            queues = await session_queues(exchange) if on_rabbitmq else None
             # Measured; now the fastest way down. A graceful close of thousands of
             # sockets (each one a broker unsubscribe) takes minutes on amqp10.
             # GarageMQ hangs when a consuming connection just drops: SIGTERM it.
@@ -434,6 +439,23 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
             None
             if broker_cpu is None or not target.broker
             else round(100 * broker_cpu / window.wall, 2)
+        ),
+        # The broker's memory (erlang:memory(total)) grown per idle connection, and the
+        # run's session queues it held then (RabbitMQ only; the node is shared).
+        broker_kib_per_connection=(
+            None
+            if broker_before is None or broker_after is None
+            else round((broker_after - broker_before) / 1024 / count, 2)
+        ),
+        broker_memory_mib=(
+            None
+            if broker_before is None or broker_after is None
+            else [round(broker_before / 2**20, 1), round(broker_after / 2**20, 1)]
+        ),
+        session_queues=None if queues is None else queues[0],
+        # What the node's list_queues says each session queue's process uses.
+        broker_queue_kib_per_session=(
+            None if not queues or not queues[0] else round(queues[1] / 1024 / queues[0], 2)
         ),
         params={"connections": count, "idle_window": options.idle_window},
     )

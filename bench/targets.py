@@ -13,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 import trio
@@ -44,11 +44,25 @@ class Target:
     fragile: bool = False
     # "triows", or "peer": bench/peer_socketio.py, the python-socketio alternative.
     server: str = "triows"
+    # Settings every instance of this target runs with (``--resume-window``).
+    env: tuple[tuple[str, str], ...] = ()
+    # The target this is a variant of (its name without the variant's suffix).
+    base: str = ""
 
     @property
     def single_instance(self) -> bool:
         """The memory backend cannot cross processes: A and B are the same instance."""
         return self.backend == "memory"
+
+
+def with_resume_window(target: Target, window: str) -> Target:
+    """``target`` with ``TRIOWS_RESUME_WINDOW=window`` (0: sessions off), named for it."""
+    return replace(
+        target,
+        name=f"{target.name}:resume{window}",
+        env=(*target.env, ("TRIOWS_RESUME_WINDOW", window)),
+        base=target.base or target.name,
+    )
 
 
 def broker_target(name: str, *, fragile: bool = False) -> Target:

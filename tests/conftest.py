@@ -13,9 +13,13 @@ to be marked by hand, a module is marked by the helpers it imports:
 
 from __future__ import annotations
 
+import json
+import logging
 import secrets
+import sys
+import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -48,6 +52,36 @@ async def close_normally(websocket: Any) -> None:
 def exchange() -> str:
     """A fresh exchange name, so that tests sharing a broker never see each other's messages."""
     return f"triows-test-{secrets.token_hex(4)}"
+
+
+class _EventLines(logging.Handler):
+    """Writes each ``triows`` event, with its fields, as one line to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = json.dumps(getattr(record, "fields", {}), default=str)
+        stamp = time.strftime("%H:%M:%S", time.gmtime(record.created))
+        sys.stderr.write(
+            f"{stamp}.{int(record.msecs):03d} {record.levelname} {record.getMessage()} {fields}\n"
+        )
+
+
+@pytest.fixture
+def broker_events() -> Iterator[None]:
+    """Every ``triows`` event of the test (INFO and up, with its fields) on stderr.
+
+    pytest shows a failed test's stderr, so a broker test that fails says what
+    the backend saw (connections lost, bindings deferred, reconnects) and when.
+    """
+    logger = logging.getLogger("triows")
+    handler = _EventLines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture

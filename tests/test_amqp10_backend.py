@@ -38,7 +38,7 @@ from triows.protocol import CLOSE_DRAINING
 from triows.router import Router
 from triows.settings import Settings
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.usefixtures("broker_events")]
 
 RABBITMQ_PORT = BROKERS["rabbitmq"].port
 # Hang guards only; no test asserts on how long something took.
@@ -147,6 +147,34 @@ async def test_300_keys_subscribed_at_once_each_receive_then_none_once_unsubscri
             await call_each(holder.unsubscribe, keys)
             await publish_names(sender, keys)
             await assert_receives_exactly(holder, [])
+
+
+async def test_what_is_published_after_subscribes_cut_by_a_lost_connection_return_arrives(
+    exchange: str,
+) -> None:
+    # The connection is cut with most of 300 subscribes still in flight or
+    # waiting their turn: they return without the broker's confirmation, and
+    # what is published for their keys right after (before the reconnect has
+    # restored them) must wait in their queues, not be dropped unrouted.
+    keys = [f"user.crowd{number}" for number in range(300)]
+    async with (
+        open_tcp_proxy(RABBITMQ_PORT) as proxy,
+        open_ready(amqp10_settings(exchange)) as sender,
+        open_ready(amqp10_settings(exchange, port=proxy.port, reconnect_max_delay=0.5)) as holder,
+    ):
+        with anyio.fail_after(120):
+            returned = 0
+
+            async def subscribe_then_cut_once_50_returned(key: str) -> None:
+                nonlocal returned
+                await holder.subscribe(key)
+                returned += 1
+                if returned == 50:
+                    proxy.cut()
+
+            await call_each(subscribe_then_cut_once_50_returned, keys)
+            await publish_names(sender, keys)
+            await assert_receives_exactly(holder, keys)
 
 
 class ReconnectFailures(logging.Handler):

@@ -48,6 +48,9 @@ Delivery = tuple[str, bytes]
 
 NOTE_KEY = "session.note"
 """The key of a session's own note (:meth:`SessionQueue.note`) among its deliveries."""
+LOST_KEY = "session.lost"
+"""The key of a delivery (empty, never acked) by which a backend says it lost the
+session's consumer: the connection closes, so that its client resumes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,14 @@ class SessionQueue(Protocol):
 
 class Sessions(Protocol):
     """What a backend that can resume offers: session queues at the broker."""
+
+    async def release(self) -> None:
+        """A drain: stop every session's consumer here at once; what is not acked goes back.
+
+        Every :class:`SessionQueue` opened here is detached by it (their own
+        ``detach`` then does nothing). Never raises.
+        """
+        ...
 
     async def open(
         self, name: str, key: str, deliver: SessionDeliver, *, resume: bool

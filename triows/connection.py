@@ -47,14 +47,10 @@ def websocket_text(frame: str) -> dict[str, Any]:
 
 
 class SessionSide(Protocol):
-    """What a connection and the router need of its session (a ``triows.session.SessionLink``)."""
+    """What a connection needs of its session (a ``triows.session.SessionLink``)."""
 
     def written(self, tag: int) -> None:
         """The frame of delivery ``tag`` is written to the socket."""
-        ...
-
-    async def stop(self) -> None:
-        """Take no more deliveries (the instance drains)."""
         ...
 
 

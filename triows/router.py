@@ -376,15 +376,16 @@ class Router:
     async def _release_sessions(self, timeout: float) -> None:
         """With sessions: no more deliveries to any session here, and no key marked connected.
 
-        What the sessions' queues handed over before stopping is flushed by
-        each connection as it closes, and acked; the rest stays in the queues
-        for the resume elsewhere, so no marker round trip is needed.
+        The backend stops every session's consumer at once: what it had not
+        acked goes back to the sessions' queues for their resume elsewhere
+        (a frame written meanwhile comes back too, and the resume's cursor
+        skips it), so no marker round trip is needed.
         """
+        sessions = self.backend.sessions
+        assert sessions is not None
         with trio.move_on_after(timeout):
+            await sessions.release()
             async with trio.open_nursery() as nursery:
-                for connection in self._connections:
-                    if connection.session is not None:
-                        nursery.start_soon(connection.session.stop)
                 for key, local in list(self._keys.items()):
                     nursery.start_soon(self._release, key, local)
 

@@ -45,9 +45,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from triows.backend import NOTE_KEY, SessionDelivery, SessionQueue, Sessions
+from triows.backend import LOST_KEY, NOTE_KEY, SessionDelivery, SessionQueue, Sessions
 from triows.logs import log_event
-from triows.protocol import InvalidInput, check_room_name, hello_frame, room_key, user_key
+from triows.protocol import (
+    CLOSE_DRAINING,
+    InvalidInput,
+    check_room_name,
+    hello_frame,
+    room_key,
+    user_key,
+)
 from triows.router import TooManyRooms
 
 if TYPE_CHECKING:
@@ -155,6 +162,8 @@ class SessionLink:
     def deliver(self, delivery: SessionDelivery) -> None:
         if delivery.key == NOTE_KEY:
             self._take_note(delivery)
+        elif delivery.key == LOST_KEY:
+            self.connection.close(CLOSE_DRAINING, "the session's consumer was lost: resume")
         elif self._pending is not None:
             self._pending.append(delivery)
             self._check_prefix()
@@ -264,11 +273,6 @@ class SessionLink:
     def written(self, tag: int) -> None:
         """The connection wrote the frame of delivery ``tag``: done with it."""
         self._ack(tag)
-
-    async def stop(self) -> None:
-        """Take no more deliveries; what was handed over is still written and acked."""
-        if self.queue is not None:
-            await self.queue.stop()
 
     # Rooms
 

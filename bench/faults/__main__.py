@@ -15,6 +15,7 @@ from bench.faults.churn import run_churn
 from bench.faults.clients import dead_client_wait, run_dead_client, run_fanout
 from bench.faults.options import CLUSTER_FAULTS, FAULTS, Options, quick_options
 from bench.faults.report import merge_results
+from bench.faults.sessions import RESUME_FAULTS, run_resume_case
 from bench.targets import CLUSTER_TARGETS, TARGETS, ensure_broker
 
 
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fault",
         action="append",
-        choices=[*FAULTS, "dead-client", "churn", "fanout", *CLUSTER_FAULTS],
+        choices=[*FAULTS, "dead-client", "churn", "fanout", *RESUME_FAULTS, *CLUSTER_FAULTS],
         help=f"default: all but {', '.join(CLUSTER_FAULTS)}, which only a cluster target runs",
     )
     parser.add_argument(
@@ -58,7 +59,7 @@ async def main(argv: list[str] | None = None) -> None:
         elif name in CLUSTER_TARGETS:
             faults = list(CLUSTER_FAULTS)
         else:
-            faults = [*FAULTS, "dead-client", "churn", "fanout"]
+            faults = [*FAULTS, "dead-client", "churn", "fanout", *RESUME_FAULTS]
         for fault in faults:
             print(f"faults: {name} {fault} ...", file=sys.stderr, flush=True)
             try:
@@ -66,6 +67,8 @@ async def main(argv: list[str] | None = None) -> None:
                     row = await run_fanout(target, args.sockets, 20, opts)
                 elif fault == "churn":
                     row = await run_churn(target, args.cycles, opts)
+                elif fault in RESUME_FAULTS:
+                    row = await run_resume_case(target, fault, opts)
                 elif fault == "dead-client":
                     row = await run_dead_client(
                         target, opts, args.dead_client_wait or dead_client_wait(opts)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.faults.options import CLUSTER_FAULTS, FAULTS, RESULTS_DIR
+from bench.faults.sessions import RESUME_FAULTS
 
 
 def merge_results(
@@ -28,7 +29,10 @@ def merge_results(
 
 
 FAULT_ORDER = {
-    name: n for n, name in enumerate((*FAULTS, "dead-client", "churn", "fanout", *CLUSTER_FAULTS))
+    name: n
+    for n, name in enumerate(
+        (*FAULTS, "dead-client", "churn", "fanout", *RESUME_FAULTS, *CLUSTER_FAULTS)
+    )
 }
 
 
@@ -52,6 +56,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|---|",
     ]
     for row in rows:
+        if row["fault"] in RESUME_FAULTS:
+            continue
         command = f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
         if row["status"] != "ok":
             lines.append(
@@ -83,7 +89,50 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{'yes' if not row['unexpected_exits'] else 'NO ' + str(row['unexpected_exits'])} | "
             f"{_extra_notes(row)} | {command} |"
         )
+    resume_rows = [row for row in rows if row["fault"] in RESUME_FAULTS]
+    if resume_rows:
+        lines += ["", *resume_markdown(resume_rows)]
     return "\n".join(lines) + "\n"
+
+
+def resume_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The continuity table: instance B drained or killed, its users resuming on A."""
+    lines = [
+        "## Sessions: instance B drained or SIGKILLed, its users resuming on A",
+        "",
+        "Not resumed: a fresh session (`resumed` false), what a backend that cannot hold "
+        "sessions (`resumable` false) always gives. N users on B hold sockets with the URL "
+        "list [B, A] and resume with their session's "
+        "token and cursor; senders POST to A every 5 ms overall (4 sequential lanes; sent/s: "
+        "the pace a loaded machine let them keep), to each user in turn. Per case: "
+        "sent / refused (non-2xx or transport error) / 2xx but never delivered / delivered "
+        "twice to one user / out of order; `queued`: 2xx answered `queued` (the session "
+        "waited for its resume); seconds from the signal to the last user's `hello` with "
+        '`"resumed": true`.',
+        "",
+        "| target | fault | resumable | users | sent (sent/s) | refused | 2xx-but-lost | dup "
+        "| reord | queued | resumed / not | all resumed s | B exit s | command |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for row in rows:
+        command = f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
+        if row["status"] != "ok":
+            lines.append(
+                f"| {row['target']} | {row['fault']} | | | | | | | | | | | | "
+                f"{command} ({row['status']}: {row.get('why', '')}) |"
+            )
+            continue
+        acc = row["accounting"]
+        not_resumed = row["users_not_resumed"] + row["users_not_back"]
+        lines.append(
+            f"| {row['target']} | {row['fault']} | {'yes' if row['resumable'] else 'no'} "
+            f"| {row['users_on_b']} | {acc['sent']} ({row['sent_per_s']:g}) | {acc['refused']} "
+            f"| {acc['lost_2xx']} "
+            f"| {acc['duplicated']} | {acc['reordered']} | {acc['outcomes'].get('queued', 0)} "
+            f"| {row['users_resumed']} / {not_resumed} | {_fmt(row['all_resumed_s'])} "
+            f"| {_fmt(row['exit_s'])} | {command} |"
+        )
+    return lines
 
 
 def _extra_notes(row: dict[str, Any]) -> str:
