@@ -88,6 +88,14 @@ class Amqp10Sessions:
         self.where = where  # the broker node of the backend's current connection
         self.new_connection = new_connection  # configured as the backend's own
         self.task_group: TaskGroup | None = None
+        self.open_queues: set[Amqp10SessionQueue] = set()
+
+    async def release(self) -> None:
+        """A drain: detach every session queue open here at once (each closes its connection,
+        which gives back what it did not ack). Never raises."""
+        async with anyio.create_task_group() as tasks:
+            for queue in list(self.open_queues):
+                tasks.start_soon(queue.detach)
 
     async def run(self) -> None:
         """The task that owns every session connection's tasks (never returns)."""
@@ -178,6 +186,7 @@ class Amqp10SessionQueue:
         task_group = self._sessions.task_group
         if task_group is None:
             raise BrokerUnavailable("the AMQP 1.0 backend is not running")
+        self._sessions.open_queues.add(self)
         try:
             await task_group.start(self._serve_and_reconnect)
         except LOST as error:
@@ -204,6 +213,7 @@ class Amqp10SessionQueue:
                     else:
                         backoff.reset()
         finally:
+            self._sessions.open_queues.discard(self)
             self._live = None
             self._gone.set()
 

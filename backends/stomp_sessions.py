@@ -164,6 +164,13 @@ class StompSessions:
         self.task_group: TaskGroup | None = None
         self.open_queues: set[StompSessionQueue] = set()
 
+    async def release(self) -> None:
+        """A drain: detach every session queue open here at once (each closes its connection,
+        which gives back what it did not ack). Never raises."""
+        async with anyio.create_task_group() as tasks:
+            for queue in list(self.open_queues):
+                tasks.start_soon(queue.detach)
+
     async def run(self) -> None:
         """The task that owns every session connection's tasks (never returns)."""
         async with anyio.create_task_group() as self.task_group:

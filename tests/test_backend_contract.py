@@ -497,6 +497,25 @@ async def test_two_consumers_of_one_session_never_split_its_messages(
         assert counts == [0, 3]
 
 
+async def test_release_gives_back_what_every_session_here_did_not_ack(
+    session_case: Case, exchange: str
+) -> None:
+    names = [session_name(exchange), session_name(exchange)]
+    async with two_instances(session_case, exchange) as (first, second):
+        for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
+            collected = Collected()
+            await open_queue(first, name, collected, key=user)
+            await second.publish(user, user.encode())
+            await collected.take(1)
+        await sessions_of(first).release()
+        for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
+            again = Collected()
+            resumed = await sessions_of(second).open(name, user, again.deliver, resume=True)
+            assert resumed is not None
+            assert bodies(await again.take(1)) == [(user, user.encode(), True)]
+            await resumed.end()
+
+
 async def test_a_note_is_kept_in_the_queue_and_comes_back_on_the_note_key(
     session_case: Case, exchange: str
 ) -> None:
