@@ -54,6 +54,13 @@ declares every held key's queue on one). Other brokers keep the
 connection-bound links of the key's address: what was in flight to a lost
 connection is lost there.
 
+Sessions (``TRIOWS_RESUME_WINDOW`` > 0) on RabbitMQ with
+``/exchange/<TRIOWS_EXCHANGE>/{key}`` addresses: :mod:`backends.amqp10_sessions`
+(a queue per session declared over AMQP 0-9-1, consumed on a connection of
+its own). Users' and rooms' keys then go to session queues only, and
+``subscribe`` of such a key attaches nothing (RabbitMQ 3.x cannot tell a
+sender whether a user is connected). Other brokers hold no sessions.
+
 Receiving. Each receiver link has at most ``settings.prefetch`` credit out.
 Complete deliveries go to a backlog (bounded by the credit); one task moves
 them onto the bounded ``incoming`` stream, and only then settles each with
@@ -95,7 +102,7 @@ from typing import Any
 import anyio
 from proton import Connection, Delivery, Endpoint, Event, Link, Receiver, Sender, Transport, symbol
 
-from triows.backend import Outcome
+from triows.backend import Outcome, Sessions
 from triows.backends.amqp10_addressing import Addressing, choose_addressing, outcome, parse_urls
 from triows.backends.amqp10_links import (
     LINK_ANSWERS,
@@ -109,6 +116,7 @@ from triows.backends.amqp10_links import (
     message_body,
 )
 from triows.backends.amqp10_pump import ConnectionLost, Wakeup
+from triows.backends.amqp10_sessions import Amqp10Sessions
 from triows.backends.broker_url import connect_stream
 from triows.backends.handed_over import HandedOver
 from triows.backends.rabbitmq_exchange import (
@@ -119,6 +127,7 @@ from triows.backends.rabbitmq_exchange import (
 )
 from triows.backends.supervisor import BrokerRejected, Supervised, run_supervised
 from triows.logs import log_event
+from triows.protocol import ROOM_KEY_PREFIX, USER_KEY_PREFIX
 from triows.settings import Settings
 
 LINK_CHANGES_IN_FLIGHT = 16
@@ -162,6 +171,28 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         self._retired = RetiredQueues(
             lambda: (self._address, self._address.port), timeout=self._broker_timeout
         )
+        # Session queues (RabbitMQ only: backends/amqp10_sessions.py), and the
+        # addresses chosen on the latest connection, which say whether it can.
+        self._sessions = (
+            Amqp10Sessions(settings, lambda: self._address, self._proton_connection)
+            if settings.resume_window
+            else None
+        )
+        self._latest_addressing: Addressing | None = None
+
+    @property
+    def sessions(self) -> Sessions | None:
+        """Session queues on RabbitMQ with ``/exchange/<TRIOWS_EXCHANGE>/{key}`` addresses
+        (as of the latest connection); None on other brokers."""
+        addressing = self._latest_addressing
+        if addressing is None or addressing.queue_exchange != self._settings.exchange:
+            return None
+        return self._sessions
+
+    def _held_by_sessions(self, key: str) -> bool:
+        """With sessions, users' and rooms' messages go to session queues only: a key of
+        theirs only says a connection is here, which RabbitMQ 3.x cannot tell a sender."""
+        return self.sessions is not None and key.startswith((USER_KEY_PREFIX, ROOM_KEY_PREFIX))
 
     @property
     def queues(self) -> dict[str, str]:
@@ -272,6 +303,8 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         live.attach(subscription, address, self._settings.prefetch)
 
     async def _subscribe_on(self, live: Amqp10Connection, key: str) -> None:
+        if self._held_by_sessions(key):
+            return
         # A subscription already made for the key (the set-up's, or that of a
         # cancelled subscribe) is waited for, never doubled: two links would
         # deliver every message twice.
@@ -326,6 +359,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         made = [
             live.subscriptions.get(key) or live.add_subscription(key, self._held_queue(live, key))
             for key in keys
+            if not self._held_by_sessions(key)
         ]
         # Each step is bounded on its own: an instance must not fail its
         # reconnect just by holding many keys.
@@ -384,7 +418,13 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         }
 
     def _background(self) -> list[Callable[[], Awaitable[None]]]:
-        return [self._forward_deliveries, self._retired.delete_as_added]
+        tasks: list[Callable[[], Awaitable[None]]] = [
+            self._forward_deliveries,
+            self._retired.delete_as_added,
+        ]
+        if self._sessions is not None:
+            tasks.append(self._sessions.run)
+        return tasks
 
     async def _session(self, up: Callable[[Amqp10Connection], Awaitable[None]]) -> None:
         """One connection, from connect to loss; returns only after :meth:`aclose`."""
@@ -442,6 +482,11 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         raise pump_failed or failure or ConnectionLost("the broker connection ended")
 
     def _new_connection(self) -> Amqp10Connection:
+        connection, transport = self._proton_connection()
+        return Amqp10Connection(connection, transport, self._on_event)
+
+    def _proton_connection(self) -> tuple[Connection, Transport]:
+        """A proton connection and transport for the current node, with our login and heartbeat."""
         target, settings = self._address, self._settings
         connection = Connection()
         connection.container = settings.instance_id
@@ -460,7 +505,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
             sasl.allow_insecure_mechs = True
         else:
             sasl.allowed_mechs("ANONYMOUS")
-        return Amqp10Connection(connection, transport, self._on_event)
+        return connection, transport
 
     async def _open_sender(self, live: Amqp10Connection) -> None:
         connection = live.pump.connection
@@ -468,7 +513,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
         addressing = choose_addressing(
             self._settings, connection.remote_properties, connection.remote_offered_capabilities
         )
-        live.addressing = addressing
+        live.addressing = self._latest_addressing = addressing
         self._queue_exchange = addressing.queue_exchange
         exchange = addressing.rabbitmq_exchange
         if exchange is not None:

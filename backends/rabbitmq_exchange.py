@@ -49,6 +49,7 @@ from triows.backends.supervisor import TRANSIENT, BrokerRejected
 from triows.logs import log_event
 
 PRECONDITION_FAILED = 406
+NOT_FOUND = 404
 DECLARE_BATCH = 500
 """Queues declared and bound per pipelined round (both directions' bytes stay
 well within socket buffers, so neither side blocks writing while the other does)."""
@@ -169,6 +170,105 @@ async def declare_bound_queues(
                                 )
             # And the close, too.
             first.deadline = anyio.current_time() + batch_timeout
+
+
+async def declare_session_queue(
+    address: BrokerAddress,
+    *,
+    port: int,
+    queue: str,
+    arguments: FieldTable,
+    exchange: str,
+    keys: Iterable[str],
+    existing: bool = False,
+) -> int | None:
+    """Declare ``queue`` with ``arguments``, bind it to ``exchange`` with each of ``keys``,
+    and return how many messages it holds ready.
+
+    The queue is durable (RabbitMQ 4.3 refuses non-durable non-exclusive
+    queues; messages stay transient), neither exclusive nor auto-delete: it
+    outlives the connection that consumes it, until its ``x-expires``.
+    Idempotent for a queue that exists with the same arguments. ``existing``:
+    only if it exists (a passive declare, which ignores ``arguments``); None
+    when it does not. One connection, the methods pipelined. Raises like
+    :func:`declare_direct_exchange` (:class:`QueueDeclareError` when refused);
+    callers bound the time.
+    """
+    async with _open_channel(address, port, QueueDeclareError) as session:
+        await session.send(
+            commands.Queue.Declare(
+                queue=queue,
+                durable=True,
+                passive=existing,
+                arguments=None if existing else arguments,
+            ),
+            channel=1,
+        )
+        bound = sorted(set(keys))
+        for key in bound:
+            await session.send(
+                commands.Queue.Bind(queue=queue, exchange=exchange, routing_key=key), channel=1
+            )
+        answer = await session.receive()
+        if (
+            existing
+            and isinstance(answer, commands.Channel.Close)
+            and answer.reply_code == NOT_FOUND
+        ):
+            # The channel is closed: the binds after it were dropped unanswered.
+            await session.send(commands.Channel.CloseOk(), channel=1)
+            return None
+        _refused_unless(answer, commands.Queue.DeclareOk, queue)
+        assert isinstance(answer, commands.Queue.DeclareOk)
+        for _key in bound:
+            _refused_unless(await session.receive(), commands.Queue.BindOk, queue)
+        return answer.message_count or 0
+
+
+async def change_bindings(
+    address: BrokerAddress,
+    *,
+    port: int,
+    queue: str,
+    exchange: str,
+    bind: Iterable[str] = (),
+    unbind: Iterable[str] = (),
+) -> None:
+    """Bind ``queue`` to ``exchange`` with each key of ``bind``, unbind it from each of ``unbind``.
+
+    Binding twice and unbinding what is not bound are not errors; a queue
+    that does not exist (any more) is (:class:`QueueDeclareError`).
+    """
+    methods: list[tuple[base.Frame, type[object]]] = [
+        (
+            commands.Queue.Bind(queue=queue, exchange=exchange, routing_key=key),
+            commands.Queue.BindOk,
+        )
+        for key in sorted(set(bind))
+    ]
+    methods += [
+        (
+            commands.Queue.Unbind(queue=queue, exchange=exchange, routing_key=key),
+            commands.Queue.UnbindOk,
+        )
+        for key in sorted(set(unbind))
+    ]
+    if not methods:
+        return
+    async with _open_channel(address, port, QueueDeclareError) as session:
+        for method, _answer in methods:
+            await session.send(method, channel=1)
+        for _method, answer in methods:
+            _refused_unless(await session.receive(), answer, queue)
+
+
+def _refused_unless(answer: object, expected: type[object], queue: str) -> None:
+    if isinstance(answer, expected):
+        return
+    text = str(getattr(answer, "reply_text", answer))
+    if HOME_NODE_DOWN in text:
+        raise QueueOutOfReach(f"queue {queue!r}: {text}")
+    raise QueueDeclareError(f"RabbitMQ refused {expected.__name__[:-2]} of queue {queue!r}: {text}")
 
 
 async def delete_queues(address: BrokerAddress, *, port: int, queues: list[str]) -> None:

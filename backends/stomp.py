@@ -66,6 +66,15 @@ receipts and acks are :class:`backends.stomp_session.StompSession`.
   (otherwise ``CONNECT`` is refused). Other brokers (Artemis ...) keep
   non-durable topic subscriptions, ack ``auto``: what was in flight to a lost
   connection is lost there.
+- Sessions (``TRIOWS_RESUME_WINDOW`` > 0) on RabbitMQ with
+  ``/exchange/<TRIOWS_EXCHANGE>/{key}`` destinations:
+  :mod:`backends.stomp_sessions` (a queue per session declared over AMQP
+  0-9-1, consumed on a STOMP connection of its own). Users' and rooms' keys
+  then go to session queues only, and ``subscribe`` of such a key sends
+  nothing (STOMP cannot tell a sender whether a user is connected). ActiveMQ
+  and other brokers hold no sessions (:attr:`StompBackend.sessions` is None):
+  ActiveMQ Classic cannot delete a queue over STOMP nor expire one that still
+  holds messages (docs/backends.md).
 - Heart-beats are negotiated from ``TRIOWS_HEARTBEAT`` (seconds; 0 disables):
   we send ours, and a broker silent for twice its interval counts as dead.
 - Reconnects, held keys, readiness, timeouts and error classes are
@@ -97,7 +106,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import ByteStream
 
-from triows.backend import Outcome
+from triows.backend import Outcome, Sessions
 from triows.backends.broker_url import (
     BrokerAddress,
     connect_stream,
@@ -116,8 +125,10 @@ from triows.backends.stomp_session import (
     StompBrokerError,
     StompSession,
 )
+from triows.backends.stomp_sessions import StompSessions
 from triows.backends.supervisor import TRANSIENT, BrokerRejected, Supervised, run_supervised
 from triows.logs import log_event
+from triows.protocol import ROOM_KEY_PREFIX, USER_KEY_PREFIX
 from triows.settings import Settings
 
 SCHEMES = {"stomp": (61613, False), "stomp+ssl": (61613, True)}
@@ -212,6 +223,43 @@ class StompBackend(Supervised[StompSession]):
         # The broker redelivers at most what was unacked when a connection
         # went: one ack batch and what arrived while the ACK was on its way.
         self._handed_over = HandedOver(2 * settings.prefetch)
+        # Session queues (RabbitMQ only: backends/stomp_sessions.py).
+        self._sessions = (
+            StompSessions(
+                settings, lambda: (self._address, self._amqp_port), self._session_handshake
+            )
+            if settings.resume_window
+            else None
+        )
+
+    @property
+    def sessions(self) -> Sessions | None:
+        """Session queues on RabbitMQ with ``/exchange/<TRIOWS_EXCHANGE>/{key}`` destinations
+        (as of the latest connection); None elsewhere (see docs/backends.md for ActiveMQ)."""
+        if (
+            self._keeping != QUEUES
+            or self._template != f"/exchange/{self._settings.exchange}/{{key}}"
+        ):
+            return None
+        return self._sessions
+
+    def _held_by_sessions(self, key: str) -> bool:
+        """With sessions, users' and rooms' messages go to session queues only: a key of
+        theirs only says a connection is here, which STOMP cannot tell a sender anyway."""
+        return self.sessions is not None and key.startswith((USER_KEY_PREFIX, ROOM_KEY_PREFIX))
+
+    async def _session_handshake(
+        self, stream: ByteStream, parser: FrameParser, address: BrokerAddress
+    ) -> tuple[float, float]:
+        """CONNECT a session's own connection; its heart-beat intervals (send, receive) in s."""
+        heartbeat_ms = self._settings.heartbeat * 1000
+        connected = await _handshake(
+            stream, parser, address, heartbeat_ms, client_id=f"{self._queue_prefix}.session"
+        )
+        send_ms, receive_ms = _negotiate_heartbeats(
+            heartbeat_ms, connected.headers.get("heart-beat", "0,0")
+        )
+        return send_ms / 1000, receive_ms / 1000
 
     @property
     def queues(self) -> dict[str, str]:
@@ -238,6 +286,8 @@ class StompBackend(Supervised[StompSession]):
         return Outcome.ACCEPTED
 
     async def _subscribe_on(self, connection: StompSession, key: str) -> None:
+        if self._held_by_sessions(key):
+            return
         if key in connection.subscription_ids:
             return  # two subscriptions would deliver every message twice
         subscription_id = connection.new_subscription_id(key)
@@ -356,7 +406,10 @@ class StompBackend(Supervised[StompSession]):
         await self._remove_subscriptions(connection)
 
     def _background(self) -> list[Callable[[], Awaitable[None]]]:
-        return [self._retired.delete_as_added]
+        tasks: list[Callable[[], Awaitable[None]]] = [self._retired.delete_as_added]
+        if self._sessions is not None:
+            tasks.append(self._sessions.run)
+        return tasks
 
     def _abandon(self, connection: StompSession) -> None:
         connection.task_group.cancel_scope.cancel()

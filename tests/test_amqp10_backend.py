@@ -51,6 +51,8 @@ async def rabbitmq_amqp10() -> None:
 
 
 def amqp10_settings(exchange: str, *, port: int = RABBITMQ_PORT, **overrides: Any) -> Settings:
+    # Keys' messages on ``incoming``: sessions (tests/test_backend_contract.py) off.
+    overrides.setdefault("resume_window", 0)
     return Settings(
         backend="amqp10",
         broker_url=f"amqp://guest:guest@127.0.0.1:{port}",

@@ -24,7 +24,16 @@ import trio.testing
 from deploy.brokers import BROKERS, HOST, LOGIN, PASSCODE
 from tests.brokers import require_broker
 from tests.tcp_proxy import open_tcp_proxy
-from triows.backend import Backend, BrokerUnavailable, Outcome, open_backend
+from triows.backend import (
+    NOTE_KEY,
+    Backend,
+    BrokerUnavailable,
+    Outcome,
+    SessionDelivery,
+    SessionQueue,
+    Sessions,
+    open_backend,
+)
 from triows.backends.broker_url import parse_broker_url
 from triows.backends.supervisor import BrokerRejected, Supervised, rejection, run_supervised
 from triows.cli import check_startup, main
@@ -88,6 +97,13 @@ CASES = [
     broker_case("activemq", routes=False),
 ]
 BROKER_CASES = [case for case in CASES if case.broker is not None]
+# The backends (and brokers) that hold sessions (Backend.sessions).
+SESSION_CASES = [
+    Case("memory"),
+    broker_case("rabbitmq"),
+    broker_case("rabbitmq-amqp10", routes=False),
+    broker_case("rabbitmq-stomp", routes=False),
+]
 
 
 @asynccontextmanager
@@ -313,6 +329,303 @@ async def test_a_publish_once_every_node_of_the_list_is_lost_is_refused_not_held
         await wait_not_ready(holder)
         with trio.fail_after(READY_TIMEOUT), pytest.raises(BrokerUnavailable):
             await holder.publish("user.Bob", b"{}")
+
+
+# --- session queues (Backend.sessions) ------------------------------------------
+
+SESSION_WINDOW = 30.0
+
+
+@pytest.fixture(params=SESSION_CASES, ids=[case.id for case in SESSION_CASES])
+async def session_case(request: pytest.FixtureRequest) -> Case:
+    chosen: Case = request.param
+    if chosen.broker is not None:
+        await require_broker(chosen.broker)
+    return chosen
+
+
+class Collected:
+    """What a session queue hands over, as its ``deliver`` callback sees it."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[SessionDelivery] = []
+        self._changed = trio.Event()
+
+    def deliver(self, delivery: SessionDelivery) -> None:
+        self.deliveries.append(delivery)
+        self._changed.set()
+
+    async def take(self, count: int) -> list[SessionDelivery]:
+        """Wait until ``count`` more deliveries than taken before came; return those."""
+        with trio.fail_after(DELIVERY_TIMEOUT):
+            while len(self.deliveries) < count:
+                self._changed = trio.Event()
+                await self._changed.wait()
+        taken, self.deliveries = self.deliveries[:count], self.deliveries[count:]
+        return taken
+
+
+def sessions_of(backend: Backend) -> Sessions:
+    sessions = backend.sessions
+    assert sessions is not None
+    return sessions
+
+
+async def open_queue(
+    backend: Backend, name: str, collected: Collected, *, key: str = "user.Bob"
+) -> SessionQueue:
+    queue = await sessions_of(backend).open(name, key, collected.deliver, resume=False)
+    assert queue is not None
+    return queue
+
+
+def bodies(deliveries: list[SessionDelivery]) -> list[tuple[str, bytes, bool]]:
+    return [(d.key, d.body, d.redelivered) for d in deliveries]
+
+
+@asynccontextmanager
+async def two_instances(case: Case, exchange: str) -> AsyncIterator[tuple[Backend, Backend]]:
+    """Two instances with sessions on one exchange (one and the same for memory)."""
+    settings = case.settings(exchange, resume_window=SESSION_WINDOW)
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(open_ready(settings))
+        if case.broker is None:
+            yield first, first
+            return
+        yield first, await stack.enter_async_context(open_ready(settings))
+
+
+def session_name(exchange: str) -> str:
+    return f"{exchange}.session.{secrets.token_hex(16)}"
+
+
+async def test_a_session_queue_gets_the_messages_of_each_key_bound_in_order(
+    session_case: Case, exchange: str
+) -> None:
+    async with two_instances(session_case, exchange) as (sender, holder):
+        collected = Collected()
+        queue = await open_queue(holder, session_name(exchange), collected)
+        await queue.bind("room.Lobby")
+        await sender.publish("user.Bob", b"1")
+        await sender.publish("room.Lobby", b"2")
+        await sender.publish("user.Other", b"not bound")
+        await sender.publish("user.Bob", b"3")
+        got = await collected.take(3)
+        assert bodies(got) == [
+            ("user.Bob", b"1", False),
+            ("room.Lobby", b"2", False),
+            ("user.Bob", b"3", False),
+        ]
+        await queue.end()
+
+
+async def test_an_unbound_key_is_no_longer_held(session_case: Case, exchange: str) -> None:
+    async with two_instances(session_case, exchange) as (sender, holder):
+        collected = Collected()
+        queue = await open_queue(holder, session_name(exchange), collected)
+        await queue.bind("room.Lobby")
+        await queue.unbind("room.Lobby")
+        await sender.publish("room.Lobby", b"left")
+        await sender.publish("user.Bob", b"after")
+        assert bodies(await collected.take(1)) == [("user.Bob", b"after", False)]
+        await queue.end()
+
+
+async def test_what_waited_while_nobody_consumed_is_counted_and_handed_over_on_resume(
+    session_case: Case, exchange: str
+) -> None:
+    name = session_name(exchange)
+    async with two_instances(session_case, exchange) as (first, second):
+        queue = await open_queue(first, name, Collected())
+        await queue.detach()
+        for n in range(3):
+            await second.publish("user.Bob", b"%d" % n)
+        collected = Collected()
+        resumed = await sessions_of(second).open(name, "user.Bob", collected.deliver, resume=True)
+        assert resumed is not None
+        assert resumed.waiting == 3
+        assert [d.body for d in await collected.take(3)] == [b"0", b"1", b"2"]
+        await resumed.end()
+
+
+async def test_deliveries_not_acked_come_back_in_order_flagged_to_a_resume_elsewhere(
+    session_case: Case, exchange: str
+) -> None:
+    name = session_name(exchange)
+    async with two_instances(session_case, exchange) as (first, second):
+        collected = Collected()
+        queue = await open_queue(first, name, collected)
+        for n in range(4):
+            await second.publish("user.Bob", b"%d" % n)
+        got = await collected.take(4)
+        queue.ack(got[0].tag)
+        await queue.detach()
+        again = Collected()
+        resumed = await sessions_of(second).open(name, "user.Bob", again.deliver, resume=True)
+        assert resumed is not None
+        assert bodies(await again.take(3)) == [
+            ("user.Bob", b"1", True),
+            ("user.Bob", b"2", True),
+            ("user.Bob", b"3", True),
+        ]
+        await second.publish("user.Bob", b"4")
+        assert bodies(await again.take(1)) == [("user.Bob", b"4", False)]
+        await resumed.end()
+
+
+async def test_what_was_handed_over_after_stop_stays_unacked_for_the_next_consumer(
+    session_case: Case, exchange: str
+) -> None:
+    name = session_name(exchange)
+    async with two_instances(session_case, exchange) as (first, second):
+        collected = Collected()
+        queue = await open_queue(first, name, collected)
+        await second.publish("user.Bob", b"before")
+        (before,) = await collected.take(1)
+        await queue.stop()
+        await second.publish("user.Bob", b"after stop")
+        queue.ack(before.tag)  # acks still count after stop
+        await queue.detach()
+        assert collected.deliveries == []
+        again = Collected()
+        resumed = await sessions_of(second).open(name, "user.Bob", again.deliver, resume=True)
+        assert resumed is not None
+        assert [d.body for d in await again.take(1)] == [b"after stop"]
+        await resumed.end()
+
+
+async def test_two_consumers_of_one_session_never_split_its_messages(
+    session_case: Case, exchange: str
+) -> None:
+    name = session_name(exchange)
+    async with two_instances(session_case, exchange) as (first, second):
+        old, new = Collected(), Collected()
+        first_queue = await open_queue(first, name, old)
+        second_queue = await sessions_of(second).open(name, "user.Bob", new.deliver, resume=True)
+        assert second_queue is not None
+        for n in range(3):
+            await first.publish("user.Bob", b"%d" % n)
+        # One of them (the broker's single active consumer, or the newest
+        # where the old one is taken over) gets all three, the other none.
+        with trio.fail_after(DELIVERY_TIMEOUT):
+            while len(old.deliveries) + len(new.deliveries) < 3:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        counts = sorted([len(old.deliveries), len(new.deliveries)])
+        await first_queue.detach()
+        await second_queue.end()
+        assert counts == [0, 3]
+
+
+async def test_release_gives_back_what_every_session_here_did_not_ack(
+    session_case: Case, exchange: str
+) -> None:
+    names = [session_name(exchange), session_name(exchange)]
+    async with two_instances(session_case, exchange) as (first, second):
+        for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
+            collected = Collected()
+            await open_queue(first, name, collected, key=user)
+            await second.publish(user, user.encode())
+            await collected.take(1)
+        await sessions_of(first).release()
+        for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
+            again = Collected()
+            resumed = await sessions_of(second).open(name, user, again.deliver, resume=True)
+            assert resumed is not None
+            assert bodies(await again.take(1)) == [(user, user.encode(), True)]
+            await resumed.end()
+
+
+async def test_a_note_is_kept_in_the_queue_and_comes_back_on_the_note_key(
+    session_case: Case, exchange: str
+) -> None:
+    name = session_name(exchange)
+    async with two_instances(session_case, exchange) as (first, second):
+        collected = Collected()
+        queue = await open_queue(first, name, collected)
+        await queue.note(b'{"rooms": ["Lobby"]}')
+        (note,) = await collected.take(1)
+        assert (note.key, note.body) == (NOTE_KEY, b'{"rooms": ["Lobby"]}')
+        await queue.detach()  # the note left unacked
+        again = Collected()
+        resumed = await sessions_of(second).open(name, "user.Bob", again.deliver, resume=True)
+        assert resumed is not None
+        assert bodies(await again.take(1)) == [(NOTE_KEY, b'{"rooms": ["Lobby"]}', True)]
+        await resumed.end()
+
+
+async def test_end_deletes_the_queue_and_a_resume_then_finds_none(
+    session_case: Case, exchange: str
+) -> None:
+    name = session_name(exchange)
+    async with two_instances(session_case, exchange) as (first, second):
+        queue = await open_queue(first, name, Collected())
+        await second.publish("user.Bob", b"never read")
+        await queue.end()
+        await queue.end()  # idempotent
+        assert (
+            await sessions_of(second).open(name, "user.Bob", Collected().deliver, resume=True)
+            is None
+        )
+        # Nothing holds Bob's messages any more.
+        assert await second.publish("user.Bob", b"nobody") in (
+            Outcome.UNROUTED,
+            session_case.outcome(held=False),
+        )
+
+
+async def test_a_resume_of_a_session_that_never_was_finds_none(
+    session_case: Case, exchange: str
+) -> None:
+    async with two_instances(session_case, exchange) as (first, _second):
+        name = session_name(exchange)
+        assert (
+            await sessions_of(first).open(name, "user.Bob", Collected().deliver, resume=True)
+            is None
+        )
+
+
+async def test_a_queue_nobody_consumed_for_the_window_is_gone(
+    session_case: Case, exchange: str
+) -> None:
+    window = 1.0
+    settings = session_case.settings(exchange, resume_window=window)
+    async with open_ready(settings) as backend:
+        name = session_name(exchange)
+        queue = await open_queue(backend, name, Collected())
+        await queue.detach()
+        # Well past the window: the broker's expiry (memory: checked at the next open).
+        await trio.sleep(3 * window)
+        assert (
+            await sessions_of(backend).open(name, "user.Bob", Collected().deliver, resume=True)
+            is None
+        )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [case for case in SESSION_CASES if case.backend in ("amqp10", "stomp")],
+    ids=[case.id for case in SESSION_CASES if case.backend in ("amqp10", "stomp")],
+)
+async def test_past_its_bound_a_rabbitmq_session_queue_drops_its_oldest_and_senders_carry_on(
+    case: Case, exchange: str
+) -> None:
+    # RabbitMQ 3.x's STOMP and AMQP 1.0 plugins drop the publisher's whole
+    # connection on the nack of a reject-publish queue: these backends bound
+    # session queues with drop-head instead (backends/stomp_sessions.py).
+    await require_broker(case.broker or "")
+    settings = case.settings(exchange, resume_window=SESSION_WINDOW, session_max_messages=3)
+    async with open_ready(settings) as sender, open_ready(settings) as holder:
+        name = session_name(exchange)
+        queue = await open_queue(holder, name, Collected())
+        await queue.detach()
+        for n in range(5):
+            assert await sender.publish("user.Bob", b"%d" % n) == Outcome.ACCEPTED
+        assert sender.ready
+        collected = Collected()
+        resumed = await sessions_of(holder).open(name, "user.Bob", collected.deliver, resume=True)
+        assert resumed is not None
+        assert [d.body for d in await collected.take(3)] == [b"2", b"3", b"4"]
+        await resumed.end()
 
 
 # --- start-up checks and the supervisor's error classes (no broker) ------------

@@ -131,15 +131,31 @@ async def run_case(
 
 
 @pytest.mark.parametrize(
-    ("stop_signal", "queue_type"),
-    [(signal.SIGTERM, "classic"), (signal.SIGKILL, "classic"), (signal.SIGKILL, "quorum")],
-    ids=["drain", "kill", "kill-quorum"],
+    ("target", "stop_signal", "queue_type"),
+    [
+        ("amqp091-rabbitmq", signal.SIGTERM, "classic"),
+        ("amqp091-rabbitmq", signal.SIGKILL, "classic"),
+        ("amqp091-rabbitmq", signal.SIGKILL, "quorum"),
+        ("amqp10-rabbitmq", signal.SIGTERM, "classic"),
+        ("amqp10-rabbitmq", signal.SIGKILL, "classic"),
+        ("stomp-rabbitmq", signal.SIGTERM, "classic"),
+        ("stomp-rabbitmq", signal.SIGKILL, "classic"),
+    ],
+    ids=[
+        "drain",
+        "kill",
+        "kill-quorum",
+        "amqp10-drain",
+        "amqp10-kill",
+        "stomp-drain",
+        "stomp-kill",
+    ],
 )
 async def test_an_instance_gone_under_traffic_loses_and_refuses_nothing_for_a_resumed_session(
-    stop_signal: int, queue_type: str
+    target: str, stop_signal: int, queue_type: str
 ) -> None:
     outcomes, received = await run_case(
-        TARGETS_BY_NAME["amqp091-rabbitmq"], stop_signal, {"TRIOWS_QUEUE_TYPE": queue_type}
+        TARGETS_BY_NAME[target], stop_signal, {"TRIOWS_QUEUE_TYPE": queue_type}
     )
     assert [status for status, _ in outcomes if status != 202] == []
     assert received.hellos[1]["resumed"] is True

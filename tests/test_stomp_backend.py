@@ -57,6 +57,8 @@ async def broker(request: pytest.FixtureRequest) -> str:
 
 
 def stomp_settings(port: int, exchange: str, **overrides: Any) -> Settings:
+    # Keys' messages on ``incoming``: sessions (tests/test_backend_contract.py) off.
+    overrides.setdefault("resume_window", 0)
     return Settings(
         backend="stomp",
         broker_url=f"stomp://guest:guest@127.0.0.1:{port}",

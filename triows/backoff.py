@@ -46,6 +46,11 @@ class Backoff:
         self._attempt += 1
         return self.rng.uniform(0, ceiling)
 
+    @property
+    def attempts(self) -> int:
+        """Delays handed out since the last :meth:`reset`."""
+        return self._attempt
+
     def reset(self) -> None:
         """Start again from the smallest delay (call after a successful connect)."""
         self._attempt = 0
