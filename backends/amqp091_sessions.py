@@ -39,6 +39,7 @@ users' liveness, with it.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
@@ -57,6 +58,7 @@ from triows.backend import (
     SessionDelivery,
 )
 from triows.backends.amqp091_aio import SESSION_BROKEN, AioSession
+from triows.backends.rabbitmq_exchange import HOME_NODE_DOWN, QueueOutOfReach
 from triows.logs import log_event
 from triows.settings import Settings
 
@@ -191,7 +193,10 @@ class AmqpSessions:
                 if waiting is None:
                     return None
             else:
-                await self._declare(session, name)
+                try:
+                    await self._declare(session, name)
+                except QueueOutOfReach as error:  # the node we are on is going down
+                    raise BrokerUnavailable(str(error)) from None
                 waiting = 0
             handle = AmqpSessionQueue(self, name, key, deliver, waiting)
             self.handles[name] = handle
@@ -203,27 +208,51 @@ class AmqpSessions:
         return handle
 
     async def _probe(self, session: AioSession, name: str) -> int | None:
-        """Messages waiting in queue ``name``, or None when it is not there (expired, unknown).
+        """Messages waiting in queue ``name``, or None when it is not there (expired, unknown)."""
+        try:
+            declared = await self._declare_on_probe_channel(session, name, passive=True)
+        except ChannelNotFoundEntity:
+            return None
+        count: int = declared.message_count or 0
+        return count
 
-        A passive declare of a queue that is not there makes the broker close
-        its channel, so probes go on a channel of their own, opened again
-        after such a close (a probe that was on it meanwhile is asked again).
+    async def _declare(self, session: AioSession, name: str) -> None:
+        """Declare session queue ``name``; raises :class:`QueueOutOfReach` if its node is down."""
+        try:
+            await self._declare_on_probe_channel(session, name, passive=False)
+        except ChannelNotFoundEntity as error:
+            if HOME_NODE_DOWN in str(error):
+                raise QueueOutOfReach(str(error)) from None
+            raise BrokerUnavailable(f"the broker refused the session queue: {error}") from None
+
+    async def _declare_on_probe_channel(
+        self, session: AioSession, name: str, *, passive: bool
+    ) -> Any:
+        """``queue.declare`` on the channel kept for what the broker may refuse.
+
+        A declare the broker refuses (a passive one of a queue that is not
+        there, one whose cluster node is down) makes it close the channel, so
+        these go on a channel of their own, opened again after such a close;
+        a declare that was on it meanwhile is asked again. Raises
+        ``ChannelNotFoundEntity`` for the refusal, ``BrokerUnavailable`` else.
         """
+        arguments = (
+            {} if passive else {"durable": True, "auto_delete": False, "arguments": self._arguments}
+        )
         for attempt in (1, 2):
             channel = await self._probe_channel(session)
             try:
                 with anyio.fail_after(self._timeout):
-                    declared = await session.call(channel.queue_declare, name, passive=True)
+                    return await session.call(
+                        channel.queue_declare, name, passive=passive, **arguments
+                    )
             except ChannelNotFoundEntity:
-                return None
+                raise
             except TimeoutError:
                 raise BrokerUnavailable(f"no answer from the broker in {self._timeout}s") from None
             except SESSION_BROKEN as error:
                 if attempt == 2 or session.connection.is_closed:
                     raise BrokerUnavailable(f"lost the broker: {error!r}") from None
-                continue  # another probe's NOT_FOUND closed the channel under this one
-            count: int = declared.message_count or 0
-            return count
         raise AssertionError("unreachable")
 
     async def _probe_channel(self, session: AioSession) -> aiormq.abc.AbstractChannel:
@@ -232,17 +261,6 @@ class AmqpSessions:
             channel = await self._call(session, session.connection.channel)
             session.probe_channel = channel
         return channel
-
-    async def _declare(self, session: AioSession, name: str) -> None:
-        assert session.sessions_channel is not None
-        await self._call(
-            session,
-            session.sessions_channel.queue_declare,
-            name,
-            durable=True,
-            auto_delete=False,
-            arguments=self._arguments,
-        )
 
     async def _consume(self, session: AioSession, handle: AmqpSessionQueue) -> None:
         channel = session.sessions_channel
@@ -273,9 +291,27 @@ class AmqpSessions:
         async def again(handle: AmqpSessionQueue) -> None:
             try:
                 async with self._opening:
-                    await self._declare(session, handle.name)
+                    try:
+                        await self._declare(session, handle.name)
+                    except QueueOutOfReach as error:
+                        # Its cluster node is down (the instance moved to
+                        # another): the session goes on live in a new queue,
+                        # and what the old one holds waits there for that node
+                        # (a later resume finds neither and starts afresh).
+                        replaced = f"{handle.name}.{self.generation}"
+                        log_event(
+                            "broker_queue_replaced",
+                            logging.WARNING,
+                            queue=handle.name,
+                            replaced_by=replaced,
+                            error=str(error),
+                        )
+                        self.handles.pop(handle.name, None)
+                        handle.name = replaced
+                        self.handles[replaced] = handle
+                        await self._declare(session, handle.name)
                     await self._consume(session, handle)
-            except BrokerUnavailable:
+            except (BrokerUnavailable, QueueOutOfReach):
                 # Its connection closes and its client resumes; the others go on.
                 self.handles.pop(handle.name, None)
                 deliver, handle.deliver = handle.deliver, None
