@@ -26,7 +26,14 @@ import trio
 from bench.machine import machine_facts
 from bench.report import write
 from bench.scenarios import MATRIX_SCENARIOS, SCENARIOS, TRAFFIC_SCENARIOS, Options, run_target
-from bench.targets import CLUSTER_TARGETS, PEER_TARGETS, TARGETS, Target, with_resume_window
+from bench.targets import (
+    CLUSTER_TARGETS,
+    PEER_TARGETS,
+    TARGETS,
+    Target,
+    with_queue_type,
+    with_resume_window,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Quick runs prove the bench works; their figures are not results.
@@ -168,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             "(0,120: sessions off, then on), named TARGET:resumeS"
         ),
     )
+    parser.add_argument(
+        "--queue-type",
+        metavar="T,T",
+        help=(
+            "run each triows target once per TRIOWS_QUEUE_TYPE, comma-separated "
+            "(classic,quorum: the session queues' type), named TARGET:T"
+        ),
+    )
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     scenarios = list(MATRIX_SCENARIOS) if args.matrix else args.scenarios
@@ -203,6 +218,19 @@ def main(argv: list[str] | None = None) -> int:
             for target in targets
             for variant in (
                 [with_resume_window(target, window) for window in windows]
+                if target.server == "triows"
+                else [target]
+            )
+        ]
+    if args.queue_type:
+        kinds = args.queue_type.split(",")
+        if not set(kinds) <= {"classic", "quorum"}:
+            parser.error(f"--queue-type takes classic and/or quorum, not {args.queue_type!r}")
+        targets = [
+            variant
+            for target in targets
+            for variant in (
+                [with_queue_type(target, kind) for kind in kinds]
                 if target.server == "triows"
                 else [target]
             )

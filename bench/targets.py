@@ -73,6 +73,16 @@ def with_resume_window(target: Target, window: str) -> Target:
     )
 
 
+def with_queue_type(target: Target, queue_type: str) -> Target:
+    """``target`` with ``TRIOWS_QUEUE_TYPE=queue_type`` (session queues), named for it."""
+    return replace(
+        target,
+        name=f"{target.name}:{queue_type}",
+        env=(*target.env, ("TRIOWS_QUEUE_TYPE", queue_type)),
+        base=target.base or target.name,
+    )
+
+
 def broker_target(name: str, *, fragile: bool = False) -> Target:
     """The target of the table's broker ``name``, with the backend that speaks its protocol."""
     broker = BROKERS[name]
