@@ -42,6 +42,7 @@ async def run(cycles: int, every: int) -> dict[str, object]:
         broker_url=BROKERS["rabbitmq-amqp10"].url,
         exchange=f"bench-links-{secrets.token_hex(4)}",
         instance_id=f"bench-links-{secrets.token_hex(4)}",
+        resume_window=0,  # links per key, as before sessions
     )
     process = psutil.Process()
     samples: list[tuple[int, float]] = []

@@ -481,6 +481,8 @@ async def run_ceiling(target: Target, exchange: str, options: Options) -> dict[s
         exchange=exchange,
         instance_id=f"bench-ceiling-pub-{tag}",
         log_level="WARNING",
+        # The backend's key contract (subscribe, then incoming): no session queues.
+        resume_window=0,
     )
     keys = [f"user.c{index}-{tag}" for index in range(options.receivers)]
     async with AsyncExitStack() as stack:
