@@ -235,7 +235,12 @@ async def test_a_send_through_an_instance_moving_to_another_node_waits_for_it_an
     waits for B to be ready on node 3 and is delivered, instead of being refused (503)."""
     await require_broker("rabbitmq-cluster")
     urls = cluster_urls(backend).split(",")  # type: ignore[arg-type]
-    env = {"TRIOWS_EXCHANGE": unique_exchange(), "TRIOWS_RECONNECT_MAX": RECONNECT_MAX}
+    # Without sessions: Bob's key bound to B's queue, which moves with B.
+    env = {
+        "TRIOWS_EXCHANGE": unique_exchange(),
+        "TRIOWS_RECONNECT_MAX": RECONNECT_MAX,
+        "TRIOWS_RESUME_WINDOW": "0",
+    }
     proxy_port = free_port()
     b_urls = ",".join([urls[1], via_port(urls[2], proxy_port), urls[0]])
     async with (
@@ -308,6 +313,7 @@ async def test_new_queues_are_taken_on_the_same_connection_when_their_node_is_go
         broker_url=rotated_broker_urls(",".join(urls), 1),
         exchange=unique_exchange(),
         reconnect_max_delay=float(RECONNECT_MAX),
+        resume_window=0,  # the key contract: subscribe, then incoming
     )
     events = BackendEvents()
     logger = logging.getLogger("triows")

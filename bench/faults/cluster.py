@@ -85,11 +85,19 @@ def instance_broker_url(target: Target, label: str, proxy: FaultProxy) -> str:
 
 @asynccontextmanager
 async def open_cluster(
-    target: Target, opts: Options, *, env: dict[str, str] | None = None
+    target: Target,
+    opts: Options,
+    *,
+    env: dict[str, str] | None = None,
+    sessions: bool = False,
 ) -> AsyncIterator[Cluster]:
     """Two ready instances, each through its own fault proxy to the broker, behind HAProxy.
 
     The broker must be running (``deploy/brokers.py start``; the CLI does that).
+    Without ``sessions`` the instances run with ``TRIOWS_RESUME_WINDOW=0``: the
+    broker faults measure what instances do for connected users, as the rows
+    in docs/reliability.md did before sessions; the continuity faults
+    (bench.faults.sessions) turn sessions on.
     """
     broker_port = urlsplit(target.broker_url.split(",")[0]).port or 5672
     exchange = f"triows-faults-{secrets.token_hex(4)}"
@@ -115,6 +123,7 @@ async def open_cluster(
                             "TRIOWS_QUEUE_EXPIRES": str(opts.queue_expires),
                             "TRIOWS_PING_INTERVAL": str(opts.ping_interval),
                             "TRIOWS_LOG_LEVEL": "INFO",
+                            **({} if sessions else {"TRIOWS_RESUME_WINDOW": "0"}),
                             **(env or {}),
                         },
                         stderr=log_file.fileno(),

@@ -210,7 +210,7 @@ async def run_resume_case(
 ) -> dict[str, Any]:
     """Instance B drained (``resume-drain``) or SIGKILLed (``resume-kill``) under traffic."""
     started = time.time()
-    async with open_cluster(target, opts) as cluster:
+    async with open_cluster(target, opts, sessions=True) as cluster:
         a, b = cluster.nodes["a"], cluster.nodes["b"]
         people = [SessionUser(f"s{n}", [b.base_url, a.base_url]) for n in range(users)]
         sent: list[Sent] = []
