@@ -17,6 +17,7 @@ import resource
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -213,28 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         windows = args.resume_window.split(",")
         if not all(window.replace(".", "", 1).isdigit() for window in windows):
             parser.error(f"--resume-window takes seconds like 0,120, not {args.resume_window!r}")
-        targets = [
-            variant
-            for target in targets
-            for variant in (
-                [with_resume_window(target, window) for window in windows]
-                if target.server == "triows"
-                else [target]
-            )
-        ]
+        targets = _triows_variants(targets, with_resume_window, windows)
     if args.queue_type:
         kinds = args.queue_type.split(",")
         if not set(kinds) <= {"classic", "quorum"}:
             parser.error(f"--queue-type takes classic and/or quorum, not {args.queue_type!r}")
-        targets = [
-            variant
-            for target in targets
-            for variant in (
-                [with_queue_type(target, kind) for kind in kinds]
-                if target.server == "triows"
-                else [target]
-            )
-        ]
+        targets = _triows_variants(targets, with_queue_type, kinds)
     _raise_file_limit()
 
     started = datetime.now(UTC)
@@ -271,3 +256,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _triows_variants(
+    targets: list[Target], variant: Callable[[Target, str], Target], values: list[str]
+) -> list[Target]:
+    """Each triows target once per value (``variant(target, value)``); peers as they are."""
+    return [
+        made
+        for target in targets
+        for made in (
+            [variant(target, value) for value in values] if target.server == "triows" else [target]
+        )
+    ]
