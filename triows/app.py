@@ -72,6 +72,8 @@ class TriowsApp(QuartTrio):
         # Rooms asked for by event streams' ``?room=``, per user (triows.rate).
         self.stream_joins = RatePerUser(settings.send_rate, settings.send_burst)
         self.session_opens = RatePerUser(settings.send_rate, settings.send_burst)
+        # Presence queries, HTTP and WebSocket together, per user.
+        self.presence_queries = RatePerUser(settings.presence_rate, settings.presence_burst)
         # POST /send and /events are answered in front of Quart (triows.dataplane).
         self.data_plane = DataPlane(self, super().asgi_app)
 
@@ -132,6 +134,7 @@ class TriowsApp(QuartTrio):
                 self.metrics.broker_ready.set_function(lambda: float(backend.ready))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_pump, router)
+                    await nursery.start(router.presence.run)
                     task_status.started(router)
                     started = True
                     await self._stop.wait()

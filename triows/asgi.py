@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from triows.auth import Identity
     from triows.connection import Connection
+    from triows.metrics import Metrics
     from triows.rate import RatePerUser
     from triows.router import Router
     from triows.session import Resume, SessionLink
@@ -37,6 +38,7 @@ class Host(Protocol):
     """What the handlers use of the app (:class:`triows.app.TriowsApp`)."""
 
     settings: Settings
+    metrics: Metrics
     draining: bool
     # Where each connection's writer task runs.
     nursery: trio.Nursery
@@ -44,6 +46,8 @@ class Host(Protocol):
     stream_joins: RatePerUser
     # Sessions opened or resumed (each is a queue at the broker), paced per user.
     session_opens: RatePerUser
+    # Presence queries (HTTP and WebSocket), paced per user.
+    presence_queries: RatePerUser
 
     @property
     def router(self) -> Router: ...

@@ -75,6 +75,7 @@ class Connection:
         "close_reason",
         "flushed",
         "id",
+        "presence_events",
         "session",
         "stopped",
         "user",
@@ -90,6 +91,8 @@ class Connection:
         self.flushed = False
         # Its session (None: not resumable), told of each session frame once written.
         self.session: SessionSide | None = None
+        # It asked for its rooms' presence events (``?presence=1``).
+        self.presence_events = False
         self._limit = queue_size
         # A list, not a deque: an empty deque is 760 bytes, an empty list 56.
         # A session's frame is queued with its delivery tag.

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 from wsproto.extensions import PerMessageDeflate
 
-from triows import sse
+from triows import presence_http, sse
 from triows.asgi import (
     ASGIApp,
     Host,
@@ -50,6 +50,7 @@ from triows.protocol import (
     InvalidInput,
     InvalidSendFrame,
     MessageTooLarge,
+    PresenceRequest,
     ProtocolViolation,
     RoomRequest,
     SendRequest,
@@ -63,6 +64,8 @@ from triows.protocol import (
     parse_client_frame,
     parse_send_batch,
     parse_send_body,
+    presence_events_asked,
+    presence_frame,
 )
 from triows.router import TooManyRooms
 from triows.session import Resume, SessionLink, hello_for, open_session, parse_resume
@@ -120,6 +123,8 @@ class DataPlane:
             await self.events(scope, receive, send)
         elif kind == "http" and path == "/events":
             await sse.serve_event_stream(self, scope, receive, send)
+        elif kind == "http" and path == "/presence":
+            await presence_http.serve_presence(self.app, scope, receive, shielded(send))
         elif kind == "websocket" and path == "/_echo" and self.settings.test_echo:
             await echo(receive, send)
         elif kind == "http":
@@ -304,6 +309,7 @@ class DataPlane:
                 leeway=settings.jwt_leeway,
             )
             resume = parse_resume(args.get("session"), args.get("last"))
+            presence_events = presence_events_asked(args.get("presence"))
         except InvalidInput as error:
             await refuse(scope, send, 400, str(error), kind="invalid")
             return
@@ -323,7 +329,7 @@ class DataPlane:
             return
         try:
             await send({"type": "websocket.accept"})
-            await self.serve_connection(identity, receive, send, resume)
+            await self.serve_connection(identity, receive, send, resume, presence_events)
         finally:
             self.slots_taken -= 1
 
@@ -380,7 +386,12 @@ class DataPlane:
         return link
 
     async def serve_connection(
-        self, identity: Identity, receive: Receive, send: Send, resume: Resume | None = None
+        self,
+        identity: Identity,
+        receive: Receive,
+        send: Send,
+        resume: Resume | None = None,
+        presence_events: bool = False,
     ) -> None:
         """Run one accepted WebSocket until it closes, whoever closes it.
 
@@ -391,6 +402,7 @@ class DataPlane:
         """
         settings = self.settings
         connection = Connection(identity.user, settings.send_queue)
+        connection.presence_events = presence_events
         deadline = trio_deadline(identity.expires_at)
         client_code: int | None = None
         link: SessionLink | None = None
@@ -510,6 +522,8 @@ class DataPlane:
                 continue
             if isinstance(request, RoomRequest):
                 connection.offer(await self.answer_room(connection, request, identity, link))
+            elif isinstance(request, PresenceRequest):
+                connection.offer(await self.answer_presence(request, identity))
             else:
                 connection.offer(await self.answer_send(connection.user, request, identity))
 
@@ -551,6 +565,14 @@ class DataPlane:
             "join", level=logging.DEBUG, user=connection.user, connection=connection.id, room=room
         )
         return joined_frame(ref, room)
+
+    async def answer_presence(self, request: PresenceRequest, identity: Identity | None) -> str:
+        """Answer a ``presence`` frame: what ``GET /presence`` says, or an ``error`` frame."""
+        status, document, _ = await presence_http.answer(self.app, request, identity)
+        if status == 200:
+            return presence_frame(request.ref, document)
+        code = "forbidden" if status == 403 else "rate_limited"
+        return error_frame(request.ref, code, document["detail"])
 
     async def answer_send(
         self, sender: str, send_request: SendRequest, identity: Identity | None = None

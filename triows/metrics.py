@@ -37,6 +37,20 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.presence_events = Counter(
+            "triows_presence_events",
+            "Room joins and leaves: published (joined, left), or not: the user is in the "
+            "room on another instance (elsewhere), the broker failed (unavailable), too many "
+            "checks at once (dropped)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.presence_queries = Counter(
+            "triows_presence_queries",
+            "Presence queries answered here, by whether every instance answered in time",
+            ["complete"],
+            registry=self.registry,
+        )
         self.broker_ready = Gauge(
             "triows_broker_ready",
             "1 while the backend is connected and consuming",

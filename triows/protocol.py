@@ -96,6 +96,15 @@ class RoomRequest:
     ref: str | None = None
 
 
+@dataclass(frozen=True)
+class PresenceRequest:
+    """A validated ``presence`` frame: who is in ``room``, or is ``user`` online (one of them)."""
+
+    user: str | None
+    room: str | None
+    ref: str | None = None
+
+
 def check_user_name(name: object) -> str:
     """Return ``name`` if it is a valid user name, else raise :class:`InvalidInput`.
 
@@ -415,8 +424,8 @@ def _span(raw: str, start: int) -> tuple[Any, int]:
     return value, end
 
 
-def parse_client_frame(raw: str) -> SendRequest | RoomRequest:
-    """Parse a text frame from a WebSocket client: ``send``, ``join`` or ``leave``.
+def parse_client_frame(raw: str) -> SendRequest | RoomRequest | PresenceRequest:
+    """Parse a text frame from a WebSocket client: ``send``, ``join``, ``leave`` or ``presence``.
 
     Raises :class:`ProtocolViolation` for a frame that is not one of them at
     all, and :class:`InvalidSendFrame` (with the frame's ``ref`` in ``ref``,
@@ -430,8 +439,10 @@ def parse_client_frame(raw: str) -> SendRequest | RoomRequest:
     except InvalidInput as error:
         raise ProtocolViolation(str(error)) from None
     kind = value.get("type")
-    if kind not in ("send", "join", "leave"):
-        raise ProtocolViolation("a client may send only 'send', 'join' and 'leave' frames")
+    if kind not in ("send", "join", "leave", "presence"):
+        raise ProtocolViolation(
+            "a client may send only 'send', 'join', 'leave' and 'presence' frames"
+        )
     ref = value.get("ref")
     if ref is not None and not isinstance(ref, str):
         raise ProtocolViolation("'ref' must be a string")
@@ -441,6 +452,8 @@ def parse_client_frame(raw: str) -> SendRequest | RoomRequest:
         check_json(raw, value)
         if kind == "send":
             return _send_fields(value, ref)
+        if kind == "presence":
+            return presence_request(value.get("user"), value.get("room"), ref)
         try:
             room = check_room_name(value.get("room"))
         except InvalidInput as error:
@@ -448,6 +461,27 @@ def parse_client_frame(raw: str) -> SendRequest | RoomRequest:
     except InvalidInput as error:
         raise InvalidSendFrame(str(error), ref) from None
     return RoomRequest("join" if kind == "join" else "leave", room, ref)
+
+
+def presence_request(user: object, room: object, ref: str | None = None) -> PresenceRequest:
+    """A presence question about exactly one of ``user`` and ``room`` (:class:`InvalidInput`)."""
+    if (user is None) == (room is None):
+        raise InvalidInput("ask about exactly one of 'user' and 'room'")
+    if user is not None:
+        return PresenceRequest(check_user_name(user), None, ref)
+    try:
+        return PresenceRequest(None, check_room_name(room), ref)
+    except InvalidInput as error:
+        raise InvalidInput(f"'room': {error}") from None
+
+
+def presence_events_asked(value: str | None) -> bool:
+    """``?presence=``: whether a connection asks for its rooms' presence events (default no)."""
+    if value is None or value in ("0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise InvalidInput("'presence' is 1 (send the rooms' presence events) or 0")
 
 
 def _encodable(text: str) -> bool:
@@ -528,3 +562,13 @@ def joined_frame(ref: str | None, room: str) -> str:
 
 def left_frame(ref: str | None, room: str) -> str:
     return _dumps({"type": "left", "ref": ref, "room": room})
+
+
+def presence_frame(ref: str | None, answer: dict[str, Any]) -> str:
+    """The answer to a ``presence`` frame: ``answer`` is what ``GET /presence`` would say."""
+    return _dumps({"type": "presence", "ref": ref, **answer})
+
+
+def presence_event_frame(room: str, user: str, *, joined: bool) -> str:
+    """What a room's members get when ``user`` joins it or leaves it."""
+    return _dumps({"type": "presence", "room": room, "joined" if joined else "left": user})

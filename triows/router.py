@@ -21,6 +21,7 @@ from triows.backend import Backend, BrokerUnavailable, Outcome
 from triows.connection import Connection
 from triows.logs import log_event
 from triows.metrics import Metrics
+from triows.presence import PRESENCE_KEY_PREFIX, InvalidPresenceMessage, Presence
 from triows.protocol import (
     CLOSE_DRAINING,
     ROOM_KEY_PREFIX,
@@ -162,6 +163,11 @@ class Router:
         self.released = False
         # Drain markers in flight: key -> set when it comes back (see release_all).
         self._markers: dict[str, trio.Event] = {}
+        self._presence_events = {
+            outcome: metrics.presence_events.labels(outcome)
+            for outcome in ("joined", "left", "elsewhere", "unavailable", "dropped")
+        }
+        self.presence = Presence(self, settings)
 
     @property
     def connections(self) -> frozenset[Connection]:
@@ -232,10 +238,12 @@ class Router:
             with trio.CancelScope(shield=True):
                 await self._remove(key, connection)
             raise
-        if self._rooms_of.get(connection) is not rooms or room not in rooms:
-            # Detached (or left) while the subscribe ran: undo it.
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            if self._rooms_of.get(connection) is not rooms or room not in rooms:
+                # Detached (or left) while the subscribe ran: undo it.
                 await self._remove(key, connection)
+            else:
+                await self.presence.add(connection, room)
 
     async def leave(self, connection: Connection, room: str) -> None:
         """Stop delivering ``room`` to ``connection`` at once; the last member unsubscribes.
@@ -248,6 +256,7 @@ class Router:
         rooms.discard(room)
         with trio.CancelScope(shield=True):
             await self._remove(room_key(room), connection)
+            await self.presence.remove(connection, room)
 
     async def _add(self, key: str, connection: Connection) -> None:
         """Add ``connection`` to ``key``'s, subscribing the key on its first local connection."""
@@ -260,6 +269,21 @@ class Router:
                 local.subscribed = True
                 self.unsettled.discard(key)
             local.connections.add(connection)
+
+    async def add_member(self, key: str, connection: Connection) -> None:
+        """Offer ``key``'s deliveries to ``connection`` too (a room's presence events)."""
+        await self._add(key, connection)
+
+    async def remove_member(self, key: str, connection: Connection) -> None:
+        await self._remove(key, connection)
+
+    def connections_of(self, user: str) -> int:
+        """The connections of ``user`` attached here."""
+        local = self._keys.get(user_key(user))
+        return 0 if local is None else len(local.connections)
+
+    def count_presence_event(self, outcome: str) -> None:
+        self._presence_events[outcome].inc()
 
     async def _remove(self, key: str, connection: Connection) -> None:
         """Take ``connection`` off ``key``'s; the last one gone unsubscribes the key."""
@@ -284,6 +308,7 @@ class Router:
         async with trio.open_nursery() as nursery:
             for room in rooms:
                 nursery.start_soon(self._remove, room_key(room), connection)
+                nursery.start_soon(self.presence.remove, connection, room)
             await self._remove(key, connection)
         if not self._connections:
             self.idle.set()
@@ -431,6 +456,12 @@ class Router:
         credentials on the broker can publish to the exchange.
         """
         local = self._keys.get(key)
+        if key.startswith(PRESENCE_KEY_PREFIX):
+            try:
+                self.presence.deliver(key, body, local.connections if local else set())
+            except InvalidPresenceMessage as error:
+                self._drop("invalid", key, len(body), str(error))
+            return
         if local is None or not local.connections:
             if self._markers and key in self._markers:
                 self._markers[key].set()

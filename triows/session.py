@@ -291,6 +291,8 @@ class SessionLink:
         except BaseException:
             self.rooms.discard(room)
             raise
+        with trio.CancelScope(shield=True):
+            await self._router.presence.add(self.connection, room)
 
     async def leave(self, room: str) -> None:
         if room not in self.rooms:
@@ -298,6 +300,7 @@ class SessionLink:
         assert self.queue is not None
         self.rooms.discard(room)
         with trio.CancelScope(shield=True):
+            await self._router.presence.remove(self.connection, room)
             await self.queue.unbind(room_key(room))
             await self._write_note()
 
@@ -305,12 +308,29 @@ class SessionLink:
         assert self.queue is not None
         await self.queue.note(json.dumps({"rooms": sorted(self.rooms)}).encode())
 
+    async def rejoin(self) -> None:
+        """A resume: the session's rooms (from its note) are this connection's, without events."""
+        presence = self._router.presence
+        with trio.CancelScope(shield=True):
+            for room in self.rooms:
+                await presence.add(self.connection, room, announce=False)
+            await presence.resumed(self.token)
+
     async def close(self, *, end: bool) -> None:
-        """Leave the session to wait for a resume (``end`` False) or delete it. Never raises."""
+        """Leave the session to wait for a resume (``end`` False) or delete it. Never raises.
+
+        Its rooms are left at once when it ends; otherwise presence holds them
+        for the window (a resume is neither a leave nor a join).
+        """
         queue = self.queue
         if queue is None:
             return
+        presence = self._router.presence
         with trio.CancelScope(shield=True):
+            for room in self.rooms:
+                await presence.remove(self.connection, room, hold=not end)
+            if not end:
+                presence.hold(self.connection.user, self.token, self.rooms)
             if end:
                 await queue.end()
             else:
@@ -370,6 +390,7 @@ async def open_session(
             await link.wait_prefix(timeout)
             link.settle()
             connection.session = link
+            await link.rejoin()
             return link
         log_event("session_unknown", level=logging.INFO, user=user, connection=connection.id)
     link = SessionLink(connection, router, new_token(), None)

@@ -112,6 +112,15 @@ class Settings:
     # AMQP 0-9-1 on RabbitMQ: the type of session queues. "quorum" replicates
     # them over a cluster's nodes, so a node lost loses nothing they hold.
     queue_type: str = field(default="classic", metadata={"env": "TRIOWS_QUEUE_TYPE"})
+    # Presence: how long a query waits for the other instances' answers, how
+    # many users one answer lists, queries per second per user (HTTP and
+    # WebSocket together, bursts of TRIOWS_PRESENCE_BURST), and whether rooms'
+    # members get joined/left events.
+    presence_timeout: float = field(default=1.0, metadata={"env": "TRIOWS_PRESENCE_TIMEOUT"})
+    presence_max_users: int = field(default=1000, metadata={"env": "TRIOWS_PRESENCE_MAX_USERS"})
+    presence_rate: float = field(default=5.0, metadata={"env": "TRIOWS_PRESENCE_RATE"})
+    presence_burst: int = field(default=10, metadata={"env": "TRIOWS_PRESENCE_BURST"})
+    presence_events: bool = field(default=True, metadata={"env": "TRIOWS_PRESENCE_EVENTS"})
     # Browser pages that may open /events besides the server's own ("*": any page).
     allowed_origins: tuple[str, ...] = field(default=(), metadata={"env": "TRIOWS_ALLOWED_ORIGINS"})
     # Host names served besides loopback ones: checked in dev mode, and whenever set.
@@ -139,6 +148,8 @@ class Settings:
             "session_max_messages",
             "session_max_bytes",
             "session_prefetch",
+            "presence_max_users",
+            "presence_burst",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env(name)} must be at least 1, got {getattr(self, name)}")
@@ -157,6 +168,8 @@ class Settings:
             "publish_timeout",
             "reconnect_max_delay",
             "queue_expires",
+            "presence_timeout",
+            "presence_rate",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env(name)} must be positive, got {getattr(self, name)}")

@@ -46,6 +46,7 @@ from triows.protocol import (
     CLOSE_TRY_AGAIN,
     InvalidInput,
     check_room_name,
+    presence_events_asked,
 )
 from triows.router import TooManyRooms
 from triows.session import Resume, hello_for, parse_resume
@@ -234,6 +235,7 @@ async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send:
         resume = parse_resume(args.get("session"), args.get("last")) or resume_of(
             headers.get(b"last-event-id")
         )
+        presence_events = presence_events_asked(args.get("presence"))
     except InvalidInput as error:
         await respond_problem(send, 400, str(error), kind="invalid")
         return
@@ -286,7 +288,7 @@ async def serve_event_stream(plane: Plane, scope: Scope, receive: Receive, send:
         return
     try:
         await start_stream(send, f"retry: {retry_ms}\n\n".encode())
-        await run_stream(plane, identity, rooms, receive, send, resume)
+        await run_stream(plane, identity, rooms, receive, send, resume, presence_events)
     finally:
         plane.slots_taken -= 1
 
@@ -298,6 +300,7 @@ async def run_stream(
     receive: Receive,
     send: Send,
     resume: Resume | None = None,
+    presence_events: bool = False,
 ) -> None:
     """Run one accepted event stream, a member of ``rooms``, until it ends, whoever ends it.
 
@@ -308,6 +311,7 @@ async def run_stream(
     settings = plane.settings
     user = identity.user
     connection = Connection(user, settings.send_queue)
+    connection.presence_events = presence_events
     heartbeat = settings.sse_heartbeat
     link = None
     try:
