@@ -198,12 +198,14 @@ class TriowsClient:
         connect_timeout: float,
         incoming_queue: int,
         max_message_size: int,
+        presence: bool = False,
     ) -> None:
         if not urls:
             raise ValueError("open_client needs at least one URL")
         self._urls = list(urls)
         self._user = user
         self._token = token
+        self._presence = presence
         self._backoff = Backoff(max_delay=reconnect_max)
         self._request_timeout = request_timeout
         self._connect_timeout = connect_timeout
@@ -284,6 +286,18 @@ class TriowsClient:
         answer = await self._request({"type": "join", "room": room})
         self._rooms.add(room)
         return answer
+
+    async def presence(self, *, user: str | None = None, room: str | None = None) -> dict[str, Any]:
+        """Who is in ``room``, or whether ``user`` is online (exactly one); the answer frame.
+
+        ``{"room": ..., "users": [...], "complete": ..., "truncated": ...}`` or
+        ``{"user": ..., "online": ..., "connections": ..., "complete": ...}``:
+        ``complete`` is false when an instance did not answer in time.
+        """
+        if (user is None) == (room is None):
+            raise ValueError("presence() takes exactly one of user and room")
+        question = {"user": user} if room is None else {"room": room}
+        return await self._request({"type": "presence", **question})
 
     async def leave(self, room: str) -> dict[str, Any]:
         """Leave ``room``; return the ``left`` frame."""
@@ -416,6 +430,7 @@ class TriowsClient:
             token=self._token,
             session=self._session,
             last=self._cursor,
+            presence=self._presence,
         )
         async with open_websocket(
             url, max_message_size=self._max_message_size, connect_timeout=self._connect_timeout
@@ -457,7 +472,8 @@ class TriowsClient:
             while True:
                 frame: dict[str, Any] = json.loads(await websocket.receive_text())
                 pending = self._pending.get(str(frame.get("ref")))
-                if frame.get("type") in ("ack", "error", "joined", "left") and pending:
+                answer = frame.get("type") in ("ack", "error", "joined", "left", "presence")
+                if answer and pending:
                     pending.frame = frame
                     pending.answered.set()
                 else:
@@ -533,6 +549,7 @@ async def open_client(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     incoming_queue: int = DEFAULT_INCOMING_QUEUE,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    presence: bool = False,
 ) -> AsyncIterator[TriowsClient]:
     """Connect to triows at ``url`` (``http://host:port``) as ``user`` (dev mode) or with ``token``.
 
@@ -546,7 +563,9 @@ async def open_client(
     "rooms": [...]}`` frame. Iterate the client while sending: frames wait in a
     bounded queue (``incoming_queue``), and while it is full the socket is not
     read. Leaving the block (or :meth:`TriowsClient.aclose`) closes with 1000,
-    which ends the session.
+    which ends the session. ``presence``: the rooms' presence events
+    (``{"type": "presence", "room": ..., "joined"|"left": ...}``) come through
+    the iterator too.
     """
     urls = [url] if isinstance(url, str) else list(url)
     client = TriowsClient(
@@ -558,6 +577,7 @@ async def open_client(
         connect_timeout=connect_timeout,
         incoming_queue=incoming_queue,
         max_message_size=max_message_size,
+        presence=presence,
     )
     try:
         async with anyio.create_task_group() as tasks:

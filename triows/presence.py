@@ -248,10 +248,11 @@ class Presence:
         users = self._members.setdefault(room, {})
         count = users.get(connection.user, 0)
         users[connection.user] = count + 1
+        if connection.presence_events:
+            # Before the event is published: a joining user gets their own.
+            await self._router.add_member(events_key(room), connection)
         if count == 0 and announce:
             self._check_event(room, connection.user, joined=True)
-        if connection.presence_events:
-            await self._router.add_member(events_key(room), connection)
 
     async def remove(self, connection: Connection, room: str, *, hold: bool = False) -> None:
         """``connection`` left ``room``; ``hold``: its session is away, the rooms are kept."""

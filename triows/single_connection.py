@@ -79,13 +79,21 @@ def events_url(
     token: str | None = None,
     session: str | None = None,
     last: str | None = None,
+    presence: bool = False,
 ) -> str:
     """The ``/events`` WebSocket URL of the instance (or load balancer) at ``base_url``.
 
     ``session`` and ``last`` resume a session: its token and the cursor
-    (``<seq>-<message id>``) of the last message frame seen.
+    (``<seq>-<message id>``) of the last message frame seen. ``presence``:
+    the connection gets its rooms' presence events.
     """
-    pairs = (("user", user), ("token", token), ("session", session), ("last", last))
+    pairs = (
+        ("user", user),
+        ("token", token),
+        ("session", session),
+        ("last", last),
+        ("presence", "1" if presence else None),
+    )
     query = {key: value for key, value in pairs if value}
     scheme, _, rest = base_url.partition("://")
     ws_scheme = "wss" if scheme == "https" else "ws"
@@ -99,9 +107,13 @@ async def open_events(
     user: str | None = None,
     token: str | None = None,
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    presence: bool = False,
 ) -> AsyncIterator[EventsClient]:
-    """Connect to ``/events`` as ``user`` (dev mode) or with ``token``; wait for ``hello``."""
-    url = events_url(base_url, user=user, token=token)
+    """Connect to ``/events`` as ``user`` (dev mode) or with ``token``; wait for ``hello``.
+
+    ``presence``: get the presence events of the rooms joined.
+    """
+    url = events_url(base_url, user=user, token=token, presence=presence)
     async with open_websocket_url(url, max_message_size=max_message_size) as websocket:
         hello = json.loads(await websocket.get_message())
         yield EventsClient(websocket, hello)
