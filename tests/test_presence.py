@@ -6,6 +6,8 @@ Across instances on every broker: tests/test_presence_instances.py.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -57,6 +59,16 @@ async def answer_to(socket: Any, ref: str) -> dict[str, Any]:
         frame = await receive(socket)
         if frame.get("ref") == ref:
             return frame
+
+
+@asynccontextmanager
+async def watching(client: QuartClient, room: str) -> AsyncIterator[Any]:
+    """Anne's socket, with presence events, in ``room`` (her own ``joined`` read)."""
+    async with client.websocket("/events?user=Anne&presence=1") as anne:
+        await receive(anne)
+        await join(anne, room)
+        assert await next_event(anne) == {"type": "presence", "room": room, "joined": "Anne"}
+        yield anne
 
 
 # -- parsing ---------------------------------------------------------------------
@@ -223,10 +235,7 @@ async def test_a_dropped_connection_whose_session_resumes_is_neither_a_leave_nor
     autojump_clock: trio.abc.Clock,
 ) -> None:
     async with serving(resume_window=30) as client:
-        async with client.websocket("/events?user=Anne&presence=1") as anne:
-            await receive(anne)
-            await join(anne, "general")
-            await next_event(anne)
+        async with watching(client, "general") as anne:
             async with client.websocket("/events?user=Bob") as bob:
                 token = (await receive(bob))["session"]
                 await join(bob, "general")
@@ -253,10 +262,7 @@ async def test_a_session_not_resumed_within_the_window_is_a_leave(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     async with serving(resume_window=30) as client:
-        async with client.websocket("/events?user=Anne&presence=1") as anne:
-            await receive(anne)
-            await join(anne, "general")
-            await next_event(anne)
+        async with watching(client, "general") as anne:
             async with client.websocket("/events?user=Bob") as bob:
                 await receive(bob)
                 await join(bob, "general")

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl
 
+from triows.auth import AuthError, identify
+from triows.logs import log_event
 from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
 
 if TYPE_CHECKING:
@@ -125,3 +127,38 @@ async def respond_problem(
     extra = [*(headers or []), *([(b"connection", b"close")] if close else [])]
     body = json.dumps(problem_document(status, detail, kind=kind)).encode()
     await respond(send, status, body, PROBLEM_CONTENT_TYPE.encode(), extra)
+
+
+class Refused(Exception):
+    """The request was answered with an error already (by :func:`authenticate`)."""
+
+
+async def authenticate(
+    settings: Settings, scope: Scope, send: Send, *, close: bool = False
+) -> Identity | None:
+    """The caller of an HTTP request (``POST /send``, ``GET /presence``); None in dev mode.
+
+    Bad or missing credentials are answered 401 (``close``: and the
+    connection closed, when the body is not read) and raise :class:`Refused`.
+    """
+    if settings.dev_mode:
+        return None
+    try:
+        return identify(
+            settings.secret,
+            auth_headers(dict(scope["headers"])),
+            query_args(scope),
+            dev_user=None,
+            leeway=settings.jwt_leeway,
+        )
+    except AuthError as error:
+        log_event("auth_failed", path=scope.get("path"), reason=str(error))
+        await respond_problem(
+            send,
+            401,
+            str(error),
+            kind="unauthorized",
+            headers=[(b"www-authenticate", b"Bearer")],
+            close=close,
+        )
+        raise Refused from None

@@ -29,9 +29,11 @@ from triows.asgi import (
     Host,
     Message,
     Receive,
+    Refused,
     Scope,
     Send,
     auth_headers,
+    authenticate,
     query_args,
     respond,
     respond_problem,
@@ -162,29 +164,12 @@ class DataPlane:
     async def post_send(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.settings
         headers = dict(scope["headers"])
-        identity: Identity | None = None
-        if not settings.dev_mode:
-            try:
-                identity = identify(
-                    settings.secret,
-                    auth_headers(headers),
-                    query_args(scope),
-                    dev_user=None,
-                    leeway=settings.jwt_leeway,
-                )
-            except AuthError as error:
-                log_event("auth_failed", path="/send", reason=str(error))
-                # The credentials are in the head: refused before any of the
-                # body is read, so a stranger holds no memory or time here.
-                await respond_problem(
-                    send,
-                    401,
-                    str(error),
-                    kind="unauthorized",
-                    headers=[(b"www-authenticate", b"Bearer")],
-                    close=True,
-                )
-                return
+        try:
+            # The credentials are in the head: refused before any of the body
+            # is read, so a stranger holds no memory or time here.
+            identity = await authenticate(settings, scope, send, close=True)
+        except Refused:
+            return
         limit = max(settings.max_message_bytes, settings.max_batch_bytes)
         # The body is read (up to the limit) before any other answer, so an
         # early 415 leaves the keep-alive connection ready for the next request.

@@ -17,15 +17,15 @@ import trio
 from triows.asgi import (
     Host,
     Receive,
+    Refused,
     Scope,
     Send,
-    auth_headers,
+    authenticate,
     query_args,
     respond,
     respond_problem,
 )
-from triows.auth import AuthError, Identity, identify
-from triows.logs import log_event
+from triows.auth import Identity
 from triows.problems import PROBLEM_CONTENT_TYPE, problem_document
 from triows.protocol import InvalidInput, PresenceRequest, presence_request
 
@@ -71,27 +71,11 @@ async def serve_presence(app: Host, scope: Scope, receive: Receive, send: Send) 
     if scope["method"] != "GET":
         await respond_problem(send, 405, "use GET", headers=[(b"allow", b"GET")])
         return
+    try:
+        identity = await authenticate(settings, scope, send)
+    except Refused:
+        return
     args = query_args(scope)
-    identity: Identity | None = None
-    if not settings.dev_mode:
-        try:
-            identity = identify(
-                settings.secret,
-                auth_headers(dict(scope["headers"])),
-                args,
-                dev_user=None,
-                leeway=settings.jwt_leeway,
-            )
-        except AuthError as error:
-            log_event("auth_failed", path="/presence", reason=str(error))
-            await respond_problem(
-                send,
-                401,
-                str(error),
-                kind="unauthorized",
-                headers=[(b"www-authenticate", b"Bearer")],
-            )
-            return
     try:
         request = presence_request(args.get("user"), args.get("room"))
     except InvalidInput as error:
