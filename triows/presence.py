@@ -285,15 +285,9 @@ class Presence:
             return
         entry.released = True
         for room in entry.rooms:
-            users = self._members.get(room)
-            if users is not None and entry.user in users:
-                users[entry.user] -= 1
-                if not users[entry.user]:
-                    del users[entry.user]
-                    if not users:
-                        del self._members[room]
+            self._decrement(room, entry.user, announce=False)
 
-    def _decrement(self, room: str, user: str) -> None:
+    def _decrement(self, room: str, user: str, *, announce: bool = True) -> None:
         users = self._members.get(room)
         if users is None or user not in users:
             return
@@ -303,7 +297,8 @@ class Presence:
         del users[user]
         if not users:
             del self._members[room]
-        self._check_event(room, user, joined=False)
+        if announce:
+            self._check_event(room, user, joined=False)
 
     async def _expire_holds(self) -> None:
         while True:
