@@ -5,7 +5,7 @@ memory backend (presence across instances is tests/test_presence_instances.py).
 Anne's page lists the members of ``#general`` (``#online``, filled by the
 module's ``presence({room})`` and kept up to date by its presence events) while
 Bob's pages come and go: leaving the room, Disconnect (close 1000) and closing
-the tab (1001: Bob's session waits the resume window, then he leaves).
+the tab (no close 1000: Bob's session waits the resume window, then he leaves).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_annes_page_lists_bob_while_he_is_in_the_room(browser: Browser) -> None:
         shows_members(anne, "general", "Anne")
         bob.context.close()
 
-        # A closed tab goes away with 1001: Bob is held for the resume window, then leaves.
+        # A closed tab sends no close 1000: Bob is held for the resume window, then leaves.
         bob = open_page(browser, server.base_url, "Bob", ("general",))
         shows_members(anne, "general", "Anne", "Bob")
         bob.context.close()
