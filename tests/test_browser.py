@@ -518,11 +518,15 @@ FIRST_BACKOFF_MAX_MS = 250
 
 
 class ScriptedServer:
-    """Each connection of the page says hello from instance ``one``, ``two``...; joins held."""
+    """Each connection of the page says hello from instance ``one``, ``two``...; joins held.
+
+    The page asks who is in each room it joined: answered at once, Bob alone.
+    """
 
     def __init__(self) -> None:
         self.sockets: list[WebSocketRoute] = []
         self.joins: list[tuple[WebSocketRoute, dict[str, Any]]] = []
+        self.presence_asked: list[str] = []
 
     def accept(self, socket: WebSocketRoute) -> None:
         self.sockets.append(socket)
@@ -532,6 +536,11 @@ class ScriptedServer:
         socket.on_message(lambda text: self.received(socket, json.loads(text)))
 
     def received(self, socket: WebSocketRoute, frame: dict[str, Any]) -> None:
+        if frame["type"] == "presence":
+            self.presence_asked.append(frame["room"])
+            answer = {"room": frame["room"], "users": ["Bob"], "complete": True, "truncated": False}
+            socket.send(json.dumps({"type": "presence", "ref": frame["ref"], **answer}))
+            return
         assert frame["type"] == "join", frame
         self.joins.append((socket, frame))
 
@@ -549,7 +558,7 @@ def scripted_page(browser: Browser, server: ScriptedServer) -> Page:
         f"{ORIGIN}/triows.js",
         lambda route: route.fulfill(path=STATIC / "triows.js", content_type="text/javascript"),
     )
-    page.route_web_socket(re.compile(r"/events\?user=Bob$"), server.accept)
+    page.route_web_socket(re.compile(r"/events\?user=Bob&presence=1$"), server.accept)
     return page
 
 
@@ -589,6 +598,9 @@ def test_the_page_marks_its_rooms_rejoining_until_the_new_connection_joined_them
     server.answer_joins()
     expect(room_item(page, "general")).to_have_attribute("data-state", "joined")
     expect(rejoined).to_have_count(1)
+    # Presence events are not replayed: the page asked who is in the room again.
+    until(page, lambda: server.presence_asked == ["general", "general"])
+    expect(page.locator('#online li[data-room="general"]')).to_have_attribute("data-users", "Bob")
     shots.take(page, "rejoined")
 
 

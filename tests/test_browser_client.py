@@ -66,7 +66,12 @@ def send(page: Page, to: str, text: str) -> None:
 
 def test_the_guides_example_page_exchanges_messages_with_acks(browser: Browser) -> None:
     with instance_in_a_thread() as url:
-        anne, bob = open_example(browser, url, "Anne"), open_example(browser, url, "Bob")
+        anne = open_example(browser, url, "Anne")
+        expect(logged(anne, "online in #general: Anne")).to_have_count(1)
+        bob = open_example(browser, url, "Bob")
+        # Who is in the room (presence({room})), and who came since (presence events).
+        expect(logged(bob, "online in #general: Anne, Bob")).to_have_count(1)
+        expect(logged(anne, "Bob arrived in #general")).to_have_count(1)
         send(anne, "Bob", "hi Bob")
         # The send's promise resolved with the ack: its status is in the log.
         expect(logged(anne, "me to Bob: hi Bob (routed)")).to_have_count(1)

@@ -10,6 +10,8 @@
 //   // {storage: sessionStorage} in the options: a reload of the page resumes too
 //   await client.join("general");                             // the joined frame
 //   const ack = await client.send({room: "general", message: "hi"});
+//   // {presence: true} in the options: "presence" events as members come and go
+//   const {users} = await client.presence({room: "general"});
 
 // Close codes after which the client connects again by itself: going away,
 // connection lost, frame too large, server error, instance draining, busy.
@@ -26,7 +28,7 @@ export const CLOSE_REASONS = Object.freeze({
 // messages, notes to self): bounded, the oldest forgotten first.
 const ECHOES_KEPT = 256;
 
-/** The server answered a send, join or leave with an `error` frame (`code`, `detail`). */
+/** The server answered a send, join, leave or presence with an `error` frame (`code`, `detail`). */
 export class RequestRefused extends Error {
   constructor(frame) {
     super(`${frame.code}: ${frame.detail}`);
@@ -60,11 +62,15 @@ export class ConnectionLost extends Error {
  *             (a room it is in, a note to itself), else null
  *   "rejoined" {room, resumed} / "rejoin-failed" {room, error}: a room after a
  *             reconnect; resumed: the server joined it again with the session
+ *   "presence" {room, user, joined, frame}: with the `presence` option, `user`'s
+ *             first connection joined (joined: true) or last one left (false) a
+ *             room this client is in; this client's own join included. None is
+ *             replayed after a reconnect: ask presence({room}) again then
  *   "closed"  {code, reason, established}: stopped for good (not by close());
  *             code 4401 (TOKEN_EXPIRED): call connect({token: fresh}) again
  */
 export class TriowsClient extends EventTarget {
-  #url; #credentials; #socket = null; #wanted = false; #established = false;
+  #url; #credentials; #presence; #socket = null; #wanted = false; #established = false;
   #reconnecting = false; #attempt = 0; #timer = null; #refs = 0; #first = null;
   #lastInstance = null;
   // The session the next connection resumes: its token (from the hello) and the
@@ -85,12 +91,15 @@ export class TriowsClient extends EventTarget {
    * @param {number} [options.requestTimeoutMs=30000] how long send/join/leave wait for an answer
    * @param {Storage} [options.storage] where the session, its cursor and the rooms are kept
    *   (e.g. sessionStorage), so that a client made by a reload of the page resumes them
+   * @param {boolean} [options.presence=false] ask for the rooms' "presence" events
+   *   (`?presence=1` on every connection, resumes included)
    */
   constructor({url = globalThis.location?.origin, user, token,
                backoffInitialMs = 250, backoffMaxMs = 10000, requestTimeoutMs = 30000,
-               storage = null} = {}) {
+               storage = null, presence = false} = {}) {
     super();
     this.#url = url;
+    this.#presence = presence === true;
     this.#storage = storage;
     this.#storageKey = `triows-session ${url}`;
     this.#credentials = {user, token};
@@ -173,6 +182,18 @@ export class TriowsClient extends EventTarget {
     return answer;
   }
 
+  /** Who is in a room, `presence({room})`, or whether a user is online, `presence({user})`
+   * (exactly one). Resolves with the `presence` answer: {room, users, complete, truncated}
+   * or {user, online, connections, complete}; complete is false when an instance did not
+   * answer in time. Rejects with RequestRefused (`forbidden`, `rate_limited`, `invalid`)
+   * or ConnectionLost. */
+  presence({room, user} = {}) {
+    if ((room == null) === (user == null)) {
+      return Promise.reject(new TypeError("presence() takes exactly one of room and user"));
+    }
+    return this.#request(room != null ? {type: "presence", room} : {type: "presence", user});
+  }
+
   #isOpen() { return this.#socket?.readyState === WebSocket.OPEN && this.hello !== null; }
 
   #emit(type, detail) { this.dispatchEvent(new CustomEvent(type, {detail})); }
@@ -202,6 +223,7 @@ export class TriowsClient extends EventTarget {
     const {user, token} = this.#credentials;
     if (token) target.searchParams.set("token", token);
     else target.searchParams.set("user", user ?? "");
+    if (this.#presence) target.searchParams.set("presence", "1");
     if (this.#session !== null) {
       target.searchParams.set("session", this.#session);
       if (this.#cursor !== null) target.searchParams.set("last", this.#cursor);
@@ -235,6 +257,11 @@ export class TriowsClient extends EventTarget {
         return;
       case "joined": case "left":
         return waiting?.resolve(frame);
+      case "presence":
+        // An answer carries the request's ref; an event has none.
+        if ("ref" in frame) return waiting?.resolve(frame);
+        return this.#emit("presence", {room: frame.room, user: frame.joined ?? frame.left,
+                                       joined: frame.joined != null, frame});
       case "error":
         return waiting?.reject(new RequestRefused(frame));
     }
