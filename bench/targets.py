@@ -83,6 +83,17 @@ def with_queue_type(target: Target, queue_type: str) -> Target:
     )
 
 
+def with_presence_events(target: Target, events: str) -> Target:
+    """``target`` with ``TRIOWS_PRESENCE_EVENTS=events`` (0: no joined/left events), named
+    for it."""
+    return replace(
+        target,
+        name=f"{target.name}:events{events}",
+        env=(*target.env, ("TRIOWS_PRESENCE_EVENTS", events)),
+        base=target.base or target.name,
+    )
+
+
 def broker_target(name: str, *, fragile: bool = False) -> Target:
     """The target of the table's broker ``name``, with the backend that speaks its protocol."""
     broker = BROKERS[name]
