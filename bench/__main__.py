@@ -154,6 +154,19 @@ def _one_line(row: dict[str, Any]) -> str:
     )
 
 
+def _triows_variants(
+    targets: list[Target], variant: Callable[[Target, str], Target], values: list[str]
+) -> list[Target]:
+    """Each triows target once per value (``variant(target, value)``); peers as they are."""
+    return [
+        made
+        for target in targets
+        for made in (
+            [variant(target, value) for value in values] if target.server == "triows" else [target]
+        )
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -291,16 +304,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _triows_variants(
-    targets: list[Target], variant: Callable[[Target, str], Target], values: list[str]
-) -> list[Target]:
-    """Each triows target once per value (``variant(target, value)``); peers as they are."""
-    return [
-        made
-        for target in targets
-        for made in (
-            [variant(target, value) for value in values] if target.server == "triows" else [target]
-        )
-    ]

@@ -321,6 +321,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += _vs_peer(rows, "direct") + _vs_peer(rows, "direct-ws")
     lines += _batch(rows) + _scaleout(rows) + _room(rows) + _sessions(rows)
     lines += _presence(rows) + _presence_events(rows)
+    if not any(_ok(row) and "cpu_per_1000" in row for row in rows):
+        return "\n".join(lines + _errors(rows)) + "\n"
     lines += [
         "",
         "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "
@@ -348,11 +350,15 @@ def markdown(result: dict[str, Any]) -> str:
             + (" ⚠" if row["loadgen_saturated"] else "")
             + f" | {_number(row.get('other_cpu_cores'), 2)} cores |"
         )
+    return "\n".join(lines + _errors(rows)) + "\n"
+
+
+def _errors(rows: Rows) -> list[str]:
     errors = [row for row in rows if not _ok(row) and row.get("status") != "n/a"]
-    if errors:
-        lines += ["", "Errors:", ""]
-        lines += [f"- {row['target']} / {row['scenario']}: {row['error']}" for row in errors]
-    return "\n".join(lines) + "\n"
+    if not errors:
+        return []
+    lines = ["", "Errors:", ""]
+    return lines + [f"- {row['target']} / {row['scenario']}: {row['error']}" for row in errors]
 
 
 # A target run with --resume-window W is named TARGET:resumeW.
