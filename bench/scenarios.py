@@ -734,8 +734,6 @@ async def run_scaleout(target: Target, exchange: str, options: Options) -> list[
 
 async def run_presence(target: Target, exchange: str, options: Options) -> list[dict[str, Any]]:
     """Presence queries across N idle-loaded instances for each N (``bench/presence.py``)."""
-    if target.server == "peer":
-        return [not_applicable_row(target, "presence", "the peer has no presence path")]
     counts = (1,) if target.single_instance else options.presence_instances
     rows = []
     for count in counts:
@@ -772,26 +770,27 @@ async def _presence_on(
         roles["broker"] = broker_processes(target)
         ws_urls = [instance.base_url.replace("http", "ws", 1) for instance in instances]
         try:
-            async with (
-                holding_users(ws_urls, population, options.presence_holders) as connect_seconds,
-                AsyncExitStack() as stack,
-            ):
-                connections = [
-                    await stack.enter_async_context(
-                        open_send_connection(instances[stream % count].base_url)
-                    )
-                    for stream in range(options.concurrency)
-                ]
+            async with holding_users(
+                ws_urls, population, options.presence_holders
+            ) as connect_seconds:
 
                 async def phase(duration: float) -> QueryTally:
-                    tally = QueryTally()
-                    schedule = Schedule(duration, options.presence_query_rate)
-                    async with trio.open_nursery() as asking:
-                        for stream, connection in enumerate(connections):
-                            asking.start_soon(
-                                query_stream, connection, stream, population, tally, schedule
+                    # Connections of its own: the idle window outlasts Hypercorn's keep-alive.
+                    async with AsyncExitStack() as stack:
+                        connections = [
+                            await stack.enter_async_context(
+                                open_send_connection(instances[stream % count].base_url)
                             )
-                    tally.ended = time.perf_counter()
+                            for stream in range(options.concurrency)
+                        ]
+                        tally = QueryTally()
+                        schedule = Schedule(duration, options.presence_query_rate)
+                        async with trio.open_nursery() as asking:
+                            for stream, connection in enumerate(connections):
+                                asking.start_soon(
+                                    query_stream, connection, stream, population, tally, schedule
+                                )
+                        tally.ended = time.perf_counter()
                     return tally
 
                 await phase(options.warmup)
