@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -732,6 +733,11 @@ async def run_scaleout(target: Target, exchange: str, options: Options) -> list[
     return rows
 
 
+def _progress(text: str) -> None:
+    """A line on stderr while a long scenario runs (and a mark a profiler can wait for)."""
+    print(f"bench:   {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
 async def run_presence(target: Target, exchange: str, options: Options) -> list[dict[str, Any]]:
     """Presence queries across N idle-loaded instances for each N (``bench/presence.py``)."""
     counts = (1,) if target.single_instance else options.presence_instances
@@ -793,11 +799,13 @@ async def _presence_on(
                         tally.ended = time.perf_counter()
                     return tally
 
+                _progress(f"presence: {count} instances, {population.users} users open")
                 await phase(options.warmup)
                 meter = CpuMeter(roles)
                 meter.start()
                 await trio.sleep(options.duration)
                 idle = meter.stop()
+                _progress(f"presence: {count} instances, the measured queries start")
                 meter = CpuMeter(roles)
                 meter.start()
                 tally = await phase(options.duration)
