@@ -21,7 +21,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 # Handshakes in flight at once (so as not to overrun the instance's listen backlog).
-OPEN_CONCURRENCY = 64
+OPEN_CONCURRENCY = 32
 CONNECT_TIMEOUT = 120.0
 
 

@@ -94,6 +94,7 @@ PRESENCE_TIMEOUT = 1200.0
 # presence: the bench's queries all come from one dev-mode caller, whose pace
 # (TRIOWS_PRESENCE_RATE, 5 a second per user) would otherwise answer most with 429.
 PRESENCE_UNPACED = "1000000"
+PRESENCE_BROKER_TIMEOUT = "60"
 
 
 @dataclass(frozen=True)
@@ -766,6 +767,9 @@ async def _presence_on(
         "TRIOWS_PRESENCE_BURST": PRESENCE_UNPACED,
         # One connection per user, no session queue: 10,000 users open in minutes, not tens.
         "TRIOWS_RESUME_WINDOW": dict(target.env).get("TRIOWS_RESUME_WINDOW", "0"),
+        # Thousands of binds at once on a shared broker: a batch's round trip outlasts the
+        # default, the instance drops its connection and binds everything again.
+        "TRIOWS_BROKER_TIMEOUT": PRESENCE_BROKER_TIMEOUT,
     }
     async with _instances(target, exchange, count, **env) as instances:
         processes = [psutil.Process(instance.process.pid) for instance in instances]
