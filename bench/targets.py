@@ -238,6 +238,10 @@ def _is_broker_process(target: Target, process: psutil.Process) -> bool:
         # only in its environment.
         if name != "beam.smp" or "rabbit" not in cmdline:
             return False
+        # rabbitmqctl and the other CLI tools run a hidden VM of their own for a moment:
+        # not the broker's work, and a process that ends inside a window voids the figure.
+        if "-hidden" in (process.info["cmdline"] or []):
+            return False
         try:
             node = process.environ().get("RABBITMQ_NODENAME", "")
         except psutil.Error:
