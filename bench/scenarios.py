@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.broker_memory import rabbitmq_memory, session_queues
 from bench.cpu import CpuMeter, CpuWindow
@@ -377,6 +378,22 @@ async def churn_room(
             cycles[0] += 1
 
 
+async def presence_outcomes(pair: Pair) -> dict[str, float]:
+    """``triows_presence_events`` by outcome, summed over the pair's instances (``/metrics``)."""
+    totals: dict[str, float] = {}
+    for instance in [pair.a] if pair.a is pair.b else [pair.a, pair.b]:
+        async with open_send_connection(instance.base_url) as connection:
+            _, body = await connection.get("/metrics")
+        for family in text_string_to_metric_families(body.decode()):
+            if family.name != "triows_presence_events":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    outcome = sample.labels["outcome"]
+                    totals[outcome] = totals.get(outcome, 0.0) + sample.value
+    return totals
+
+
 async def run_room(pair: Pair, options: Options, *, churn: bool = False) -> dict[str, Any]:
     """One sender ``POST``ing to a room on A whose members are spread over A and B (half each).
 
@@ -423,6 +440,7 @@ async def run_room(pair: Pair, options: Options, *, churn: bool = False) -> dict
         tally = await phase(options.duration)
         window = meter.stop()
         churned, events = cycles[0] - cycles_before, recorder.presence_events - events_before
+        outcomes = await presence_outcomes(pair) if churn else {}
         receiving.cancel_scope.cancel()
     summary = tally.summary()
     figures: dict[str, Any] = {
@@ -442,6 +460,8 @@ async def run_room(pair: Pair, options: Options, *, churn: bool = False) -> dict
         figures["churn_cycles_per_s"] = round(churned / window.wall, 1)
         # Presence frames the members got in the measured window (none with events off).
         figures["presence_events"] = events
+        # What the instances did with each join/leave edge, over the whole run (warm-up too).
+        figures["presence_outcomes"] = outcomes
         figures["server_cpu_cores"] = round(
             sum(spent for role, spent in window.seconds.items() if role.startswith("instance_"))
             / window.wall,
