@@ -4,6 +4,8 @@
     python -m bench direct latency --backend stomp         a backend name means all its brokers
     python -m bench direct --backend amqp091-rabbitmq --backend peer-socketio
     python -m bench scaleout [--instances 2,4,6]           triows (amqp091) and the peer
+    python -m bench presence --backend amqp091-rabbitmq    presence queries, 10,000 idle users
+    python -m bench room-churn --backend amqp091-rabbitmq --presence-events 0,1
     python -m bench --matrix [--quick]                     every scenario on every target
 
 Exit status 1 if any row is an error or any message was lost or duplicated.
@@ -32,6 +34,7 @@ from bench.targets import (
     PEER_TARGETS,
     TARGETS,
     Target,
+    with_presence_events,
     with_queue_type,
     with_resume_window,
 )
@@ -80,6 +83,10 @@ def _failed(rows: list[dict[str, Any]]) -> list[str]:
             continue
         if row.get("status") != "ok":
             problems.append(f"{where}: {row.get('error')}")
+        elif row["scenario"] == "presence" and (row["wrong"] or row["failed_queries"]):
+            problems.append(
+                f"{where}: {row['wrong']} wrong answers, failed {row['failed_queries']}"
+            )
         elif row["scenario"] in (*TRAFFIC_SCENARIOS, "ceiling", "scaleout") and (
             row["lost"] or row["duplicated"] or row["out_of_order"]
         ):
@@ -119,6 +126,14 @@ def _one_line(row: dict[str, Any]) -> str:
         return f"{row['scenario']}: n/a ({row['error']})"
     if row.get("status") != "ok":
         return f"{row['scenario']}: ERROR {row['error']}"
+    if row["scenario"] == "presence":
+        latency = row["latency_ms"]
+        return (
+            f"presence: {row['instances']} instances, {row['queries_per_s']} queries/s, "
+            f"p50 {latency.get('p50')} p99 {latency.get('p99')} ms, complete "
+            f"{row['complete_fraction']}, wrong {row['wrong']}, "
+            f"server CPU {row['server_cpu_ms_per_query']} ms/query"
+        )
     if row["scenario"] == "idle":
         return (
             f"idle: {row['connections']} connections, "
@@ -137,6 +152,19 @@ def _one_line(row: dict[str, Any]) -> str:
         f"p50 {latency.get('p50')} p99 {latency.get('p99')} ms, "
         f"load generator {100 * row['loadgen_cpu_share']:.0f} % of a core"
     )
+
+
+def _triows_variants(
+    targets: list[Target], variant: Callable[[Target, str], Target], values: list[str]
+) -> list[Target]:
+    """Each triows target once per value (``variant(target, value)``); peers as they are."""
+    return [
+        made
+        for target in targets
+        for made in (
+            [variant(target, value) for value in values] if target.server == "triows" else [target]
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="latency: msg/s (default: 20%% of direct)")
     parser.add_argument("--batch-size", type=int, help="batch: messages per POST (100)")
     parser.add_argument(
-        "--instances", help="scaleout: instance counts, comma-separated (default 2,4,6)"
+        "--instances",
+        help="scaleout, presence: instance counts, comma-separated (default 2,4,6; 2,6)",
+    )
+    parser.add_argument("--users", type=int, help="presence: idle users (10,000)")
+    parser.add_argument(
+        "--query-rate", type=float, help="presence: queries/s over all instances (200)"
     )
     parser.add_argument(
         "--resume-window",
@@ -184,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             "(classic,quorum: the session queues' type), named TARGET:T"
         ),
     )
+    parser.add_argument(
+        "--presence-events",
+        metavar="E,E",
+        help=(
+            "run each triows target once per TRIOWS_PRESENCE_EVENTS, comma-separated "
+            "(0,1: joined/left events off, then on), named TARGET:eventsE"
+        ),
+    )
     parser.add_argument("--out", type=Path, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     scenarios = list(MATRIX_SCENARIOS) if args.matrix else args.scenarios
@@ -199,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "receivers": args.receivers,
         "idle_connections": args.connections,
         "batch_size": args.batch_size,
+        "presence_users": args.users,
+        "presence_query_rate": args.query_rate,
     }
     if args.instances:
         try:
@@ -207,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--instances takes numbers like 2,4,6, not {args.instances!r}")
         if min(counts) < 2:
             parser.error("--instances: scaleout needs at least 2 instances (senders, receivers)")
-        overrides["scaleout_instances"] = counts
+        overrides["scaleout_instances"] = overrides["presence_instances"] = counts
     options = dataclasses.replace(options, **{k: v for k, v in overrides.items() if v})
     targets = _targets(args.backend, scenarios)
     if args.resume_window:
@@ -220,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         if not set(kinds) <= {"classic", "quorum"}:
             parser.error(f"--queue-type takes classic and/or quorum, not {args.queue_type!r}")
         targets = _triows_variants(targets, with_queue_type, kinds)
+    if args.presence_events:
+        events = args.presence_events.split(",")
+        if not set(events) <= {"0", "1"}:
+            parser.error(f"--presence-events takes 0 and/or 1, not {args.presence_events!r}")
+        targets = _triows_variants(targets, with_presence_events, events)
     _raise_file_limit()
 
     started = datetime.now(UTC)
@@ -256,16 +304,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _triows_variants(
-    targets: list[Target], variant: Callable[[Target, str], Target], values: list[str]
-) -> list[Target]:
-    """Each triows target once per value (``variant(target, value)``); peers as they are."""
-    return [
-        made
-        for target in targets
-        for made in (
-            [variant(target, value) for value in values] if target.server == "triows" else [target]
-        )
-    ]

@@ -134,6 +134,92 @@ def _vs_peer(rows: Rows, scenario: str) -> list[str]:
     return lines
 
 
+def _presence(rows: Rows) -> list[str]:
+    found = [row for row in rows if row["scenario"] == "presence"]
+    if not found:
+        return []
+    lines = [
+        "",
+        "`presence`: idle users spread over the instances, each in one room; "
+        "`GET /presence?user=` and `?room=` in turn at a steady rate over the instances "
+        "(`TRIOWS_PRESENCE_RATE` raised for the bench); CPU per query is the instances' "
+        "(and the broker's) CPU in the query window less theirs idle over as long:",
+        "",
+        "| target | instances | users | rooms of members | asked/s | queries/s "
+        "| p50 / p99 ms | complete | wrong | server CPU ms/query | broker CPU ms/query "
+        "| idle instances CPU % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in found:
+        if not _ok(row):
+            lines.append(f"| {row['target']} | {row['instances']} | {_cell(row, str)} |")
+            continue
+        latency = row["latency_ms"]
+        lines.append(
+            f"| {row['target']} | {row['instances']} | {_number(row['users'])} "
+            f"| {_number(row['rooms'])} of {_number(row['room_size'])} "
+            f"| {_number(row['params']['query_rate'])} | {_number(row['queries_per_s'])} "
+            f"| {_number(latency.get('p50'), 1)} / {_number(latency.get('p99'), 1)} "
+            f"| {_number(100 * (row['complete_fraction'] or 0), 1)} % | {row['wrong']} "
+            f"| {_number(row['server_cpu_ms_per_query'], 3)} "
+            f"| {_number(row['broker_cpu_ms_per_query'], 3)} "
+            f"| {_number(row['idle_instances_cpu_percent'], 1)} |"
+        )
+    return lines
+
+
+# A target run with --presence-events E is named TARGET:eventsE.
+EVENTS_SUFFIX = ":events"
+
+
+def _presence_events(rows: Rows) -> list[str]:
+    """``room`` and ``room-churn`` with presence events off (0) and on (1), with on / off."""
+    variants: dict[str, dict[str, str]] = {}
+    for name in _targets(rows):
+        base, found, events = name.partition(EVENTS_SUFFIX)
+        if found:
+            variants.setdefault(base, {})[events] = name
+    if not variants:
+        return []
+    lines = [
+        "",
+        "Presence events off (`TRIOWS_PRESENCE_EVENTS=0`) and on, same run: `room` and "
+        "`room-churn` (members with `?presence=1`, two more users joining and leaving "
+        "the room) deliveries/s and server CPU:",
+        "",
+        "| target | events | scenario | deliveries/s | server CPU ms/delivery "
+        "| server CPU cores | join+leave cycles/s | presence events to members |",
+        "|---|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    for base, by_events in variants.items():
+        for scenario in ("room", "room-churn"):
+            for events, name in by_events.items():
+                row = _find(rows, name, scenario)
+                if row is None:
+                    continue
+                lines.append(
+                    f"| {base} | {events} | {scenario} "
+                    f"| {_cell(row, lambda r: _number(r['msg_per_s']))} "
+                    f"| {_cell(row, _server_cpu)} "
+                    f"| {_cell(row, lambda r: _number(r.get('server_cpu_cores'), 2))} "
+                    f"| {_cell(row, lambda r: _number(r.get('churn_cycles_per_s'), 1))} "
+                    f"| {_cell(row, lambda r: _number(r.get('presence_events')))} |"
+                )
+            on, off = (
+                _find(rows, by_events.get("1", ""), scenario),
+                _find(rows, by_events.get("0", ""), scenario),
+            )
+            if _ok(on) and _ok(off):
+                assert on is not None and off is not None
+                lines.append(
+                    f"| **{base} 1 / 0** | | {scenario} "
+                    f"| {_ratio(on['msg_per_s'], off['msg_per_s'])} "
+                    f"| {_ratio(_server_ms(on), _server_ms(off))} "
+                    f"| {_ratio(on.get('server_cpu_cores'), off.get('server_cpu_cores'))} | | |"
+                )
+    return lines
+
+
 def _room(rows: Rows) -> list[str]:
     found = [row for row in rows if row["scenario"] == "room" and _ok(row)]
     if not found:
@@ -234,6 +320,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _main_table(rows)
     lines += _vs_peer(rows, "direct") + _vs_peer(rows, "direct-ws")
     lines += _batch(rows) + _scaleout(rows) + _room(rows) + _sessions(rows)
+    lines += _presence(rows) + _presence_events(rows)
+    if not any(_ok(row) and "cpu_per_1000" in row for row in rows):
+        return "\n".join(lines + _errors(rows)) + "\n"
     lines += [
         "",
         "⚠ = the load generator used at least 90 % of a core: it, not the server, may be "
@@ -261,11 +350,15 @@ def markdown(result: dict[str, Any]) -> str:
             + (" ⚠" if row["loadgen_saturated"] else "")
             + f" | {_number(row.get('other_cpu_cores'), 2)} cores |"
         )
+    return "\n".join(lines + _errors(rows)) + "\n"
+
+
+def _errors(rows: Rows) -> list[str]:
     errors = [row for row in rows if not _ok(row) and row.get("status") != "n/a"]
-    if errors:
-        lines += ["", "Errors:", ""]
-        lines += [f"- {row['target']} / {row['scenario']}: {row['error']}" for row in errors]
-    return "\n".join(lines) + "\n"
+    if not errors:
+        return []
+    lines = ["", "Errors:", ""]
+    return lines + [f"- {row['target']} / {row['scenario']}: {row['error']}" for row in errors]
 
 
 # A target run with --resume-window W is named TARGET:resumeW.

@@ -1,20 +1,23 @@
 """The scenarios, each selectable by name: direct, direct-ws, latency, idle, ceiling,
-batch, scaleout, room.
+batch, scaleout, room, room-churn, presence.
 
 One target (backend on broker) at a time: ``direct``, ``direct-ws``,
 ``latency``, ``batch`` and ``room`` share one pair of instances A and B
 (fresh users each); ``idle`` gets a fresh instance of its own so that its
 memory figure starts clean; ``ceiling`` opens two backends inside the load
 generator, with no HTTP or WebSocket layer at all; ``scaleout`` starts
-2, 4, 6 instances of its own. Any failure becomes an error row, never a
-missing one; a scenario that does not apply to a target (the memory backend
-across instances, triows-only scenarios on the peer) is an ``n/a`` row.
+2, 4, 6 instances of its own, ``presence`` 2 and 6 (``bench/presence.py``).
+Any failure becomes an error row, never a missing one; a scenario that does
+not apply to a target (the memory backend across instances, triows-only
+scenarios on the peer) is an ``n/a`` row.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import sys
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -24,10 +27,12 @@ from typing import Any
 
 import psutil
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.broker_memory import rabbitmq_memory, session_queues
 from bench.cpu import CpuMeter, CpuWindow
 from bench.peer import open_socketio, serve_peer
+from bench.presence import Population, QueryTally, cpu_ms_per_query, holding_users, query_stream
 from bench.tally import Tally
 from bench.targets import (
     PEER_SCENARIOS,
@@ -54,10 +59,21 @@ from triows.client import SendConnection, open_events, open_send_connection
 from triows.process import Instance, serve_instance
 from triows.settings import Settings
 
-SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling", "batch", "scaleout", "room")
+SCENARIOS = (
+    "direct",
+    "direct-ws",
+    "latency",
+    "idle",
+    "ceiling",
+    "batch",
+    "scaleout",
+    "room",
+    "room-churn",
+    "presence",
+)
 # --matrix: batch needs a server that takes batches, scaleout is a run of its own.
 MATRIX_SCENARIOS = ("direct", "direct-ws", "latency", "idle", "ceiling")
-TRAFFIC_SCENARIOS = ("direct", "direct-ws", "latency", "batch", "room")
+TRAFFIC_SCENARIOS = ("direct", "direct-ws", "latency", "batch", "room", "room-churn")
 
 # Hang guards, not measurements.
 SCENARIO_TIMEOUT = 180.0
@@ -71,6 +87,15 @@ DRAIN_IDLE_TIMEOUT = 5.0
 RECEIVER_SEND_QUEUE = 1_000_000
 # Concurrent WebSocket handshakes while opening the idle connections.
 IDLE_CONNECT_CONCURRENCY = 64
+# room-churn: users joining and leaving the room (one on A, one on B), each at this pace.
+CHURNERS = 2
+CHURN_CYCLES_PER_S = 10.0
+# presence: opening thousands of users takes minutes, not the traffic scenarios' 180 s.
+PRESENCE_TIMEOUT = 1200.0
+# presence: the bench's queries all come from one dev-mode caller, whose pace
+# (TRIOWS_PRESENCE_RATE, 5 a second per user) would otherwise answer most with 429.
+PRESENCE_UNPACED = "1000000"
+PRESENCE_BROKER_TIMEOUT = "60"
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,11 @@ class Options:
     idle_window: float = 5.0
     batch_size: int = 100
     scaleout_instances: tuple[int, ...] = (2, 4, 6)
+    presence_instances: tuple[int, ...] = (2, 6)
+    presence_users: int = 10_000
+    presence_room_size: int = 100
+    presence_query_rate: float = 200.0
+    presence_holders: int = 4
 
     @classmethod
     def quick_options(cls) -> Options:
@@ -99,6 +129,11 @@ class Options:
             idle_connections=200,
             idle_window=1.0,
             scaleout_instances=(2, 3),
+            presence_instances=(2,),
+            presence_users=200,
+            presence_room_size=20,
+            presence_query_rate=50.0,
+            presence_holders=1,
         )
 
 
@@ -321,17 +356,59 @@ async def run_traffic(
     return _row(pair.target, scenario, **figures)
 
 
-async def run_room(pair: Pair, options: Options) -> dict[str, Any]:
+async def churn_room(
+    base_url: str,
+    user: str,
+    room: str,
+    cycles: list[int],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``user`` (who gets presence events) joins ``room`` and leaves it again,
+    ``CHURN_CYCLES_PER_S`` times a second, until cancelled; ``cycles[0]`` counts."""
+    async with open_events(base_url, user=user, presence=True) as client:
+        task_status.started()
+        schedule = Schedule(float("inf"), CHURN_CYCLES_PER_S)
+        while await schedule.next_send():
+            for action, answer in (("join", "joined"), ("leave", "left")):
+                await (client.join if action == "join" else client.leave)(room, ref=action)
+                while (frame := await client.receive()).get("ref") != action:
+                    pass  # the room's messages and presence events meanwhile
+                if frame["type"] != answer:
+                    raise RuntimeError(f"{user} could not {action} {room}: {frame}")
+            cycles[0] += 1
+
+
+async def presence_outcomes(pair: Pair) -> dict[str, float]:
+    """``triows_presence_events`` by outcome, summed over the pair's instances (``/metrics``)."""
+    totals: dict[str, float] = {}
+    for instance in [pair.a] if pair.a is pair.b else [pair.a, pair.b]:
+        async with open_send_connection(instance.base_url) as connection:
+            _, body = await connection.get("/metrics")
+        for family in text_string_to_metric_families(body.decode()):
+            if family.name != "triows_presence_events":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    outcome = sample.labels["outcome"]
+                    totals[outcome] = totals.get(outcome, 0.0) + sample.value
+    return totals
+
+
+async def run_room(pair: Pair, options: Options, *, churn: bool = False) -> dict[str, Any]:
     """One sender ``POST``ing to a room on A whose members are spread over A and B (half each).
 
     Each message must reach every member once, in the sender's order; the
     figures are deliveries per second (one per member) and the fan-out latency
-    (send to the last member's arrival).
+    (send to the last member's arrival). ``churn`` (``room-churn``): the
+    members ask for presence events (``?presence=1``) and ``CHURNERS`` more
+    users (one on A, one on B) join and leave the room meanwhile.
     """
     tag = secrets.token_hex(3)
     room = f"bench-{tag}"
     members = options.receivers
     recorder = Recorder()
+    opener = partial(open_events, presence=True) if churn else open_events
+    cycles = [0]
     async with trio.open_nursery() as receiving:
         for index in range(members):
             instance = pair.a if index % 2 else pair.b
@@ -342,10 +419,13 @@ async def run_room(pair: Pair, options: Options) -> dict[str, Any]:
                     index,
                     f"m{index}-{tag}",
                     recorder,
-                    open_events,
+                    opener,
                     room=room,
                 )
             )
+        for index in range(CHURNERS if churn else 0):
+            instance = pair.a if index % 2 else pair.b
+            await receiving.start(churn_room, instance.base_url, f"c{index}-{tag}", room, cycles)
 
         async def phase(duration: float) -> Tally:
             recorder.tally = tally = Tally(fanout=members)
@@ -356,8 +436,11 @@ async def run_room(pair: Pair, options: Options) -> dict[str, Any]:
         await phase(options.warmup)
         meter = pair.meter()
         meter.start()
+        cycles_before, events_before = cycles[0], recorder.presence_events
         tally = await phase(options.duration)
         window = meter.stop()
+        churned, events = cycles[0] - cycles_before, recorder.presence_events - events_before
+        outcomes = await presence_outcomes(pair) if churn else {}
         receiving.cancel_scope.cancel()
     summary = tally.summary()
     figures: dict[str, Any] = {
@@ -372,7 +455,19 @@ async def run_room(pair: Pair, options: Options) -> dict[str, Any]:
         },
         **_server_figures(window, summary["delivered"]),
     }
-    return _row(pair.target, "room", **figures)
+    if churn:
+        figures["params"]["churners"] = CHURNERS
+        figures["churn_cycles_per_s"] = round(churned / window.wall, 1)
+        # Presence frames the members got in the measured window (none with events off).
+        figures["presence_events"] = events
+        # What the instances did with each join/leave edge, over the whole run (warm-up too).
+        figures["presence_outcomes"] = outcomes
+        figures["server_cpu_cores"] = round(
+            sum(spent for role, spent in window.seconds.items() if role.startswith("instance_"))
+            / window.wall,
+            3,
+        )
+    return _row(pair.target, "room-churn" if churn else "room", **figures)
 
 
 async def run_idle(target: Target, exchange: str, options: Options) -> dict[str, Any]:
@@ -608,8 +703,8 @@ async def _run_scenarios(
                     if scenario == "latency":
                         rate = (direct_rate or 0.0) * options.latency_share or options.latency_rate
                     run = partial(run_traffic, pair, scenario, options, rate)
-                    if scenario == "room":
-                        run = partial(run_room, pair, options)
+                    if scenario in ("room", "room-churn"):
+                        run = partial(run_room, pair, options, churn=scenario == "room-churn")
                     row = await _guarded(target, scenario, run)
                     if scenario == "direct" and row["status"] == "ok":
                         direct_rate = row["msg_per_s"]
@@ -630,6 +725,8 @@ async def _run_scenarios(
         rows.append(await _guarded(target, "ceiling", run_ceiling_here))
     if "scaleout" in scenarios:
         rows += await run_scaleout(target, exchange, options)
+    if "presence" in scenarios:
+        rows += await run_presence(target, exchange, options)
     return rows
 
 
@@ -655,3 +752,137 @@ async def run_scaleout(target: Target, exchange: str, options: Options) -> list[
         row["instances"] = count
         rows.append(row)
     return rows
+
+
+def _progress(text: str) -> None:
+    """A line on stderr while a long scenario runs (and a mark a profiler can wait for)."""
+    print(f"bench:   {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+async def run_presence(target: Target, exchange: str, options: Options) -> list[dict[str, Any]]:
+    """Presence queries across N idle-loaded instances for each N (``bench/presence.py``)."""
+    counts = (1,) if target.single_instance else options.presence_instances
+    rows = []
+    for count in counts:
+        run = partial(_presence_on, target, f"{exchange}-p{count}", options, count)
+        try:
+            with trio.fail_after(PRESENCE_TIMEOUT):
+                row = await run()
+        except Exception as error:  # as _guarded, with a longer hang guard
+            traceback.print_exc()
+            row = error_row(target, "presence", _describe(error))
+        row["instances"] = count
+        rows.append(row)
+    return rows
+
+
+async def _presence_on(
+    target: Target, exchange: str, options: Options, count: int
+) -> dict[str, Any]:
+    population = Population(
+        f"p{secrets.token_hex(3)}-", options.presence_users, options.presence_room_size
+    )
+    env = {
+        "TRIOWS_PRESENCE_RATE": PRESENCE_UNPACED,
+        "TRIOWS_PRESENCE_BURST": PRESENCE_UNPACED,
+        # One connection per user, no session queue: 10,000 users open in minutes, not tens.
+        "TRIOWS_RESUME_WINDOW": dict(target.env).get("TRIOWS_RESUME_WINDOW", "0"),
+        # Thousands of binds at once on a shared broker: a batch's round trip outlasts the
+        # default, the instance drops its connection and binds everything again.
+        "TRIOWS_BROKER_TIMEOUT": PRESENCE_BROKER_TIMEOUT,
+    }
+    async with _instances(target, exchange, count, **env) as instances:
+        processes = [psutil.Process(instance.process.pid) for instance in instances]
+        roles: dict[str, list[psutil.Process]] = {
+            f"instance_{chr(ord('a') + index)}": [process]
+            for index, process in enumerate(processes)
+        }
+        roles["broker"] = broker_processes(target)
+        ws_urls = [instance.base_url.replace("http", "ws", 1) for instance in instances]
+        try:
+            async with holding_users(
+                ws_urls, population, options.presence_holders
+            ) as connect_seconds:
+
+                async def phase(duration: float) -> QueryTally:
+                    # Connections of its own: the idle window outlasts Hypercorn's keep-alive.
+                    async with AsyncExitStack() as stack:
+                        connections = [
+                            await stack.enter_async_context(
+                                open_send_connection(instances[stream % count].base_url)
+                            )
+                            for stream in range(options.concurrency)
+                        ]
+                        tally = QueryTally()
+                        schedule = Schedule(duration, options.presence_query_rate)
+                        async with trio.open_nursery() as asking:
+                            for stream, connection in enumerate(connections):
+                                asking.start_soon(
+                                    query_stream, connection, stream, population, tally, schedule
+                                )
+                        tally.ended = time.perf_counter()
+                    return tally
+
+                _progress(f"presence: {count} instances, {population.users} users open")
+                await phase(options.warmup)
+                meter = CpuMeter(roles)
+                meter.start()
+                await trio.sleep(options.duration)
+                idle = meter.stop()
+                _progress(f"presence: {count} instances, the measured queries start")
+                meter = CpuMeter(roles)
+                meter.start()
+                tally = await phase(options.duration)
+                busy = meter.stop()
+        finally:
+            # Measured; now the fastest way down (a graceful close of 10,000 sockets
+            # is 10,000 broker unsubscribes).
+            for instance in instances:
+                if target.fragile:
+                    instance.terminate()
+                else:
+                    instance.process.kill()
+    summary = tally.summary()
+
+    def per_query(roles: list[str]) -> float | None:
+        spent = [busy.seconds.get(role) for role in roles]
+        rested = [idle.seconds.get(role) for role in roles]
+        if None in spent or None in rested:
+            return None
+        value = cpu_ms_per_query(
+            sum(s for s in spent if s is not None),
+            busy.wall,
+            sum(r for r in rested if r is not None),
+            idle.wall,
+            summary["queries"],
+        )
+        return None if value is None else round(value, 3)
+
+    instance_roles = [role for role in roles if role.startswith("instance_")]
+    idle_instances = sum(idle.seconds.get(role) or 0.0 for role in instance_roles)
+    return _row(
+        target,
+        "presence",
+        status="ok",
+        **summary,
+        users=population.users,
+        rooms=population.rooms,
+        room_size=population.room_size,
+        connect_per_s=round(population.users / connect_seconds, 1),
+        server_cpu_ms_per_query=per_query(instance_roles),
+        broker_cpu_ms_per_query=per_query(["broker"]) if roles["broker"] else None,
+        idle_instances_cpu_percent=round(100 * idle_instances / idle.wall, 1),
+        instance_cpu_percent={
+            role: round(100 * (busy.seconds.get(role) or 0.0) / busy.wall, 1)
+            for role in instance_roles
+        },
+        loadgen_cpu_share=round(busy.loadgen_share, 3),
+        other_cpu_cores=round(busy.other / busy.wall, 2) if busy.wall else None,
+        params={
+            "duration": options.duration,
+            "query_rate": options.presence_query_rate,
+            "concurrency": options.concurrency,
+            "holders": options.presence_holders,
+            "env": env,
+        },
+    )

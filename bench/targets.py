@@ -83,6 +83,17 @@ def with_queue_type(target: Target, queue_type: str) -> Target:
     )
 
 
+def with_presence_events(target: Target, events: str) -> Target:
+    """``target`` with ``TRIOWS_PRESENCE_EVENTS=events`` (0: no joined/left events), named
+    for it."""
+    return replace(
+        target,
+        name=f"{target.name}:events{events}",
+        env=(*target.env, ("TRIOWS_PRESENCE_EVENTS", events)),
+        base=target.base or target.name,
+    )
+
+
 def broker_target(name: str, *, fragile: bool = False) -> Target:
     """The target of the table's broker ``name``, with the backend that speaks its protocol."""
     broker = BROKERS[name]
@@ -226,6 +237,10 @@ def _is_broker_process(target: Target, process: psutil.Process) -> bool:
         # Which node it is (the machine's, the cluster's, the alarm one) is
         # only in its environment.
         if name != "beam.smp" or "rabbit" not in cmdline:
+            return False
+        # rabbitmqctl and the other CLI tools run a hidden VM of their own for a moment:
+        # not the broker's work, and a process that ends inside a window voids the figure.
+        if "-hidden" in (process.info["cmdline"] or []):
             return False
         try:
             node = process.environ().get("RABBITMQ_NODENAME", "")

@@ -42,6 +42,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.tally = Tally()
+        # Presence events the receivers got (room-churn), counted throughout.
+        self.presence_events = 0
 
 
 class Schedule:
@@ -95,6 +97,8 @@ async def receive_into(
                 frame = await client.receive()
                 if frame["type"] == "message":
                     recorder.tally.arrive(index, frame["message"])
+                elif frame["type"] == "presence":
+                    recorder.presence_events += 1
         except ConnectionClosed:
             # Counted, so that a slow-consumer close (4001) explains any loss it causes.
             recorder.tally.fail(f"receiver closed {client.close_code}")

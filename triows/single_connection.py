@@ -129,7 +129,8 @@ def send_body(to: str | None, message: Any, sender: str | None, room: str | None
 
 
 class SendConnection:
-    """One keep-alive HTTP/1.1 connection that POSTs ``/send`` requests one at a time.
+    """One keep-alive HTTP/1.1 connection that POSTs ``/send`` requests one at a time
+    (and GETs, for the bench's presence queries).
 
     The same request as :func:`triows.client.post_send`, for a caller that sends many: h11
     over a Trio stream spends a fraction of the CPU httpx's pool spends per
@@ -165,14 +166,22 @@ class SendConnection:
         """``POST /send`` with ``body`` (a JSON object, or an array for a batch); the status
         code and the response body. Raises :class:`h11.RemoteProtocolError` if the server
         closes the connection."""
+        return await self._request("POST", "/send", body)
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        """``GET target`` (``/presence?user=Bob``, say) on the same connection; the status
+        code and the response body."""
+        return await self._request("GET", target, b"")
+
+    async def _request(self, method: str, target: str, body: bytes) -> tuple[int, bytes]:
         if self._http.our_state is not h11.IDLE:
             # The last answer ended keep-alive: this request goes on a new connection.
             await self._stream.aclose()
             self._stream = await trio.open_tcp_stream(*self._address)
             self._http = h11.Connection(h11.CLIENT)
         request = h11.Request(
-            method="POST",
-            target="/send",
+            method=method,
+            target=target,
             headers=[*self._headers, ("Content-Length", str(len(body)))],
         )
         # One write per request: headers and body together.
