@@ -254,10 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _triows_variants(
     targets: list[Target], variant: Callable[[Target, str], Target], values: list[str]
 ) -> list[Target]:
@@ -269,3 +265,8 @@ def _triows_variants(
             [variant(target, value) for value in values] if target.server == "triows" else [target]
         )
     ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
