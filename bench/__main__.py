@@ -269,4 +269,3 @@ def _triows_variants(
 
 if __name__ == "__main__":
     sys.exit(main())
-
