@@ -108,7 +108,8 @@ class AmqpSessionQueue:
     def ack(self, tag: int) -> None:
         self._sessions.ack(self, tag)
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
+        """Take no more deliveries (cancel the consumer); what is unacked stays so."""
         if self.deliver is None:
             return
         self.deliver = None
@@ -119,7 +120,7 @@ class AmqpSessionQueue:
             return
         self.closed = True
         with trio.CancelScope(shield=True):
-            await self.stop()
+            await self._stop()
             await self._sessions.give_back(self)
 
     async def end(self) -> None:
@@ -127,7 +128,7 @@ class AmqpSessionQueue:
             return
         self.closed = True
         with trio.CancelScope(shield=True):
-            await self.stop()
+            await self._stop()
             await self._sessions.delete(self)
 
 

@@ -248,7 +248,7 @@ class Amqp10SessionQueue(RabbitSessionQueue):
             if self._deliver is not None:
                 body, redelivered, key = received
                 self._deliver(SessionDelivery(key, body, tag, redelivered))
-            # Stopped: left unsettled, given back when the connection closes.
+            # Detached: left unsettled, given back when the connection closes.
 
     # -- the contract --
 

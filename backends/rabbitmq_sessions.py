@@ -124,9 +124,6 @@ class RabbitSessionQueue:
                 self._scope.cancel()
             await self._gone.wait()
 
-    async def stop(self) -> None:
-        self._deliver = None
-
     async def restore(self) -> None:
         """Before the session's connection is made again: its exchange, queue and bindings.
 

@@ -248,7 +248,7 @@ class StompSessionQueue(RabbitSessionQueue):
             if self._deliver is not None:
                 redelivered = frame.headers.get("redelivered") == "true"
                 self._deliver(SessionDelivery(key, frame.body, tag, redelivered))
-            # Stopped: left unacked, given back when the connection closes.
+            # Detached: left unacked, given back when the connection closes.
         elif frame.command == "RECEIPT":
             event = self._receipts.pop(frame.headers.get("receipt-id", ""), None)
             if event is not None:

@@ -473,27 +473,6 @@ async def test_deliveries_not_acked_come_back_in_order_flagged_to_a_resume_elsew
         await resumed.end()
 
 
-async def test_what_was_handed_over_after_stop_stays_unacked_for_the_next_consumer(
-    session_case: Case, exchange: str
-) -> None:
-    name = session_name(exchange)
-    async with two_instances(session_case, exchange) as (first, second):
-        collected = Collected()
-        queue = await open_queue(first, name, collected)
-        await second.publish("user.Bob", b"before")
-        (before,) = await collected.take(1)
-        await queue.stop()
-        await second.publish("user.Bob", b"after stop")
-        queue.ack(before.tag)  # acks still count after stop
-        await queue.detach()
-        assert collected.deliveries == []
-        again = Collected()
-        resumed = await sessions_of(second).open(name, "user.Bob", again.deliver, resume=True)
-        assert resumed is not None
-        assert [d.body for d in await again.take(1)] == [b"after stop"]
-        await resumed.end()
-
-
 async def test_two_consumers_of_one_session_never_split_its_messages(
     session_case: Case, exchange: str
 ) -> None:
