@@ -37,10 +37,11 @@ async def rabbitmq_memory() -> int | None:
         return None
 
 
-async def session_queues(exchange: str) -> tuple[int, int] | None:
-    """How many session queues of ``exchange`` the node holds, and the bytes their
-    processes use (``list_queues memory``; None: not readable here)."""
-    out = await _rabbitmqctl("list_queues", "name", "memory")
+async def session_queues(exchange: str, node: str | None = None) -> tuple[int, int] | None:
+    """How many session queues of ``exchange`` the node (``rabbitmqctl``'s default, or the
+    Erlang ``node``) holds, and the bytes their processes use (``list_queues memory``;
+    None: not readable here)."""
+    out = await _rabbitmqctl(*(("-n", node) if node else ()), "list_queues", "name", "memory")
     if out is None:
         return None
     count = memory = 0
