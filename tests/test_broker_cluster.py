@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from urllib.parse import urlsplit, urlunsplit
@@ -71,11 +71,17 @@ def cluster_started() -> None:
 
 @asynccontextmanager
 async def instances_on_nodes(
-    backend: str, first_nodes: tuple[int, ...], *, tls: bool = False
+    backend: str,
+    first_nodes: tuple[int, ...],
+    *,
+    tls: bool = False,
 ) -> AsyncIterator[list[Instance]]:
     """One ready instance per entry of ``first_nodes``, each listing that node (0-based) first."""
     urls = cluster_urls(backend, tls=tls)  # type: ignore[arg-type]
-    env = {"TRIOWS_EXCHANGE": unique_exchange(), "TRIOWS_RECONNECT_MAX": RECONNECT_MAX}
+    env = {
+        "TRIOWS_EXCHANGE": unique_exchange(),
+        "TRIOWS_RECONNECT_MAX": RECONNECT_MAX,
+    }
     async with AsyncExitStack() as stack:
         instances = []
         for first in first_nodes:
@@ -171,52 +177,39 @@ async def running_nodes() -> list[str]:
     return await trio.to_thread.run_sync(running_cluster_nodes, cluster_nodes()[2])
 
 
-async def test_the_node_under_the_sending_instance_killed_and_booted_again_annes_sends_go_on() -> (
-    None
-):
-    """Anne sends through A, Bob listens on B: node 1, A's node, is SIGKILLed. A moves to
-    node 2 (the next in its list) and Anne's sends through it reach Bob again; node 1
-    boots again, rejoins the cluster, and nothing needs it to."""
+@pytest.mark.parametrize(
+    ("node", "take_down", "under"),
+    [
+        pytest.param(NODE_1, kill_node, 0, id="sending-node-killed"),
+        pytest.param(NODE_2, stop_node, 1, id="receiving-node-restarted"),
+    ],
+)
+async def test_a_node_taken_down_and_booted_again_rejoins_and_annes_sends_go_on(
+    node: str, take_down: Callable[[str], Awaitable[None]], under: int
+) -> None:
+    """Anne sends through A (node 1 first), Bob listens on B (node 2 first). Node 1, A's,
+    is SIGKILLed, or node 2, B's, is shut down whole: the instance on it moves to the next
+    node of its list and Anne's sends reach Bob again; the node boots again, rejoins the
+    cluster, and nothing needs it to."""
     await require_broker("rabbitmq-cluster")
     async with (
-        instances_on_nodes("amqp091", (0, 1)) as (a, b),
+        instances_on_nodes("amqp091", (0, 1)) as instances,
         httpx.AsyncClient() as http,
-        open_events(b.base_url, user="Bob") as bob,
+        open_events(instances[1].base_url, user="Bob") as bob,
     ):
+        a = instances[0]
         with trio.fail_after(STEP_TIMEOUT):
             await send_until_received(http, a, bob, "before")
         with trio.fail_after(OUTAGE_TIMEOUT):
-            async with broker_outage(NODE_1, take_down=partial(kill_node, NODE_1)):
+            async with broker_outage(node, take_down=partial(take_down, node)):
                 during = await send_until_received(http, a, bob, "during")
             # Booted with its data, it synced with the running nodes before
             # opening its listeners (outage-end waits for those).
-            assert erlang_name(NODE_1) in await running_nodes()
+            assert erlang_name(node) in await running_nodes()
             after = await send_until_received(http, a, bob, "after")
         assert during["from"] == after["from"] == "Anne"
         assert bob.close_code is None
-        assert a.process.returncode is None
-
-
-async def test_a_node_restarted_whole_rejoins_and_delivery_to_the_instance_on_it_goes_on() -> None:
-    """Node 2, under B (Bob's instance), is shut down whole and booted again while Anne
-    sends: B moves to node 3 and Bob keeps getting her messages; node 2 rejoins the
-    cluster, and Bob still gets them."""
-    await require_broker("rabbitmq-cluster")
-    async with (
-        instances_on_nodes("amqp091", (0, 1)) as (a, b),
-        httpx.AsyncClient() as http,
-        open_events(b.base_url, user="Bob") as bob,
-    ):
-        with trio.fail_after(STEP_TIMEOUT):
-            await send_until_received(http, a, bob, "before")
-        with trio.fail_after(OUTAGE_TIMEOUT):
-            async with broker_outage(NODE_2, take_down=partial(stop_node, NODE_2)):
-                during = await send_until_received(http, a, bob, "during")
-            assert erlang_name(NODE_2) in await running_nodes()
-            after = await send_until_received(http, a, bob, "after")
-        assert during["from"] == after["from"] == "Anne"
-        assert bob.close_code is None
-        assert b.process.returncode is None
+        assert instances[under].process.returncode is None
 
 
 def via_port(url: str, port: int) -> str:
