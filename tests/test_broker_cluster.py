@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from deploy.brokers import (
     BROKERS,
@@ -38,6 +39,7 @@ from tests.brokers import broker_outage, cluster_urls, require_broker
 from tests.e2e import POLL_INTERVAL, RECONNECT_MAX, STEP_TIMEOUT, unique_exchange
 from tests.tcp_proxy import open_tcp_proxy
 from tests.test_amqp091_backend import Rejections
+from tests.test_session_resume import Received, events_url, sender
 from triows.backend import open_backend
 from triows.backends.broker_url import rotated_broker_urls
 from triows.client import EventsClient, open_events, post_send
@@ -75,12 +77,14 @@ async def instances_on_nodes(
     first_nodes: tuple[int, ...],
     *,
     tls: bool = False,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[list[Instance]]:
     """One ready instance per entry of ``first_nodes``, each listing that node (0-based) first."""
     urls = cluster_urls(backend, tls=tls)  # type: ignore[arg-type]
     env = {
         "TRIOWS_EXCHANGE": unique_exchange(),
         "TRIOWS_RECONNECT_MAX": RECONNECT_MAX,
+        **(env or {}),
     }
     async with AsyncExitStack() as stack:
         instances = []
@@ -210,6 +214,46 @@ async def test_a_node_taken_down_and_booted_again_rejoins_and_annes_sends_go_on(
         assert during["from"] == after["from"] == "Anne"
         assert bob.close_code is None
         assert instances[under].process.returncode is None
+
+
+async def test_quorum_sessions_lose_nothing_when_the_node_under_their_instance_dies() -> None:
+    """Sessions on, their queues quorum queues (replicated over the three nodes). Bob on
+    B (node 2 first), a sender POSTing to A every few milliseconds; node 2 is SIGKILLed,
+    then booted again. B moves to node 3 and consumes Bob's queue there: no send is
+    refused, and every message reaches Bob's one socket exactly once, in the order sent,
+    ``seq`` consecutive."""
+    await require_broker("rabbitmq-cluster")
+    received = Received()
+    sessions = {"TRIOWS_RESUME_WINDOW": "120", "TRIOWS_QUEUE_TYPE": "quorum"}
+    async with (
+        instances_on_nodes("amqp091", (0, 1), env=sessions) as (a, b),
+        httpx.AsyncClient(timeout=OUTAGE_TIMEOUT) as http,
+        open_websocket_url(events_url(b.base_url, "Bob")) as socket,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(received.read, socket)
+        done = trio.Event()
+        with trio.fail_after(OUTAGE_TIMEOUT):
+            await received.until(lambda: bool(received.hellos))
+            nursery.start_soon(sender, http, a.base_url, received, done)
+            await received.until(lambda: len(received.frames) >= 50)
+            async with broker_outage(NODE_2, take_down=partial(kill_node, NODE_2)):
+                # Delivery goes on while node 2 is down.
+                count = len(received.frames)
+                await received.until(lambda: len(received.frames) >= count + 50)
+            done.set()
+            wanted = {message_id for status, message_id in received.outcomes if status == 202}
+            await received.until(lambda: wanted <= {frame["id"] for frame in received.frames})
+            await trio.sleep(0.5)  # a duplicate would come now
+        nursery.cancel_scope.cancel()
+    # Bob's queue stayed routable (classic: its one copy on node 2, sends 404 until B
+    # has declared a new one).
+    assert [status for status, _ in received.outcomes if status != 202] == []
+    ids = [frame["id"] for frame in received.frames]
+    assert len(ids) == len(set(ids)), "a message came twice"
+    assert ids == [message_id for _, message_id in received.outcomes if message_id is not None]
+    assert [frame["seq"] for frame in received.frames] == list(range(1, len(ids) + 1))
+    assert len(received.hellos) == 1  # the socket stayed open
 
 
 def via_port(url: str, port: int) -> str:
