@@ -8,7 +8,8 @@ is made again after the backend's backoff (:func:`wait_to_reconnect`), its
 exchange, queue and bindings declared again first
 (:meth:`RabbitSessionQueue.restore`). Only the consuming connection is each
 protocol's own: :meth:`RabbitSessionQueue.start` and
-:meth:`RabbitSessionQueue.detach`.
+:meth:`RabbitSessionQueue._close`. The ``amqp091`` backend consumes its
+sessions on its own connection and shares only the queue's arguments.
 """
 
 from __future__ import annotations
