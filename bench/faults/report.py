@@ -128,12 +128,9 @@ def resume_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
-        command = f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
+        command = _command(row)
         if row["status"] != "ok":
-            lines.append(
-                f"| {row['target']} | {row['fault']} | | | | | | | | | | | | "
-                f"{command} ({row['status']}: {row.get('why', '')}) |"
-            )
+            lines.append(_failed(row, 11))
             continue
         acc = row["accounting"]
         not_resumed = row["users_not_resumed"] + row["users_not_back"]
@@ -167,12 +164,9 @@ def session_node_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
-        command = f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
+        command = _command(row)
         if row["status"] != "ok":
-            lines.append(
-                f"| {row['target']} | {row['fault']} | | | | | | | | | | | "
-                f"{command} ({row['status']}: {row.get('why', '')}) |"
-            )
+            lines.append(_failed(row, 10))
             continue
         acc = row["accounting"]
         queues = row["session_queues"]
@@ -184,6 +178,20 @@ def session_node_markdown(rows: list[dict[str, Any]]) -> list[str]:
             f"| {_fmt(queues['before'])} / {_fmt(queues['after'])} | {command} |"
         )
     return lines
+
+
+def _command(row: dict[str, Any]) -> str:
+    return f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
+
+
+def _failed(row: dict[str, Any], empty: int) -> str:
+    """A sessions table's row for a case that did not run: ``empty`` blank cells, then its
+    command and why."""
+    blanks = " |" * empty
+    return (
+        f"| {row['target']} | {row['fault']} |{blanks} "
+        f"{_command(row)} ({row['status']}: {row.get('why', '')}) |"
+    )
 
 
 def _extra_notes(row: dict[str, Any]) -> str:
