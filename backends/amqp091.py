@@ -108,7 +108,7 @@ from triows.backends.amqp091_sessions import AmqpSessions
 from triows.backends.broker_url import BrokerAddress, parse_broker_urls
 from triows.backends.handed_over import HandedOver
 from triows.backends.rabbitmq_exchange import HOME_NODE_DOWN
-from triows.backends.supervisor import BrokerRejected, Supervised, run_supervised
+from triows.backends.supervisor import BrokerRejected, Supervised, first_leaf, run_supervised
 from triows.logs import log_event
 from triows.protocol import USER_KEY_PREFIX
 from triows.settings import Settings
@@ -264,9 +264,13 @@ class Amqp091Backend(Supervised[AioSession]):
             nonlocal probe
             probe = await session.publish(key, b"", self.live_exchange)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(send_probe)
-            outcome = await session.publish(key, body)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_probe)
+                outcome = await session.publish(key, body)
+        except BaseExceptionGroup as group:
+            # A lost connection fails both: the caller is told once (a /send: 503).
+            raise first_leaf(group, (BrokerUnavailable, *self._loss)) from None
         if outcome is Outcome.ROUTED and probe is not Outcome.ROUTED:
             return Outcome.QUEUED
         return outcome

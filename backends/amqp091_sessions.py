@@ -59,6 +59,7 @@ from triows.backend import (
 )
 from triows.backends.amqp091_aio import SESSION_BROKEN, AioSession
 from triows.backends.rabbitmq_exchange import HOME_NODE_DOWN, QueueOutOfReach
+from triows.backends.rabbitmq_sessions import session_queue_arguments
 from triows.logs import log_event
 from triows.settings import Settings
 
@@ -72,17 +73,6 @@ OPENS_AT_ONCE = 64
 ACK_INTERVAL = 0.01
 # Delivery tags are per channel: a session tag carries the channel's generation.
 _GENERATION_SHIFT = 40
-
-
-def session_arguments(settings: Settings) -> dict[str, Any]:
-    return {
-        "x-expires": max(1, round(settings.resume_window * 1000)),
-        "x-max-length": settings.session_max_messages,
-        "x-max-length-bytes": settings.session_max_bytes,
-        "x-overflow": "reject-publish",
-        "x-single-active-consumer": True,
-        "x-queue-type": settings.queue_type,
-    }
 
 
 class AmqpSessionQueue:
@@ -118,7 +108,8 @@ class AmqpSessionQueue:
     def ack(self, tag: int) -> None:
         self._sessions.ack(self, tag)
 
-    async def stop(self) -> None:
+    async def _stop(self) -> None:
+        """Take no more deliveries (cancel the consumer); what is unacked stays so."""
         if self.deliver is None:
             return
         self.deliver = None
@@ -129,7 +120,7 @@ class AmqpSessionQueue:
             return
         self.closed = True
         with trio.CancelScope(shield=True):
-            await self.stop()
+            await self._stop()
             await self._sessions.give_back(self)
 
     async def end(self) -> None:
@@ -137,7 +128,7 @@ class AmqpSessionQueue:
             return
         self.closed = True
         with trio.CancelScope(shield=True):
-            await self.stop()
+            await self._stop()
             await self._sessions.delete(self)
 
 
@@ -148,7 +139,7 @@ class AmqpSessions:
         self._backend = backend
         self._settings = settings
         self._exchange = settings.exchange
-        self._arguments = session_arguments(settings)
+        self._arguments = session_queue_arguments(settings, overflow="reject-publish")
         self._timeout = settings.broker_timeout
         self._opening = trio.Semaphore(OPENS_AT_ONCE)
         self.handles: dict[str, AmqpSessionQueue] = {}

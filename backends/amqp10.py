@@ -603,7 +603,7 @@ class Amqp10Backend(Supervised[Amqp10Connection]):
                 current.update(Delivery.REJECTED)
                 current.settle()
                 continue
-            body, redelivered = decoded
+            body, redelivered, _subject = decoded
             subscription.outstanding += 1
             self._backlog.append(Received(subscription, body, redelivered, current, live))
         self._backlog_changed.kick()

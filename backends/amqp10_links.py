@@ -235,9 +235,10 @@ def condition(endpoint: Link | Session | Connection) -> str:
     return f"{condition.name}: {condition.description}" if condition else ""
 
 
-def message_body(data: bytes) -> tuple[bytes, bool] | None:
-    """The binary body of an encoded message and whether it is a redelivery
-    (``first-acquirer`` false); None if it is not one triows sent."""
+def message_body(data: bytes) -> tuple[bytes, bool, str] | None:
+    """The binary body of an encoded message, whether it is a redelivery
+    (``first-acquirer`` false) and its subject (the routing key publishers set
+    on RabbitMQ); None if it is not one triows sent."""
     message = Message()
     try:
         message.decode(data)
@@ -245,5 +246,5 @@ def message_body(data: bytes) -> tuple[bytes, bool] | None:
         return None
     body = message.body
     if isinstance(body, bytes | bytearray | memoryview):
-        return bytes(body), not message.first_acquirer
+        return bytes(body), not message.first_acquirer, message.subject or ""
     return None

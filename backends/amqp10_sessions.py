@@ -33,35 +33,13 @@ import logging
 from collections.abc import Callable
 
 import anyio
-from anyio.abc import TaskGroup
-from proton import (
-    Connection,
-    Delivery,
-    Endpoint,
-    Event,
-    Link,
-    Message,
-    ProtonException,
-    Receiver,
-    Sender,
-    Transport,
-)
+from proton import Connection, Delivery, Endpoint, Event, Link, Message, Receiver, Sender, Transport
 
 from triows.backend import NOTE_KEY, BrokerUnavailable, SessionDeliver, SessionDelivery
-from triows.backends.amqp10_links import condition
+from triows.backends.amqp10_links import condition, message_body
 from triows.backends.amqp10_pump import ConnectionLost, ProtonPump, Wakeup
 from triows.backends.broker_url import BrokerAddress, connect_stream
-from triows.backends.rabbitmq_exchange import (
-    DELETE_FAILURES,
-    change_bindings,
-    declare_session_queue,
-    delete_queues,
-)
-from triows.backends.stomp_sessions import (
-    restore_session_queue,
-    session_queue_arguments,
-    wait_to_reconnect,
-)
+from triows.backends.rabbitmq_sessions import RabbitSessionQueue, RabbitSessions, wait_to_reconnect
 from triows.backends.supervisor import TRANSIENT, BrokerRejected, first_leaf
 from triows.backoff import Backoff
 from triows.logs import log_event
@@ -75,7 +53,7 @@ LOST: tuple[type[BaseException], ...] = (
 )
 
 
-class Amqp10Sessions:
+class Amqp10Sessions(RabbitSessions["Amqp10SessionQueue"]):
     """Every session queue this instance consumes over AMQP 1.0 on RabbitMQ."""
 
     def __init__(
@@ -84,47 +62,18 @@ class Amqp10Sessions:
         where: Callable[[], BrokerAddress],
         new_connection: Callable[[], tuple[Connection, Transport]],
     ) -> None:
-        self.settings = settings
-        self.where = where  # the broker node of the backend's current connection
+        # The broker node of the backend's current connection; AMQP 0-9-1 on its port.
+        super().__init__(settings, lambda: _on_its_port(where()))
         self.new_connection = new_connection  # configured as the backend's own
-        self.task_group: TaskGroup | None = None
-        self.open_queues: set[Amqp10SessionQueue] = set()
 
-    async def release(self) -> None:
-        """A drain: detach every session queue open here at once (each closes its connection,
-        which gives back what it did not ack). Never raises."""
-        async with anyio.create_task_group() as tasks:
-            for queue in list(self.open_queues):
-                tasks.start_soon(queue.detach)
+    def _new_queue(
+        self, name: str, key: str, deliver: SessionDeliver, waiting: int
+    ) -> Amqp10SessionQueue:
+        return Amqp10SessionQueue(self, name, key, deliver, waiting)
 
-    async def run(self) -> None:
-        """The task that owns every session connection's tasks (never returns)."""
-        async with anyio.create_task_group() as self.task_group:
-            await anyio.sleep_forever()
 
-    async def open(
-        self, name: str, key: str, deliver: SessionDeliver, *, resume: bool
-    ) -> Amqp10SessionQueue | None:
-        settings = self.settings
-        address = self.where()
-        try:
-            with anyio.fail_after(settings.broker_timeout):
-                waiting = await declare_session_queue(
-                    address,
-                    port=address.port,
-                    queue=name,
-                    arguments=session_queue_arguments(settings),
-                    exchange=settings.exchange,
-                    keys=[key],
-                    existing=resume,
-                )
-        except LOST as error:
-            raise BrokerUnavailable(f"session queue {name!r} not declared: {error}") from error
-        if waiting is None:
-            return None
-        queue = Amqp10SessionQueue(self, name, key, deliver, waiting)
-        await queue.start()
-        return queue
+def _on_its_port(address: BrokerAddress) -> tuple[BrokerAddress, int]:
+    return address, address.port
 
 
 class _Live:
@@ -148,36 +97,20 @@ class _Live:
         self.sender.open()
 
 
-class Amqp10SessionQueue:
+class Amqp10SessionQueue(RabbitSessionQueue):
     """One session's queue, consumed on an AMQP 1.0 connection of its own (module docstring)."""
+
+    _sessions: Amqp10Sessions
 
     def __init__(
         self, sessions: Amqp10Sessions, name: str, key: str, deliver: SessionDeliver, waiting: int
     ) -> None:
-        self._sessions = sessions
-        self._settings = sessions.settings
-        # The queue's names: the session's, then any replacement (restore_session_queue).
-        self._names = [name]
-        self._keys = {key}
-        self._deliver: SessionDeliver | None = deliver
-        self._waiting = waiting
-        self._tags = itertools.count(1)
+        super().__init__(sessions, name, key, deliver, waiting)
         self._unsettled: dict[int, tuple[_Live, Delivery]] = {}
         self._note_tags = itertools.count(1)
         self._live: _Live | None = None
         self._changed = Wakeup()
-        self._over = False
-        self._scope: anyio.CancelScope | None = None
-        self._gone = anyio.Event()
         self._started = False  # the first connection was attached
-
-    @property
-    def name(self) -> str:
-        return self._names[-1]
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
 
     # -- the connection --
 
@@ -199,10 +132,7 @@ class Amqp10SessionQueue:
                 while not self._over:
                     try:
                         if self._started:
-                            address = self._sessions.where()
-                            await restore_session_queue(
-                                self._settings, address, address.port, self._names, self._keys
-                            )
+                            await self.restore()
                         await self._serve(None if self._started else task_status)
                     except LOST as error:
                         if not self._started:
@@ -219,7 +149,7 @@ class Amqp10SessionQueue:
 
     async def _serve(self, task_status: anyio.abc.TaskStatus[None] | None) -> None:
         """One connection, until it ends: returns after our close, raises on a loss."""
-        address = self._sessions.where()
+        address, _port = self._sessions.where()
         with anyio.fail_after(self._settings.broker_timeout):
             stream = await connect_stream(
                 address.host, address.port, tls=address.tls, cafile=address.cafile
@@ -306,13 +236,8 @@ class Amqp10SessionQueue:
         ):
             data = receiver.recv(current.pending) or b""
             receiver.advance()
-            message = Message()
-            try:
-                message.decode(data)
-            except ProtonException:
-                message.body = None
-            body = message.body
-            if not isinstance(body, bytes | bytearray | memoryview):
+            received = message_body(data)
+            if received is None:
                 # Not a message triows sent: done with it.
                 current.update(Delivery.ACCEPTED)
                 current.settle()
@@ -321,34 +246,11 @@ class Amqp10SessionQueue:
             tag = next(self._tags)
             self._unsettled[tag] = (live, current)
             if self._deliver is not None:
-                key = message.subject or ""
-                redelivered = not message.first_acquirer
-                self._deliver(SessionDelivery(key, bytes(body), tag, redelivered))
-            # Stopped: left unsettled, given back when the connection closes.
+                body, redelivered, key = received
+                self._deliver(SessionDelivery(key, body, tag, redelivered))
+            # Detached: left unsettled, given back when the connection closes.
 
     # -- the contract --
-
-    async def bind(self, key: str) -> None:
-        await self._change_bindings(bind=[key])
-        self._keys.add(key)
-
-    async def unbind(self, key: str) -> None:
-        self._keys.discard(key)
-        await self._change_bindings(unbind=[key])
-
-    async def _change_bindings(self, **change: list[str]) -> None:
-        address = self._sessions.where()
-        try:
-            with anyio.fail_after(self._settings.broker_timeout):
-                await change_bindings(
-                    address,
-                    port=address.port,
-                    queue=self.name,
-                    exchange=self._settings.exchange,
-                    **change,
-                )
-        except LOST as error:
-            raise BrokerUnavailable(f"session queue {self.name!r}: {error}") from error
 
     async def note(self, body: bytes) -> None:
         live = self._live
@@ -380,41 +282,17 @@ class Amqp10SessionQueue:
         live.receiver.flow(1)
         live.pump.wake()
 
-    async def stop(self) -> None:
-        self._deliver = None
+    async def _close(self) -> None:
+        live = self._live
+        if live is not None and not live.ended:
+            live.pump.connection.close()
+            live.pump.wake()
+            while not live.ended:
+                await self._changed.wait()
 
     async def detach(self) -> None:
-        """Stop and close the connection: RabbitMQ gives back every delivery not settled."""
-        self._deliver = None
-        if self._over:
-            return
-        self._over = True
-        with anyio.CancelScope(shield=True):
-            live = self._live
-            if live is not None and not live.ended:
-                live.pump.connection.close()
-                live.pump.wake()
-                with anyio.move_on_after(self._settings.close_timeout):
-                    while not live.ended:
-                        await self._changed.wait()
-            if self._scope is not None:
-                self._scope.cancel()
-            await self._gone.wait()
-            self._unsettled.clear()
-
-    async def end(self) -> None:
-        """Close the connection, then delete the queue and what it holds."""
-        await self.detach()
-        address = self._sessions.where()
-        with anyio.CancelScope(shield=True):
-            try:
-                with anyio.fail_after(self._settings.broker_timeout):
-                    await delete_queues(address, port=address.port, queues=self._names)
-            except DELETE_FAILURES as error:
-                # It expires after the resume window instead.
-                log_event(
-                    "session_queue_not_deleted", logging.WARNING, queue=self.name, error=repr(error)
-                )
+        await super().detach()
+        self._unsettled.clear()
 
 
 def _attached(link: Link) -> bool:

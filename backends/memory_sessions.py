@@ -189,9 +189,6 @@ class MemorySessionQueue:
             self._unacked[delivery.tag] = delivery
             self._deliver(delivery)
 
-    async def stop(self) -> None:
-        self._deliver = None
-
     def give_back(self) -> None:
         """Put every unacked delivery back at the head, in order, flagged redelivered."""
         self._deliver = None

@@ -36,7 +36,9 @@ session's own connection gives every unacked delivery back at once, in
 order, flagged ``redelivered:true`` for the next consumer: that is
 :meth:`StompSessionQueue.detach`. A connection lost under a session is made
 again (same backoff as the backend's) and the queue subscribed again; what
-it had handed over unacked comes back redelivered.
+it had handed over unacked comes back redelivered. What is done over AMQP
+0-9-1 (declare, bind, restore, delete) is shared with the AMQP 1.0 sessions:
+:mod:`backends.rabbitmq_sessions`.
 
 The session's note is a ``SEND`` to ``/amq/queue/<name>`` (the default
 exchange): it comes back with ``destination:/queue/<name>``, which is how a
@@ -49,29 +51,20 @@ queue over AMQP 0-9-1 (a consumer whose queue is deleted gets ``ERROR``
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, TaskGroup
+from anyio.abc import ByteStream
 
 from triows.backend import NOTE_KEY, BrokerUnavailable, SessionDeliver, SessionDelivery
 from triows.backends.broker_url import BrokerAddress, connect_stream
-from triows.backends.rabbitmq_exchange import (
-    DELETE_FAILURES,
-    QueueOutOfReach,
-    change_bindings,
-    declare_direct_exchange,
-    declare_session_queue,
-    delete_queues,
-)
+from triows.backends.rabbitmq_sessions import RabbitSessionQueue, RabbitSessions, wait_to_reconnect
 from triows.backends.stomp_frames import Frame, FrameParser, StompProtocolError, encode_frame
 from triows.backends.stomp_session import READ_SIZE, HeartbeatTimeout, StompBrokerError
 from triows.backends.supervisor import TRANSIENT, BrokerRejected, first_leaf
 from triows.backoff import Backoff
-from triows.logs import log_event
 from triows.settings import Settings
 
 # What ends one session connection (it is then made again) or fails a request.
@@ -88,67 +81,7 @@ SERVING_ENDS: tuple[type[BaseException], ...] = (*LOST, BaseExceptionGroup)
 REQUEST_FAILURES: tuple[type[BaseException], ...] = (*TRANSIENT, BrokerUnavailable)
 
 
-def session_queue_arguments(settings: Settings) -> dict[str, Any]:
-    """The arguments of a session's queue (module docstring)."""
-    return {
-        "x-expires": max(1, round(settings.resume_window * 1000)),
-        "x-max-length": settings.session_max_messages,
-        "x-max-length-bytes": settings.session_max_bytes,
-        "x-overflow": "drop-head",
-        "x-single-active-consumer": True,
-        # quorum: replicated over a cluster, so a session outlives a node.
-        "x-queue-type": settings.queue_type,
-    }
-
-
-async def wait_to_reconnect(backoff: Backoff, queue: str, error: BaseException) -> None:
-    """Wait the backend's next delay before a session connection is made again.
-
-    Only the first loss of a run is logged (at INFO): the backend's own
-    ``broker_unavailable`` says the broker is gone, once per attempt, not once
-    per session.
-    """
-    delay = backoff.next_delay()
-    if backoff.attempts == 1:
-        log_event("session_connection_lost", queue=queue, error=str(error) or repr(error))
-    await anyio.sleep(delay)
-
-
-async def restore_session_queue(
-    settings: Settings, address: BrokerAddress, port: int, names: list[str], keys: set[str]
-) -> None:
-    """Before a session's connection is made again: its exchange, queue and bindings.
-
-    A broker restart drops the (transient) exchange and with it the queue's
-    bindings; the queue itself may have expired meanwhile. Declared again
-    (idempotent), the session carries on. A queue whose cluster node is down
-    cannot be declared again under its name: the session carries on live on a
-    new one, ``names[-1]`` (appended here), which a resume cannot find: it
-    starts a fresh session.
-    """
-    with anyio.fail_after(settings.broker_timeout):
-        await declare_direct_exchange(address, port=port, exchange=settings.exchange)
-        try:
-            await _declare(settings, address, port, names[-1], keys)
-        except QueueOutOfReach:
-            names.append(f"{names[0]}.{len(names)}")
-            await _declare(settings, address, port, names[-1], keys)
-
-
-async def _declare(
-    settings: Settings, address: BrokerAddress, port: int, name: str, keys: set[str]
-) -> None:
-    await declare_session_queue(
-        address,
-        port=port,
-        queue=name,
-        arguments=session_queue_arguments(settings),
-        exchange=settings.exchange,
-        keys=keys,
-    )
-
-
-class StompSessions:
+class StompSessions(RabbitSessions["StompSessionQueue"]):
     """Every session queue this instance consumes over STOMP on RabbitMQ."""
 
     def __init__(
@@ -157,64 +90,25 @@ class StompSessions:
         where: Callable[[], tuple[BrokerAddress, int]],
         handshake: Callable[[ByteStream, FrameParser, BrokerAddress], Any],
     ) -> None:
-        self.settings = settings
         # The broker node (STOMP address) and AMQP 0-9-1 port of the backend's current connection.
-        self.where = where
+        super().__init__(settings, where)
         self.handshake = handshake
-        self.task_group: TaskGroup | None = None
-        self.open_queues: set[StompSessionQueue] = set()
 
-    async def release(self) -> None:
-        """A drain: detach every session queue open here at once (each closes its connection,
-        which gives back what it did not ack). Never raises."""
-        async with anyio.create_task_group() as tasks:
-            for queue in list(self.open_queues):
-                tasks.start_soon(queue.detach)
-
-    async def run(self) -> None:
-        """The task that owns every session connection's tasks (never returns)."""
-        async with anyio.create_task_group() as self.task_group:
-            await anyio.sleep_forever()
-
-    async def open(
-        self, name: str, key: str, deliver: SessionDeliver, *, resume: bool
-    ) -> StompSessionQueue | None:
-        settings = self.settings
-        address, amqp_port = self.where()
-        try:
-            with anyio.fail_after(settings.broker_timeout):
-                waiting = await declare_session_queue(
-                    address,
-                    port=amqp_port,
-                    queue=name,
-                    arguments=session_queue_arguments(settings),
-                    exchange=settings.exchange,
-                    keys=[key],
-                    existing=resume,
-                )
-        except LOST as error:
-            raise BrokerUnavailable(f"session queue {name!r} not declared: {error}") from error
-        if waiting is None:
-            return None
-        queue = StompSessionQueue(self, name, key, deliver, waiting)
-        await queue.start()
-        return queue
+    def _new_queue(
+        self, name: str, key: str, deliver: SessionDeliver, waiting: int
+    ) -> StompSessionQueue:
+        return StompSessionQueue(self, name, key, deliver, waiting)
 
 
-class StompSessionQueue:
+class StompSessionQueue(RabbitSessionQueue):
     """One session's queue, consumed on a STOMP connection of its own (module docstring)."""
+
+    _sessions: StompSessions
 
     def __init__(
         self, sessions: StompSessions, name: str, key: str, deliver: SessionDeliver, waiting: int
     ) -> None:
-        self._sessions = sessions
-        self._settings = sessions.settings
-        # The queue's names: the session's, then any replacement (restore_session_queue).
-        self._names = [name]
-        self._keys = {key}
-        self._deliver: SessionDeliver | None = deliver
-        self._waiting = waiting
-        self._tags = itertools.count(1)
+        super().__init__(sessions, name, key, deliver, waiting)
         # tag -> (connection number, STOMP ack id): an ack id of a lost
         # connection means nothing on the next one.
         self._ack_ids: dict[int, tuple[int, str]] = {}
@@ -226,19 +120,8 @@ class StompSessionQueue:
         self._write_lock = anyio.Lock()
         self._receipts: dict[str, anyio.Event] = {}
         self._receipt_ids = itertools.count(1)
-        self._over = False  # detached or ended: no connection is made again
-        self._scope: anyio.CancelScope | None = None
-        self._gone = anyio.Event()  # the connection task has ended
         self._exchange_prefix = f"/exchange/{self._settings.exchange}/"
         self._early: list[Frame] = []  # deliveries that came before the SUBSCRIBE's receipt
-
-    @property
-    def name(self) -> str:
-        return self._names[-1]
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
 
     # -- the connection --
 
@@ -313,10 +196,7 @@ class StompSessionQueue:
                         await wait_to_reconnect(backoff, self.name, error)
                     while not self._over:
                         try:
-                            address, amqp_port = self._sessions.where()
-                            await restore_session_queue(
-                                self._settings, address, amqp_port, self._names, self._keys
-                            )
+                            await self.restore()
                             with anyio.fail_after(self._settings.broker_timeout):
                                 stream, parser, intervals = await self._connect()
                             self._adopt(stream)
@@ -368,7 +248,7 @@ class StompSessionQueue:
             if self._deliver is not None:
                 redelivered = frame.headers.get("redelivered") == "true"
                 self._deliver(SessionDelivery(key, frame.body, tag, redelivered))
-            # Stopped: left unacked, given back when the connection closes.
+            # Detached: left unacked, given back when the connection closes.
         elif frame.command == "RECEIPT":
             event = self._receipts.pop(frame.headers.get("receipt-id", ""), None)
             if event is not None:
@@ -422,28 +302,6 @@ class StompSessionQueue:
 
     # -- the contract --
 
-    async def bind(self, key: str) -> None:
-        await self._change_bindings(bind=[key])
-        self._keys.add(key)
-
-    async def unbind(self, key: str) -> None:
-        self._keys.discard(key)
-        await self._change_bindings(unbind=[key])
-
-    async def _change_bindings(self, **change: list[str]) -> None:
-        address, amqp_port = self._sessions.where()
-        try:
-            with anyio.fail_after(self._settings.broker_timeout):
-                await change_bindings(
-                    address,
-                    port=amqp_port,
-                    queue=self.name,
-                    exchange=self._settings.exchange,
-                    **change,
-                )
-        except LOST as error:
-            raise BrokerUnavailable(f"session queue {self.name!r}: {error}") from error
-
     async def note(self, body: bytes) -> None:
         await self._request(Frame("SEND", {"destination": f"/amq/queue/{self.name}"}, body))
 
@@ -454,45 +312,15 @@ class StompSessionQueue:
         self._acks.append(ack_id[1])
         self._acks_due.set()
 
-    async def stop(self) -> None:
-        self._deliver = None
-
-    async def detach(self) -> None:
-        """Stop and close the connection: RabbitMQ gives back every delivery not acked."""
-        self._deliver = None
-        if self._over:
-            return
-        self._over = True
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self._settings.close_timeout):
-                try:
-                    # Acks written before the DISCONNECT are settled before it.
-                    acks, self._acks = self._acks, []
-                    frames = [Frame("ACK", {"id": i}) for i in acks]
-                    await self._write(b"".join(encode_frame(f) for f in frames))
-                    await self._request(Frame("DISCONNECT"))
-                except BrokerUnavailable:
-                    pass  # gone already: the broker gave them back itself
-            if self._scope is not None:
-                self._scope.cancel()
-            await self._gone.wait()
-
-    async def end(self) -> None:
-        """Close the connection, then delete the queue and what it holds."""
-        await self.detach()
-        address, amqp_port = self._sessions.where()
-        with anyio.CancelScope(shield=True):
-            try:
-                with anyio.fail_after(self._settings.broker_timeout):
-                    await delete_queues(address, port=amqp_port, queues=self._names)
-            except DELETE_FAILURES as error:
-                # It expires after the resume window instead.
-                log_event(
-                    "session_queue_not_deleted",
-                    logging.WARNING,
-                    queue=self.name,
-                    error=repr(error),
-                )
+    async def _close(self) -> None:
+        try:
+            # Acks written before the DISCONNECT are settled before it.
+            acks, self._acks = self._acks, []
+            frames = [Frame("ACK", {"id": i}) for i in acks]
+            await self._write(b"".join(encode_frame(f) for f in frames))
+            await self._request(Frame("DISCONNECT"))
+        except BrokerUnavailable:
+            pass  # gone already: the broker gave them back itself
 
 
 def _detail(frame: Frame) -> str:

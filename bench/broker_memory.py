@@ -8,6 +8,8 @@ over a window is only this run's where that run dominates it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 
 # rabbitmqctl starts an Erlang VM of its own: seconds on a loaded machine.
@@ -28,19 +30,26 @@ async def _rabbitmqctl(*args: str) -> str | None:
     return result.stdout.decode() if result.returncode == 0 else None
 
 
-async def rabbitmq_memory() -> int | None:
-    """Bytes the RabbitMQ node's Erlang VM has allocated (None: not readable here)."""
-    out = await _rabbitmqctl("eval", "erlang:memory(total).")
-    try:
-        return int(out.strip()) if out else None
-    except ValueError:
-        return None
+async def rabbitmq_memory(nodes: Sequence[str | None] = (None,)) -> int | None:
+    """Bytes the RabbitMQ node's Erlang VM has allocated (``rabbitmqctl``'s default node),
+    or the Erlang ``nodes``' VMs together (a cluster); None: not readable here."""
+    total = 0
+    for node in nodes:
+        out = await _rabbitmqctl(*(("-n", node) if node else ()), "eval", "erlang:memory(total).")
+        try:
+            total += int(out.strip()) if out else 0
+        except ValueError:
+            return None
+        if not out:
+            return None
+    return total
 
 
-async def session_queues(exchange: str) -> tuple[int, int] | None:
-    """How many session queues of ``exchange`` the node holds, and the bytes their
-    processes use (``list_queues memory``; None: not readable here)."""
-    out = await _rabbitmqctl("list_queues", "name", "memory")
+async def session_queues(exchange: str, node: str | None = None) -> tuple[int, int] | None:
+    """How many session queues of ``exchange`` the node (``rabbitmqctl``'s default, or the
+    Erlang ``node``) holds, and the bytes their processes use (``list_queues memory``;
+    None: not readable here)."""
+    out = await _rabbitmqctl(*(("-n", node) if node else ()), "list_queues", "name", "memory")
     if out is None:
         return None
     count = memory = 0

@@ -54,6 +54,7 @@ from bench.traffic import (
     room_stream,
     websocket_stream,
 )
+from deploy.brokers import RABBITMQ_CLUSTER_NODES
 from triows.backend import Backend, Outcome, open_backend
 from triows.client import SendConnection, open_events, open_send_connection
 from triows.process import Instance, serve_instance
@@ -475,11 +476,13 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
     count = options.idle_connections
     tag = secrets.token_hex(3)
     opener = _open_receiver(target)
-    on_rabbitmq = target.family == "rabbitmq"
+    on_rabbitmq = target.family in ("rabbitmq", "rabbitmq-cluster")
+    # A cluster's memory is its three nodes' together; its queues, as node 1 lists them.
+    nodes = RABBITMQ_CLUSTER_NODES if target.family == "rabbitmq-cluster" else (None,)
     async with _instances(target, exchange, 1) as (instance,):
         server = psutil.Process(instance.process.pid)
         rss_before = server.memory_info().rss
-        broker_before = await rabbitmq_memory() if on_rabbitmq else None
+        broker_before = await rabbitmq_memory(nodes) if on_rabbitmq else None
         connected = 0
         all_connected = trio.Event()
         handshakes = trio.Semaphore(IDLE_CONNECT_CONCURRENCY)
@@ -511,8 +514,8 @@ async def run_idle(target: Target, exchange: str, options: Options) -> dict[str,
             await trio.sleep(options.idle_window)
             window = meter.stop()
             rss_after = server.memory_info().rss
-            broker_after = await rabbitmq_memory() if on_rabbitmq else None
-            queues = await session_queues(exchange) if on_rabbitmq else None
+            broker_after = await rabbitmq_memory(nodes) if on_rabbitmq else None
+            queues = await session_queues(exchange, nodes[0]) if on_rabbitmq else None
             # Measured; now the fastest way down. A graceful close of thousands of
             # sockets (each one a broker unsubscribe) takes minutes on amqp10.
             # GarageMQ hangs when a consuming connection just drops: SIGTERM it.

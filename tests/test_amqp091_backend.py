@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
 from typing import Any
 
@@ -24,7 +24,7 @@ from pamqp import commands as spec
 import triows.backends.amqp091
 from deploy.brokers import BROKERS
 from tests.brokers import broker_outage, require_broker
-from tests.tcp_proxy import reachable
+from tests.tcp_proxy import open_tcp_proxy, reachable
 from tests.test_backend_contract import open_ready, receive, wait_not_ready
 from triows.backend import BrokerUnavailable, Outcome
 from triows.backends.amqp091 import Amqp091Backend, open_amqp091_backend
@@ -99,6 +99,41 @@ async def test_a_broker_closing_the_socket_during_the_handshake_is_retried(
             with pytest.raises(BrokerUnavailable):
                 await backend.publish("user.Bob", b"{}")
         nursery.cancel_scope.cancel()
+
+
+async def test_sends_with_sessions_cut_off_by_a_lost_connection_are_broker_unavailable(
+    exchange: str,
+) -> None:
+    """With sessions a send to a user is two publishes at once, the message and its probe:
+    when the connection is lost under them, the caller is told BrokerUnavailable (a /send:
+    503), not both failures in a group (which a /send answered 500)."""
+    port = free_port()
+    settings = amqp_settings(exchange, port=port, resume_window=30, reconnect_max_delay=0.05)
+    cut = trio.Event()
+
+    async def keep_sending() -> None:
+        # Twenty of these: some are on the connection when it goes (an outcome
+        # or BrokerUnavailable is fine; a group escaping fails the test).
+        while not cut.is_set():
+            with suppress(BrokerUnavailable):
+                await backend.publish("user.Bob", b"{}")
+
+    async with open_tcp_proxy(RABBITMQ_PORT, port=port) as proxy:
+        async with open_amqp091_backend(settings) as backend:
+            with trio.fail_after(READY_TIMEOUT):
+                await backend.wait_ready()
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(keep_sending)
+                await trio.sleep(0.5)
+                proxy.cut()
+                cut.set()
+            with trio.fail_after(READY_TIMEOUT):
+                # And it carries on, on a new connection (closed only then: a
+                # close racing the loss is not what this is about).
+                while not proxy.connections:  # noqa: ASYNC110
+                    await trio.sleep(POLL_INTERVAL)
+                await backend.wait_ready()
 
 
 async def publish_until_routed(backend: Amqp091Backend, key: str, body: bytes) -> None:

@@ -383,205 +383,173 @@ def bodies(deliveries: list[SessionDelivery]) -> list[tuple[str, bytes, bool]]:
     return [(d.key, d.body, d.redelivered) for d in deliveries]
 
 
-@asynccontextmanager
-async def two_instances(case: Case, exchange: str) -> AsyncIterator[tuple[Backend, Backend]]:
-    """Two instances with sessions on one exchange (one and the same for memory)."""
-    settings = case.settings(exchange, resume_window=SESSION_WINDOW)
+@dataclass
+class Pair:
+    """Two instances with sessions on one exchange (one and the same for memory), and the
+    name of a session that does not exist yet."""
+
+    first: Backend
+    second: Backend
+    name: str
+
+    async def open(self, collected: Collected, *, key: str = "user.Bob") -> SessionQueue:
+        """A new session ``name`` on the first instance."""
+        return await open_queue(self.first, self.name, collected, key=key)
+
+    async def find(self, collected: Collected, *, name: str = "") -> SessionQueue | None:
+        """Resume session ``name`` (or this pair's) on the second instance."""
+        sessions = sessions_of(self.second)
+        return await sessions.open(name or self.name, "user.Bob", collected.deliver, resume=True)
+
+    async def resume(self, collected: Collected, *, name: str = "") -> SessionQueue:
+        """The same, for a session that must still be there."""
+        resumed = await self.find(collected, name=name)
+        assert resumed is not None
+        return resumed
+
+
+@pytest.fixture
+async def pair(session_case: Case, exchange: str) -> AsyncIterator[Pair]:
+    settings = session_case.settings(exchange, resume_window=SESSION_WINDOW)
     async with AsyncExitStack() as stack:
         first = await stack.enter_async_context(open_ready(settings))
-        if case.broker is None:
-            yield first, first
-            return
-        yield first, await stack.enter_async_context(open_ready(settings))
+        second = first
+        if session_case.broker is not None:
+            second = await stack.enter_async_context(open_ready(settings))
+        yield Pair(first, second, session_name(exchange))
 
 
 def session_name(exchange: str) -> str:
     return f"{exchange}.session.{secrets.token_hex(16)}"
 
 
-async def test_a_session_queue_gets_the_messages_of_each_key_bound_in_order(
-    session_case: Case, exchange: str
-) -> None:
-    async with two_instances(session_case, exchange) as (sender, holder):
-        collected = Collected()
-        queue = await open_queue(holder, session_name(exchange), collected)
-        await queue.bind("room.Lobby")
-        await sender.publish("user.Bob", b"1")
-        await sender.publish("room.Lobby", b"2")
-        await sender.publish("user.Other", b"not bound")
-        await sender.publish("user.Bob", b"3")
-        got = await collected.take(3)
-        assert bodies(got) == [
-            ("user.Bob", b"1", False),
-            ("room.Lobby", b"2", False),
-            ("user.Bob", b"3", False),
-        ]
-        await queue.end()
+async def test_a_session_queue_gets_the_messages_of_each_key_bound_in_order(pair: Pair) -> None:
+    collected = Collected()
+    queue = await pair.open(collected)
+    await queue.bind("room.Lobby")
+    await pair.second.publish("user.Bob", b"1")
+    await pair.second.publish("room.Lobby", b"2")
+    await pair.second.publish("user.Other", b"not bound")
+    await pair.second.publish("user.Bob", b"3")
+    got = await collected.take(3)
+    assert bodies(got) == [
+        ("user.Bob", b"1", False),
+        ("room.Lobby", b"2", False),
+        ("user.Bob", b"3", False),
+    ]
+    await queue.end()
 
 
-async def test_an_unbound_key_is_no_longer_held(session_case: Case, exchange: str) -> None:
-    async with two_instances(session_case, exchange) as (sender, holder):
-        collected = Collected()
-        queue = await open_queue(holder, session_name(exchange), collected)
-        await queue.bind("room.Lobby")
-        await queue.unbind("room.Lobby")
-        await sender.publish("room.Lobby", b"left")
-        await sender.publish("user.Bob", b"after")
-        assert bodies(await collected.take(1)) == [("user.Bob", b"after", False)]
-        await queue.end()
+async def test_an_unbound_key_is_no_longer_held(pair: Pair) -> None:
+    collected = Collected()
+    queue = await pair.open(collected)
+    await queue.bind("room.Lobby")
+    await queue.unbind("room.Lobby")
+    await pair.second.publish("room.Lobby", b"left")
+    await pair.second.publish("user.Bob", b"after")
+    assert bodies(await collected.take(1)) == [("user.Bob", b"after", False)]
+    await queue.end()
 
 
 async def test_what_waited_while_nobody_consumed_is_counted_and_handed_over_on_resume(
-    session_case: Case, exchange: str
+    pair: Pair,
 ) -> None:
-    name = session_name(exchange)
-    async with two_instances(session_case, exchange) as (first, second):
-        queue = await open_queue(first, name, Collected())
-        await queue.detach()
-        for n in range(3):
-            await second.publish("user.Bob", b"%d" % n)
-        collected = Collected()
-        resumed = await sessions_of(second).open(name, "user.Bob", collected.deliver, resume=True)
-        assert resumed is not None
-        assert resumed.waiting == 3
-        assert [d.body for d in await collected.take(3)] == [b"0", b"1", b"2"]
-        await resumed.end()
+    queue = await pair.open(Collected())
+    await queue.detach()
+    for n in range(3):
+        await pair.second.publish("user.Bob", b"%d" % n)
+    collected = Collected()
+    resumed = await pair.resume(collected)
+    assert resumed.waiting == 3
+    assert [d.body for d in await collected.take(3)] == [b"0", b"1", b"2"]
+    await resumed.end()
 
 
 async def test_deliveries_not_acked_come_back_in_order_flagged_to_a_resume_elsewhere(
-    session_case: Case, exchange: str
+    pair: Pair,
 ) -> None:
-    name = session_name(exchange)
-    async with two_instances(session_case, exchange) as (first, second):
+    collected = Collected()
+    queue = await pair.open(collected)
+    for n in range(4):
+        await pair.second.publish("user.Bob", b"%d" % n)
+    got = await collected.take(4)
+    queue.ack(got[0].tag)
+    await queue.detach()
+    again = Collected()
+    resumed = await pair.resume(again)
+    assert bodies(await again.take(3)) == [
+        ("user.Bob", b"1", True),
+        ("user.Bob", b"2", True),
+        ("user.Bob", b"3", True),
+    ]
+    await pair.second.publish("user.Bob", b"4")
+    assert bodies(await again.take(1)) == [("user.Bob", b"4", False)]
+    await resumed.end()
+
+
+async def test_two_consumers_of_one_session_never_split_its_messages(pair: Pair) -> None:
+    old, new = Collected(), Collected()
+    first_queue = await pair.open(old)
+    second_queue = await pair.resume(new)
+    for n in range(3):
+        await pair.first.publish("user.Bob", b"%d" % n)
+    # One of them (the broker's single active consumer, or the newest
+    # where the old one is taken over) gets all three, the other none.
+    with trio.fail_after(DELIVERY_TIMEOUT):
+        while len(old.deliveries) + len(new.deliveries) < 3:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    counts = sorted([len(old.deliveries), len(new.deliveries)])
+    await first_queue.detach()
+    await second_queue.end()
+    assert counts == [0, 3]
+
+
+async def test_release_gives_back_what_every_session_here_did_not_ack(pair: Pair) -> None:
+    names = [f"{pair.name}.Anne", f"{pair.name}.Bob"]
+    for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
         collected = Collected()
-        queue = await open_queue(first, name, collected)
-        for n in range(4):
-            await second.publish("user.Bob", b"%d" % n)
-        got = await collected.take(4)
-        queue.ack(got[0].tag)
-        await queue.detach()
+        await open_queue(pair.first, name, collected, key=user)
+        await pair.second.publish(user, user.encode())
+        await collected.take(1)
+    await sessions_of(pair.first).release()
+    for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
         again = Collected()
-        resumed = await sessions_of(second).open(name, "user.Bob", again.deliver, resume=True)
+        resumed = await sessions_of(pair.second).open(name, user, again.deliver, resume=True)
         assert resumed is not None
-        assert bodies(await again.take(3)) == [
-            ("user.Bob", b"1", True),
-            ("user.Bob", b"2", True),
-            ("user.Bob", b"3", True),
-        ]
-        await second.publish("user.Bob", b"4")
-        assert bodies(await again.take(1)) == [("user.Bob", b"4", False)]
+        assert bodies(await again.take(1)) == [(user, user.encode(), True)]
         await resumed.end()
 
 
-async def test_what_was_handed_over_after_stop_stays_unacked_for_the_next_consumer(
-    session_case: Case, exchange: str
-) -> None:
-    name = session_name(exchange)
-    async with two_instances(session_case, exchange) as (first, second):
-        collected = Collected()
-        queue = await open_queue(first, name, collected)
-        await second.publish("user.Bob", b"before")
-        (before,) = await collected.take(1)
-        await queue.stop()
-        await second.publish("user.Bob", b"after stop")
-        queue.ack(before.tag)  # acks still count after stop
-        await queue.detach()
-        assert collected.deliveries == []
-        again = Collected()
-        resumed = await sessions_of(second).open(name, "user.Bob", again.deliver, resume=True)
-        assert resumed is not None
-        assert [d.body for d in await again.take(1)] == [b"after stop"]
-        await resumed.end()
-
-
-async def test_two_consumers_of_one_session_never_split_its_messages(
-    session_case: Case, exchange: str
-) -> None:
-    name = session_name(exchange)
-    async with two_instances(session_case, exchange) as (first, second):
-        old, new = Collected(), Collected()
-        first_queue = await open_queue(first, name, old)
-        second_queue = await sessions_of(second).open(name, "user.Bob", new.deliver, resume=True)
-        assert second_queue is not None
-        for n in range(3):
-            await first.publish("user.Bob", b"%d" % n)
-        # One of them (the broker's single active consumer, or the newest
-        # where the old one is taken over) gets all three, the other none.
-        with trio.fail_after(DELIVERY_TIMEOUT):
-            while len(old.deliveries) + len(new.deliveries) < 3:  # noqa: ASYNC110
-                await trio.sleep(0.01)
-        counts = sorted([len(old.deliveries), len(new.deliveries)])
-        await first_queue.detach()
-        await second_queue.end()
-        assert counts == [0, 3]
-
-
-async def test_release_gives_back_what_every_session_here_did_not_ack(
-    session_case: Case, exchange: str
-) -> None:
-    names = [session_name(exchange), session_name(exchange)]
-    async with two_instances(session_case, exchange) as (first, second):
-        for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
-            collected = Collected()
-            await open_queue(first, name, collected, key=user)
-            await second.publish(user, user.encode())
-            await collected.take(1)
-        await sessions_of(first).release()
-        for name, user in zip(names, ("user.Anne", "user.Bob"), strict=True):
-            again = Collected()
-            resumed = await sessions_of(second).open(name, user, again.deliver, resume=True)
-            assert resumed is not None
-            assert bodies(await again.take(1)) == [(user, user.encode(), True)]
-            await resumed.end()
-
-
-async def test_a_note_is_kept_in_the_queue_and_comes_back_on_the_note_key(
-    session_case: Case, exchange: str
-) -> None:
-    name = session_name(exchange)
-    async with two_instances(session_case, exchange) as (first, second):
-        collected = Collected()
-        queue = await open_queue(first, name, collected)
-        await queue.note(b'{"rooms": ["Lobby"]}')
-        (note,) = await collected.take(1)
-        assert (note.key, note.body) == (NOTE_KEY, b'{"rooms": ["Lobby"]}')
-        await queue.detach()  # the note left unacked
-        again = Collected()
-        resumed = await sessions_of(second).open(name, "user.Bob", again.deliver, resume=True)
-        assert resumed is not None
-        assert bodies(await again.take(1)) == [(NOTE_KEY, b'{"rooms": ["Lobby"]}', True)]
-        await resumed.end()
+async def test_a_note_is_kept_in_the_queue_and_comes_back_on_the_note_key(pair: Pair) -> None:
+    collected = Collected()
+    queue = await pair.open(collected)
+    await queue.note(b'{"rooms": ["Lobby"]}')
+    (note,) = await collected.take(1)
+    assert (note.key, note.body) == (NOTE_KEY, b'{"rooms": ["Lobby"]}')
+    await queue.detach()  # the note left unacked
+    again = Collected()
+    resumed = await pair.resume(again)
+    assert bodies(await again.take(1)) == [(NOTE_KEY, b'{"rooms": ["Lobby"]}', True)]
+    await resumed.end()
 
 
 async def test_end_deletes_the_queue_and_a_resume_then_finds_none(
-    session_case: Case, exchange: str
+    pair: Pair, session_case: Case
 ) -> None:
-    name = session_name(exchange)
-    async with two_instances(session_case, exchange) as (first, second):
-        queue = await open_queue(first, name, Collected())
-        await second.publish("user.Bob", b"never read")
-        await queue.end()
-        await queue.end()  # idempotent
-        assert (
-            await sessions_of(second).open(name, "user.Bob", Collected().deliver, resume=True)
-            is None
-        )
-        # Nothing holds Bob's messages any more.
-        assert await second.publish("user.Bob", b"nobody") in (
-            Outcome.UNROUTED,
-            session_case.outcome(held=False),
-        )
+    queue = await pair.open(Collected())
+    await pair.second.publish("user.Bob", b"never read")
+    await queue.end()
+    await queue.end()  # idempotent
+    assert await pair.find(Collected()) is None
+    # Nothing holds Bob's messages any more.
+    assert await pair.second.publish("user.Bob", b"nobody") in (
+        Outcome.UNROUTED,
+        session_case.outcome(held=False),
+    )
 
 
-async def test_a_resume_of_a_session_that_never_was_finds_none(
-    session_case: Case, exchange: str
-) -> None:
-    async with two_instances(session_case, exchange) as (first, _second):
-        name = session_name(exchange)
-        assert (
-            await sessions_of(first).open(name, "user.Bob", Collected().deliver, resume=True)
-            is None
-        )
+async def test_a_resume_of_a_session_that_never_was_finds_none(pair: Pair) -> None:
+    assert await pair.find(Collected()) is None
 
 
 async def test_a_queue_nobody_consumed_for_the_window_is_gone(

@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from deploy.brokers import (
     BROKERS,
@@ -38,6 +39,7 @@ from tests.brokers import broker_outage, cluster_urls, require_broker
 from tests.e2e import POLL_INTERVAL, RECONNECT_MAX, STEP_TIMEOUT, unique_exchange
 from tests.tcp_proxy import open_tcp_proxy
 from tests.test_amqp091_backend import Rejections
+from tests.test_session_resume import Received, events_url, sender
 from triows.backend import open_backend
 from triows.backends.broker_url import rotated_broker_urls
 from triows.client import EventsClient, open_events, post_send
@@ -71,11 +73,19 @@ def cluster_started() -> None:
 
 @asynccontextmanager
 async def instances_on_nodes(
-    backend: str, first_nodes: tuple[int, ...], *, tls: bool = False
+    backend: str,
+    first_nodes: tuple[int, ...],
+    *,
+    tls: bool = False,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[list[Instance]]:
     """One ready instance per entry of ``first_nodes``, each listing that node (0-based) first."""
     urls = cluster_urls(backend, tls=tls)  # type: ignore[arg-type]
-    env = {"TRIOWS_EXCHANGE": unique_exchange(), "TRIOWS_RECONNECT_MAX": RECONNECT_MAX}
+    env = {
+        "TRIOWS_EXCHANGE": unique_exchange(),
+        "TRIOWS_RECONNECT_MAX": RECONNECT_MAX,
+        **(env or {}),
+    }
     async with AsyncExitStack() as stack:
         instances = []
         for first in first_nodes:
@@ -171,52 +181,79 @@ async def running_nodes() -> list[str]:
     return await trio.to_thread.run_sync(running_cluster_nodes, cluster_nodes()[2])
 
 
-async def test_the_node_under_the_sending_instance_killed_and_booted_again_annes_sends_go_on() -> (
-    None
-):
-    """Anne sends through A, Bob listens on B: node 1, A's node, is SIGKILLed. A moves to
-    node 2 (the next in its list) and Anne's sends through it reach Bob again; node 1
-    boots again, rejoins the cluster, and nothing needs it to."""
+@pytest.mark.parametrize(
+    ("node", "take_down", "under"),
+    [
+        pytest.param(NODE_1, kill_node, 0, id="sending-node-killed"),
+        pytest.param(NODE_2, stop_node, 1, id="receiving-node-restarted"),
+    ],
+)
+async def test_a_node_taken_down_and_booted_again_rejoins_and_annes_sends_go_on(
+    node: str, take_down: Callable[[str], Awaitable[None]], under: int
+) -> None:
+    """Anne sends through A (node 1 first), Bob listens on B (node 2 first). Node 1, A's,
+    is SIGKILLed, or node 2, B's, is shut down whole: the instance on it moves to the next
+    node of its list and Anne's sends reach Bob again; the node boots again, rejoins the
+    cluster, and nothing needs it to."""
     await require_broker("rabbitmq-cluster")
     async with (
-        instances_on_nodes("amqp091", (0, 1)) as (a, b),
+        instances_on_nodes("amqp091", (0, 1)) as instances,
         httpx.AsyncClient() as http,
-        open_events(b.base_url, user="Bob") as bob,
+        open_events(instances[1].base_url, user="Bob") as bob,
     ):
+        a = instances[0]
         with trio.fail_after(STEP_TIMEOUT):
             await send_until_received(http, a, bob, "before")
         with trio.fail_after(OUTAGE_TIMEOUT):
-            async with broker_outage(NODE_1, take_down=partial(kill_node, NODE_1)):
+            async with broker_outage(node, take_down=partial(take_down, node)):
                 during = await send_until_received(http, a, bob, "during")
             # Booted with its data, it synced with the running nodes before
             # opening its listeners (outage-end waits for those).
-            assert erlang_name(NODE_1) in await running_nodes()
+            assert erlang_name(node) in await running_nodes()
             after = await send_until_received(http, a, bob, "after")
         assert during["from"] == after["from"] == "Anne"
         assert bob.close_code is None
-        assert a.process.returncode is None
+        assert instances[under].process.returncode is None
 
 
-async def test_a_node_restarted_whole_rejoins_and_delivery_to_the_instance_on_it_goes_on() -> None:
-    """Node 2, under B (Bob's instance), is shut down whole and booted again while Anne
-    sends: B moves to node 3 and Bob keeps getting her messages; node 2 rejoins the
-    cluster, and Bob still gets them."""
+async def test_quorum_sessions_lose_nothing_when_the_node_under_their_instance_dies() -> None:
+    """Sessions on, their queues quorum queues (replicated over the three nodes). Bob on
+    B (node 2 first), a sender POSTing to A every few milliseconds; node 2 is SIGKILLed,
+    then booted again. B moves to node 3 and consumes Bob's queue there: no send is
+    refused, and every message reaches Bob's one socket exactly once, in the order sent,
+    ``seq`` consecutive."""
     await require_broker("rabbitmq-cluster")
+    received = Received()
+    sessions = {"TRIOWS_RESUME_WINDOW": "120", "TRIOWS_QUEUE_TYPE": "quorum"}
     async with (
-        instances_on_nodes("amqp091", (0, 1)) as (a, b),
-        httpx.AsyncClient() as http,
-        open_events(b.base_url, user="Bob") as bob,
+        instances_on_nodes("amqp091", (0, 1), env=sessions) as (a, b),
+        httpx.AsyncClient(timeout=OUTAGE_TIMEOUT) as http,
+        open_websocket_url(events_url(b.base_url, "Bob")) as socket,
+        trio.open_nursery() as nursery,
     ):
-        with trio.fail_after(STEP_TIMEOUT):
-            await send_until_received(http, a, bob, "before")
+        nursery.start_soon(received.read, socket)
+        done = trio.Event()
         with trio.fail_after(OUTAGE_TIMEOUT):
-            async with broker_outage(NODE_2, take_down=partial(stop_node, NODE_2)):
-                during = await send_until_received(http, a, bob, "during")
-            assert erlang_name(NODE_2) in await running_nodes()
-            after = await send_until_received(http, a, bob, "after")
-        assert during["from"] == after["from"] == "Anne"
-        assert bob.close_code is None
-        assert b.process.returncode is None
+            await received.until(lambda: bool(received.hellos))
+            nursery.start_soon(sender, http, a.base_url, received, done)
+            await received.until(lambda: len(received.frames) >= 50)
+            async with broker_outage(NODE_2, take_down=partial(kill_node, NODE_2)):
+                # Delivery goes on while node 2 is down.
+                count = len(received.frames)
+                await received.until(lambda: len(received.frames) >= count + 50)
+            done.set()
+            wanted = {message_id for status, message_id in received.outcomes if status == 202}
+            await received.until(lambda: wanted <= {frame["id"] for frame in received.frames})
+            await trio.sleep(0.5)  # a duplicate would come now
+        nursery.cancel_scope.cancel()
+    # Bob's queue stayed routable (classic: its one copy on node 2, sends 404 until B
+    # has declared a new one).
+    assert [status for status, _ in received.outcomes if status != 202] == []
+    ids = [frame["id"] for frame in received.frames]
+    assert len(ids) == len(set(ids)), "a message came twice"
+    assert ids == [message_id for _, message_id in received.outcomes if message_id is not None]
+    assert [frame["seq"] for frame in received.frames] == list(range(1, len(ids) + 1))
+    assert len(received.hellos) == 1  # the socket stayed open
 
 
 def via_port(url: str, port: int) -> str:

@@ -103,12 +103,9 @@ class SessionQueue(Protocol):
         """The delivery ``tag`` is done (written to the socket): the broker forgets it."""
         ...
 
-    async def stop(self) -> None:
-        """Take no more deliveries; those not acked stay unacked until :meth:`detach`."""
-        ...
-
     async def detach(self) -> None:
-        """Stop, and give back every delivery not acked; the queue stays for the window.
+        """Take no more deliveries, and give back every one not acked; the queue stays for
+        the window.
 
         Idempotent; never raises (a broker that is gone gives them back itself).
         """

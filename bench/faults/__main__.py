@@ -15,7 +15,7 @@ from bench.faults.churn import run_churn
 from bench.faults.clients import dead_client_wait, run_dead_client, run_fanout
 from bench.faults.options import CLUSTER_FAULTS, FAULTS, Options, quick_options
 from bench.faults.report import merge_results
-from bench.faults.sessions import RESUME_FAULTS, run_resume_case
+from bench.faults.sessions import RESUME_FAULTS, SESSION_NODE_FAULTS, run_resume_case
 from bench.targets import CLUSTER_TARGETS, TARGETS, ensure_broker
 
 
@@ -32,8 +32,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--fault",
         action="append",
-        choices=[*FAULTS, "dead-client", "churn", "fanout", *RESUME_FAULTS, *CLUSTER_FAULTS],
-        help=f"default: all but {', '.join(CLUSTER_FAULTS)}, which only a cluster target runs",
+        choices=[
+            *FAULTS,
+            "dead-client",
+            "churn",
+            "fanout",
+            *RESUME_FAULTS,
+            *CLUSTER_FAULTS,
+            *SESSION_NODE_FAULTS,
+        ],
+        help=(
+            f"default: all but {', '.join((*CLUSTER_FAULTS, *SESSION_NODE_FAULTS))}, "
+            "which only a cluster target runs (and runs by default)"
+        ),
     )
     parser.add_argument(
         "--rate", type=float, help="messages/s over all users (default 30 %% of direct)"
@@ -57,7 +68,7 @@ async def main(argv: list[str] | None = None) -> None:
         if args.fault:
             faults = args.fault
         elif name in CLUSTER_TARGETS:
-            faults = list(CLUSTER_FAULTS)
+            faults = [*CLUSTER_FAULTS, *SESSION_NODE_FAULTS]
         else:
             faults = [*FAULTS, "dead-client", "churn", "fanout", *RESUME_FAULTS]
         for fault in faults:
@@ -67,7 +78,7 @@ async def main(argv: list[str] | None = None) -> None:
                     row = await run_fanout(target, args.sockets, 20, opts)
                 elif fault == "churn":
                     row = await run_churn(target, args.cycles, opts)
-                elif fault in RESUME_FAULTS:
+                elif fault in (*RESUME_FAULTS, *SESSION_NODE_FAULTS):
                     row = await run_resume_case(target, fault, opts)
                 elif fault == "dead-client":
                     row = await run_dead_client(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -47,6 +47,14 @@ async def fault_outage(
     return {"how": f"deploy/brokers.py outage-begin {family}; sleep; outage-end {family}"}
 
 
+class Marks(Protocol):
+    """Where a fault marks its start and end (a case's :class:`Clock`)."""
+
+    def began(self) -> None: ...
+
+    def ended(self) -> None: ...
+
+
 # The node under each instance: the first of its URL list (bench/faults/cluster.py).
 NODE_UNDER = {"a": "rabbitmq-cluster-1", "b": "rabbitmq-cluster-2"}
 NODE_NAME = {"a": "triows-c1@localhost", "b": "triows-c2@localhost"}
@@ -69,7 +77,7 @@ async def fault_node_stop(
     return {"how": f"deploy/brokers.py outage-begin {node}; sleep; outage-end"}
 
 
-async def kill_node(cluster: Cluster, clock: Clock, opts: Options, under: str) -> dict[str, Any]:
+async def kill_node(cluster: Cluster, clock: Marks, opts: Options, under: str) -> dict[str, Any]:
     """SIGKILL the cluster node under instance ``under``; boot it after ``opts.kill_down`` s."""
     node, name = NODE_UNDER[under], NODE_NAME[under]
     async with outage_lock(cluster.target):
@@ -103,9 +111,14 @@ async def fault_node_kill_sender(
 async def fault_node_restart(
     cluster: Cluster, traffic: Traffic, clock: Clock, opts: Options
 ) -> dict[str, Any]:
-    """Shut the node under instance B down whole (``rabbitmqctl stop``: its Erlang VM
-    exits), boot it again after ``opts.kill_down`` s, and see it rejoin the cluster."""
-    node, name = NODE_UNDER["b"], NODE_NAME["b"]
+    """Shut the node under instance B down whole; see :func:`restart_node`."""
+    return await restart_node(cluster, clock, opts, "b")
+
+
+async def restart_node(cluster: Cluster, clock: Marks, opts: Options, under: str) -> dict[str, Any]:
+    """Shut the node under instance ``under`` down whole (``rabbitmqctl stop``: its Erlang
+    VM exits), boot it again after ``opts.kill_down`` s, and see it rejoin the cluster."""
+    node, name = NODE_UNDER[under], NODE_NAME[under]
     async with outage_lock(cluster.target):
         clock.began()
         await rabbitmqctl("-n", name, "stop")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.faults.options import CLUSTER_FAULTS, FAULTS, RESULTS_DIR
-from bench.faults.sessions import RESUME_FAULTS
+from bench.faults.sessions import RESUME_FAULTS, SESSION_NODE_FAULTS
 
 
 def merge_results(
@@ -31,7 +31,15 @@ def merge_results(
 FAULT_ORDER = {
     name: n
     for n, name in enumerate(
-        (*FAULTS, "dead-client", "churn", "fanout", *RESUME_FAULTS, *CLUSTER_FAULTS)
+        (
+            *FAULTS,
+            "dead-client",
+            "churn",
+            "fanout",
+            *RESUME_FAULTS,
+            *CLUSTER_FAULTS,
+            *SESSION_NODE_FAULTS,
+        )
     )
 }
 
@@ -58,7 +66,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|---|",
     ]
     for row in rows:
-        if row["fault"] in RESUME_FAULTS:
+        if row["fault"] in (*RESUME_FAULTS, *SESSION_NODE_FAULTS):
             continue
         command = f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
         if row["status"] != "ok":
@@ -94,6 +102,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     resume_rows = [row for row in rows if row["fault"] in RESUME_FAULTS]
     if resume_rows:
         lines += ["", *resume_markdown(resume_rows)]
+    node_rows = [row for row in rows if row["fault"] in SESSION_NODE_FAULTS]
+    if node_rows:
+        lines += ["", *session_node_markdown(node_rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -117,12 +128,9 @@ def resume_markdown(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
-        command = f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
+        command = _command(row)
         if row["status"] != "ok":
-            lines.append(
-                f"| {row['target']} | {row['fault']} | | | | | | | | | | | | "
-                f"{command} ({row['status']}: {row.get('why', '')}) |"
-            )
+            lines.append(_failed(row, 11))
             continue
         acc = row["accounting"]
         not_resumed = row["users_not_resumed"] + row["users_not_back"]
@@ -135,6 +143,55 @@ def resume_markdown(rows: list[dict[str, Any]]) -> list[str]:
             f"| {_fmt(row['exit_s'])} | {command} |"
         )
     return lines
+
+
+def session_node_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The node-loss table with sessions: quorum session queues, the node under B lost."""
+    lines = [
+        "## Sessions on a RabbitMQ cluster: the node under instance B lost",
+        "",
+        "Sessions on (`TRIOWS_RESUME_WINDOW=120`), their queues quorum queues "
+        "(`TRIOWS_QUEUE_TYPE=quorum`). The users' sockets and the senders as above; the node "
+        "under B (node 2, first in B's list) is SIGKILLed (`session-node-kill`) or shut down "
+        "whole (`session-node-restart`), then booted again. Per case: sent / refused / 2xx "
+        "but never delivered / delivered twice / out of order / a `seq` not one more than "
+        "the one before; sockets that closed and opened again; the longest any user went "
+        "without a delivery from the fault's start.",
+        "",
+        "| target | fault | users | sent (sent/s) | refused | 2xx-but-lost | dup | reord "
+        "| seq gaps | sockets reopened | longest without a delivery s | queues before / after "
+        "| command |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for row in rows:
+        command = _command(row)
+        if row["status"] != "ok":
+            lines.append(_failed(row, 10))
+            continue
+        acc = row["accounting"]
+        queues = row["session_queues"]
+        lines.append(
+            f"| {row['target']} | {row['fault']} | {row['users_on_b']} "
+            f"| {acc['sent']} ({row['sent_per_s']:g}) | {acc['refused']} | {acc['lost_2xx']} "
+            f"| {acc['duplicated']} | {acc['reordered']} | {acc['seq_not_consecutive']} "
+            f"| {row['sockets_reopened']} | {_fmt(row['longest_without_delivery_s'])} "
+            f"| {_fmt(queues['before'])} / {_fmt(queues['after'])} | {command} |"
+        )
+    return lines
+
+
+def _command(row: dict[str, Any]) -> str:
+    return f"`python -m bench.faults --target {row['target']} --fault {row['fault']}`"
+
+
+def _failed(row: dict[str, Any], empty: int) -> str:
+    """A sessions table's row for a case that did not run: ``empty`` blank cells, then its
+    command and why."""
+    blanks = " |" * empty
+    return (
+        f"| {row['target']} | {row['fault']} |{blanks} "
+        f"{_command(row)} ({row['status']}: {row.get('why', '')}) |"
+    )
 
 
 def _extra_notes(row: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""Continuity for resumed sessions: instance B drained or SIGKILLed under traffic.
+"""Continuity for sessions: instance B drained or SIGKILLed, or the broker node under B
+lost, under traffic.
 
 Two instances (``open_cluster``; the users and the sender talk to the
 instances directly, not through HAProxy). ``users`` users each hold one
@@ -14,6 +15,14 @@ connections), and the answers' outcomes (``routed``, ``queued``). Times run
 from the signal to each user's first ``hello`` after it that says
 ``"resumed": true``. A backend whose ``hello`` says ``"resumable": false``
 runs the same case, and its row says so: its users reconnect afresh.
+
+On a cluster target (``session-node-kill``, ``session-node-restart``) B
+stays; the RabbitMQ node under it is SIGKILLed or shut down whole, then
+booted again (:mod:`bench.faults.broker`), while every session queue is a
+quorum queue (``TRIOWS_QUEUE_TYPE=quorum``, replicated over the three
+nodes). B moves to the next node of its list and consumes the sessions'
+queues again there; the users' sockets stay open. Their row says how long
+any user went without a delivery from the fault's start.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from bench.broker_memory import session_queues
+from bench.faults.broker import NODE_NAME, kill_node, restart_node
 from bench.faults.cluster import Cluster, log_tails, open_cluster
 from bench.faults.options import STEP_TIMEOUT, Options
 from bench.faults.traffic import now
@@ -39,6 +49,10 @@ from triows.client import open_send_connection
 
 RESUME_FAULTS = ("resume-drain", "resume-kill")
 SIGNALS = {"resume-drain": signal.SIGTERM, "resume-kill": signal.SIGKILL}
+# A cluster target only: the node under B lost, the sessions' queues quorum queues.
+NODE_FAULTS = {"session-node-kill": kill_node, "session-node-restart": restart_node}
+SESSION_NODE_FAULTS = tuple(NODE_FAULTS)
+QUORUM_SESSIONS = {"TRIOWS_RESUME_WINDOW": "120", "TRIOWS_QUEUE_TYPE": "quorum"}
 
 USERS = 20
 SEND_EVERY = 0.005
@@ -77,8 +91,9 @@ class SessionUser:
     name: str
     urls: list[str]
     hellos: list[Hello] = field(default_factory=list)
-    # Message ids in the order they arrived, across connections, with their seq.
+    # Message ids in the order they arrived, across connections, when, and their seq.
     ids: list[str] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)
     seqs: list[int] = field(default_factory=list)
     token: str | None = None
     cursor: str | None = None
@@ -116,6 +131,7 @@ class SessionUser:
             frame = json.loads(await socket.get_message())
             if frame.get("type") == "message":
                 self.ids.append(frame["id"])
+                self.arrived.append(now())
                 if "seq" in frame:
                     self.seqs.append(frame["seq"])
                     self.cursor = f"{frame['seq']}-{frame['id']}"
@@ -205,16 +221,36 @@ def account(users: list[SessionUser], sent: list[Sent]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class FaultTimes:
+    """When a node fault began and ended (:class:`bench.faults.broker.Marks`)."""
+
+    begin: float = 0.0
+    end: float = 0.0
+
+    def began(self) -> None:
+        self.begin = now()
+
+    def ended(self) -> None:
+        self.end = now()
+
+
 async def run_resume_case(
     target: Target, fault: str, opts: Options, users: int = USERS
 ) -> dict[str, Any]:
-    """Instance B drained (``resume-drain``) or SIGKILLed (``resume-kill``) under traffic."""
+    """Instance B drained (``resume-drain``) or SIGKILLed (``resume-kill``), or the node under
+    B lost (``session-node-kill``, ``session-node-restart``), under traffic."""
     started = time.time()
-    async with open_cluster(target, opts, sessions=True) as cluster:
+    on_node = fault in NODE_FAULTS
+    env = QUORUM_SESSIONS if on_node else None
+    async with open_cluster(target, opts, env=env, sessions=True) as cluster:
         a, b = cluster.nodes["a"], cluster.nodes["b"]
         people = [SessionUser(f"s{n}", [b.base_url, a.base_url]) for n in range(users)]
         sent: list[Sent] = []
         stop = trio.Event()
+        fault_details: dict[str, Any] = {}
+        times = FaultTimes()
+        exit_s: float | None = None
         async with trio.open_nursery() as nursery:
             for user in people:
                 nursery.start_soon(user.run)
@@ -227,19 +263,24 @@ async def run_resume_case(
             nursery.start_soon(send_steadily, a.base_url, people, sent, stop)
             await trio.sleep(opts.before)
             hellos_before = {user.name: len(user.hellos) for user in people}
-            cluster.stopped.add("b")
             signalled = now()
-            b.process.send_signal(SIGNALS[fault])
-            with trio.fail_after(STEP_TIMEOUT):
-                await b.process.wait()
-            exit_s = round(now() - signalled, 3)
+            if on_node:
+                fault_details = await NODE_FAULTS[fault](cluster, times, opts, "b")
+                signalled = times.begin
+            else:
+                cluster.stopped.add("b")
+                b.process.send_signal(SIGNALS[fault])
+                with trio.fail_after(STEP_TIMEOUT):
+                    await b.process.wait()
+                exit_s = round(now() - signalled, 3)
 
             def back(user: SessionUser) -> Hello | None:
                 return next(iter(user.hellos[hellos_before[user.name] :]), None)
 
-            with trio.move_on_after(STEP_TIMEOUT):
-                while any(back(user) is None for user in people):  # noqa: ASYNC110
-                    await trio.sleep(0.02)
+            if not on_node:  # B's users come back on A
+                with trio.move_on_after(STEP_TIMEOUT):
+                    while any(back(user) is None for user in people):  # noqa: ASYNC110
+                        await trio.sleep(0.02)
             await trio.sleep(opts.after)
             stop.set()
             wanted = {r.message_id for r in sent if r.message_id is not None}
@@ -252,7 +293,7 @@ async def run_resume_case(
         returns = [back(user) for user in people]
         resumed_at = [hello.at for hello in returns if hello is not None and hello.resumed]
         accounting = account(people, sent)
-        return {
+        row: dict[str, Any] = {
             "target": target.name,
             "fault": fault,
             "status": "ok",
@@ -263,9 +304,8 @@ async def run_resume_case(
             # One request at a time: a loaded machine answers slower than SEND_EVERY.
             "sent_per_s": _rate(sent),
             "options": asdict(opts),
+            "env": env or {},
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
-            "exit_code": b.process.returncode,
-            "exit_s": exit_s,
             "users_resumed": len(resumed_at),
             "users_not_resumed": sum(1 for h in returns if h is not None and not h.resumed),
             "users_not_back": sum(1 for h in returns if h is None),
@@ -281,6 +321,28 @@ async def run_resume_case(
                 log_tails(cluster) if accounting["lost_2xx"] or accounting["refused"] else {}
             ),
         }
+        if on_node:
+            row |= {
+                "fault_details": fault_details,
+                "fault_s": round(times.end - times.begin, 3),
+                "sockets_reopened": sum(len(user.hellos) - 1 for user in people),
+                "longest_without_delivery_s": _longest_silence(people, times.begin),
+            }
+        else:
+            row |= {"exit_code": b.process.returncode, "exit_s": exit_s}
+        return row
+
+
+def _longest_silence(users: list[SessionUser], since: float) -> float | None:
+    """The longest any user went without a delivery, over the gaps that end after ``since``
+    (the gap the fault fell in included): under steady traffic, how long delivery stopped."""
+    gaps = [
+        later - earlier
+        for user in users
+        for earlier, later in itertools.pairwise(user.arrived)
+        if later > since
+    ]
+    return round(max(gaps), 3) if gaps else None
 
 
 def _rate(sent: list[Sent]) -> float:
@@ -290,8 +352,10 @@ def _rate(sent: list[Sent]) -> float:
 
 
 async def _queues(cluster: Cluster) -> int | None:
-    """The run's session queues on RabbitMQ (None elsewhere)."""
-    if cluster.target.family != "rabbitmq":
+    """The run's session queues on RabbitMQ, asked of node 1 on a cluster (None elsewhere)."""
+    family = cluster.target.family
+    if family not in ("rabbitmq", "rabbitmq-cluster"):
         return None
-    queues = await session_queues(cluster.exchange)
+    node = NODE_NAME["a"] if family == "rabbitmq-cluster" else None
+    queues = await session_queues(cluster.exchange, node)
     return None if queues is None else queues[0]
