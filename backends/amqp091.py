@@ -316,7 +316,9 @@ class Amqp091Backend(Supervised[AioSession]):
             # and its bindings, away at once. (Not on GarageMQ: its auto-delete
             # queue goes with the connection, and deleting a queue we consume
             # from there stops it answering any later queue.declare.)
-            with suppress(*SESSION_BROKEN):
+            # Best effort: the queue expires by itself. A connection lost just
+            # now can also fail basic_cancel with a bare Exception from aiormq.
+            with suppress(Exception):
                 # Our own consumer goes first: deleting a queue still consumed
                 # from makes the broker cancel the consumer, which aiormq logs
                 # as a warning meant for a cancel nobody here asked for.
