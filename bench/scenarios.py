@@ -125,7 +125,7 @@ class Options:
     def quick_options(cls) -> Options:
         return cls(
             quick=True,
-            duration=1.5,
+            duration=0.75,
             warmup=0.3,
             idle_connections=200,
             idle_window=1.0,

@@ -114,13 +114,19 @@ async def test_carol_gets_only_what_is_sent_while_she_is_connected(target: Targe
 
 
 @every_target
-async def test_2000_messages_from_anne_reach_bob_across_instances_complete_in_order(
+async def test_thousands_of_messages_from_anne_reach_bob_across_instances_complete_in_order(
     target: Target,
 ) -> None:
-    count = 2000
-    # Bob's bounded queue must hold what can be in flight to him while the test
-    # also reads Anne's acks; overflowing it is another test's subject.
-    env = {"TRIOWS_SEND_QUEUE": str(count)}
+    # Anne's socket has one send in flight at a time, and GarageMQ confirms
+    # each about 20 ms late: fewer there.
+    count = 500 if target.broker == "garagemq" else 2000
+    env = {
+        # Bob's bounded queue must hold what can be in flight to him while the
+        # test also reads Anne's acks; overflowing it is another test's subject.
+        "TRIOWS_SEND_QUEUE": str(count),
+        # Not paced at the default 100 a second: pacing is another test's subject.
+        "TRIOWS_SEND_RATE": "100000",
+    }
     async with (
         ready_instances(target, env=env) as (a, b),
         open_events(b.base_url, user="Bob") as bob,

@@ -206,7 +206,9 @@ async def test_unsubscribe_stops_delivery_of_that_key_only(case: Case, exchange:
 async def test_messages_of_one_sender_arrive_in_order_through_small_buffers(
     case: Case, exchange: str
 ) -> None:
-    count = 1000
+    # Each publish waits for its confirm, which GarageMQ sends about 20 ms
+    # late: fewer there, still many times the buffers below.
+    count = 250 if case.broker == "garagemq" else 1000
     async with sender_and_holder(case, exchange, prefetch=8, incoming_queue=4) as (sender, holder):
         await holder.subscribe("user.Bob")
         received: list[bytes] = []
