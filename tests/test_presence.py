@@ -17,7 +17,7 @@ from quart.typing import TestClientProtocol as QuartClient
 from tests.conftest import close_normally, serving
 from triows.auth import mint_token
 from triows.metrics import Metrics
-from triows.presence import EVENTS_KEY_PREFIX, QUERY_KEY, REPLY_KEY_PREFIX
+from triows.presence import EVENTS_KEY_PREFIX, PEERS_KEY, QUERY_KEY, REPLY_KEY_PREFIX
 from triows.protocol import (
     InvalidSendFrame,
     PresenceRequest,
@@ -300,6 +300,7 @@ async def test_events_can_be_turned_off() -> None:
         (QUERY_KEY, b'{"q":"x","reply":"presence.reply.0000000000000000","from":"i","user":"B"}'),
         (QUERY_KEY, b'{"q":"0000000000000000","reply":"user.Bob","from":"i","user":"Bob"}'),
         (REPLY_KEY_PREFIX + "0", b"[]"),
+        (PEERS_KEY, json.dumps({"instance": "i" * 257, "up": True}).encode()),
     ],
     ids=[
         "not-json",
@@ -309,6 +310,7 @@ async def test_events_can_be_turned_off() -> None:
         "bad-id",
         "reply-elsewhere",
         "array",
+        "long-instance",
     ],
 )
 async def test_a_forged_presence_delivery_is_dropped_and_counted(key: str, body: bytes) -> None:

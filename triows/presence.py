@@ -63,8 +63,9 @@ EVENTS_KEY_PREFIX = "presence.room."
 # Seconds between an instance's announcements, and how long one unheard of is remembered.
 PEER_INTERVAL = 2.0
 PEER_EXPIRY = 3 * PEER_INTERVAL
-# Instances remembered at most (a query's fan-in).
+# Instances remembered at most (a query's fan-in), and the length of their ids.
 MAX_PEERS = 1024
+MAX_INSTANCE_ID = 256
 # Queries one instance gathers at once, and answers and event checks it runs at once:
 # past them a query is answered incomplete, a question unanswered, an event dropped.
 MAX_IN_FLIGHT = 256
@@ -448,7 +449,9 @@ class Presence:
 
     def _take_peer(self, value: dict[str, Any]) -> None:
         instance = value["instance"]
-        if not isinstance(instance, str) or instance == self._instance:
+        if not isinstance(instance, str) or len(instance) > MAX_INSTANCE_ID:
+            raise InvalidPresenceMessage("'instance' is not an instance id")
+        if instance == self._instance:
             return
         digest = value.get("resumed")
         if digest is not None:
