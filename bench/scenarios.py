@@ -125,10 +125,10 @@ class Options:
     def quick_options(cls) -> Options:
         return cls(
             quick=True,
-            duration=0.75,
-            warmup=0.3,
-            idle_connections=200,
-            idle_window=1.0,
+            duration=0.5,
+            warmup=0.2,
+            idle_connections=100,
+            idle_window=0.5,
             scaleout_instances=(2, 3),
             presence_instances=(2,),
             presence_users=200,
