@@ -329,11 +329,10 @@ class SessionLink:
         with trio.CancelScope(shield=True):
             for room in self.rooms:
                 await presence.remove(self.connection, room, hold=not end)
-            if not end:
-                presence.hold(self.connection.user, self.token, self.rooms)
             if end:
                 await queue.end()
             else:
+                presence.hold(self.connection.user, self.token, self.rooms)
                 await queue.detach()
 
 
